@@ -1,0 +1,43 @@
+# moemesh: every target sets itself up (virtualenv, dependencies, generated stubs).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/moemesh/v1/*.proto)
+# Stubs land in moemesh/v1/ (import as `from moemesh.v1 import gateway_pb2`); generated, never edited.
+STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup stubs test run bench-core bench-mesh clean gpu-check
+
+setup: $(STAMP) stubs
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+stubs: $(STUBS)
+
+moemesh/v1/%_pb2.py: protos/moemesh/v1/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --mypy_out=. $<
+
+test: setup
+	$(PY) -m pytest -q tests
+
+run: setup
+	$(VENV)/bin/moemesh up --workers 4
+
+bench-core: setup
+	$(PY) scripts/bench_core.py
+
+bench-mesh: setup
+	$(PY) scripts/bench_mesh.py
+
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(or $(OUT),docs/gpu-check)
+
+clean:
+	rm -rf $(VENV) moemesh/v1 build *.egg-info .pytest_cache

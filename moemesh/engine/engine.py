@@ -1,0 +1,225 @@
+"""The engine: continuous batching of requests over one MoEModel.
+
+Requests join and leave between steps. A step is `schedule()` (decide which tokens run: one
+decode token for every running sequence, whole prompts for newly admitted ones) then
+`execute()` (forward, sample, retire finished sequences). A mesh worker calls the two halves
+separately so that it can agree with its peers between them; `step()` does both.
+
+Shape legend: T tokens in the step, B decoding sequences, R rows sampled, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from moemesh.engine.sampling import SamplingParams, make_generator, sample
+from moemesh.errors import CapacityError, InvalidRequestError
+from moemesh.model.layers import AttentionPlan, Segment, build_attention_plan
+from moemesh.model.model import MoEModel
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_batched_tokens: int = 4096  # prompt tokens admitted per step (at least one prompt always)
+    max_new_tokens_limit: int = 4096
+    max_waiting: int = 1024  # queued requests beyond the running ones; more is CapacityError
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of a request; `finish` is set on its last event."""
+
+    request_id: str
+    token_id: int | None  # None only for a cancelled request's closing event
+    finish: FinishReason | None = None
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    slot: int = -1  # -1 = not admitted yet
+    cached: int = 0  # tokens whose K/V are in the cache
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one step runs on this rank; empty (T = 0) when the rank only joins its peers."""
+
+    token_ids: torch.Tensor  # (T,) int64
+    plan: AttentionPlan
+    logit_rows: torch.Tensor  # (R,) int64: the row of T whose logits sample each sequence
+    seqs: tuple[_Sequence, ...]  # (R,) the sequence of each sampled row
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+class Engine:
+    def __init__(self, model: MoEModel, settings: EngineSettings = EngineSettings()):
+        self.model = model
+        self.settings = settings
+        self.max_len = model.max_len
+        self._free_slots = list(range(model.runtime.max_seqs - 1, -1, -1))
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[str, _Sequence] = {}
+
+    # ---- requests ----------------------------------------------------------------------------
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if this request can never run here."""
+        if not prompt:
+            raise InvalidRequestError("prompt is empty: give at least one token")
+        params.validate(self.settings.max_new_tokens_limit)
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} out of range 0..{vocab - 1}")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+                f"context of {self.max_len} tokens"
+            )
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self.validate(prompt, params)
+        if request_id in self._running or any(s.request_id == request_id for s in self._waiting):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if len(self._waiting) >= self.settings.max_waiting:
+            raise CapacityError(f"{len(self._waiting)} requests already waiting; try again later")
+        stop = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop.update(self.model.cfg.eos_token_ids)
+        self._waiting.append(
+            _Sequence(request_id, list(prompt), params, frozenset(stop), make_generator(params))
+        )
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request; its slot is free before the next step. False if unknown/finished."""
+        for seq in self._waiting:
+            if seq.request_id == request_id:
+                self._waiting.remove(seq)
+                return True
+        if request_id in self._running:
+            self._release(self._running.pop(request_id))
+            return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def outstanding_tokens(self) -> int:
+        """Tokens still to produce for every request here (the gateway balances on this)."""
+        seqs = list(self._running.values()) + list(self._waiting)
+        return sum(s.params.max_new_tokens - len(s.output) for s in seqs)
+
+    # ---- steps -------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        return self.execute(self.schedule())
+
+    def schedule(self) -> StepBatch:
+        """Pick this step's tokens: every running sequence decodes; waiting ones are admitted."""
+        decode = list(self._running.values())
+        admitted = self._admit()
+        tokens = [s.output[-1] for s in decode]
+        segments, offset = [], len(decode)
+        for seq in admitted:
+            segments.append(Segment(slot=seq.slot, offset=offset, length=len(seq.prompt), start_pos=0))
+            tokens.extend(seq.prompt)
+            offset += len(seq.prompt)
+        plan = build_attention_plan(
+            decode_slots=[s.slot for s in decode],
+            decode_positions=[s.cached for s in decode],
+            segments=segments,
+            sliding_window=self.model.cfg.sliding_window,
+            device=self.model.runtime.device,
+        )
+        rows = list(range(len(decode))) + [seg.offset + seg.length - 1 for seg in segments]
+        device = self.model.runtime.device
+        return StepBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
+            plan=plan,
+            logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
+            seqs=tuple(decode + admitted),
+        )
+
+    def execute(self, batch: StepBatch) -> list[TokenEvent]:
+        """Run the step's forward pass, sample, and retire finished sequences."""
+        logits = self.model.forward(batch.token_ids, batch.plan, batch.logit_rows)  # (R, V)
+        if not batch.seqs:
+            return []
+        new_tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
+        events = []
+        for seq, token in zip(batch.seqs, new_tokens):
+            seq.cached = len(seq.prompt) + len(seq.output)
+            seq.output.append(token)
+            finish = self._finish_reason(seq, token)
+            events.append(TokenEvent(seq.request_id, token, finish))
+            if finish is not None and seq.request_id in self._running:
+                self._release(self._running.pop(seq.request_id))
+        return events
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        budget = self.settings.max_batched_tokens
+        while self._waiting and self._free_slots:
+            seq = self._waiting[0]
+            if admitted and len(seq.prompt) > budget:
+                break
+            self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            self._running[seq.request_id] = seq
+            admitted.append(seq)
+            budget -= len(seq.prompt)
+        return admitted
+
+    def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
+        if token in seq.stop_ids:
+            return FinishReason.STOP
+        if len(seq.output) >= seq.params.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _release(self, seq: _Sequence) -> None:
+        self._free_slots.append(seq.slot)
+        seq.slot = -1
+
+
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Run prompts to completion together; returns each one's new tokens (a convenience for tests/CLI)."""
+    ids = [f"req-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    while engine.has_work:
+        for ev in engine.step():
+            if ev.token_id is not None:
+                out[ev.request_id].append(ev.token_id)
+    return [out[rid] for rid in ids]

@@ -1,0 +1,29 @@
+"""Typed errors shared by every moemesh process.
+
+Each service's interceptor maps these to gRPC status codes; the CLI prints their message.
+Raise them for bad input or bad files; use `assert` only for internal invariants.
+"""
+
+
+class MoemeshError(Exception):
+    """Base class: a clear, user-facing message."""
+
+
+class ConfigError(MoemeshError):
+    """A checkpoint's config.json cannot be served (unknown architecture, bad field)."""
+
+
+class CheckpointError(MoemeshError):
+    """A tensor is missing, mis-shaped or unreadable; the message names tensor and file."""
+
+
+class InvalidRequestError(MoemeshError):
+    """A request is malformed (empty prompt, bad sampling value, too long): INVALID_ARGUMENT."""
+
+
+class CapacityError(MoemeshError):
+    """No room for more work right now: RESOURCE_EXHAUSTED."""
+
+
+class UnavailableError(MoemeshError):
+    """A peer process is gone or not ready: UNAVAILABLE."""

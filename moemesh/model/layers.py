@@ -1,0 +1,189 @@
+"""Dense building blocks: RMSNorm, rotary embeddings, grouped-query attention over a KV cache.
+
+Shape legend: T tokens in a step (all sequences flattened), B decoding sequences, S cache slots,
+L cache length (max context), D hidden, H query heads, G key/value heads, Dh head dim.
+
+Numerics follow Hugging Face's Mixtral/Qwen3-MoE implementations (fp32 norm statistics, RoPE
+angles computed in fp32, softmax attention via SDPA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moemesh.model.weights import AttentionWeights
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., N), weight: (N,) -> (..., N), statistics in fp32."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class Rope:
+    """Precomputed rotary tables for positions 0..max_positions-1 (HF "default" rope)."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype, device: str):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]  # (L, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, Dh)
+        self.cos = emb.cos().to(dtype=dtype, device=device)  # (L, Dh)
+        self.sin = emb.sin().to(dtype=dtype, device=device)  # (L, Dh)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (T, heads, Dh), positions: (T,) int64 -> rotated (T, heads, Dh)."""
+        cos = self.cos[positions].unsqueeze(1)  # (T, 1, Dh)
+        sin = self.sin[positions].unsqueeze(1)  # (T, 1, Dh)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (T, heads, Dh)
+        return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One prefilling sequence's tokens inside the step: rows [offset, offset + length) of T."""
+
+    slot: int
+    offset: int
+    length: int
+    start_pos: int  # position of the first token (0 unless the cache already holds a prefix)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How the T tokens of a step map onto cache slots.
+
+    Decode tokens come first: rows [0, B) are one token each of the sequences in `decode_slots`;
+    prefill segments follow. Built once per step, shared by every layer.
+    """
+
+    positions: torch.Tensor  # (T,) int64: position of each token
+    slots: torch.Tensor  # (T,) int64: cache slot of each token
+    decode_slots: torch.Tensor  # (B,) int64
+    decode_mask: torch.Tensor | None  # (B, 1, 1, Lb) bool: True = attend; None when B == 0
+    decode_len: int  # Lb: longest decode context this step
+    segments: tuple[Segment, ...]
+
+    @property
+    def num_decode(self) -> int:
+        return int(self.decode_slots.shape[0])
+
+
+def build_attention_plan(
+    decode_slots: list[int],
+    decode_positions: list[int],
+    segments: list[Segment],
+    sliding_window: int | None,
+    device: str,
+) -> AttentionPlan:
+    """Decode token i sits at decode_positions[i] (its context is positions 0..that one)."""
+    positions = list(decode_positions)
+    slots = list(decode_slots)
+    for seg in segments:
+        positions.extend(range(seg.start_pos, seg.start_pos + seg.length))
+        slots.extend([seg.slot] * seg.length)
+    mask, longest = None, 0
+    if decode_slots:
+        lengths = torch.tensor(decode_positions, dtype=torch.int64) + 1  # (B,)
+        longest = int(lengths.max())
+        cols = torch.arange(longest)  # (Lb,)
+        keep = cols[None, :] < lengths[:, None]  # (B, Lb)
+        if sliding_window is not None:
+            keep &= cols[None, :] > (lengths[:, None] - 1 - sliding_window)
+        mask = keep[:, None, None, :].to(device)  # (B, 1, 1, Lb)
+    return AttentionPlan(
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        slots=torch.tensor(slots, dtype=torch.int64, device=device),
+        decode_slots=torch.tensor(decode_slots, dtype=torch.int64, device=device),
+        decode_mask=mask,
+        decode_len=longest,
+        segments=tuple(segments),
+    )
+
+
+class KVCache:
+    """Per layer key and value tensors (S, G, L, Dh), one slot per running sequence."""
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: str):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+
+
+def attention(
+    x: torch.Tensor,
+    w: AttentionWeights,
+    layer: int,
+    cache: KVCache,
+    plan: AttentionPlan,
+    rope: Rope,
+    shape: tuple[int, int, int],
+    eps: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """x: (T, D) normed hidden states -> (T, D) attention output; writes this step's K/V."""
+    H, G, Dh = shape
+    T = x.shape[0]
+    qkv = F.linear(x, w.wqkv, w.bqkv)  # (T, (H + 2G) * Dh)
+    q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
+    q = q.view(T, H, Dh)  # (T, H, Dh)
+    k = k.view(T, G, Dh)  # (T, G, Dh)
+    v = v.view(T, G, Dh)  # (T, G, Dh)
+    if w.q_norm is not None:
+        q = rms_norm(q, w.q_norm, eps)
+        k = rms_norm(k, w.k_norm, eps)
+    q = rope.apply(q, plan.positions)
+    k = rope.apply(k, plan.positions)
+    kc, vc = cache.k[layer], cache.v[layer]
+    kc[plan.slots, :, plan.positions] = k  # scatter (T, G, Dh) into (S, G, L, Dh)
+    vc[plan.slots, :, plan.positions] = v
+    out = torch.empty(T, H, Dh, dtype=x.dtype, device=x.device)  # (T, H, Dh)
+    B = plan.num_decode
+    if B:
+        out[:B] = _decode_attention(q[:B], kc, vc, plan)
+    for seg in plan.segments:
+        rows = slice(seg.offset, seg.offset + seg.length)
+        out[rows] = _prefill_attention(q[rows], kc, vc, seg, sliding_window)
+    return F.linear(out.view(T, H * Dh), w.wo, w.bo)  # (T, D)
+
+
+def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """q: (B, H, Dh) one token per sequence -> (B, H, Dh)."""
+    keys = kc[plan.decode_slots, :, : plan.decode_len]  # (B, G, Lb, Dh)
+    values = vc[plan.decode_slots, :, : plan.decode_len]  # (B, G, Lb, Dh)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=plan.decode_mask, enable_gqa=True
+    )  # (B, H, 1, Dh)
+    return o.squeeze(2)
+
+
+def _prefill_attention(
+    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, seg: Segment, sliding_window: int | None
+) -> torch.Tensor:
+    """q: (n, H, Dh) one sequence's new tokens -> (n, H, Dh), causal over its cached context."""
+    n, end = seg.length, seg.start_pos + seg.length
+    keys = kc[seg.slot, :, :end].unsqueeze(0)  # (1, G, end, Dh)
+    values = vc[seg.slot, :, :end].unsqueeze(0)  # (1, G, end, Dh)
+    qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, Dh)
+    if seg.start_pos == 0 and sliding_window is None:
+        o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, enable_gqa=True)
+    else:
+        rows = torch.arange(seg.start_pos, end, device=q.device)[:, None]  # (n, 1)
+        cols = torch.arange(end, device=q.device)[None, :]  # (1, end)
+        keep = cols <= rows
+        if sliding_window is not None:
+            keep &= cols > rows - sliding_window
+        o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=keep, enable_gqa=True)
+    return o.squeeze(0).transpose(0, 1)  # (n, H, Dh)

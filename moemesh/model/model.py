@@ -1,0 +1,103 @@
+"""The decoder: embeddings -> layers (attention + MoE or dense MLP) -> norm -> lm head.
+
+Shape legend: T tokens in the step (all sequences flattened), R rows whose logits are wanted,
+D hidden, V vocab, E experts, E_loc experts on this rank.
+
+One `MoEModel` serves every deployment: the MoE layers go through `MoELayer`, whose transport
+decides whether experts are local or spread over the mesh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moemesh.model.checkpoint import CheckpointReader
+from moemesh.model.config import ModelConfig, load_config
+from moemesh.model.layers import AttentionPlan, KVCache, Rope, attention, rms_norm
+from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter, Transport
+from moemesh.model.weights import DenseWeights, LayerExperts, load_dense, load_layer_experts
+
+
+@dataclass(frozen=True)
+class RuntimeShape:
+    """Sizes fixed at start-up: how many sequences run at once and how long they may grow."""
+
+    max_seqs: int = 32  # S: KV cache slots
+    max_model_len: int = 2048  # L: longest prompt + output
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+class MoEModel:
+    def __init__(self, cfg: ModelConfig, dense: DenseWeights, moe: MoELayer, runtime: RuntimeShape):
+        self.cfg = cfg
+        self.dense = dense
+        self.moe = moe
+        self.runtime = runtime
+        max_len = min(runtime.max_model_len, cfg.max_position_embeddings)
+        self.max_len = max_len
+        self.cache = KVCache(cfg.num_layers, runtime.max_seqs, cfg.num_kv_heads, max_len, cfg.head_dim,
+                             runtime.dtype, runtime.device)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, runtime.dtype, runtime.device)
+        self._attn_shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor) -> torch.Tensor:
+        """token_ids: (T,) int64; logit_rows: (R,) int64 rows of T to project -> logits (R, V) fp32.
+
+        T may be 0 on a mesh rank with nothing to run: it still joins every MoE exchange.
+        """
+        cfg = self.cfg
+        h = F.embedding(token_ids, self.dense.embed)  # (T, D)
+        for i, lw in enumerate(self.dense.layers):
+            x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
+            if h.shape[0]:
+                h = h + attention(x, lw.attn, i, self.cache, plan, self.rope, self._attn_shape,
+                                  cfg.rms_norm_eps, cfg.sliding_window)
+            x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+            if lw.router is not None:
+                h = h + self.moe(i, x, lw.router)
+            else:
+                gate, up = F.linear(x, lw.dense_w13).chunk(2, dim=-1)  # (T, Fd) each
+                h = h + F.linear(F.silu(gate) * up, lw.dense_w2)
+        last = rms_norm(h[logit_rows], self.dense.final_norm, cfg.rms_norm_eps)  # (R, D)
+        return F.linear(last, self.dense.lm_head).float()  # (R, V)
+
+
+def load_experts(
+    reader: CheckpointReader, cfg: ModelConfig, assignment: dict[int, list[int]], runtime: RuntimeShape
+) -> dict[int, LayerExperts]:
+    """assignment: MoE layer -> global expert ids this process holds (in local order)."""
+    return {
+        layer: load_layer_experts(reader, cfg, layer, ids, runtime.dtype, runtime.device)
+        for layer, ids in assignment.items()
+    }
+
+
+def build_model(
+    model_dir: str | Path,
+    runtime: RuntimeShape,
+    transport: Transport | None = None,
+    assignment: dict[int, list[int]] | None = None,
+    reader: CheckpointReader | None = None,
+) -> MoEModel:
+    """Load a checkpoint. Defaults: every expert local (the reference and `--local` mode).
+
+    A mesh worker passes its transport and the experts placed on it.
+    """
+    cfg = load_config(model_dir)
+    reader = reader or CheckpointReader(model_dir)
+    if assignment is None:
+        assignment = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
+    dense = load_dense(reader, cfg, runtime.dtype, runtime.device)
+    experts = GroupedExperts(load_experts(reader, cfg, assignment, runtime))
+    moe = MoELayer(
+        router=SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob),
+        transport=transport or LocalTransport(cfg.num_experts),
+        experts=experts,
+    )
+    return MoEModel(cfg, dense, moe, runtime)

@@ -1,0 +1,145 @@
+"""The MoE layer as four named seams: Router -> Dispatch -> Experts -> Combine.
+
+Shape legend: T tokens on this rank, K experts per token (top-k), E experts per layer,
+E_loc experts held on this rank, N token copies this rank's experts receive, D hidden,
+F expert hidden.
+
+Router, Experts and the combine arithmetic are the same everywhere; what differs between a
+single process and the mesh is only the `Transport` (dispatch + combine): `LocalTransport`
+here, the gloo/NCCL all-to-all transports in `moemesh.mesh`. A transport is chosen once at
+start-up and never switched on by `if backend ==` branches elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from moemesh.model.weights import LayerExperts
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which experts each token goes to and with what weight."""
+
+    expert_ids: torch.Tensor  # (T, K) int64 global expert ids (never -1 from the router)
+    weights: torch.Tensor  # (T, K) float: combine weights, the model's own probabilities
+
+
+@dataclass(frozen=True)
+class ExpertBatch:
+    """Token copies for this rank's experts, grouped by local expert.
+
+    Rows [sum(counts[:i]), sum(counts[:i+1])) belong to local expert i. `counts` is a host-side
+    list so the grouped matmul launches without a device sync.
+    """
+
+    x: torch.Tensor  # (N, D)
+    counts: list[int]  # (E_loc,) rows per local expert
+
+
+class Router(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing: ...
+
+
+class Transport(Protocol):
+    """Dispatch and Combine: moves token copies to the ranks holding their experts and back."""
+
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, Any]:
+        """x: (T, D) -> the copies this rank's experts must compute, plus a handle for combine."""
+        ...
+
+    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        """y: (N, D) expert outputs in ExpertBatch order -> (T, K, D) outputs per token copy."""
+        ...
+
+
+class Experts(Protocol):
+    def __call__(self, layer: int, batch: ExpertBatch) -> torch.Tensor: ...
+
+
+class SoftmaxTopKRouter:
+    """softmax over all experts in fp32, top-k, optional renormalisation (Mixtral always does)."""
+
+    def __init__(self, top_k: int, normalize: bool):
+        self.top_k = top_k
+        self.normalize = normalize
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing:
+        logits = F.linear(x, weight)  # (T, E)
+        probs = torch.softmax(logits.float(), dim=-1)  # (T, E)
+        top_p, top_i = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
+        if self.normalize:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        return Routing(expert_ids=top_i, weights=top_p.to(x.dtype))
+
+
+class GroupedExperts:
+    """SwiGLU experts of every MoE layer on this rank, one matmul pair per expert with tokens."""
+
+    def __init__(self, layers: dict[int, LayerExperts]):
+        self.layers = layers
+
+    def replace(self, layer: int, experts: LayerExperts) -> None:
+        self.layers[layer] = experts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.layers.values())
+
+    def __call__(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
+        experts = self.layers[layer]
+        out = torch.empty_like(batch.x)  # (N, D)
+        start = 0
+        for i, n in enumerate(batch.counts):
+            if n:
+                rows = batch.x[start : start + n]  # (n, D)
+                gate, up = F.linear(rows, experts.w13[i]).chunk(2, dim=-1)  # (n, F) each
+                torch.mm(F.silu(gate) * up, experts.w2[i].t(), out=out[start : start + n])  # (n, D)
+                start += n
+        return out
+
+
+class LocalTransport:
+    """Every expert lives in this process (world size 1): dispatch is a sort, combine an unsort.
+
+    Local expert i is global expert i.
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, Any]:
+        T, K = routing.expert_ids.shape
+        flat = routing.expert_ids.reshape(-1)  # (T*K,)
+        order = torch.argsort(flat, stable=True)  # (T*K,) copy indices grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (E,)
+        rows = x[order // K]  # gather (T*K, D)
+        return ExpertBatch(x=rows, counts=counts), (order, T, K)
+
+    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        order, T, K = handle
+        out = torch.empty_like(y)  # (T*K, D)
+        out[order] = y  # scatter back to copy order
+        return out.view(T, K, -1)  # (T, K, D)
+
+
+class MoELayer:
+    """Router -> Dispatch -> Experts -> Combine for one step of tokens on this rank."""
+
+    def __init__(self, router: Router, transport: Transport, experts: Experts):
+        self.router = router
+        self.transport = transport
+        self.experts = experts
+
+    def __call__(self, layer: int, x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+        """x: (T, D) -> (T, D). T may be 0 on a mesh rank with no tokens: it still joins."""
+        routing = self.router(x, router_weight, layer)
+        batch, handle = self.transport.dispatch(layer, x, routing)
+        y = self.experts(layer, batch)  # (N, D)
+        per_copy = self.transport.combine(layer, y, handle)  # (T, K, D)
+        # Sum over K in a fixed order (not scatter-add order): identical on every deployment.
+        return (per_copy * routing.weights.unsqueeze(-1)).sum(dim=1)  # (T, D)

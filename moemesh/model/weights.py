@@ -1,0 +1,165 @@
+"""Tensor names, shapes and in-memory layout of a checkpoint's weights.
+
+Shape legend: V vocab, D hidden, H query heads, G key/value heads, Dh head dim,
+E experts per layer, E_loc experts held by this process, F expert hidden, Fd dense-MLP hidden.
+
+The dense part (embeddings, attention, norms, routers, dense MLPs, lm head) is what every
+worker replicates; experts are loaded per (layer, expert) so a worker holds only its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.model.checkpoint import CheckpointReader
+from moemesh.model.config import ModelConfig
+
+_PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
+# (gate, up, down) projection names inside one expert
+_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+
+
+def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every dense tensor (what each worker replicates)."""
+    D, Dh = cfg.hidden_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, D),
+        "model.norm.weight": (D,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (D,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (D,)
+        for proj, rows in (("q", cfg.num_heads * Dh), ("k", cfg.num_kv_heads * Dh), ("v", cfg.num_kv_heads * Dh)):
+            shapes[f"{p}.self_attn.{proj}_proj.weight"] = (rows, D)
+            if cfg.attention_bias:
+                shapes[f"{p}.self_attn.{proj}_proj.bias"] = (rows,)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (D, cfg.num_heads * Dh)
+        if cfg.attention_bias:
+            shapes[f"{p}.self_attn.o_proj.bias"] = (D,)
+        if cfg.qk_norm:
+            shapes[f"{p}.self_attn.q_norm.weight"] = (Dh,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (Dh,)
+        if cfg.moe_layers[i]:
+            shapes[f"{p}.{_PREFIX[cfg.family]}.gate.weight"] = (cfg.num_experts, D)
+        else:
+            Fd = cfg.dense_intermediate_size
+            shapes[f"{p}.mlp.gate_proj.weight"] = (Fd, D)
+            shapes[f"{p}.mlp.up_proj.weight"] = (Fd, D)
+            shapes[f"{p}.mlp.down_proj.weight"] = (D, Fd)
+    return shapes
+
+
+def expert_tensor_shapes(cfg: ModelConfig, layer: int, expert: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the three projections of one expert, in (gate, up, down) order."""
+    D, F = cfg.hidden_size, cfg.expert_intermediate_size
+    gate, up, down = _EXPERT_PROJ[cfg.family]
+    p = f"model.layers.{layer}.{_PREFIX[cfg.family]}.experts.{expert}"
+    return {f"{p}.{gate}.weight": (F, D), f"{p}.{up}.weight": (F, D), f"{p}.{down}.weight": (D, F)}
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    wqkv: torch.Tensor  # (H*Dh + 2*G*Dh, D): q, k, v projections fused into one matmul
+    bqkv: torch.Tensor | None  # (H*Dh + 2*G*Dh,)
+    wo: torch.Tensor  # (D, H*Dh)
+    bo: torch.Tensor | None  # (D,)
+    q_norm: torch.Tensor | None  # (Dh,) Qwen3 only
+    k_norm: torch.Tensor | None  # (Dh,) Qwen3 only
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # (D,)
+    post_norm: torch.Tensor  # (D,)
+    attn: AttentionWeights
+    router: torch.Tensor | None  # (E, D) for MoE layers
+    dense_w13: torch.Tensor | None  # (2*Fd, D) gate and up fused, for dense MLP layers
+    dense_w2: torch.Tensor | None  # (D, Fd)
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    embed: torch.Tensor  # (V, D)
+    lm_head: torch.Tensor  # (V, D); the same storage as embed when tied
+    final_norm: torch.Tensor  # (D,)
+    layers: tuple[LayerWeights, ...]
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """The experts of one MoE layer held by this process, stacked for grouped matmuls.
+
+    `expert_ids[i]` is the global id of local expert i; rows of w13/w2 follow that order.
+    """
+
+    expert_ids: tuple[int, ...]
+    w13: torch.Tensor  # (E_loc, 2F, D): gate rows then up rows
+    w2: torch.Tensor  # (E_loc, D, F)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w13.nbytes + self.w2.nbytes
+
+
+def load_dense(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype, device: str) -> DenseWeights:
+    t = reader.read(dense_tensor_shapes(cfg), dtype=dtype, device=device)
+    layers = tuple(_layer_weights(t, cfg, i) for i in range(cfg.num_layers))
+    embed = t["model.embed_tokens.weight"]
+    lm_head = embed if cfg.tie_word_embeddings else t["lm_head.weight"]
+    return DenseWeights(embed=embed, lm_head=lm_head, final_norm=t["model.norm.weight"], layers=layers)
+
+
+def _layer_weights(t: Mapping[str, torch.Tensor], cfg: ModelConfig, i: int) -> LayerWeights:
+    p = f"model.layers.{i}"
+    a = f"{p}.self_attn"
+    bias = cfg.attention_bias
+    attn = AttentionWeights(
+        wqkv=torch.cat([t[f"{a}.q_proj.weight"], t[f"{a}.k_proj.weight"], t[f"{a}.v_proj.weight"]]),
+        bqkv=torch.cat([t[f"{a}.q_proj.bias"], t[f"{a}.k_proj.bias"], t[f"{a}.v_proj.bias"]]) if bias else None,
+        wo=t[f"{a}.o_proj.weight"],
+        bo=t[f"{a}.o_proj.bias"] if bias else None,
+        q_norm=t.get(f"{a}.q_norm.weight"),
+        k_norm=t.get(f"{a}.k_norm.weight"),
+    )
+    sparse = cfg.moe_layers[i]
+    return LayerWeights(
+        input_norm=t[f"{p}.input_layernorm.weight"],
+        post_norm=t[f"{p}.post_attention_layernorm.weight"],
+        attn=attn,
+        router=t[f"{p}.{_PREFIX[cfg.family]}.gate.weight"] if sparse else None,
+        dense_w13=None if sparse else torch.cat([t[f"{p}.mlp.gate_proj.weight"], t[f"{p}.mlp.up_proj.weight"]]),
+        dense_w2=None if sparse else t[f"{p}.mlp.down_proj.weight"],
+    )
+
+
+def load_layer_experts(
+    reader: CheckpointReader,
+    cfg: ModelConfig,
+    layer: int,
+    experts: Iterable[int],
+    dtype: torch.dtype,
+    device: str,
+) -> LayerExperts:
+    """Read only the given experts of one layer and stack them (E_loc, ...)."""
+    ids = tuple(experts)
+    w13, w2 = [], []
+    for e in ids:
+        if not 0 <= e < cfg.num_experts:
+            raise ValueError(f"expert {e} out of range 0..{cfg.num_experts - 1}")
+        shapes = expert_tensor_shapes(cfg, layer, e)
+        t = reader.read(shapes, dtype=dtype, device=device)
+        gate, up, down = (t[name] for name in shapes)
+        w13.append(torch.cat([gate, up]))  # (2F, D)
+        w2.append(down)  # (D, F)
+    D, F = cfg.hidden_size, cfg.expert_intermediate_size
+    return LayerExperts(
+        expert_ids=ids,
+        w13=torch.stack(w13) if ids else torch.empty(0, 2 * F, D, dtype=dtype, device=device),
+        w2=torch.stack(w2) if ids else torch.empty(0, D, F, dtype=dtype, device=device),
+    )
