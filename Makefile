@@ -8,6 +8,8 @@ PROTOS := $(wildcard protos/moemesh/v1/*.proto)
 # Stubs land in moemesh/v1/ (import as `from moemesh.v1 import gateway_pb2`); generated, never edited.
 STUBS := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 export PYTHONUNBUFFERED := 1
+# protoc finds its mypy plugin in the virtualenv
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup stubs test run bench-core bench-mesh clean gpu-check
 
@@ -21,7 +23,8 @@ $(STAMP): pyproject.toml
 
 stubs: $(STUBS)
 
-moemesh/v1/%_pb2.py: protos/moemesh/v1/%.proto $(STAMP)
+# Every stub depends on every proto: they import each other.
+moemesh/v1/%_pb2.py: protos/moemesh/v1/%.proto $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --mypy_out=. $<
 
 test: setup

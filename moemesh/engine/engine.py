@@ -220,6 +220,6 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -
     out: dict[str, list[int]] = {rid: [] for rid in ids}
     while engine.has_work:
         for ev in engine.step():
-            if ev.token_id is not None:
+            if ev.token_id is not None and ev.request_id in out:
                 out[ev.request_id].append(ev.token_id)
     return [out[rid] for rid in ids]

@@ -1,0 +1,305 @@
+"""Write small random-initialised Mixtral / Qwen3-MoE checkpoints in the Hugging Face layout.
+
+The output folder is what `save_pretrained` would produce (config.json, generation_config.json,
+model.safetensors or shards + model.safetensors.index.json, tokenizer files) and loads with
+`AutoModelForCausalLM.from_pretrained`, but is written without importing transformers.
+
+Initialisation is not Hugging Face's N(0, 0.02) everywhere: with that, a tiny model's logits are
+almost uniform and every router gives near-equal scores, so tests could not tell a correct
+forward pass from a wrong one. Instead each matrix is N(0, gain / sqrt(fan_in)) (activations keep
+a useful scale), norm weights are 1 + 0.1 * N(0, 1), and the lm head gives logits of std ~3.
+Routers get gain 2, so top-k choices differ across tokens and have clear score gaps.
+Everything comes from one torch.Generator seeded by `TinySpec.seed`, so output is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from moemesh.errors import ConfigError
+from moemesh.model.checkpoint import INDEX_FILE
+from moemesh.model.config import ModelConfig, config_from_dict
+from moemesh.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_VOCAB_SIZE, save_tokenizer
+from moemesh.model.weights import dense_tensor_shapes, expert_tensor_shapes
+
+ARCHS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRANSFORMERS_VERSION = "5.23.0"  # the version whose save_pretrained output these files mirror
+_ROPE_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4}  # Hugging Face's per-family defaults
+_RMS_EPS = {"mixtral": 1e-5, "qwen3_moe": 1e-6}
+_LOGIT_STD = 3.0  # std of the logits for a unit-RMS final hidden state
+# gain per tensor-name suffix: N(0, gain / sqrt(fan_in)); output RMS ~ gain * input RMS
+_GAINS = {
+    "q_proj.weight": 1.0,
+    "k_proj.weight": 1.0,
+    "v_proj.weight": 1.0,
+    "o_proj.weight": 0.5,
+    "gate.weight": 2.0,  # router: score std ~2 over experts, clear top-k gaps
+    "w1.weight": 1.0,
+    "w3.weight": 1.0,
+    "gate_proj.weight": 1.0,
+    "up_proj.weight": 1.0,
+    "w2.weight": 0.5,
+    "down_proj.weight": 0.5,
+}
+# With tied embeddings the embedding rows are small (they double as the lm head), so the
+# residual branches need a larger gain; else the head mostly echoes the input token.
+_TIED_BRANCH_GAIN = 2.0
+_BRANCH_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape and format of a tiny checkpoint; invalid combinations raise ConfigError."""
+
+    arch: str = "mixtral"  # "mixtral" | "qwen3_moe"
+    layers: int = 4
+    experts: int = 16
+    top_k: int = 2
+    hidden: int = 256
+    intermediate: int = 512  # per-expert hidden size (Qwen3's dense MLP gets 2x)
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 512
+    seed: int = 0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    shards: int = 1  # safetensors files; > 1 also writes model.safetensors.index.json
+    norm_topk_prob: bool = True  # Qwen3 only (Mixtral always renormalises the top-k)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch={self.arch!r} unsupported; choose one of {', '.join(ARCHS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} unsupported; choose one of {', '.join(DTYPES)}")
+        for name in ("layers", "experts", "top_k", "hidden", "intermediate", "heads", "kv_heads", "shards"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.vocab < TOKENIZER_VOCAB_SIZE:
+            raise ConfigError(
+                f"vocab={self.vocab} is too small: the byte tokenizer needs {TOKENIZER_VOCAB_SIZE} ids "
+                "(3 specials + 256 bytes)"
+            )
+        if self.top_k > self.experts:
+            raise ConfigError(f"top_k={self.top_k} must be <= experts={self.experts}")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ConfigError(f"hidden={self.hidden} must split into heads={self.heads} of even size (RoPE)")
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def hf_config(spec: TinySpec) -> dict[str, Any]:
+    """The config.json dict Hugging Face's MixtralConfig / Qwen3MoeConfig would save for `spec`."""
+    common: dict[str, Any] = {
+        "architectures": [ARCHS[spec.arch]],
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS_ID,
+        "dtype": spec.dtype,
+        "eos_token_id": EOS_ID,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": spec.hidden,
+        "initializer_range": 0.02,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "model_type": spec.arch,
+        "num_attention_heads": spec.heads,
+        "num_experts_per_tok": spec.top_k,
+        "num_hidden_layers": spec.layers,
+        "num_key_value_heads": spec.kv_heads,
+        "output_router_logits": False,
+        "pad_token_id": PAD_ID,
+        "rms_norm_eps": _RMS_EPS[spec.arch],
+        "rope_parameters": {"rope_theta": _ROPE_THETA[spec.arch], "rope_type": "default"},
+        "router_aux_loss_coef": 0.001,
+        "sliding_window": None,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "transformers_version": TRANSFORMERS_VERSION,
+        "use_cache": True,
+        "vocab_size": spec.vocab,
+    }
+    if spec.arch == "mixtral":
+        family = {"intermediate_size": spec.intermediate, "num_local_experts": spec.experts, "router_jitter_noise": 0.0}
+    else:
+        family = {
+            "attention_bias": False,
+            "decoder_sparse_step": 1,
+            "intermediate_size": 2 * spec.intermediate,  # dense MLP, used only by mlp_only_layers
+            "mlp_only_layers": [],
+            "moe_intermediate_size": spec.intermediate,
+            "norm_topk_prob": spec.norm_topk_prob,
+            "num_experts": spec.experts,  # the spelling of Qwen3 checkpoints on the Hub
+            "use_sliding_window": False,
+        }
+    return dict(sorted({**common, **family}.items()))
+
+
+def generation_config(spec: TinySpec) -> dict[str, Any]:
+    """The generation_config.json Hugging Face derives from the model config."""
+    return {
+        "_from_model_config": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "transformers_version": TRANSFORMERS_VERSION,
+        "use_cache": True,
+    }
+
+
+def write_tiny_model(out_dir: str | Path, spec: TinySpec) -> Path:
+    """Write a random checkpoint for `spec` into `out_dir` (created if needed); return the folder.
+
+    Old weight files (model.safetensors, model-*-of-*.safetensors, the index) are removed first
+    so a rewrite with a different `shards` never leaves a stale index behind.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(spec)
+    cfg = config_from_dict(json.loads(json.dumps(config)), source=f"tiny {spec.arch} config")
+    _check_config(cfg, spec)
+    tensors = init_weights(cfg, spec)
+    _remove_old_weights(out)
+    _write_safetensors(out, tensors, spec.shards)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(spec), indent=2) + "\n")
+    save_tokenizer(out)
+    return out
+
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint, in Hugging Face's order: embeddings, layer 0..L-1, norm, head."""
+    shapes = dict(dense_tensor_shapes(cfg))
+    for layer in range(cfg.num_layers):
+        if cfg.moe_layers[layer]:
+            for expert in range(cfg.num_experts):
+                shapes.update(expert_tensor_shapes(cfg, layer, expert))
+
+    def position(name: str) -> int:
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2])
+        return -1 if name.startswith("model.embed_tokens") else cfg.num_layers
+
+    return {name: shapes[name] for name in sorted(shapes, key=position)}  # sorted() is stable
+
+
+def init_weights(cfg: ModelConfig, spec: TinySpec) -> dict[str, torch.Tensor]:
+    """Random tensors for every checkpoint name, deterministic in `spec.seed`, in `spec.dtype`."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    dtype = DTYPES[spec.dtype]
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in tensor_shapes(cfg).items():
+        std = _init_std(name, shape, cfg)
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        tensor = 1.0 + 0.1 * noise if std is None else std * noise
+        out[name] = tensor.to(dtype).contiguous()
+    return out
+
+
+def _init_std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float | None:
+    """Std of N(0, std) for `name`; None for norm weights (1 + 0.1 * N(0, 1))."""
+    head_std = _LOGIT_STD / math.sqrt(cfg.hidden_size)
+    if name.endswith("norm.weight"):
+        return None
+    if name == "lm_head.weight":
+        return head_std
+    if name == "model.embed_tokens.weight":
+        return head_std if cfg.tie_word_embeddings else 1.0
+    suffix = ".".join(name.split(".")[-2:])
+    if suffix not in _GAINS or len(shape) != 2:
+        raise AssertionError(f"no initialisation rule for tensor {name} {shape}")
+    gain = _TIED_BRANCH_GAIN if cfg.tie_word_embeddings and suffix in _BRANCH_OUTPUTS else _GAINS[suffix]
+    return gain / math.sqrt(shape[1])
+
+
+def _check_config(cfg: ModelConfig, spec: TinySpec) -> None:
+    """Assert that config_from_dict reads back exactly what `spec` asked for."""
+    got = (cfg.family, cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.hidden_size,
+           cfg.expert_intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
+           cfg.tie_word_embeddings, cfg.torch_dtype, all(cfg.moe_layers))
+    want = (spec.arch, spec.layers, spec.experts, spec.top_k, spec.hidden, spec.intermediate,
+            spec.heads, spec.kv_heads, spec.vocab, spec.tie_word_embeddings, spec.dtype, True)
+    assert got == want, f"config round-trip mismatch: {got} != {want}"
+
+
+def _remove_old_weights(out: Path) -> None:
+    for path in [out / "model.safetensors", out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
+def _write_safetensors(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """One model.safetensors, or `shards` files plus an index like Hugging Face's."""
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    groups = _split(tensors, shards)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _split(tensors: dict[str, torch.Tensor], shards: int) -> list[list[str]]:
+    """Contiguous groups of names of roughly equal bytes; every group non-empty."""
+    names = list(tensors)
+    if shards > len(names):
+        raise ConfigError(f"shards={shards} exceeds the number of tensors ({len(names)})")
+    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    total, done = sum(sizes), 0
+    groups: list[list[str]] = [[] for _ in range(shards)]
+    current = 0
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        want = min(done * shards // total, shards - 1)
+        must = shards - (len(names) - i)  # so that every later group still gets a tensor
+        if groups[current]:
+            current = max(current, min(want, current + 1), must)
+        groups[current].append(name)
+        done += size
+    return groups
+
+
+def add_tiny_model_args(parser: argparse.ArgumentParser) -> None:
+    """Add the tiny-model options (OUT plus one flag per TinySpec field) to `parser`."""
+    d = TinySpec()
+    parser.add_argument("out", metavar="OUT", help="folder to write the checkpoint into")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default=d.arch)
+    for flag, default, text in (
+        ("--layers", d.layers, "decoder layers"),
+        ("--experts", d.experts, "experts per MoE layer"),
+        ("--top-k", d.top_k, "experts per token"),
+        ("--hidden", d.hidden, "hidden size"),
+        ("--intermediate", d.intermediate, "expert intermediate size"),
+        ("--heads", d.heads, "attention heads"),
+        ("--kv-heads", d.kv_heads, "key/value heads"),
+        ("--vocab", d.vocab, "vocabulary size (>= 259)"),
+        ("--seed", d.seed, "random seed"),
+        ("--shards", d.shards, "number of safetensors files"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    parser.add_argument("--tie-embeddings", action="store_true", help="share embedding and lm head")
+
+
+def spec_from_args(args: argparse.Namespace) -> TinySpec:
+    """Build a TinySpec from the options added by add_tiny_model_args."""
+    return TinySpec(
+        arch=args.arch, layers=args.layers, experts=args.experts, top_k=args.top_k,
+        hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads,
+        vocab=args.vocab, seed=args.seed, dtype=args.dtype, shards=args.shards,
+        tie_word_embeddings=args.tie_embeddings,
+    )

@@ -1,0 +1,77 @@
+"""Shared fixtures: real checkpoints written to temp folders by Hugging Face transformers.
+
+transformers is the reference implementation; checkpoints it saves are the real hub layout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+# One torch thread per test process: these machines have 2 cores and tests run beside workers.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def save_hf_model(
+    out: Path,
+    arch: str,
+    *,
+    layers: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 96,
+    vocab: int = 300,
+    tie: bool = False,
+    shard_size: str | None = None,
+    seed: int = 0,
+    **extra,
+):
+    """Random-initialise a transformers MoE model with weights large enough to route unevenly,
+    save it to `out` (sharded when `shard_size` is set) and return the model (fp32, eval)."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, num_experts_per_tok=top_k, tie_word_embeddings=tie,
+        eos_token_id=None, bos_token_id=None, max_position_embeddings=512,
+    )
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(num_local_experts=experts, intermediate_size=intermediate, **common, **extra)
+        cls = transformers.MixtralForCausalLM
+    else:
+        cfg = transformers.Qwen3MoeConfig(
+            num_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,
+            **common, **extra,
+        )
+        cls = transformers.Qwen3MoeForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.25)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return model
+
+
+@pytest.fixture
+def hf_model(tmp_path: Path) -> Callable[..., tuple[Path, object]]:
+    """Factory: hf_model(arch, **config) -> (checkpoint dir, transformers model)."""
+
+    def make(arch: str, **kwargs):
+        out = tmp_path / f"{arch}-ckpt"
+        model = save_hf_model(out, arch, **kwargs)
+        return out, model
+
+    return make
