@@ -22,6 +22,23 @@ from moemesh.model.layers import AttentionPlan, Segment, build_attention_plan
 from moemesh.model.model import MoEModel
 
 
+def validate_request(
+    prompt: list[int], params: SamplingParams, vocab_size: int, max_len: int, max_new_tokens_limit: int
+) -> None:
+    """The checks every front door runs (engine, worker, gateway): InvalidRequestError if bad."""
+    if not prompt:
+        raise InvalidRequestError("prompt is empty: give at least one token")
+    params.validate(max_new_tokens_limit)
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} out of range 0..{vocab_size - 1}")
+    if len(prompt) + params.max_new_tokens > max_len:
+        raise InvalidRequestError(
+            f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+            f"context of {max_len} tokens"
+        )
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     max_batched_tokens: int = 4096  # prompt tokens admitted per step (at least one prompt always)
@@ -82,18 +99,8 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if this request can never run here."""
-        if not prompt:
-            raise InvalidRequestError("prompt is empty: give at least one token")
-        params.validate(self.settings.max_new_tokens_limit)
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} out of range 0..{vocab - 1}")
-        if len(prompt) + params.max_new_tokens > self.max_len:
-            raise InvalidRequestError(
-                f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
-                f"context of {self.max_len} tokens"
-            )
+        validate_request(prompt, params, self.model.cfg.vocab_size, self.max_len,
+                         self.settings.max_new_tokens_limit)
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         self.validate(prompt, params)
@@ -122,6 +129,9 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def request_ids(self) -> list[str]:
+        return list(self._running) + [s.request_id for s in self._waiting]
 
     @property
     def num_running(self) -> int:

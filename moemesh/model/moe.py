@@ -124,7 +124,7 @@ class LocalTransport:
         order, T, K = handle
         out = torch.empty_like(y)  # (T*K, D)
         out[order] = y  # scatter back to copy order
-        return out.view(T, K, -1)  # (T, K, D)
+        return out.view(T, K, y.shape[1])  # (T, K, D)
 
 
 class MoELayer:

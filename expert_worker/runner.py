@@ -1,0 +1,181 @@
+"""The worker's engine thread: owns the engine and runs the lockstep protocol with its peers.
+
+Everything that touches the engine or a collective happens on this one thread; the asyncio side
+talks to it only through `submit`, `cancel`, `offer_epoch` and `request_stop` (thread-safe), and
+hears back through the `events` callback (called on this thread; the server hops to its loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.engine.engine import Engine, FinishReason, TokenEvent
+from moemesh.engine.sampling import SamplingParams
+from moemesh.errors import MoemeshError, UnavailableError
+from moemesh.mesh.lockstep import Backoff, StepHeader, exchange_header
+from moemesh.mesh.placement import Placement
+from moemesh.mesh.transport import AllToAllTransport
+from moemesh.model.moe import GroupedExperts
+from moemesh.model.weights import LayerExperts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submit:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    request_id: str
+    error: MoemeshError
+
+
+@dataclass(frozen=True)
+class PreparedEpoch:
+    """A placement whose experts are loaded and ready to switch to."""
+
+    placement: Placement
+    layers: dict[int, LayerExperts]
+
+
+Event = TokenEvent | Rejected
+
+
+class MeshRunner:
+    def __init__(
+        self,
+        engine: Engine,
+        transport: AllToAllTransport,
+        experts: GroupedExperts,
+        collective,
+        initial: PreparedEpoch,
+        on_events: Callable[[list[Event]], None],
+        on_load: Callable[[torch.Tensor, int], None] | None = None,
+        report_every_tokens: int = 100,
+    ):
+        self.engine = engine
+        self.transport = transport
+        self.experts = experts
+        self.collective = collective
+        self.on_events = on_events
+        self.on_load = on_load
+        self.report_every = report_every_tokens
+        self.epoch = initial.placement.epoch
+        self._prepared: dict[int, PreparedEpoch] = {}
+        self._loaded_epoch = self.epoch
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.steps = 0
+        self.failure: BaseException | None = None
+
+    # ---- called from any thread ----------------------------------------------------------------
+    def submit(self, item: Submit | Cancel) -> None:
+        self._inbox.put(item)
+        self._wake.set()
+
+    def offer_epoch(self, prepared: PreparedEpoch) -> None:
+        """A newer placement is loaded; the mesh switches once every rank has it."""
+        with self._lock:
+            assert prepared.placement.epoch > self._loaded_epoch, "epochs must be prepared in order"
+            self._prepared[prepared.placement.epoch] = prepared
+            self._loaded_epoch = prepared.placement.epoch
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def loaded_epoch(self) -> int:
+        with self._lock:
+            return self._loaded_epoch
+
+    # ---- the engine thread -----------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = Backoff()
+        try:
+            while True:
+                self._drain_inbox()
+                batch = self.engine.schedule()
+                header = exchange_header(self.collective, batch.num_tokens, self.loaded_epoch, self._stop.is_set())
+                if header.stop:
+                    break
+                self._maybe_switch(header)
+                if header.idle:
+                    self._wake.wait(backoff.next())
+                    self._wake.clear()
+                    continue
+                backoff.reset()
+                self._step(header, batch)
+        except BaseException as exc:  # a peer died or a collective timed out: the world is broken
+            self.failure = exc
+            log.exception("engine thread stopped: %s", exc)
+        finally:
+            self._fail_everything()
+
+    def _step(self, header: StepHeader, batch) -> None:
+        self.transport.begin_step(header.max_tokens)
+        events = self.engine.execute(batch)
+        self.steps += 1
+        if events:
+            self.on_events(list(events))
+        if self.on_load is not None and self.transport.counted_tokens >= self.report_every:
+            counts, tokens = self.transport.take_counts()
+            self.on_load(counts, tokens)
+
+    def _drain_inbox(self) -> None:
+        events: list[Event] = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Cancel):
+                if self.engine.cancel(item.request_id):
+                    events.append(TokenEvent(item.request_id, None, FinishReason.CANCELLED))
+                continue
+            try:
+                self.engine.add_request(item.request_id, item.prompt, item.params)
+            except MoemeshError as exc:
+                events.append(Rejected(item.request_id, exc))
+        if events:
+            self.on_events(events)
+
+    def _maybe_switch(self, header: StepHeader) -> None:
+        if header.epoch <= self.epoch:
+            return
+        with self._lock:
+            prepared = self._prepared[header.epoch]
+            for old in [e for e in self._prepared if e <= header.epoch]:
+                del self._prepared[old]
+        self.experts.layers = dict(prepared.layers)
+        self.transport.set_placement(prepared.placement)
+        log.info("switched to placement epoch %d at step %d", header.epoch, self.steps)
+        self.epoch = header.epoch
+
+    def _fail_everything(self) -> None:
+        """The thread is ending: every request still here gets a closing event."""
+        self._drain_inbox()
+        leftover = self.engine.request_ids()
+        for rid in leftover:
+            self.engine.cancel(rid)
+        why = f"worker failed: {self.failure}" if self.failure else "worker is shutting down"
+        if leftover:
+            self.on_events([Rejected(rid, UnavailableError(why)) for rid in leftover])

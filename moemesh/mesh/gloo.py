@@ -1,0 +1,53 @@
+"""The CPU data plane: torch.distributed's gloo backend (an existing collective engine).
+
+One process group per world generation, rendezvous through the coordinator's TCPStore.
+Uneven splits are never needed: the transport pads every (source, destination) block to the
+step's capacity, so `all_to_all_single` runs with equal splits.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class GlooCollective:
+    """Collectives of one world; all ranks call them in the same order (cross-rank invariant)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """send: (R * C, W) -> (R * C, W): block r goes to rank r, block r comes from rank r."""
+        if self.world_size == 1:
+            return send
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
+        """values: (n,) int64 -> (R, n): every rank's values, by rank."""
+        if self.world_size == 1:
+            return values.unsqueeze(0)
+        out = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(out, values)
+        return torch.stack(out)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_gloo(
+    store_host: str, store_port: int, prefix: str, rank: int, world_size: int, timeout_s: float
+) -> GlooCollective:
+    """Join the world: blocks until all `world_size` ranks have joined (or `timeout_s` passes)."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout
+    )
+    return GlooCollective(rank, world_size)

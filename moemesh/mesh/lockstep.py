@@ -1,0 +1,68 @@
+"""The lockstep step protocol every rank of a mesh follows (design.md, "A step across the mesh").
+
+Cross-rank invariants (a rank that breaks one hangs its peers in a collective):
+1. Every rank exchanges one step header per step, in the same order: (tokens it will run,
+   newest placement epoch it has fully loaded, whether it wants to stop).
+2. If every rank has zero tokens, no rank runs a forward pass (all idle together).
+3. Otherwise every rank runs one forward pass, even with zero tokens of its own, so it joins
+   every MoE layer's dispatch and combine; all use the same T_max for the buffers' capacity.
+4. Every rank switches to epoch min(newest loaded) at the same step, so routing tables agree.
+5. If any rank asks to stop, every rank stops after that header (no half-finished step).
+Pure bookkeeping here; the collective is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class HeaderCollective(Protocol):
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class StepHeader:
+    """What all ranks agreed on for this step."""
+
+    tokens: tuple[int, ...]  # (R,) tokens each rank runs
+    epoch: int  # placement epoch every rank uses from this step on
+    stop: bool  # some rank asked the mesh to stop
+
+    @property
+    def idle(self) -> bool:
+        return not any(self.tokens)
+
+    @property
+    def max_tokens(self) -> int:
+        return max(self.tokens)
+
+
+def exchange_header(collective: HeaderCollective, tokens: int, loaded_epoch: int, stop: bool) -> StepHeader:
+    mine = torch.tensor([tokens, loaded_epoch, int(stop)], dtype=torch.int64)  # (3,)
+    every = collective.all_gather(mine)  # (R, 3)
+    return StepHeader(
+        tokens=tuple(every[:, 0].tolist()),
+        epoch=int(every[:, 1].min()),
+        stop=bool(every[:, 2].any()),
+    )
+
+
+@dataclass
+class Backoff:
+    """Idle waiting: starts short so a new request is picked up fast, grows so an idle mesh
+    costs almost no CPU (each idle round is one tiny all-gather per rank)."""
+
+    initial_s: float = 0.001
+    maximum_s: float = 0.05
+    current_s: float = 0.001
+
+    def next(self) -> float:
+        wait = self.current_s
+        self.current_s = min(self.maximum_s, self.current_s * 2)
+        return wait
+
+    def reset(self) -> None:
+        self.current_s = self.initial_s

@@ -1,0 +1,153 @@
+"""Placement files: an operator's expert placement written as YAML or JSON. Pure: no torch, no gRPC.
+
+Two shapes are accepted (JSON is YAML, so one parser reads both):
+
+    experts: [[0], [1], [2, 3]]          # expert e -> ranks, the same for every MoE layer
+    world_size: 4                         # optional; default: max rank + 1
+
+    layers:                               # model layer index -> one rank list per expert
+      "0": [[0], [1], [2], [3]]
+      "1": [[1], [0], [3], [2]]
+
+`epoch` and `origin` keys are accepted and ignored, so `dump_placement` output loads back.
+Loading checks the file's structure and names the offending field; whether the placement fits
+the model (layer ids, expert count) is `validate_placement`'s job, done by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moemesh.errors import InvalidRequestError
+from moemesh.mesh.placement import Placement
+
+_KNOWN_KEYS = {"experts", "layers", "world_size", "epoch", "origin"}
+FILE_ORIGIN = "file"
+
+
+def load_placement(
+    path: str | Path, moe_layer_ids: Iterable[int], default_world_size: int | None = None
+) -> Placement:
+    """Read a placement file (YAML or JSON) into a Placement with epoch 0 and origin "file".
+
+    `moe_layer_ids` are the model's MoE layers (the `experts` shape applies to each of them);
+    `default_world_size` is used when the file has no `world_size` (else max rank + 1).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read placement file {path}: {exc.strerror or exc}") from exc
+    return parse_placement(text, moe_layer_ids, default_world_size, source=str(path))
+
+
+def parse_placement(
+    text: str, moe_layer_ids: Iterable[int], default_world_size: int | None = None, source: str = "placement"
+) -> Placement:
+    """Parse placement text (YAML or JSON); see `load_placement`."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidRequestError(f"{source}: not valid YAML or JSON: {exc}") from exc
+    return placement_from_dict(data, moe_layer_ids, default_world_size, source)
+
+
+def placement_from_dict(
+    data: Any, moe_layer_ids: Iterable[int], default_world_size: int | None = None, source: str = "placement"
+) -> Placement:
+    """Build a Placement from already-parsed data (a mapping with `experts` or `layers`)."""
+    if not isinstance(data, Mapping):
+        raise InvalidRequestError(f"{source}: expected a mapping with 'experts' or 'layers', got {_kind(data)}")
+    unknown = sorted(str(k) for k in data if k not in _KNOWN_KEYS)
+    if unknown:
+        raise InvalidRequestError(f"{source}: unknown field(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
+    if ("experts" in data) == ("layers" in data):
+        raise InvalidRequestError(f"{source}: give exactly one of 'experts' (every MoE layer) or 'layers'")
+    if "experts" in data:
+        table = _expert_table(data["experts"], f"{source}: experts")
+        layers = {int(layer): table for layer in moe_layer_ids}
+    else:
+        layers = _layers(data["layers"], source)
+    world_size = _world_size(data.get("world_size"), layers, default_world_size, source)
+    return Placement(epoch=0, world_size=world_size, layers=layers, origin=FILE_ORIGIN)
+
+
+def dump_placement(p: Placement) -> str:
+    """The placement as YAML in the `layers` shape (loads back with `load_placement`)."""
+    doc = {
+        "epoch": p.epoch,
+        "origin": p.origin,
+        "world_size": p.world_size,
+        "layers": {int(layer): [list(ranks) for ranks in p.layers[layer]] for layer in sorted(p.layers)},
+    }
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+
+
+def _layers(raw: Any, source: str) -> dict[int, tuple[tuple[int, ...], ...]]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise InvalidRequestError(f"{source}: layers must be a non-empty mapping layer -> expert rank lists")
+    layers: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for key, table in raw.items():
+        layer = _layer_index(key, source)
+        if layer in layers:
+            raise InvalidRequestError(f"{source}: layers[{key!r}]: layer {layer} given twice")
+        layers[layer] = _expert_table(table, f"{source}: layers[{key!r}]")
+    return layers
+
+
+def _layer_index(key: Any, source: str) -> int:
+    if isinstance(key, bool):
+        raise InvalidRequestError(f"{source}: layers key {key!r} is not a layer index")
+    try:
+        layer = int(key)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{source}: layers key {key!r} is not a layer index") from None
+    if layer < 0 or (isinstance(key, str) and key.strip() != str(layer)):
+        raise InvalidRequestError(f"{source}: layers key {key!r} is not a non-negative layer index")
+    return layer
+
+
+def _expert_table(raw: Any, where: str) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequestError(f"{where} must be a non-empty list (one rank list per expert), got {_kind(raw)}")
+    table = []
+    for e, ranks in enumerate(raw):
+        if not isinstance(ranks, list) or not ranks:
+            raise InvalidRequestError(f"{where}[{e}] must be a non-empty list of ranks, got {_kind(ranks)}")
+        for r in ranks:
+            if not _is_int(r) or r < 0:
+                raise InvalidRequestError(f"{where}[{e}]: rank {r!r} is not a non-negative integer")
+        if len(set(ranks)) != len(ranks):
+            raise InvalidRequestError(f"{where}[{e}]: rank listed twice in {ranks}")
+        table.append(tuple(sorted(ranks)))
+    return tuple(table)
+
+
+def _world_size(
+    raw: Any, layers: Mapping[int, tuple[tuple[int, ...], ...]], default: int | None, source: str
+) -> int:
+    highest = max((r for table in layers.values() for ranks in table for r in ranks), default=-1)
+    if raw is None:
+        size = default if default is not None else highest + 1
+        if size <= highest:
+            raise InvalidRequestError(
+                f"{source}: rank {highest} used but the world has {size} ranks (set 'world_size' or fix the ranks)"
+            )
+        return size
+    if not _is_int(raw) or raw <= 0:
+        raise InvalidRequestError(f"{source}: world_size must be a positive integer, got {raw!r}")
+    if raw <= highest:
+        raise InvalidRequestError(f"{source}: world_size is {raw} but rank {highest} is used (ranks are 0..{raw - 1})")
+    return raw
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__

@@ -1,0 +1,165 @@
+"""Dispatch/Combine across ranks: one fixed-capacity all-to-all each way per MoE layer.
+
+Shape legend: T tokens on this rank, K top-k, E experts per layer, R ranks, C rows reserved per
+(source, destination) pair this step, D hidden, W = D + 1 payload width, N copies received.
+
+Wire format of one all-to-all: a (R * C, W) buffer; block r (rows [r*C, (r+1)*C)) goes to rank r.
+Each row is a token's hidden state plus, in its last column, the global expert id it is for
+(-1 = padding). Folding the counts into the payload means one collective per direction instead
+of a count exchange followed by a payload exchange: on loopback gloo the latency of a
+collective, not its bytes, dominates a decode step.
+
+C is the same on every rank because it comes from the step header every rank already gathered:
+C = T_max * min(K, most experts any rank holds in the layer) bounds the copies one rank can send
+to another. The collective itself lives behind `Collective`, so gloo and NCCL share this code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from moemesh.mesh.placement import Placement
+from moemesh.model.moe import ExpertBatch, Routing
+
+
+class Collective(Protocol):
+    rank: int
+    world_size: int
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """send: (R * C, W), block r for rank r -> (R * C, W), block r from rank r."""
+        ...
+
+
+@dataclass(frozen=True)
+class LayerRoutes:
+    """One layer's routing table for this rank, derived from the placement."""
+
+    replicas: torch.Tensor  # (E, P) int64 ranks holding each expert, padded with -1
+    num_replicas: torch.Tensor  # (E,) int64
+    local_index: torch.Tensor  # (E,) int64 index among this rank's experts, -1 = not held here
+    max_local: int  # most experts any one rank holds in this layer
+
+
+def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
+    table = placement.layers[layer]
+    width = max(len(r) for r in table)
+    replicas = torch.full((len(table), width), -1, dtype=torch.int64)  # (E, P)
+    for e, ranks in enumerate(table):
+        replicas[e, : len(ranks)] = torch.tensor(ranks)
+    local = torch.full((len(table),), -1, dtype=torch.int64)  # (E,)
+    for i, e in enumerate(placement.experts_on(rank, layer)):
+        local[e] = i
+    return LayerRoutes(
+        replicas=replicas,
+        num_replicas=torch.tensor([len(r) for r in table], dtype=torch.int64),
+        local_index=local,
+        max_local=max(placement.experts_per_rank(layer)),
+    )
+
+
+@dataclass(frozen=True)
+class _Handle:
+    send_rows: torch.Tensor  # (T*K,) row of the send buffer holding each token copy
+    recv_rows: torch.Tensor  # (N,) rows of the receive buffer, in ExpertBatch order
+    shape: tuple[int, int, int]  # (T, K, total rows R*C)
+
+
+class AllToAllTransport:
+    """Transport over a Collective. Every rank calls dispatch/combine for every MoE layer of
+    every step, in the same order, with the same `begin_step` T_max (cross-rank invariant)."""
+
+    def __init__(self, collective: Collective, placement: Placement):
+        self.collective = collective
+        self.rank = collective.rank
+        self.world_size = collective.world_size
+        self.max_tokens = 0
+        self.set_placement(placement)
+        self.counted_tokens = 0  # tokens routed since the last take_counts()
+
+    def set_placement(self, placement: Placement) -> None:
+        assert placement.world_size == self.world_size, "placement is for another world"
+        self.placement = placement
+        self.routes = {layer: layer_routes(placement, layer, self.rank) for layer in placement.layers}
+        self.layer_order = sorted(placement.layers)
+        E = len(next(iter(placement.layers.values())))
+        self._counts = torch.zeros(len(self.layer_order), E, dtype=torch.int64)  # (L_moe, E)
+
+    def take_counts(self) -> tuple[torch.Tensor, int]:
+        """Tokens this rank routed to each (MoE layer, expert) since the last call, and how many
+        tokens that was; resets both. Rows follow `layer_order`."""
+        counts, tokens = self._counts, self.counted_tokens
+        self._counts = torch.zeros_like(counts)
+        self.counted_tokens = 0
+        return counts, tokens
+
+    def begin_step(self, max_tokens: int) -> None:
+        """T_max: the most tokens any rank runs this step (from the gathered step header)."""
+        self.max_tokens = max_tokens
+
+    def capacity(self, layer: int, top_k: int) -> int:
+        return self.max_tokens * min(top_k, self.routes[layer].max_local)
+
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, Any]:
+        routes = self.routes[layer]
+        T, K = routing.expert_ids.shape
+        R, D = self.world_size, x.shape[1]
+        C = self.capacity(layer, K)
+        self._count(layer, routing.expert_ids)
+        dest = self._destinations(routes, routing.expert_ids)  # (T*K,)
+        send_rows = self._send_rows(dest, C)  # (T*K,)
+        send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
+        send[:, D] = -1.0
+        flat_e = routing.expert_ids.reshape(-1)  # (T*K,)
+        send[send_rows, :D] = x.repeat_interleave(K, dim=0)  # scatter (T*K, D)
+        send[send_rows, D] = flat_e.to(x.dtype)
+        recv = self.collective.all_to_all(send)  # (R*C, W)
+        expert = recv[:, D].to(torch.int64)  # (R*C,) -1 = padding
+        valid = torch.nonzero(expert >= 0).squeeze(1)  # (N,)
+        local = routes.local_index[expert[valid]]  # (N,)
+        assert bool((local >= 0).all()), "received a token for an expert this rank does not hold"
+        order = torch.argsort(local, stable=True)  # (N,) group by local expert
+        recv_rows = valid[order]  # (N,)
+        counts = torch.bincount(local, minlength=int((routes.local_index >= 0).sum())).tolist()
+        batch = ExpertBatch(x=recv[recv_rows, :D], counts=counts)  # gather (N, D)
+        return batch, _Handle(send_rows, recv_rows, (T, K, R * C))
+
+    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        T, K, rows = handle.shape
+        back = torch.zeros(rows, y.shape[1], dtype=y.dtype, device=y.device)  # (R*C, D)
+        back[handle.recv_rows] = y  # scatter to the rows the copies arrived in
+        returned = self.collective.all_to_all(back)  # (R*C, D)
+        return returned[handle.send_rows].view(T, K, y.shape[1])  # gather (T, K, D)
+
+    def _count(self, layer: int, expert_ids: torch.Tensor) -> None:
+        row = self.layer_order.index(layer)
+        self._counts[row] += torch.bincount(expert_ids.reshape(-1), minlength=self._counts.shape[1])
+        if row == 0:
+            self.counted_tokens += expert_ids.shape[0]
+
+    def _destinations(self, routes: LayerRoutes, expert_ids: torch.Tensor) -> torch.Tensor:
+        """expert_ids: (T, K) -> (T*K,) destination rank of each copy: this rank when it holds a
+        replica (no traffic), else replica t mod P of the expert (spreads a hot expert's tokens)."""
+        T, K = expert_ids.shape
+        flat = expert_ids.reshape(-1)  # (T*K,)
+        token = torch.arange(T, device=flat.device).repeat_interleave(K)  # (T*K,)
+        pick = token % routes.num_replicas[flat]  # (T*K,)
+        dest = routes.replicas[flat, pick]  # gather (T*K,)
+        here = routes.local_index[flat] >= 0  # (T*K,)
+        return torch.where(here, torch.full_like(dest, self.rank), dest)
+
+    @staticmethod
+    def _send_rows(dest: torch.Tensor, capacity: int) -> torch.Tensor:
+        """dest: (T*K,) -> the send-buffer row of each copy: block dest, next free row in it."""
+        order = torch.argsort(dest, stable=True)  # (T*K,)
+        sorted_dest = dest[order]  # (T*K,)
+        counts = torch.bincount(sorted_dest, minlength=1)  # copies per destination
+        starts = torch.cumsum(counts, 0) - counts  # (R',) first sorted index of each destination
+        within = torch.arange(dest.numel(), device=dest.device) - starts[sorted_dest]  # (T*K,)
+        assert dest.numel() == 0 or int(within.max()) < capacity, "capacity overflow"
+        rows = torch.empty_like(dest)
+        rows[order] = sorted_dest * capacity + within  # scatter back to copy order
+        return rows

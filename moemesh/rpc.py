@@ -1,0 +1,145 @@
+"""gRPC plumbing shared by the three services: error mapping, server lifecycle, channels.
+
+- `ErrorInterceptor` turns typed moemesh errors into status codes (INVALID_ARGUMENT,
+  RESOURCE_EXHAUSTED, UNAVAILABLE) for every kind of handler, streaming ones included.
+- `Server` owns one grpc.aio server with health and reflection, made inside the running loop,
+  and stops gracefully: health NOT_SERVING, then `stop(grace)`.
+Everything here must be called from inside a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moemesh.errors import CapacityError, InvalidRequestError, MoemeshError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: tuple[tuple[type[MoemeshError], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (MoemeshError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+# Big enough for a batch of long prompts; tensors never travel over gRPC.
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+)
+
+
+def status_for(exc: MoemeshError) -> grpc.StatusCode:
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    raise AssertionError("unreachable: MoemeshError is in the table")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps MoemeshError raised by any handler to its status code with the error's message."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+
+
+def _wrap_unary(behaviour: Callable) -> Callable:
+    async def wrapped(request, context):
+        try:
+            return await behaviour(request, context)
+        except MoemeshError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    return wrapped
+
+
+def _wrap_stream(behaviour: Callable) -> Callable:
+    async def wrapped(request, context):
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        except MoemeshError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    return wrapped
+
+
+class Server:
+    """One grpc.aio server: services + health ("" and each named service) + reflection."""
+
+    def __init__(self, service_names: Iterable[str], max_concurrent_rpcs: int | None = None):
+        self.service_names = tuple(service_names)
+        self.grpc = grpc.aio.server(
+            interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind (port 0 = any free port), start, report NOT_SERVING until `set_ready()`."""
+        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise MoemeshError(f"cannot bind {host}:{port}")
+        await self.grpc.start()
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return self.port
+
+    async def set_ready(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(grace_s)
+
+    async def _set_all(self, status) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (the process's graceful-stop trigger)."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+def write_port_file(path: Path | None, port: int) -> None:
+    """Atomically publish the bound port (how `moemesh up` learns ports chosen by the OS)."""
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
