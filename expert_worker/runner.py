@@ -18,7 +18,7 @@ import torch
 from moemesh.engine.engine import Engine, FinishReason, TokenEvent
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import MoemeshError, UnavailableError
-from moemesh.mesh.lockstep import Backoff, StepHeader, exchange_header
+from moemesh.mesh.lockstep import StepHeader, Waker, exchange_header
 from moemesh.mesh.placement import Placement
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.moe import GroupedExperts
@@ -63,6 +63,7 @@ class MeshRunner:
         transport: AllToAllTransport,
         experts: GroupedExperts,
         collective,
+        waker: Waker,
         initial: PreparedEpoch,
         on_events: Callable[[list[Event]], None],
         on_load: Callable[[torch.Tensor, int], None] | None = None,
@@ -72,6 +73,8 @@ class MeshRunner:
         self.transport = transport
         self.experts = experts
         self.collective = collective
+        self.waker = waker
+        self.idle_round = 0  # idle headers seen so far: the same count on every rank
         self.on_events = on_events
         self.on_load = on_load
         self.report_every = report_every_tokens
@@ -79,7 +82,6 @@ class MeshRunner:
         self._prepared: dict[int, PreparedEpoch] = {}
         self._loaded_epoch = self.epoch
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.steps = 0
@@ -88,7 +90,7 @@ class MeshRunner:
     # ---- called from any thread ----------------------------------------------------------------
     def submit(self, item: Submit | Cancel) -> None:
         self._inbox.put(item)
-        self._wake.set()
+        self.waker.wake(self.idle_round)
 
     def offer_epoch(self, prepared: PreparedEpoch) -> None:
         """A newer placement is loaded; the mesh switches once every rank has it."""
@@ -96,11 +98,11 @@ class MeshRunner:
             assert prepared.placement.epoch > self._loaded_epoch, "epochs must be prepared in order"
             self._prepared[prepared.placement.epoch] = prepared
             self._loaded_epoch = prepared.placement.epoch
-        self._wake.set()
+        self.waker.wake(self.idle_round)
 
     def request_stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self.waker.wake(self.idle_round)
 
     @property
     def loaded_epoch(self) -> int:
@@ -109,26 +111,32 @@ class MeshRunner:
 
     # ---- the engine thread -----------------------------------------------------------------------
     def run(self) -> None:
-        backoff = Backoff()
         try:
             while True:
                 self._drain_inbox()
                 batch = self.engine.schedule()
-                header = exchange_header(self.collective, batch.num_tokens, self.loaded_epoch, self._stop.is_set())
+                reported = self.loaded_epoch
+                header = exchange_header(self.collective, batch.num_tokens, reported, self._stop.is_set())
                 if header.stop:
                     break
                 self._maybe_switch(header)
                 if header.idle:
-                    self._wake.wait(backoff.next())
-                    self._wake.clear()
+                    self._idle(reported)
                     continue
-                backoff.reset()
                 self._step(header, batch)
         except BaseException as exc:  # a peer died or a collective timed out: the world is broken
             self.failure = exc
             log.exception("engine thread stopped: %s", exc)
         finally:
             self._fail_everything()
+
+    def _idle(self, reported_epoch: int) -> None:
+        """Sleep until some rank has something to do (see Waker); never poll."""
+        self.idle_round += 1
+        if not self._inbox.empty() or self._stop.is_set() or self.loaded_epoch > reported_epoch:
+            self.waker.wake(self.idle_round)  # ours: end this round for every rank at once
+        else:
+            self.waker.wait(self.idle_round)
 
     def _step(self, header: StepHeader, batch) -> None:
         self.transport.begin_step(header.max_tokens)

@@ -1,7 +1,7 @@
-"""`moemesh` command line: one subcommand per job; each builds its settings once, here.
+"""`moemesh` command line: one subcommand per job; each builds its settings once.
 
-Subcommands register themselves from their own modules (`add_parser(subparsers)` returning the
-function to run) so this file stays a table of contents.
+Each service registers its own subcommand (`add_*_command(subparsers)` returns the function to
+run), so this file stays a table of contents.
 """
 
 from __future__ import annotations
@@ -116,28 +116,23 @@ def _generate_local(s: GenerateSettings, params) -> tuple[list[int], str]:
     return ids, codec.decode(ids)
 
 
-COMMANDS = (_add_tiny_model, _add_generate)
+def _commands() -> tuple:
+    from coordinator.cli import add_coordinator_command, add_placement_command
+    from expert_worker.cli import add_worker_command
+
+    return (_add_tiny_model, _add_generate, add_coordinator_command, add_worker_command, add_placement_command)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="moemesh", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     runners = {}
-    for add in COMMANDS + _service_commands():
+    for add in _commands():
         before = set(sub.choices)
         run = add(sub)
         (name,) = set(sub.choices) - before
         runners[name] = run
     return parser, runners
-
-
-def _service_commands() -> tuple:
-    """Services (coordinator, worker, gateway, up, placement) register here once they exist."""
-    try:
-        from moemesh.services import SERVICE_COMMANDS
-    except ImportError:
-        return ()
-    return SERVICE_COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,3 +143,16 @@ def write_port_file(path: Path | None, port: int) -> None:
 
 def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+async def exit_with_parent(stop: asyncio.Event, poll_s: float = 0.5) -> None:
+    """Set `stop` when the parent process goes away (so `moemesh up` never leaves orphans)."""
+    import os
+
+    parent = os.getppid()
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("parent process %d is gone: stopping", parent)
+            stop.set()
+            return
+        await asyncio.sleep(poll_s)

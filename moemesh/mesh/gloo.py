@@ -41,6 +41,29 @@ class GlooCollective:
             dist.destroy_process_group()
 
 
+class StoreWaker:
+    """Idle ranks sleep in a blocking store wait instead of polling with collectives.
+
+    Idle round n (every rank counts the same idle headers, so n agrees) ends when any rank sets
+    key n: it has a request, a loaded epoch, or wants to stop. Costs no CPU while idle.
+    """
+
+    def __init__(self, host: str, port: int, prefix: str, timeout_s: float):
+        self._timeout = timeout_s
+        # Two clients: the engine thread blocks in wait() while the server thread calls wake().
+        self._waiting = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False))
+        self._waking = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False))
+
+    def wait(self, round_: int) -> None:
+        try:
+            self._waiting.wait([str(round_)], timedelta(seconds=self._timeout))
+        except dist.DistStoreError:
+            pass  # nothing happened for a long while: look again
+
+    def wake(self, round_: int) -> None:
+        self._waking.set(str(round_), "1")
+
+
 def init_gloo(
     store_host: str, store_port: int, prefix: str, rank: int, world_size: int, timeout_s: float
 ) -> GlooCollective:

@@ -50,19 +50,9 @@ def exchange_header(collective: HeaderCollective, tokens: int, loaded_epoch: int
     )
 
 
-@dataclass
-class Backoff:
-    """Idle waiting: starts short so a new request is picked up fast, grows so an idle mesh
-    costs almost no CPU (each idle round is one tiny all-gather per rank)."""
+class Waker(Protocol):
+    """Ends idle round n on every rank as soon as one rank calls wake(n)."""
 
-    initial_s: float = 0.001
-    maximum_s: float = 0.05
-    current_s: float = 0.001
+    def wait(self, round_: int) -> None: ...
 
-    def next(self) -> float:
-        wait = self.current_s
-        self.current_s = min(self.maximum_s, self.current_s * 2)
-        return wait
-
-    def reset(self) -> None:
-        self.current_s = self.initial_s
+    def wake(self, round_: int) -> None: ...
