@@ -46,7 +46,7 @@ def _restack(layer: int, wanted: list[int], held: LayerExperts | None, reader: C
     w13, w2 = [], []
     for e in wanted:
         if e in have:
-            w13.append(held.w13[have[e]])  # (2F, D)
+            w13.append(held.w13[have[e]])  # (D, 2F)
             w2.append(held.w2[have[e]])  # (D, F)
         else:
             w13.append(fresh.w13[fresh_index[e]])
@@ -54,6 +54,6 @@ def _restack(layer: int, wanted: list[int], held: LayerExperts | None, reader: C
     D, F = cfg.hidden_size, cfg.expert_intermediate_size
     return LayerExperts(
         expert_ids=tuple(wanted),
-        w13=torch.stack(w13) if wanted else torch.empty(0, 2 * F, D, dtype=dtype, device=device),
+        w13=torch.stack(w13) if wanted else torch.empty(0, D, 2 * F, dtype=dtype, device=device),
         w2=torch.stack(w2) if wanted else torch.empty(0, D, F, dtype=dtype, device=device),
     )

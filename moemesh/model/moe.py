@@ -97,7 +97,7 @@ class GroupedExperts:
         for i, n in enumerate(batch.counts):
             if n:
                 rows = batch.x[start : start + n]  # (n, D)
-                gate, up = F.linear(rows, experts.w13[i]).chunk(2, dim=-1)  # (n, F) each
+                gate, up = torch.mm(rows, experts.w13[i]).chunk(2, dim=-1)  # (n, F) each
                 torch.mm(F.silu(gate) * up, experts.w2[i].t(), out=out[start : start + n])  # (n, D)
                 start += n
         return out

@@ -21,7 +21,7 @@ TOKENS = (5, 0, 3)  # rank 1 has nothing to run: it must still join both exchang
 
 def _weights():
     g = torch.Generator().manual_seed(0)
-    w13 = torch.randn(E, 2 * F, D, generator=g)  # (E, 2F, D)
+    w13 = torch.randn(E, D, 2 * F, generator=g)  # (E, D, 2F)
     w2 = torch.randn(E, D, F, generator=g)  # (E, D, F)
     router = torch.randn(E, D, generator=g)  # (E, D)
     xs = [torch.randn(t, D, generator=g) for t in TOKENS]

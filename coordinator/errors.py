@@ -1,0 +1,46 @@
+"""Typed coordinator errors. Each subclasses a moemesh.errors class, so the shared
+ErrorInterceptor (moemesh.rpc) maps it to the status code the contract names:
+
+- CapacityError       -> RESOURCE_EXHAUSTED
+- UnavailableError    -> UNAVAILABLE
+- MoemeshError        -> FAILED_PRECONDITION (the interceptor's fallback)
+
+`UnknownWorkerError` is the exception: the contract wants NOT_FOUND, which the shared table has no
+class for, so the servicer catches it and aborts with NOT_FOUND itself.
+"""
+
+from __future__ import annotations
+
+from moemesh.errors import CapacityError, MoemeshError, UnavailableError
+
+
+class WorldFormedError(CapacityError):
+    """A worker tried to join after the world formed (joining / rejoining is failure recovery)."""
+
+
+class StaleIncarnationError(MoemeshError):
+    """A registration carries an older incarnation than the one on record: FAILED_PRECONDITION."""
+
+
+class UnknownWorkerError(MoemeshError):
+    """(worker_id, incarnation) is not registered (never, removed, or superseded): NOT_FOUND."""
+
+
+class WorldNotFormedError(MoemeshError):
+    """An operation needs a formed world and none exists yet: FAILED_PRECONDITION."""
+
+
+class NoPlacementError(UnavailableError):
+    """No placement has been published yet (GetPlacement before the first world): UNAVAILABLE."""
+
+
+class GenerationMismatchError(MoemeshError):
+    """A request names a world generation that is not the current one: FAILED_PRECONDITION."""
+
+
+class EpochMismatchError(MoemeshError):
+    """SetPlacement's expected_epoch is not the current epoch (optimistic concurrency lost)."""
+
+
+class ShuttingDownError(UnavailableError):
+    """The coordinator is stopping; the caller should retry against its replacement."""

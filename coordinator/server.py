@@ -1,0 +1,133 @@
+"""Coordinator lifecycle: model config -> TCPStore -> state -> gRPC server -> stop.
+
+`serve()` is the process's main coroutine (run under uvloop by the CLI); `CoordinatorServer` is
+the same lifecycle as start/stop steps, for tests and embedding. Every gRPC object is created
+inside the running loop.
+
+The TCPStore is the data-plane rendezvous: a torch.distributed store served from this process
+(it outlives any worker), listening on every interface on a port the OS picks (port=0 works in
+torch 2.13; `.port` reports it). Workers meet under a per-generation key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+from coordinator.servicer import CoordinatorServicer
+from coordinator.settings import CoordinatorSettings
+from coordinator.state import CoordinatorState, DataPlane
+from coordinator.wire import model_spec
+from moemesh.mesh.placement_file import load_placement
+from moemesh.model.config import load_config
+from moemesh.rpc import Server, stop_event_on_signals, write_port_file
+from moemesh.v1 import coordinator_pb2
+from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+PARENT_POLL_S = 0.5
+
+
+class CoordinatorServer:
+    """One running coordinator: its TCPStore, domain state, gRPC server and background tasks."""
+
+    def __init__(self, settings: CoordinatorSettings):
+        self.settings = settings
+        self.state: CoordinatorState | None = None
+        self.store: dist.TCPStore | None = None
+        self.server: Server | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def store_port(self) -> int:
+        assert self.store is not None, "not started"
+        return int(self.store.port)
+
+    async def start(self) -> int:
+        """Load the model config, start the store and the gRPC server; return the gRPC port."""
+        s = self.settings
+        cfg = load_config(s.model_dir)
+        initial = None
+        if s.placement_file is not None:
+            initial = load_placement(s.placement_file, cfg.moe_layer_ids, default_world_size=s.workers)
+        self.store = dist.TCPStore(s.host, port=0, is_master=True, wait_for_workers=False)
+        try:
+            self.state = CoordinatorState(
+                num_experts=cfg.num_experts, moe_layer_ids=cfg.moe_layer_ids, expected_workers=s.workers,
+                data_plane=DataPlane(s.transport, s.store_host, self.store_port), initial=initial,
+                load_window=s.load_window_reports,
+            )
+            spec = model_spec(cfg, s.model_dir)
+            servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
+            self.server = Server([SERVICE_NAME])
+            pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server.grpc)
+            self.port = await self.server.start(s.host, s.port)
+        except BaseException:
+            self.store = None  # dropping the last reference closes the store's socket
+            raise
+        write_port_file(s.port_file, self.port)
+        self._tasks.append(asyncio.create_task(self._watch_heartbeats(), name="heartbeat-monitor"))
+        await self.server.set_ready()
+        log.info(
+            "coordinator serving on %s:%d; expecting %d workers; TCPStore on %s:%d; transport %s; model %s",
+            s.host, self.port, s.workers, s.store_host, self.store_port, s.transport, s.model_dir,
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING, end watches and waits, stop(grace), close the store."""
+        if self.state is not None:
+            self.state.close()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.store = None
+        log.info("coordinator stopped")
+
+    async def _watch_heartbeats(self) -> None:
+        assert self.state is not None
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            self.state.check_heartbeats(self.settings.heartbeat_timeout_s)
+
+
+async def serve(
+    settings: CoordinatorSettings,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a coordinator until SIGINT/SIGTERM (or `stop` is set, or the parent exits).
+
+    `ready(port)` is called once the gRPC server is serving on `port`.
+    """
+    stop = stop if stop is not None else stop_event_on_signals()
+    server = CoordinatorServer(settings)
+    watchdog = asyncio.create_task(_exit_with_parent(stop)) if settings.exit_with_parent else None
+    try:
+        port = await server.start()
+        if ready is not None:
+            ready(port)
+        await stop.wait()
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        await server.stop()
+
+
+async def _exit_with_parent(stop: asyncio.Event) -> None:
+    """Set `stop` when this process's parent changes (the parent died; we were re-parented)."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_POLL_S)
+    log.warning("parent process %d is gone; stopping", parent)
+    stop.set()

@@ -1,0 +1,77 @@
+"""The Coordinator gRPC service: proto in, one domain call, proto out.
+
+Typed errors become status codes in the shared ErrorInterceptor (moemesh.rpc); the one code it
+has no class for, NOT_FOUND (an unknown worker), is raised here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from coordinator import wire
+from coordinator.errors import UnknownWorkerError
+from coordinator.state import CoordinatorState
+from moemesh.tensor_wire import from_proto, to_proto
+from moemesh.v1 import common_pb2
+from moemesh.v1 import coordinator_pb2 as pb
+from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Adapts CoordinatorState to moemesh.v1.Coordinator."""
+
+    def __init__(
+        self, state: CoordinatorState, model: common_pb2.ModelSpec, model_path: Path, heartbeat_interval_s: float
+    ):
+        self.state = state
+        self.model = model
+        self.model_path = str(model_path)
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context) -> pb.RegisterWorkerResponse:
+        reg = self.state.register(wire.worker_info(request))
+        return pb.RegisterWorkerResponse(
+            rank=reg.rank, world_size=reg.world_size, world_generation=reg.generation, model=self.model,
+            model_path=self.model_path, heartbeat_interval_seconds=self.heartbeat_interval_s,
+        )
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        try:
+            beat = self.state.heartbeat(request.worker_id, request.incarnation)
+        except UnknownWorkerError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return pb.HeartbeatResponse(world_generation=beat.world_generation, placement_epoch=beat.placement_epoch)
+
+    async def ReportLoad(self, request: pb.ReportLoadRequest, context) -> pb.ReportLoadResponse:
+        counts = from_proto(request.expert_counts)
+        try:
+            self.state.report_load(
+                request.worker_id, request.incarnation, request.world_generation, request.window_tokens, counts
+            )
+        except UnknownWorkerError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return pb.ReportLoadResponse()
+
+    async def WatchPlacement(self, request: pb.WatchPlacementRequest, context) -> AsyncIterator[pb.Placement]:
+        async for published in self.state.watch(request.after_epoch):
+            yield wire.published_to_proto(published)
+
+    async def GetPlacement(self, request: pb.GetPlacementRequest, context) -> pb.GetPlacementResponse:
+        current = self.state.current()
+        load = self.state.load_snapshot()
+        return pb.GetPlacementResponse(
+            placement=wire.published_to_proto(current), window_tokens=load.window_tokens,
+            expert_counts=to_proto(load.expert_counts),
+        )
+
+    async def SetPlacement(self, request: pb.SetPlacementRequest, context) -> pb.SetPlacementResponse:
+        placement = wire.placement_request(request.placement)
+        published = self.state.set_placement(placement, request.placement.world_generation, request.expected_epoch)
+        return pb.SetPlacementResponse(placement=wire.published_to_proto(published))
+
+    async def WaitForWorld(self, request: pb.WaitForWorldRequest, context) -> pb.World:
+        world = await self.state.wait_for_world(request.after_generation)
+        return wire.world_to_proto(world, world.rank_of(request.worker_id, request.incarnation))

@@ -1,0 +1,91 @@
+"""Operator tools behind `moemesh placement set|show`: gRPC calls to a running coordinator.
+
+Every RPC carries a deadline. gRPC failures become moemesh errors with the coordinator's message,
+so the CLI prints one clear line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import torch
+
+from moemesh.errors import MoemeshError, UnavailableError
+from moemesh.mesh.placement_file import dump_placement, load_placement
+from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
+from moemesh.rpc import channel
+from moemesh.tensor_wire import from_proto
+from moemesh.v1 import coordinator_pb2 as pb
+from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
+
+
+async def get_placement(target: str, timeout_s: float) -> pb.GetPlacementResponse:
+    """The coordinator's placement in force and its load statistics."""
+    async with channel(target) as ch:
+        try:
+            return await pb_grpc.CoordinatorStub(ch).GetPlacement(pb.GetPlacementRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, target, "GetPlacement") from None
+
+
+async def set_placement(target: str, path: Path, expected_epoch: int, timeout_s: float) -> pb.Placement:
+    """Publish the placement in `path` (YAML / JSON); returns it as published, with its epoch.
+
+    The current placement supplies the world generation, the MoE layer ids (for the file's
+    `experts` shape) and the default world size.
+    """
+    async with channel(target) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        try:
+            current = (await stub.GetPlacement(pb.GetPlacementRequest(), timeout=timeout_s)).placement
+            layer_ids = [lp.layer for lp in current.layers]
+            placement = load_placement(path, layer_ids, default_world_size=current.world_size)
+            request = pb.SetPlacementRequest(
+                placement=placement_to_proto(placement, world_generation=current.world_generation),
+                expected_epoch=expected_epoch,
+            )
+            return (await stub.SetPlacement(request, timeout=timeout_s)).placement
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, target, "SetPlacement") from None
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, target: str, rpc: str) -> MoemeshError:
+    """A one-line moemesh error for a failed RPC to the coordinator at `target`."""
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UnavailableError(f"coordinator {target}: {rpc} failed: {code.name}: {exc.details()}")
+    return MoemeshError(f"coordinator {target} rejected {rpc}: {code.name}: {exc.details()}")
+
+
+def format_placement(resp: pb.GetPlacementResponse) -> str:
+    """Human-readable table: per MoE layer, expert -> ranks and its share of the routed tokens."""
+    p = resp.placement
+    lines = [
+        f"placement epoch {p.epoch} ({p.origin or 'unknown'}), world generation {p.world_generation}, "
+        f"{p.world_size} ranks; load window: {resp.window_tokens} tokens"
+    ]
+    counts = _counts(resp)
+    for i, lp in enumerate(p.layers):
+        row = counts[i] if counts is not None and i < counts.shape[0] else None
+        total = int(row.sum()) if row is not None else 0
+        lines.append(f"layer {lp.layer}")
+        lines.append(f"  {'expert':>6}  {'ranks':<16} {'tokens':>10}  {'share':>6}")
+        for e, slots in enumerate(lp.experts):
+            n = int(row[e]) if row is not None and e < row.shape[0] else 0
+            share = f"{100.0 * n / total:5.1f}%" if total else "     -"
+            ranks = ",".join(str(r) for r in slots.ranks)
+            lines.append(f"  {e:>6}  {ranks:<16} {n:>10}  {share:>6}")
+    return "\n".join(lines)
+
+
+def placement_yaml(resp: pb.GetPlacementResponse) -> str:
+    """The placement in force as a placement file (loads back with `placement set`)."""
+    return dump_placement(placement_from_proto(resp.placement))
+
+
+def _counts(resp: pb.GetPlacementResponse) -> torch.Tensor | None:
+    if not resp.HasField("expert_counts"):
+        return None
+    counts = from_proto(resp.expert_counts)
+    return counts if counts.dim() == 2 else None

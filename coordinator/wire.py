@@ -1,0 +1,82 @@
+"""Domain objects <-> moemesh.v1 messages for the coordinator (no logic beyond translation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.membership import WorkerInfo
+from coordinator.state import Published, World
+from moemesh.errors import InvalidRequestError
+from moemesh.mesh.placement import Placement
+from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
+from moemesh.model.config import ModelConfig
+from moemesh.v1 import common_pb2
+from moemesh.v1 import coordinator_pb2 as pb
+
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def model_spec(cfg: ModelConfig, model_dir: Path) -> common_pb2.ModelSpec:
+    """The ModelSpec every worker receives, read from the checkpoint's config."""
+    return common_pb2.ModelSpec(
+        architecture=ARCHITECTURES[cfg.family],
+        name=model_dir.name,
+        num_layers=cfg.num_layers,
+        moe_layer_ids=list(cfg.moe_layer_ids),
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        max_context=cfg.max_position_embeddings,
+        dtype=cfg.torch_dtype,
+    )
+
+
+def worker_info(req: pb.RegisterWorkerRequest) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=req.worker_id, incarnation=req.incarnation, address=req.address,
+        device=req.device or "cpu", node=req.node, memory_bytes=req.memory_bytes,
+    )
+
+
+def world_to_proto(world: World, rank: int) -> pb.World:
+    """World as seen by the caller whose rank is `rank` (-1 for observers)."""
+    msg = pb.World(
+        generation=world.generation,
+        world_size=world.size,
+        rank=rank,
+        transport=world.data_plane.transport,
+        rendezvous=pb.Rendezvous(
+            store_host=world.data_plane.store_host,
+            store_port=world.data_plane.store_port,
+            store_prefix=world.store_prefix,
+        ),
+        placement_epoch=world.placement_epoch,
+    )
+    for r, m in enumerate(world.members):
+        msg.members.add(
+            rank=r, worker_id=m.worker_id, incarnation=m.incarnation, address=m.address, device=m.device, node=m.node
+        )
+    return msg
+
+
+def published_to_proto(p: Published) -> pb.Placement:
+    return placement_to_proto(p.placement, world_generation=p.world_generation)
+
+
+def placement_request(msg: pb.Placement) -> Placement:
+    """An operator's placement from SetPlacementRequest.
+
+    Gating factors are rejected rather than dropped: the Placement model does not carry them yet
+    (policy "gating" is a later issue), and silently ignoring them would publish something else.
+    """
+    seen: set[int] = set()
+    for lp in msg.layers:
+        if lp.layer in seen:
+            raise InvalidRequestError(f"layer {lp.layer} is placed twice")
+        seen.add(lp.layer)
+        if len(lp.gating_factors):
+            raise InvalidRequestError(
+                f"layer {lp.layer}: gating_factors are not supported by this coordinator yet; leave them empty"
+            )
+    return placement_from_proto(msg)

@@ -1,0 +1,156 @@
+"""`make bench-core`: the single-process engine against transformers' generate(), and against
+this machine's roofline, all measured in one run (these machines are noisy: compare ratios).
+
+Model: Mixtral layout, hidden 512, intermediate 1024, 16 experts, top-2, 4 layers; batch 16,
+128-token prompts, 64 new tokens. Both engines compute in fp32 with the same torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moemesh.engine.engine import Engine
+from moemesh.engine.sampling import SamplingParams
+from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.tiny import TinySpec, write_tiny_model
+
+SPEC = TinySpec(arch="mixtral", layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8,
+                kv_heads=8, vocab=512, seed=0)
+
+
+def measure_machine(threads: int) -> dict[str, float]:
+    """Copy bandwidth (bytes copied per second, 256 MiB into an existing buffer) and the fp32
+    matmul rate (1024 x 4096 x 1024), best of a few tries."""
+    torch.set_num_threads(threads)
+    src = torch.randn(64 * 1024 * 1024)  # 256 MiB
+    dst = torch.empty_like(src)
+    copy = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    a, b = torch.randn(1024, 4096), torch.randn(4096, 1024)
+    mm = min(_timed(lambda: a @ b) for _ in range(5))
+    return {"copy_GBps": src.nbytes / copy / 1e9, "matmul_GFLOPs": 2 * 1024 * 4096 * 1024 / mm / 1e9}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class ExpertsHit:
+    """Wraps the grouped experts to count experts that received tokens (their weights are read)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.hit = inner, 0, 0
+
+    def __call__(self, layer, batch):
+        self.calls += 1
+        self.hit += sum(1 for n in batch.counts if n)
+        return self.inner(layer, batch)
+
+
+def run_engine(model_dir: Path, prompts: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    B, P = prompts.shape
+    model = build_model(model_dir, RuntimeShape(max_seqs=B, max_model_len=P + new_tokens))
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    best: dict[str, float] = {}
+    for rep in range(2):  # the first round warms up
+        hits = ExpertsHit(model.moe.experts)
+        for i in range(B):
+            engine.add_request(f"{rep}-{i}", prompts[i].tolist(), params)
+        t0 = time.perf_counter()
+        engine.step()  # every prefill
+        t1 = time.perf_counter()
+        model.moe.experts = hits
+        steps = 0
+        while engine.has_work:
+            engine.step()
+            steps += 1
+        t2 = time.perf_counter()
+        model.moe.experts = hits.inner
+        best = {"prefill_s": t1 - t0, "decode_step_s": (t2 - t1) / steps, "experts_hit_per_layer": hits.hit / hits.calls}
+    best["model"] = model
+    return best
+
+
+def run_transformers(model_dir: Path, prompts: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(prompts[:2], max_new_tokens=4, **kw)  # warm-up
+        t_prefill = min(_timed(lambda: model(prompts, use_cache=True)) for _ in range(2))
+        t_one = _timed(lambda: model.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kw))
+        t_all = _timed(lambda: model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw))
+    return {"prefill_s": t_prefill, "decode_step_s": (t_all - t_one) / (new_tokens - 1)}
+
+
+def roofline(model, batch: int, context: int, experts_hit: float, machine: dict[str, float]) -> dict[str, float]:
+    """Bytes a decode step must read and FLOPs it must do, at the measured rates."""
+    cfg = model.cfg
+    D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    attn = sum(lw.attn.wqkv.numel() + lw.attn.wo.numel() for lw in model.dense.layers)
+    router = sum(lw.router.numel() for lw in model.dense.layers if lw.router is not None)
+    expert = 3 * D * cfg.expert_intermediate_size
+    kv_bytes = batch * L * 2 * cfg.num_kv_heads * context * cfg.head_dim * 4
+    weight_bytes = 4 * (attn + router + V * D + L * experts_hit * expert)
+    flops = 2 * batch * (attn + router + V * D + L * cfg.top_k * expert)
+    flops += batch * L * 4 * cfg.num_heads * context * cfg.head_dim
+    t_mem = (weight_bytes + kv_bytes) / (machine["copy_GBps"] * 1e9)
+    t_flop = flops / (machine["matmul_GFLOPs"] * 1e9)
+    return {"bytes_MB": (weight_bytes + kv_bytes) / 1e6, "GFLOP": flops / 1e9, "t_mem_ms": t_mem * 1e3,
+            "t_flop_ms": t_flop * 1e3, "roofline_ms": max(t_mem, t_flop) * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_tiny_model(Path(tmp) / "model", SPEC)
+        prompts = torch.randint(3, SPEC.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+        machine = measure_machine(args.threads)
+        ours = run_engine(model_dir, prompts, args.new_tokens)
+        theirs = run_transformers(model_dir, prompts, args.new_tokens)
+        machine2 = measure_machine(args.threads)
+    machine = {k: max(machine[k], machine2[k]) for k in machine}
+    roof = roofline(ours.pop("model"), args.batch, args.prompt_len + args.new_tokens // 2, ours["experts_hit_per_layer"], machine)
+    report(args, machine, ours, theirs, roof)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "engine": ours, "transformers": theirs, "roofline": roof}, indent=2))
+    return 0
+
+
+def report(args, machine, ours, theirs, roof) -> None:
+    B, P = args.batch, args.prompt_len
+    rows = [
+        ("prefill tokens/s", B * P / ours["prefill_s"], B * P / theirs["prefill_s"]),
+        ("decode tokens/s", B / ours["decode_step_s"], B / theirs["decode_step_s"]),
+    ]
+    print(f"bench-core: Mixtral layout D=512 F=1024 E=16 top-2 L=4; batch {B}, prompt {P}, {args.new_tokens} new; "
+          f"{args.threads} torch threads, fp32")
+    print(f"machine: copy {machine['copy_GBps']:.1f} GB/s, fp32 matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s")
+    print(f"{'':18} {'moemesh':>10} {'transformers':>13} {'ratio':>7}")
+    for name, a, b in rows:
+        print(f"{name:18} {a:10.0f} {b:13.0f} {a / b:6.2f}x")
+    step_ms = ours["decode_step_s"] * 1e3
+    print(f"decode step: {step_ms:.1f} ms; reads {roof['bytes_MB']:.0f} MB ({ours['experts_hit_per_layer']:.1f} experts/layer hit) "
+          f"-> {roof['t_mem_ms']:.1f} ms at copy bandwidth; {roof['GFLOP']:.2f} GFLOP -> {roof['t_flop_ms']:.1f} ms")
+    print(f"roofline (the larger): {roof['roofline_ms']:.1f} ms; achieved {roof['roofline_ms'] / step_ms:.0%} of roofline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The coordinator's domain, without gRPC: membership rules, worlds, placement epochs, load."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from coordinator.errors import (
+    EpochMismatchError,
+    GenerationMismatchError,
+    NoPlacementError,
+    ShuttingDownError,
+    StaleIncarnationError,
+    UnknownWorkerError,
+    WorldFormedError,
+    WorldNotFormedError,
+)
+from coordinator.load import LoadWindow
+from coordinator.membership import Membership, WorkerInfo
+from coordinator.state import CoordinatorState, DataPlane
+from moemesh.errors import CapacityError, ConfigError, InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.mesh.placement import Placement, initial_placement
+
+LAYERS = (0, 1)
+EXPERTS = 8
+PLANE = DataPlane("gloo", "127.0.0.1", 12345)
+
+
+def worker(i: int, incarnation: int = 1) -> WorkerInfo:
+    return WorkerInfo(f"w{i}", incarnation, f"127.0.0.1:{6000 + i}", "cpu", "node0")
+
+
+def state(workers: int = 2, **kwargs) -> CoordinatorState:
+    return CoordinatorState(
+        num_experts=EXPERTS, moe_layer_ids=LAYERS, expected_workers=workers, data_plane=PLANE, **kwargs
+    )
+
+
+def formed(workers: int = 2, **kwargs) -> CoordinatorState:
+    s = state(workers, **kwargs)
+    for i in range(workers):
+        s.register(worker(i))
+    return s
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- membership ------------------------------------------------------------------------------
+
+
+def test_ranks_follow_registration_order_and_world_forms_at_expected_count():
+    m = Membership(3)
+    assert [m.admit(worker(i)).formed_now for i in (5, 2)] == [False, False]
+    assert m.generation == 0 and not m.formed
+    last = m.admit(worker(9))
+    assert last.rank == 2 and last.formed_now and m.generation == 1
+    assert [w.worker_id for w in m.members] == ["w5", "w2", "w9"]
+
+
+def test_same_incarnation_is_idempotent_and_newer_replaces_in_place():
+    m = Membership(3)
+    m.admit(worker(0))
+    m.admit(worker(1))
+    assert m.admit(worker(0)).rank == 0  # a retry
+    assert len(m.members) == 2
+    again = m.admit(worker(0, incarnation=7))  # restarted before the world formed
+    assert again.rank == 0 and m.members[0].incarnation == 7
+    assert m.rank_of("w0", 1) is None and m.rank_of("w0", 7) == 0
+    with pytest.raises(StaleIncarnationError, match="older"):
+        m.admit(worker(0, incarnation=3))
+
+
+def test_after_forming_newcomers_and_restarts_are_refused_but_retries_are_fine():
+    m = Membership(2)
+    m.admit(worker(0))
+    m.admit(worker(1))
+    with pytest.raises(WorldFormedError, match="already formed") as info:
+        m.admit(worker(2))
+    assert isinstance(info.value, CapacityError)  # -> RESOURCE_EXHAUSTED
+    with pytest.raises(WorldFormedError, match="restarted"):
+        m.admit(worker(1, incarnation=2))
+    assert m.admit(worker(1)).rank == 1
+    with pytest.raises(StaleIncarnationError):
+        m.admit(worker(1, incarnation=0))
+
+
+@pytest.mark.parametrize("info, message", [
+    (WorkerInfo("", 1, "h:1"), "worker_id"),
+    (WorkerInfo("w", 1, ""), "address"),
+])
+def test_registration_needs_id_and_address(info, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        Membership(1).admit(info)
+
+
+def test_heartbeats_and_silence_are_reported_once():
+    clock = FakeClock()
+    m = Membership(2, clock)
+    m.admit(worker(0))
+    m.admit(worker(1))
+    with pytest.raises(UnknownWorkerError):
+        m.touch("w0", 99)
+    with pytest.raises(UnknownWorkerError):
+        m.touch("nobody", 1)
+    clock.now = 5.0
+    assert m.touch("w0", 1) is False
+    clock.now = 11.0
+    assert [s.worker.worker_id for s in m.newly_silent(10.0)] == ["w1"]
+    assert m.newly_silent(10.0) == []  # reported once
+    assert m.touch("w1", 1) is True  # back
+    clock.now = 30.0
+    assert sorted(s.worker.worker_id for s in m.newly_silent(10.0)) == ["w0", "w1"]
+
+
+# -- worlds ----------------------------------------------------------------------------------
+
+
+def test_register_reports_world_once_formed_and_initial_placement_is_round_robin():
+    s = state(2)
+    first = s.register(worker(0))
+    assert (first.rank, first.world_size, first.generation) == (0, 0, 0)
+    with pytest.raises(NoPlacementError) as info:
+        s.current()
+    assert isinstance(info.value, UnavailableError)
+    second = s.register(worker(1))
+    assert (second.rank, second.world_size, second.generation) == (1, 2, 1)
+    world = s.world
+    assert world is not None and world.generation == 1 and world.store_prefix == "gen1/"
+    assert world.placement_epoch == 1 and world.data_plane == PLANE
+    assert world.rank_of("w1", 1) == 1 and world.rank_of("w1", 2) == -1 and world.rank_of("", 0) == -1
+    current = s.current()
+    assert current.world_generation == 1
+    expected = initial_placement(EXPERTS, LAYERS, 2)
+    assert current.placement.layers == expected.layers
+    assert (current.placement.epoch, current.placement.origin) == (1, "round_robin")
+
+
+def test_wait_for_world_blocks_until_formed_and_honours_cancellation():
+    async def scenario():
+        s = state(2)
+        waiters = [asyncio.create_task(s.wait_for_world()) for _ in range(3)]
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(s.wait_for_world(), 0.05)  # a caller's deadline
+        s.register(worker(0))
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        s.register(worker(1))
+        worlds = await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+        assert all(w is s.world for w in worlds)
+        assert (await s.wait_for_world(0)).generation == 1  # already formed: immediate
+        newer = asyncio.create_task(s.wait_for_world(after_generation=1))
+        await asyncio.sleep(0.01)
+        assert not newer.done()
+        s.close()
+        with pytest.raises(ShuttingDownError):
+            await newer
+
+    asyncio.run(scenario())
+
+
+def test_initial_placement_from_file_is_validated_against_model_and_workers():
+    table = tuple((e % 2,) for e in range(EXPERTS))
+    reversed_table = tuple(((e + 1) % 2,) for e in range(EXPERTS))
+    given = Placement(0, 2, {0: table, 1: reversed_table}, origin="file")
+    s = formed(2, initial=given)
+    assert s.current().placement.layers == given.layers
+    assert (s.current().placement.epoch, s.current().placement.origin) == (1, "file")
+    with pytest.raises(ConfigError, match="3 workers"):
+        state(3, initial=given)
+    with pytest.raises(ConfigError, match="does not fit"):
+        state(2, initial=Placement(0, 2, {0: table}, origin="file"))
+
+
+# -- placements ------------------------------------------------------------------------------
+
+
+def swapped(world_size: int = 2) -> Placement:
+    table = tuple(((e + 1) % world_size,) for e in range(EXPERTS))
+    return Placement(0, world_size, {layer: table for layer in LAYERS}, origin="operator")
+
+
+def test_set_placement_publishes_next_epoch_as_manual():
+    s = formed(2)
+    published = s.set_placement(swapped(), world_generation=1, expected_epoch=1)
+    assert (published.placement.epoch, published.placement.origin) == (2, "manual")
+    assert s.current() is published
+    assert s.set_placement(swapped(), world_generation=1).placement.epoch == 3  # 0 = unconditional
+
+
+def test_set_placement_rejections_change_nothing():
+    with pytest.raises(WorldNotFormedError):
+        state(2).set_placement(swapped(), world_generation=1)
+    s = formed(2)
+    with pytest.raises(GenerationMismatchError):
+        s.set_placement(swapped(), world_generation=2)
+    with pytest.raises(InvalidRequestError, match="epoch must be 0"):
+        s.set_placement(Placement(5, 2, swapped().layers), world_generation=1)
+    with pytest.raises(InvalidRequestError, match="3 ranks"):
+        s.set_placement(swapped(3), world_generation=1)
+    bad = Placement(0, 2, {0: swapped().layers[0], 1: swapped().layers[0][:-1]})
+    with pytest.raises(InvalidRequestError, match="7 experts placed"):
+        s.set_placement(bad, world_generation=1)
+    with pytest.raises(EpochMismatchError, match="expected placement epoch 4") as info:
+        s.set_placement(swapped(), world_generation=1, expected_epoch=4)
+    assert type(info.value).__mro__[1] is MoemeshError  # -> FAILED_PRECONDITION
+    assert s.current().placement.epoch == 1
+
+
+def test_watch_streams_current_then_each_new_epoch_in_order():
+    async def scenario():
+        s = state(2)
+        got: list[int] = []
+
+        async def watch(after: int) -> None:
+            async for item in s.watch(after):
+                got.append(item.placement.epoch)
+
+        task = asyncio.create_task(watch(0))
+        for i in range(2):
+            s.register(worker(i))
+        s.set_placement(swapped(), 1)
+        s.set_placement(swapped(), 1)  # two epochs before the watcher runs: both arrive
+        await asyncio.sleep(0.01)
+        assert got == [1, 2, 3]
+        late: list[int] = [p.placement.epoch async for p in _take(s.watch(after_epoch=2), 1)]
+        assert late == [3]
+        s.close()
+        await asyncio.wait_for(task, 1.0)  # the watch ends on close
+        assert got == [1, 2, 3]
+
+    asyncio.run(scenario())
+
+
+async def _take(stream, n: int):
+    async for item in stream:
+        yield item
+        n -= 1
+        if n == 0:
+            return
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def test_load_reports_accumulate_per_world_in_a_sliding_window():
+    s = formed(2, load_window=2)
+    ones = torch.ones(2, EXPERTS, dtype=torch.int64)
+    with pytest.raises(InvalidRequestError, match=r"shape \[8, 2\], expected \[2, 8\]"):
+        s.report_load("w0", 1, 1, 4, ones.T.contiguous())
+    with pytest.raises(InvalidRequestError, match="int64"):
+        s.report_load("w0", 1, 1, 4, ones.float())
+    with pytest.raises(InvalidRequestError, match="negative"):
+        s.report_load("w0", 1, 1, 4, -ones)
+    with pytest.raises(UnknownWorkerError):
+        s.report_load("w9", 1, 1, 4, ones)
+    assert s.report_load("w0", 1, 0, 4, ones) is False  # made before any world: ignored
+    for k in (1, 2, 3):
+        assert s.report_load("w0", 1, 1, k, ones * k)
+    assert s.report_load("w1", 1, 1, 10, ones * 10)
+    snap = s.load_snapshot()
+    assert snap.window_tokens == 2 + 3 + 10  # w0 keeps its last 2 reports
+    assert torch.equal(snap.expert_counts, ones * 15)
+
+
+def test_load_window_starts_empty():
+    snap = LoadWindow(2, 4, 3).snapshot()
+    assert snap.window_tokens == 0 and torch.equal(snap.expert_counts, torch.zeros(2, 4, dtype=torch.int64))
+
+
+def test_check_heartbeats_warns_about_silent_workers(caplog):
+    clock = FakeClock()
+    s = state(2, clock=clock)
+    s.register(worker(0))
+    clock.now = 4.0
+    with caplog.at_level("WARNING", logger="coordinator.state"):
+        assert s.check_heartbeats(3.0)[0].worker.worker_id == "w0"
+    assert "worker 'w0' (127.0.0.1:6000) has not sent a heartbeat for 4.0s" in caplog.text
+    assert s.heartbeat("w0", 1).world_generation == 0
+    assert s.check_heartbeats(3.0) == []
