@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,7 +86,11 @@ class MeshRunner:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.steps = 0
+        self.step_seconds = 0.0  # wall time of executed steps, header exchange included
+        self.collective_seconds = 0.0  # the part of step_seconds spent in collectives
+        self.tokens = 0
         self.failure: BaseException | None = None
+        self._finished = False
 
     # ---- called from any thread ----------------------------------------------------------------
     def submit(self, item: Submit | Cancel) -> None:
@@ -105,6 +110,11 @@ class MeshRunner:
         self.waker.wake(self.idle_round)
 
     @property
+    def accepting(self) -> bool:
+        """False once the engine thread is stopping or has failed: new requests would hang."""
+        return not self._stop.is_set() and self.failure is None and not self._finished
+
+    @property
     def loaded_epoch(self) -> int:
         with self._lock:
             return self._loaded_epoch
@@ -116,6 +126,7 @@ class MeshRunner:
                 self._drain_inbox()
                 batch = self.engine.schedule()
                 reported = self.loaded_epoch
+                started, in_collectives = time.perf_counter(), self.collective.seconds
                 header = exchange_header(self.collective, batch.num_tokens, reported, self._stop.is_set())
                 if header.stop:
                     break
@@ -124,10 +135,13 @@ class MeshRunner:
                     self._idle(reported)
                     continue
                 self._step(header, batch)
+                self.step_seconds += time.perf_counter() - started
+                self.collective_seconds += self.collective.seconds - in_collectives
         except BaseException as exc:  # a peer died or a collective timed out: the world is broken
             self.failure = exc
             log.exception("engine thread stopped: %s", exc)
         finally:
+            self._finished = True
             self._fail_everything()
 
     def _idle(self, reported_epoch: int) -> None:
@@ -142,6 +156,7 @@ class MeshRunner:
         self.transport.begin_step(header.max_tokens)
         events = self.engine.execute(batch)
         self.steps += 1
+        self.tokens += batch.num_tokens
         if events:
             self.on_events(list(events))
         if self.on_load is not None and self.transport.counted_tokens >= self.report_every:
@@ -184,6 +199,7 @@ class MeshRunner:
         leftover = self.engine.request_ids()
         for rid in leftover:
             self.engine.cancel(rid)
-        why = f"worker failed: {self.failure}" if self.failure else "worker is shutting down"
+        rank = self.collective.rank
+        why = f"worker rank {rank} lost its mesh: {self.failure}" if self.failure else f"worker rank {rank} is shutting down"
         if leftover:
             self.on_events([Rejected(rid, UnavailableError(why)) for rid in leftover])

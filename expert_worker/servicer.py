@@ -107,6 +107,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         prompt = list(msg.prompt_token_ids) + generated  # a resubmitted request resumes
         params = sampling_from_proto(msg.sampling)
         try:
+            if not node.runner.accepting:
+                raise NotReadyError("worker is leaving its mesh (stopping or failed); send this elsewhere")
             if rid in self.routes:
                 raise DuplicateRequestError(f"request id {rid!r} is already running on this worker")
             if generated:
@@ -127,7 +129,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             rank=node.rank, world_generation=node.world_generation, placement_epoch=node.runner.epoch,
             loaded_epoch=node.runner.loaded_epoch, running_requests=engine.num_running,
             waiting_requests=engine.num_waiting, free_slots=engine.free_slots, expert_bytes=experts.nbytes,
-            rss_bytes=psutil.Process().memory_info().rss, device=node.device,
+            rss_bytes=psutil.Process().memory_info().rss, device=node.device, steps=node.runner.steps,
+            step_seconds=node.runner.step_seconds, collective_seconds=node.runner.collective_seconds,
+            tokens=node.runner.tokens,
         )
         for layer, held in sorted(experts.layers.items()):
             msg.experts.add(layer=layer, expert_ids=list(held.expert_ids))
@@ -150,7 +154,12 @@ def _rejected(rid: str, exc: MoemeshError) -> worker_pb2.WorkerEvent:
 def _event_messages(ev: Event, route: _Route) -> list[worker_pb2.WorkerEvent]:
     if isinstance(ev, Rejected):
         route.done = True
-        return [_rejected(ev.request_id, ev.error)]
+        if route.completion_tokens == 0:
+            return [_rejected(ev.request_id, ev.error)]
+        # Tokens already streamed: the contract ends such a request with Finished{ERROR}.
+        return [worker_pb2.WorkerEvent(finished=worker_pb2.WorkerEvent.Finished(
+            request_id=ev.request_id, reason=common_pb2.FINISH_REASON_ERROR, prompt_tokens=route.prompt_tokens,
+            completion_tokens=route.completion_tokens, error=str(ev.error)))]
     assert isinstance(ev, TokenEvent)
     msgs = []
     if ev.token_id is not None:

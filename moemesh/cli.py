@@ -119,8 +119,11 @@ def _generate_local(s: GenerateSettings, params) -> tuple[list[int], str]:
 def _commands() -> tuple:
     from coordinator.cli import add_coordinator_command, add_placement_command
     from expert_worker.cli import add_worker_command
+    from gateway.cli import add_gateway_command
+    from moemesh.launcher import add_up_command
 
-    return (_add_tiny_model, _add_generate, add_coordinator_command, add_worker_command, add_placement_command)
+    return (_add_tiny_model, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
+            add_gateway_command, add_placement_command)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:

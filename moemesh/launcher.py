@@ -73,7 +73,8 @@ class Mesh:
 
     def spawn(self, name: str, args: list[str]) -> None:
         cmd = [sys.executable, "-m", "moemesh.cli", *args, "--exit-with-parent"]
-        self.procs.append((name, subprocess.Popen(cmd, stdin=subprocess.DEVNULL)))
+        # Children log to stderr; stdout carries only `up`'s own ready line (scripts parse it).
+        self.procs.append((name, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr)))
 
     def wait_port(self, name: str, path: Path) -> int:
         deadline = time.monotonic() + self.s.start_timeout_s
@@ -103,8 +104,8 @@ class Mesh:
                 proc.wait()
 
 
-def start(mesh: Mesh) -> str:
-    """Start every service; returns the gateway address once it reports SERVING."""
+def start(mesh: Mesh) -> tuple[str, str]:
+    """Start every service; returns (gateway, coordinator) addresses once the gateway serves."""
     s = mesh.s
     common = ["--max-model-len", str(s.max_model_len)]
     mesh.spawn("coordinator", ["coordinator", "--model", str(s.model), "--workers", str(s.workers),
@@ -120,7 +121,7 @@ def start(mesh: Mesh) -> str:
     port = mesh.wait_port("gateway", gateway_port_file)
     address = f"{s.host}:{port}"
     _wait_serving(mesh, address)
-    return address
+    return address, coordinator
 
 
 def _wait_serving(mesh: Mesh, address: str) -> None:
@@ -148,8 +149,9 @@ def run_up(s: UpSettings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        address = start(mesh)
-        print(f"moemesh ready: gateway at {address} ({s.workers} workers, model {s.model})", flush=True)
+        address, coordinator = start(mesh)
+        print(f"moemesh ready: gateway at {address}; coordinator at {coordinator}; {s.workers} workers; "
+              f"model {s.model}", flush=True)
         while not stop.wait(0.5):
             mesh.check_alive()
         return 0

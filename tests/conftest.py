@@ -75,3 +75,60 @@ def hf_model(tmp_path: Path) -> Callable[..., tuple[Path, object]]:
         return out, model
 
     return make
+
+
+class RunningMesh:
+    """`moemesh up` as a real subprocess; `stop()` sends SIGINT and checks nothing is left."""
+
+    def __init__(self, model: Path, workers: int, extra: tuple[str, ...] = ()):
+        import re
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--workers", str(workers),
+             "--port", "0", "--max-model-len", "256", *extra],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )
+        line = self.proc.stdout.readline()  # blocks until ready (or the launcher dies)
+        match = re.search(r"gateway at (\S+); coordinator at (\S+);", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"moemesh up did not become ready: {line!r}")
+        self.gateway, self.coordinator = match.group(1), match.group(2)
+        self.workers = workers
+
+    def processes(self):
+        import psutil
+
+        return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def stop(self, timeout: float = 30.0) -> list:
+        """SIGINT, wait; returns the processes that survived (should be none)."""
+        import signal
+
+        import psutil
+
+        procs = self.processes()
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=timeout)
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            p.kill()
+        return alive
+
+
+@pytest.fixture(scope="module")
+def mesh_factory():
+    """Start meshes for a test module; every one is stopped (and checked) at the end."""
+    started: list[RunningMesh] = []
+
+    def start(model: Path, workers: int, *extra: str) -> RunningMesh:
+        mesh = RunningMesh(model, workers, extra)
+        started.append(mesh)
+        return mesh
+
+    yield start
+    for mesh in started:
+        if mesh.proc.poll() is None:
+            assert mesh.stop() == []

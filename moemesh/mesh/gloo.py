@@ -7,6 +7,7 @@ step's capacity, so `all_to_all_single` runs with equal splits.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
@@ -19,21 +20,26 @@ class GlooCollective:
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
         self.world_size = world_size
+        self.seconds = 0.0  # wall time spent inside collectives (waiting for peers included)
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """send: (R * C, W) -> (R * C, W): block r goes to rank r, block r comes from rank r."""
         if self.world_size == 1:
             return send
+        start = time.perf_counter()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send)
+        self.seconds += time.perf_counter() - start
         return recv
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         """values: (n,) int64 -> (R, n): every rank's values, by rank."""
         if self.world_size == 1:
             return values.unsqueeze(0)
+        start = time.perf_counter()
         out = [torch.empty_like(values) for _ in range(self.world_size)]
         dist.all_gather(out, values)
+        self.seconds += time.perf_counter() - start
         return torch.stack(out)
 
     def close(self) -> None:

@@ -44,8 +44,11 @@ class CheckpointReader:
         """Read the named tensors, checking each shape; returns name -> tensor in `dtype`."""
         out: dict[str, torch.Tensor] = {}
         for file, names in _group_by_file(self.name_to_file, expected, self.model_dir).items():
-            with safe_open(str(file), framework="pt") as handle:
+            with _open(file) as handle:
+                present = set(handle.keys())
                 for name in names:
+                    if name not in present:
+                        raise CheckpointError(f"tensor {name} is missing from {file.name} (the index lists it there)")
                     tensor = handle.get_tensor(name)
                     self.reads.append(name)
                     if tuple(tensor.shape) != tuple(expected[name]):
@@ -55,6 +58,13 @@ class CheckpointReader:
                         )
                     out[name] = tensor.to(device=device, dtype=dtype)
         return out
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {file}: {exc}") from exc
 
 
 def _index(model_dir: Path) -> dict[str, str]:
@@ -70,7 +80,7 @@ def _index(model_dir: Path) -> dict[str, str]:
         raise CheckpointError(f"no *.safetensors files (and no {INDEX_FILE}) in {model_dir}")
     mapping: dict[str, str] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with _open(file) as handle:
             for name in handle.keys():
                 mapping[name] = file.name
     return mapping

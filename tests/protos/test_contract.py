@@ -212,6 +212,10 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "rss_bytes": (10, "uint64"),
         "device": (11, "string"),
         "device_memory_bytes": (12, "uint64"),
+        "steps": (13, "uint64"),
+        "step_seconds": (14, "double"),
+        "collective_seconds": (15, "double"),
+        "tokens": (16, "uint64"),
     },
 }
 

@@ -1,0 +1,78 @@
+"""The moemesh.v1.Gateway service: thin handlers over gateway.model, .generation and .workers.
+
+Typed moemesh errors raised here (InvalidRequestError, CapacityError, UnavailableError) become
+status codes in moemesh.rpc.ErrorInterceptor; a worker's rejection keeps the worker's own code.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gateway.errors import WorkerRejectedError
+from gateway.generation import generate_batch, generate_one
+from gateway.model import ServedModel
+from gateway.workers import WorkerPool
+from gateway.world import CoordinatorClient
+from moemesh.errors import InvalidRequestError
+from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+BALANCING_POLICY = "none"  # the gateway does not rebalance experts (yet): placement is fixed
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """Generate, GenerateBatch and ModelInfo."""
+
+    def __init__(self, model: ServedModel, pool: WorkerPool, coordinator: CoordinatorClient):
+        self.model = model
+        self.pool = pool
+        self.coordinator = coordinator
+
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Validate, submit to the least-loaded worker, relay its tokens, then Finished."""
+        received_at = time.monotonic()
+        prepared = self.model.prepare(request, _new_request_id())
+        try:
+            async for response in generate_one(self.pool, self.model, prepared, received_at):
+                yield response
+        except WorkerRejectedError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def GenerateBatch(
+        self, request: gateway_pb2.GenerateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateBatchResponse]:
+        """Validate every prompt first (INVALID_ARGUMENT names the index), then run all at once."""
+        received_at = time.monotonic()
+        count = len(request.requests)
+        if count == 0:
+            raise InvalidRequestError("requests is empty: give at least one prompt")
+        if count > self.pool.max_inflight:
+            raise InvalidRequestError(
+                f"a batch of {count} prompts is over this gateway's limit of {self.pool.max_inflight} "
+                "requests in flight; split it"
+            )
+        items = [self.model.prepare(r, _new_request_id(), where=f"requests[{i}]: ")
+                 for i, r in enumerate(request.requests)]
+        async for response in generate_batch(self.pool, self.model, items, received_at):
+            yield response
+
+    async def ModelInfo(
+        self, request: gateway_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ModelInfoResponse:
+        """The model (from its config) and the deployment (world, placement epoch)."""
+        world = self.pool.world
+        reply = gateway_pb2.ModelInfoResponse(model=self.model.spec(), balancing_policy=BALANCING_POLICY)
+        if world is not None:
+            reply.num_workers = world.world_size
+            reply.transport = world.transport
+            reply.placement_epoch = await self.coordinator.placement_epoch(fallback=world.placement_epoch)
+        return reply

@@ -1,0 +1,266 @@
+"""The worker-stream pool: one long-lived Worker.Serve stream per worker, requests multiplexed on it.
+
+- `WorkerLink` is one worker's transport: channel, Serve call, a writer task draining an outbox
+  (so sending a Submit or Cancel never awaits, and works from a `finally` during cancellation).
+- `WorkerPool` submits requests (admission limit, least-loaded worker from `gateway.balancer`),
+  routes each worker event to the queue ("sink") of the request it belongs to, and handles a
+  broken stream: every request on it gets a `Lost` event, the link reconnects with backoff.
+
+Events reach consumers as `(tag, event)` tuples on the sink they passed to `submit`, where event
+is a WorkerEvent.Tokens / Finished / Rejected message or `Lost`. A request's bookkeeping stays
+until the consumer calls `release` (which sends Cancel if the request had not ended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.balancer import LoadBook
+from gateway.errors import NoWorkerError
+from gateway.model import Prepared
+from gateway.retry import backoff, sleep_unless_stopped
+from moemesh import rpc
+from moemesh.engine.sampling_wire import sampling_to_proto
+from moemesh.errors import CapacityError, UnavailableError
+from moemesh.v1 import coordinator_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lost:
+    """The stream of the worker running a request broke; `message` names the worker and why."""
+
+    message: str
+
+
+Sink = asyncio.Queue  # of (tag, WorkerEvent.Tokens | WorkerEvent.Finished | WorkerEvent.Rejected | Lost)
+
+
+@dataclass(eq=False)
+class Handle:
+    """One submitted request: its worker-side id, where it runs, and where its events go."""
+
+    worker_request_id: str
+    tag: int
+    rank: int
+    worker: str  # the worker's name, for messages
+    prepared: Prepared
+    sink: Sink
+    generated: list[int] = field(default_factory=list)  # tokens received so far (for re-submission)
+    done: bool = False  # Finished, Rejected or Lost has been delivered
+
+
+class WorkerLink:
+    """One worker's Serve stream. `open()` connects; `events()` yields what the worker sends."""
+
+    def __init__(self, member: coordinator_pb2.WorldMember, call_timeout_s: float):
+        self.rank = member.rank
+        self.address = member.address
+        self.name = f"worker rank {member.rank} ({member.worker_id or '?'} at {member.address})"
+        self.call_timeout_s = call_timeout_s
+        self.up = False
+        self._channel: grpc.aio.Channel | None = None
+        self._call = None
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._writer: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        """Connect and open the Serve stream; UnavailableError if the worker cannot be reached."""
+        channel = rpc.channel(self.address)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout=self.call_timeout_s)
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            await stub.Status(worker_pb2.StatusRequest(), timeout=self.call_timeout_s)
+            # The Serve stream lives as long as the gateway, so it has no deadline: a dead peer is
+            # noticed by the stream failing (HTTP/2 keepalive is on in rpc.CHANNEL_OPTIONS).
+            call = stub.Serve()
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError) as exc:
+            await channel.close()
+            raise UnavailableError(f"cannot reach {self.name}: {_describe(exc)}") from exc
+        self._channel, self._call = channel, call
+        self._outbox = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write(call, self._outbox), name=f"write-{self.rank}")
+        self.up = True
+
+    def send(self, message: worker_pb2.WorkerRequest) -> None:
+        """Queue a message for the worker (never blocks); dropped if the stream is down."""
+        if self.up:
+            self._outbox.put_nowait(message)
+
+    async def events(self):
+        """Yield WorkerEvents; when the stream ends or breaks, raise UnavailableError saying why."""
+        try:
+            async for event in self._call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(f"{self.name}: Serve stream broke: {_describe(exc)}") from exc
+        raise UnavailableError(f"{self.name}: the worker ended its Serve stream")
+
+    async def close(self) -> None:
+        """Stop the stream (the worker cancels everything submitted on it) and the channel."""
+        self.up = False
+        if self._writer is not None:
+            self._writer.cancel()
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+        self._writer = self._call = self._channel = None
+
+    async def _write(self, call, outbox: asyncio.Queue) -> None:
+        while True:
+            message = await outbox.get()
+            try:
+                await call.write(message)
+            except Exception as exc:  # the stream ended: the reader reports why
+                log.debug("%s: write failed: %s", self.name, exc)
+                return
+
+
+class WorkerPool:
+    """All worker links of the current world, the load book, and the requests in flight."""
+
+    def __init__(self, max_inflight: int, call_timeout_s: float):
+        self.max_inflight = max_inflight
+        self.call_timeout_s = call_timeout_s
+        self.world: coordinator_pb2.World | None = None
+        self.book = LoadBook()
+        self._links: dict[int, WorkerLink] = {}
+        self._handles: dict[str, Handle] = {}
+        self._pumps: list[asyncio.Task] = []
+        self._closing = asyncio.Event()
+        self._ids = itertools.count()
+        self._prefix = secrets.token_hex(4)
+
+    @property
+    def inflight(self) -> int:
+        """Requests submitted and not yet released."""
+        return len(self._handles)
+
+    @property
+    def links(self) -> dict[int, WorkerLink]:
+        """The current world's links by rank (a copy)."""
+        return dict(self._links)
+
+    async def connect(self, world: coordinator_pb2.World, stop: asyncio.Event) -> bool:
+        """Open a stream to every member of `world`, retrying each; False if `stop` came first."""
+        self.world = world
+        self._links = {m.rank: WorkerLink(m, self.call_timeout_s) for m in world.members}
+        opened = await asyncio.gather(*(self._open_until_up(link, stop) for link in self._links.values()))
+        if not all(opened):
+            return False
+        self._pumps = [asyncio.create_task(self._pump(link), name=f"pump-{link.rank}") for link in self._links.values()]
+        log.info("Serve streams open to all %d workers", len(self._links))
+        return True
+
+    def submit(self, items: Sequence[Prepared], sink: Sink) -> list[Handle]:
+        """Submit every item (tag = its index) or none: CapacityError / NoWorkerError otherwise."""
+        if self.inflight + len(items) > self.max_inflight:
+            raise CapacityError(
+                f"gateway is full: {self.inflight} requests in flight, limit {self.max_inflight}; retry later"
+            )
+        ranks = [rank for rank, link in self._links.items() if link.up]
+        if not ranks:
+            raise NoWorkerError(f"no worker stream is open ({len(self._links)} workers known); retry later")
+        return [self._submit_one(tag, item, sink, ranks) for tag, item in enumerate(items)]
+
+    def release(self, handle: Handle) -> None:
+        """Forget the request; cancel it on its worker if it has not ended. Idempotent, never awaits."""
+        if self._handles.pop(handle.worker_request_id, None) is None:
+            return
+        self.book.remove(handle.worker_request_id)
+        link = self._links.get(handle.rank)
+        if not handle.done and link is not None:
+            cancel = worker_pb2.WorkerRequest.Cancel(request_id=handle.worker_request_id)
+            link.send(worker_pb2.WorkerRequest(cancel=cancel))
+            handle.done = True
+
+    async def close(self) -> None:
+        """Stop pumping and close every stream (the workers cancel what was submitted on them)."""
+        self._closing.set()
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await asyncio.gather(*(link.close() for link in self._links.values()))
+
+    def _submit_one(self, tag: int, item: Prepared, sink: Sink, ranks: list[int]) -> Handle:
+        rank = self.book.pick(ranks)
+        link = self._links[rank]
+        handle = Handle(f"{self._prefix}-{next(self._ids)}", tag, rank, link.name, item, sink)
+        self._handles[handle.worker_request_id] = handle
+        self.book.add(handle.worker_request_id, rank, item.params.max_new_tokens)
+        submit = worker_pb2.WorkerRequest.Submit(
+            request_id=handle.worker_request_id, prompt_token_ids=list(item.prompt),
+            sampling=sampling_to_proto(item.params),
+        )
+        link.send(worker_pb2.WorkerRequest(submit=submit))
+        log.debug("request %s (%s) -> %s", item.request_id, handle.worker_request_id, link.name)
+        return handle
+
+    async def _open_until_up(self, link: WorkerLink, stop: asyncio.Event) -> bool:
+        for attempt, delay in enumerate(backoff(cap_s=5.0), start=1):
+            try:
+                await link.open()
+                return True
+            except UnavailableError as exc:
+                if attempt == 1 or attempt % 10 == 0:
+                    log.info("%s (attempt %d; retrying)", exc, attempt)
+            if await sleep_unless_stopped(stop, delay) or self._closing.is_set():
+                return False
+        raise AssertionError("unreachable: backoff() never ends")
+
+    async def _pump(self, link: WorkerLink) -> None:
+        """Route the link's events to their requests; on a break fail them and reconnect."""
+        while not self._closing.is_set():
+            reason = f"{link.name}: Serve stream ended"
+            try:
+                async for event in link.events():
+                    self._dispatch(link, event)
+            except UnavailableError as exc:
+                reason = str(exc)
+            await link.close()
+            log.warning("%s; its requests fail, reconnecting", reason)
+            self._orphaned(link, reason)
+            if not await self._open_until_up(link, self._closing):
+                return
+            log.info("%s: Serve stream re-opened", link.name)
+
+    def _dispatch(self, link: WorkerLink, event: worker_pb2.WorkerEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if kind is None:
+            return
+        body = getattr(event, kind)
+        handle = self._handles.get(body.request_id)
+        if handle is None or handle.rank != link.rank or handle.done:
+            return  # released already (cancelled by the client) or a stale id
+        if kind == "tokens":
+            handle.generated.extend(body.token_ids)
+            self.book.progress(handle.worker_request_id, len(body.token_ids))
+        else:
+            handle.done = True
+            self.book.remove(handle.worker_request_id)
+        handle.sink.put_nowait((handle.tag, body))
+
+    def _orphaned(self, link: WorkerLink, reason: str) -> None:
+        """Requests whose worker stream broke. Hook for re-submission (a later issue): submit each
+        to a surviving worker with `generated_token_ids=handle.generated`; for now they fail."""
+        for handle in [h for h in self._handles.values() if h.rank == link.rank and not h.done]:
+            handle.done = True
+            self.book.remove(handle.worker_request_id)
+            handle.sink.put_nowait((handle.tag, Lost(reason)))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,72 @@
+"""The gateway's view of the coordinator: which world (workers) exists, which placement epoch.
+
+The gateway is an observer: it calls WaitForWorld without a worker_id to learn the workers'
+addresses, and GetPlacement for ModelInfo. Every call has a deadline; start-up retries with
+backoff while the coordinator is not up yet or no world has formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from gateway.retry import backoff, sleep_unless_stopped
+from moemesh import rpc
+from moemesh.errors import UnavailableError
+from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Codes that mean "not yet": the coordinator is starting, or no world formed before the deadline.
+_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class CoordinatorClient:
+    """A channel to the coordinator, made inside the running loop; close() when done."""
+
+    def __init__(self, target: str, call_timeout_s: float):
+        self.target = target
+        self.call_timeout_s = call_timeout_s
+        self._channel = rpc.channel(target)
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+
+    async def wait_for_world(
+        self, stop: asyncio.Event, after_generation: int = 0
+    ) -> coordinator_pb2.World | None:
+        """The first world newer than `after_generation`; None if `stop` is set first."""
+        started = time.monotonic()
+        request = coordinator_pb2.WaitForWorldRequest(after_generation=after_generation)
+        for attempt, delay in enumerate(backoff(cap_s=2.0), start=1):
+            try:
+                world = await self._stub.WaitForWorld(request, timeout=self.call_timeout_s)
+                log.info("world %d from coordinator %s: %d workers, transport %s", world.generation,
+                         self.target, world.world_size, world.transport)
+                return world
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRY:
+                    raise UnavailableError(
+                        f"coordinator {self.target}: WaitForWorld failed: {exc.code().name}: {exc.details()}"
+                    ) from exc
+                if attempt == 1 or attempt % 10 == 0:
+                    log.info("waiting for a world from coordinator %s (%.0f s so far, %s: %s)", self.target,
+                             time.monotonic() - started, exc.code().name, exc.details())
+            if await sleep_unless_stopped(stop, delay):
+                return None
+        raise AssertionError("unreachable: backoff() never ends")
+
+    async def placement_epoch(self, fallback: int) -> int:
+        """Epoch of the placement in force; `fallback` when the coordinator cannot say now."""
+        try:
+            reply = await self._stub.GetPlacement(coordinator_pb2.GetPlacementRequest(), timeout=self.call_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("GetPlacement on %s failed (%s: %s); reporting epoch %d", self.target,
+                        exc.code().name, exc.details(), fallback)
+            return fallback
+        return reply.placement.epoch
+
+    async def close(self) -> None:
+        """Close the channel (cancels calls still in flight)."""
+        await self._channel.close()

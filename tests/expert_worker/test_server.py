@@ -1,0 +1,117 @@
+"""Expert workers in a real mesh: placement epochs switch mid-generation without changing a token;
+each worker holds only its own experts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from moemesh.client import Client, TokenChunk
+from moemesh.engine.engine import Engine, generate
+from moemesh.engine.sampling import SamplingParams
+from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+SPEC = TinySpec(arch="mixtral", layers=2, experts=16, top_k=2, hidden=128, intermediate=1024, heads=4, kv_heads=2,
+                vocab=512, seed=3)
+PROMPTS = [[0, 11, 12, 13], [0, 200], [0, 7, 7, 7, 7, 7], [0, 450, 451]]
+NEW_TOKENS = 240
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("w") / "model", SPEC)
+
+
+async def _worker_addresses(coordinator: str) -> list[str]:
+    async with grpc.aio.insecure_channel(coordinator) as ch:
+        world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(
+            coordinator_pb2.WaitForWorldRequest(), timeout=10)
+    return [m.address for m in world.members]
+
+
+async def _worker_status(coordinator: str) -> list[worker_pb2.WorkerStatus]:
+    out = []
+    for address in await _worker_addresses(coordinator):
+        async with grpc.aio.insecure_channel(address) as ch:
+            out.append(await worker_pb2_grpc.WorkerStub(ch).Status(worker_pb2.StatusRequest(), timeout=10))
+    return out
+
+
+async def _move_every_expert(coordinator: str) -> None:
+    """Expert e moves from rank e mod 4 to rank (e + 1) mod 4, in every layer (SetPlacement RPC;
+    the `moemesh placement set` command is tested with the coordinator)."""
+    async with grpc.aio.insecure_channel(coordinator) as ch:
+        stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+        current = (await stub.GetPlacement(coordinator_pb2.GetPlacementRequest(), timeout=10)).placement
+        new = coordinator_pb2.Placement(world_generation=current.world_generation, world_size=4)
+        for layer in current.layers:
+            lp = new.layers.add(layer=layer.layer)
+            for e in range(len(layer.experts)):
+                lp.experts.add(ranks=[(e + 1) % 4])
+        await stub.SetPlacement(coordinator_pb2.SetPlacementRequest(placement=new, expected_epoch=current.epoch),
+                                timeout=10)
+
+
+async def _generate_while_moving_experts(mesh) -> tuple[list[list[int]], list[int]]:
+    """Stream every prompt; once each has tokens, publish a new placement; note how many tokens each
+    request had when the workers reported the new epoch in use."""
+    tokens: list[list[int]] = [[] for _ in PROMPTS]
+    at_switch: list[int] = []
+    started = asyncio.Event()
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+    async with Client(mesh.gateway, timeout=120) as client:
+        async def one(i: int) -> None:
+            async for ev in client.generate(token_ids=PROMPTS[i], params=params):
+                if isinstance(ev, TokenChunk):
+                    tokens[i].extend(ev.token_ids)
+                    if all(tokens):
+                        started.set()
+
+        async def move() -> None:
+            await started.wait()
+            worker_address = (await _worker_addresses(mesh.coordinator))[0]
+            await _move_every_expert(mesh.coordinator)
+            async with grpc.aio.insecure_channel(worker_address) as ch:
+                stub = worker_pb2_grpc.WorkerStub(ch)
+                while (await stub.Status(worker_pb2.StatusRequest(), timeout=10)).placement_epoch != 2:
+                    await asyncio.sleep(0.005)
+            at_switch.extend(len(t) for t in tokens)
+
+        await asyncio.gather(move(), *(one(i) for i in range(len(PROMPTS))))
+    return tokens, at_switch
+
+
+def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, mesh_factory):
+    engine = Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256)))
+    expected = generate(engine, PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    mesh = mesh_factory(model, 4)
+    before = asyncio.run(_worker_status(mesh.coordinator))
+    tokens, at_switch = asyncio.run(_generate_while_moving_experts(mesh))
+
+    assert tokens == expected
+    assert any(n < NEW_TOKENS for n in at_switch), f"the switch came only after generation ended: {at_switch}"
+    after = asyncio.run(_worker_status(mesh.coordinator))
+    for old, new in zip(before, after):
+        moved_here = [e for e in range(16) if (e + 1) % 4 == new.rank]
+        assert [list(layer.expert_ids) for layer in new.experts] == [moved_here, moved_here]
+        assert old.rank == new.rank and new.loaded_epoch == 2
+
+
+def test_each_worker_holds_a_quarter_of_the_experts(model, mesh_factory):
+    whole = mesh_factory(model, 1)
+    alone = asyncio.run(_worker_status(whole.coordinator))[0]
+    assert whole.stop() == []
+    mesh = mesh_factory(model, 4)
+    statuses = asyncio.run(_worker_status(mesh.coordinator))
+    total = alone.expert_bytes
+    assert total == SPEC.layers * SPEC.experts * 3 * SPEC.hidden * SPEC.intermediate * 4
+    for s in statuses:
+        assert s.expert_bytes == total // 4
+        assert [len(layer.expert_ids) for layer in s.experts] == [4, 4]
+        # RSS: the expert weights a worker does not hold are not in its memory either.
+        assert alone.rss_bytes - s.rss_bytes > 0.6 * (total - s.expert_bytes), (alone.rss_bytes, s.rss_bytes)

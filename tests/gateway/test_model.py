@@ -1,0 +1,78 @@
+"""Request validation and tokenization in the gateway, on a real tiny checkpoint (no processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.model import ServedModel
+from moemesh.engine.sampling import SamplingParams
+from moemesh.engine.sampling_wire import sampling_to_proto
+from moemesh.errors import InvalidRequestError
+from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.model.tokenizer import BOS_ID
+from moemesh.v1 import gateway_pb2
+
+SPEC = TinySpec(hidden=64, intermediate=64, layers=2, experts=8, heads=4, kv_heads=2, vocab=512,
+                max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    ckpt = write_tiny_model(tmp_path_factory.mktemp("gateway") / "tiny", SPEC)
+    return ServedModel(Path(ckpt), max_model_len=2048, max_new_tokens_limit=100, default_max_new_tokens=16)
+
+
+def request(text: str | None = None, ids: list[int] | None = None, **sampling) -> gateway_pb2.GenerateRequest:
+    req = gateway_pb2.GenerateRequest()
+    if text is not None:
+        req.text = text
+    if ids is not None:
+        req.token_ids.ids.extend(ids)
+    if sampling:
+        req.sampling.CopyFrom(sampling_to_proto(SamplingParams(**sampling)))
+    return req
+
+
+def test_text_is_tokenized_with_bos_and_ids_are_used_as_given(model):
+    p = model.prepare(request("hi", max_new_tokens=4), "gen-1")
+    assert p.prompt == (BOS_ID, 3 + ord("h"), 3 + ord("i"))
+    assert p.request_id == "gen-1" and p.params.max_new_tokens == 4
+    given = request(ids=[7, 8], max_new_tokens=2)
+    given.request_id = "mine"
+    assert model.prepare(given, "gen-2").prompt == (7, 8)
+    assert model.prepare(given, "gen-2").request_id == "mine"
+
+
+def test_context_is_the_smaller_of_the_flag_and_the_checkpoint(model):
+    assert model.context == 256
+    assert model.spec().max_context == 256
+    assert model.spec().architecture == "MixtralForCausalLM"
+    assert list(model.spec().moe_layer_ids) == [0, 1]
+
+
+def test_unset_sampling_is_greedy_up_to_the_default_length_within_the_context(model):
+    p = model.prepare(request(ids=[5]), "x")
+    assert p.params == SamplingParams(max_new_tokens=16)
+    nearly_full = model.prepare(request(ids=[5] * 250), "x")
+    assert nearly_full.params.max_new_tokens == 6
+
+
+@pytest.mark.parametrize("req, message", [
+    (gateway_pb2.GenerateRequest(), "no prompt"),
+    (request(""), "prompt text is empty"),
+    (request(ids=[], max_new_tokens=3), "prompt is empty"),
+    (request(ids=[5, 512], max_new_tokens=3), "token id 512 out of range 0..511"),
+    (request(ids=[5], max_new_tokens=0), "max_new_tokens must be > 0"),
+    (request(ids=[5], max_new_tokens=101), "over this server's limit of 100"),
+    (request(ids=[5] * 200, max_new_tokens=57), "exceeds the context of 256 tokens"),
+    (request(ids=[5], max_new_tokens=3, temperature=-1.0), "temperature"),
+    (request(ids=[5], max_new_tokens=3, top_p=1.5), "top_p"),
+    (request(ids=[5], max_new_tokens=3, stop_token_ids=(600,)), "stop token id 600"),
+])
+def test_bad_requests_are_refused_with_a_clear_message(model, req, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        model.prepare(req, "x", where="requests[3]: ")
+    with pytest.raises(InvalidRequestError, match=r"^requests\[3\]: "):
+        model.prepare(req, "x", where="requests[3]: ")

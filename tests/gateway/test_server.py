@@ -1,0 +1,381 @@
+"""The gateway end to end, in front of a real mesh (coordinator + 2 gloo workers, subprocesses).
+
+Each test drives the gateway with grpc.aio stubs inside one asyncio.run; the mesh is shared by the
+module and stopped in the fixture's finally. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+pytest.importorskip("expert_worker.server")
+
+from moemesh.engine.engine import Engine, generate  # noqa: E402
+from moemesh.engine.sampling import SamplingParams  # noqa: E402
+from moemesh.engine.sampling_wire import sampling_to_proto  # noqa: E402
+from moemesh.model.config import load_config  # noqa: E402
+from moemesh.model.model import RuntimeShape, build_model  # noqa: E402
+from moemesh.rpc import channel  # noqa: E402
+from moemesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from moemesh.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
+
+
+def _harness():
+    name = "gateway_e2e_mesh"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("mesh.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+harness = _harness()
+DEADLINE = 60.0
+LENGTH, STOP, ERROR = common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_ERROR
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory):
+    with harness.running_mesh(tmp_path_factory.mktemp("gateway-e2e")) as m:
+        yield m
+
+
+def req(ids=None, text=None, include_text=False, **sampling) -> gateway_pb2.GenerateRequest:
+    r = gateway_pb2.GenerateRequest(include_text=include_text)
+    if text is not None:
+        r.text = text
+    if ids is not None:
+        r.token_ids.ids.extend(ids)
+    r.sampling.CopyFrom(sampling_to_proto(SamplingParams(**sampling)))
+    return r
+
+
+async def collect(call) -> list[tuple[float, gateway_pb2.GenerateResponse]]:
+    """(arrival time, message) for every message of a Generate stream."""
+    return [(time.monotonic(), msg) async for msg in call]
+
+
+def check_stream(messages: list[gateway_pb2.GenerateResponse]) -> tuple[list[int], gateway_pb2.GenerateResponse.Finished]:
+    """Chunks with contiguous offsets, then exactly one Finished that counts them; (ids, finished)."""
+    ids: list[int] = []
+    for msg in messages[:-1]:
+        assert msg.WhichOneof("event") == "chunk"
+        assert msg.chunk.token_ids and msg.chunk.offset == len(ids)
+        ids.extend(msg.chunk.token_ids)
+    last = messages[-1]
+    assert last.WhichOneof("event") == "finished"
+    assert last.finished.completion_tokens == len(ids)
+    return ids, last.finished
+
+
+def local_greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
+    """The same checkpoint in this process (all experts local): the reference tokens."""
+    cfg = load_config(model_dir)
+    model = build_model(model_dir, RuntimeShape(max_seqs=1, max_model_len=min(cfg.max_position_embeddings, 256)))
+    return generate(Engine(model), [prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
+
+
+def test_health_reflection_and_model_info(mesh):
+    async def scenario():
+        async with channel(mesh.gateway) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            statuses = [(await health.Check(health_pb2.HealthCheckRequest(service=s), timeout=5)).status
+                        for s in ("", "moemesh.v1.Gateway")]
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            replies = [r async for r in refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)]
+            info = await gateway_pb2_grpc.GatewayStub(ch).ModelInfo(gateway_pb2.ModelInfoRequest(), timeout=5)
+        services = {s.name for s in replies[0].list_services_response.service}
+        return statuses, services, info
+
+    statuses, services, info = asyncio.run(scenario())
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2
+    assert "moemesh.v1.Gateway" in services
+    cfg = load_config(mesh.model_dir)
+    assert (info.model.architecture, info.model.num_layers, list(info.model.moe_layer_ids)) == (
+        "MixtralForCausalLM", cfg.num_layers, [0, 1])
+    assert (info.model.num_experts, info.model.top_k, info.model.vocab_size, info.model.hidden_size) == (
+        cfg.num_experts, cfg.top_k, cfg.vocab_size, cfg.hidden_size)
+    assert info.model.max_context == min(2048, cfg.max_position_embeddings)
+    assert (info.num_workers, info.transport, info.balancing_policy) == (2, "gloo", "none")
+    assert info.placement_epoch >= 1
+
+
+def test_tokens_stream_as_they_are_made_and_match_the_reference(mesh):
+    prompt = [5, 6, 7, 8, 9]
+
+    async def scenario():
+        async with channel(mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            start = time.monotonic()
+            timed = await collect(stub.Generate(req(prompt, max_new_tokens=64, ignore_eos=True), timeout=DEADLINE))
+            return start, timed
+
+    start, timed = asyncio.run(scenario())
+    ids, fin = check_stream([m for _, m in timed])
+    assert fin.reason == LENGTH and fin.completion_tokens == 64 and fin.prompt_tokens == len(prompt)
+    first, end = timed[0][0] - start, timed[-1][0] - start
+    assert len(timed) > 8, "tokens arrive in many chunks, not at once"
+    assert first < 0.5 * end, f"first token after {first:.3f} s of {end:.3f} s: not streamed"
+    assert 0 < fin.ttft_seconds < fin.latency_seconds
+    assert fin.request_id  # assigned by the gateway
+    assert ids == local_greedy(mesh.model_dir, prompt, 64)
+
+
+def test_text_prompts_stream_text_and_echo_the_request_id(mesh):
+    async def scenario():
+        async with channel(mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            r = req(text="Hello, mesh!", include_text=True, max_new_tokens=12, ignore_eos=True)
+            r.request_id = "client-42"
+            return [m for _, m in await collect(stub.Generate(r, timeout=DEADLINE))]
+
+    messages = asyncio.run(scenario())
+    ids, fin = check_stream(messages)
+    from moemesh.text import TextCodec
+
+    codec = TextCodec(mesh.model_dir, load_config(mesh.model_dir))
+    assert fin.prompt_tokens == len(codec.encode("Hello, mesh!"))
+    assert fin.request_id == "client-42"
+    streamed = "".join(m.chunk.text for m in messages[:-1])
+    assert codec.decode(ids).startswith(streamed) and len(codec.decode(ids)) - len(streamed) <= 1
+
+
+BAD = [
+    (gateway_pb2.GenerateRequest(), "no prompt"),
+    (req(text="", max_new_tokens=4), "prompt text is empty"),
+    (req(ids=[], max_new_tokens=4), "prompt is empty"),
+    (req(ids=[1, 512], max_new_tokens=4), "token id 512 out of range"),
+    (req(ids=[5], max_new_tokens=0), "max_new_tokens must be > 0"),
+    (req(ids=[5], max_new_tokens=5000), "over this server's limit of 4096"),
+    (req(ids=[5] * 2000, max_new_tokens=100), "exceeds the context of 2048 tokens"),
+    (req(ids=[5], max_new_tokens=4, temperature=-0.5), "temperature must be in"),
+    (req(ids=[5], max_new_tokens=4, top_p=2.0), "top_p must be in"),
+]
+
+
+def test_each_bad_request_is_invalid_argument_and_the_gateway_keeps_serving(mesh):
+    async def scenario():
+        outcomes = []
+        async with channel(mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            for bad, _ in BAD:
+                call = stub.Generate(bad, timeout=DEADLINE)
+                received = []
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for msg in call:
+                        received.append(msg)
+                outcomes.append((info.value.code(), info.value.details(), received))
+            good = [m for _, m in await collect(stub.Generate(req([3, 4], max_new_tokens=3), timeout=DEADLINE))]
+        return outcomes, good
+
+    outcomes, good = asyncio.run(scenario())
+    for (code, details, received), (_, message) in zip(outcomes, BAD):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert message in details and received == []
+    assert check_stream(good)[1].reason in (LENGTH, STOP)
+
+
+def test_batch_runs_prompts_concurrently_and_tags_every_response(mesh):
+    prompts = [([10, 11, 12], 24), ([100, 200], 8), ([42] * 6, 16)]
+
+    async def scenario():
+        async with channel(mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            batch = gateway_pb2.GenerateBatchRequest(requests=[req(p, max_new_tokens=n, ignore_eos=True)
+                                                               for p, n in prompts])
+            replies = [m async for m in stub.GenerateBatch(batch, timeout=DEADLINE)]
+            singles = [[m for _, m in await collect(stub.Generate(req(p, max_new_tokens=n, ignore_eos=True),
+                                                                  timeout=DEADLINE))] for p, n in prompts]
+        return replies, singles
+
+    replies, singles = asyncio.run(scenario())
+    per_index = {i: [r.response for r in replies if r.index == i] for i in range(len(prompts))}
+    first_finished = next(k for k, r in enumerate(replies) if r.response.WhichOneof("event") == "finished")
+    assert len({r.index for r in replies[:first_finished]}) >= 2, "prompts ran one after another"
+    for i, (prompt, n) in enumerate(prompts):
+        ids, fin = check_stream(per_index[i])
+        assert fin.completion_tokens == n and fin.prompt_tokens == len(prompt) and fin.reason == LENGTH
+        assert ids == check_stream(singles[i])[0], f"prompt {i}: batch and single Generate disagree"
+
+
+def test_a_bad_prompt_fails_the_whole_batch_before_anything_runs(mesh):
+    async def scenario():
+        async with channel(mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            errors = []
+            for batch in ([req([5], max_new_tokens=4), req([5, 999], max_new_tokens=4)], []):
+                received = []
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for msg in stub.GenerateBatch(gateway_pb2.GenerateBatchRequest(requests=batch),
+                                                        timeout=DEADLINE):
+                        received.append(msg)
+                errors.append((info.value.code(), info.value.details(), received))
+        return errors
+
+    (code, details, received), (empty_code, empty_details, _) = asyncio.run(scenario())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and received == []
+    assert details.startswith("requests[1]: token id 999 out of range")
+    assert empty_code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in empty_details
+
+
+async def _worker_load(coordinator: str) -> int:
+    """Requests running or waiting on all workers, from their Status RPC."""
+    async with channel(coordinator) as ch:
+        world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(
+            coordinator_pb2.WaitForWorldRequest(), timeout=5)
+    total = 0
+    for member in world.members:
+        async with channel(member.address) as wch:
+            status = await worker_pb2_grpc.WorkerStub(wch).Status(worker_pb2.StatusRequest(), timeout=5)
+        total += status.running_requests + status.waiting_requests
+    return total
+
+
+async def _first_chunk(call) -> gateway_pb2.GenerateResponse:
+    return await asyncio.wait_for(call.read(), timeout=DEADLINE)
+
+
+async def _read_rest(call) -> list[gateway_pb2.GenerateResponse]:
+    """The remaining messages of a call read with read() (iteration may not be mixed with it)."""
+    messages = []
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        messages.append(msg)
+    return messages
+
+
+def test_cancel_frees_the_slot_and_the_others_finish(mesh):
+    """A second gateway with room for 3: full -> RESOURCE_EXHAUSTED; cancel one -> room again,
+    the cancelled request stops on its worker, the other two run to the end."""
+    small = mesh.add_gateway("gateway-small", ["--max-inflight", "3"])
+    try:
+        mesh.wait_serving(small)
+        asyncio.run(_cancel_scenario(mesh, small))
+    finally:
+        assert mesh.terminate("gateway-small") == 0
+
+
+async def _cancel_scenario(mesh, target: str) -> None:
+    async with channel(target) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        doomed = stub.Generate(req([7, 8, 9], max_new_tokens=1900, ignore_eos=True), timeout=DEADLINE)
+        others = [stub.Generate(req([20 + i], max_new_tokens=150, ignore_eos=True), timeout=DEADLINE)
+                  for i in range(2)]
+        for call in (doomed, *others):
+            assert (await _first_chunk(call)).WhichOneof("event") == "chunk"
+        with pytest.raises(grpc.aio.AioRpcError) as full:
+            await collect(stub.Generate(req([1], max_new_tokens=2), timeout=DEADLINE))
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 requests in flight" in full.value.details()
+        doomed.cancel()
+        extra = await _retry_while_full(stub, req([2, 3], max_new_tokens=4))
+        assert check_stream(extra)[1].reason in (LENGTH, STOP)
+        for call in others:
+            rest = await _read_rest(call)
+            assert rest[-1].finished.reason == LENGTH and rest[-1].finished.completion_tokens == 150
+    # The cancelled request would run for seconds more had its worker not been told.
+    deadline = time.monotonic() + 5
+    while (load := await _worker_load(mesh.coordinator)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert load == 0
+
+
+async def _retry_while_full(stub, request) -> list[gateway_pb2.GenerateResponse]:
+    """Generate, retrying RESOURCE_EXHAUSTED for up to 5 s (the cancel is freed asynchronously)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return [m for _, m in await collect(stub.Generate(request, timeout=DEADLINE))]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def test_a_client_deadline_cancels_the_generation_on_the_worker(mesh):
+    async def scenario():
+        async with channel(mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(stub.Generate(req([9, 9], max_new_tokens=1900, ignore_eos=True), timeout=0.5))
+            deadline = time.monotonic() + 5
+            while (load := await _worker_load(mesh.coordinator)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return info.value.code(), load
+
+    code, load = asyncio.run(scenario())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert load == 0
+
+
+@pytest.fixture(scope="module")
+def short_mesh(tmp_path_factory: pytest.TempPathFactory):
+    """Workers with a 256-token context behind a gateway that believes in 2048 (a misconfiguration
+    only the workers can catch). The crash test below destroys it: keep that test last."""
+    with harness.running_mesh(tmp_path_factory.mktemp("gateway-short"),
+                              worker_flags=["--max-model-len", "256"]) as m:
+        yield m
+
+
+def test_a_worker_rejection_keeps_the_workers_code_and_message(short_mesh):
+    too_long = req([5] * 200, max_new_tokens=100)
+
+    async def scenario():
+        async with channel(short_mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as single:
+                await collect(stub.Generate(too_long, timeout=DEADLINE))
+            batch = gateway_pb2.GenerateBatchRequest(requests=[req([5], max_new_tokens=4), too_long])
+            replies = [r async for r in stub.GenerateBatch(batch, timeout=DEADLINE)]
+        return single.value, replies
+
+    single, replies = asyncio.run(scenario())
+    assert single.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "worker rank" in single.details() and "rejected" in single.details()
+    assert "256" in single.details()  # the worker's own explanation
+    fins = {r.index: r.response.finished for r in replies if r.response.WhichOneof("event") == "finished"}
+    assert fins[0].reason == LENGTH and fins[0].completion_tokens == 4
+    assert fins[1].reason == ERROR and "INVALID_ARGUMENT" in fins[1].error and fins[1].completion_tokens == 0
+
+
+def test_a_crashed_worker_ends_its_requests_with_a_clear_error_and_the_gateway_stays_up(short_mesh):
+    """SIGKILL a worker mid-generation. In a lockstep gloo world the survivor cannot step either,
+    so every stream ends; each generation ends with Finished{ERROR} naming a worker, new requests
+    fail fast with UNAVAILABLE, ModelInfo still answers, and SIGTERM stops the gateway cleanly."""
+    ended, later, info = asyncio.run(_crash_scenario(short_mesh))
+    assert short_mesh.terminate("gateway", timeout_s=10) == 0
+    for streamed, fin in ended:
+        assert fin.reason == ERROR and "worker rank" in fin.error
+        assert fin.completion_tokens == streamed >= 1
+    assert later.code() == grpc.StatusCode.UNAVAILABLE and "worker" in later.details()
+    assert info.num_workers == 2
+
+
+async def _crash_scenario(m):
+    async with channel(m.gateway) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        calls = [stub.Generate(req([5 + i, 6], max_new_tokens=200, ignore_eos=True), timeout=DEADLINE)
+                 for i in range(2)]
+        firsts = [await _first_chunk(call) for call in calls]
+        m.kill("worker1")
+        ended = []
+        for first, call in zip(firsts, calls):
+            rest = await _read_rest(call)
+            ended.append((len(first.chunk.token_ids) + sum(len(r.chunk.token_ids) for r in rest[:-1]),
+                          rest[-1].finished))
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as later:
+            await collect(stub.Generate(req([1, 2], max_new_tokens=4), timeout=DEADLINE))
+        assert time.monotonic() - start < 15, "a request to a broken mesh must fail, not hang"
+        info = await stub.ModelInfo(gateway_pb2.ModelInfoRequest(), timeout=10)
+    return ended, later.value, info

@@ -1,0 +1,165 @@
+"""moemesh.client: the async Client, the sync generate_remote and `moemesh generate --target`,
+against a real gateway in front of a real mesh (subprocesses; see tests/gateway/mesh.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from moemesh.client import (
+    Client, Completion, Finished, TokenChunk, build_request, event_from_proto, generate_remote, typed_error,
+)
+from moemesh.engine.sampling import SamplingParams
+from moemesh.errors import CapacityError, InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.v1 import common_pb2, gateway_pb2
+
+GATEWAY_TESTS = Path(__file__).resolve().parents[1] / "gateway"
+
+
+def _harness():
+    name = "gateway_e2e_mesh"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, GATEWAY_TESTS / "mesh.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("expert_worker.server")
+    with _harness().running_mesh(tmp_path_factory.mktemp("client-e2e")) as m:
+        yield m
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- pure ---------------------------------------------------------------------------------------
+
+def test_a_request_needs_exactly_one_prompt():
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        build_request()
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        build_request("text", token_ids=[1])
+    r = build_request(token_ids=[4, 5], params=SamplingParams(max_new_tokens=3, seed=7), request_id="r")
+    assert (list(r.token_ids.ids), r.sampling.max_new_tokens, r.sampling.seed, r.request_id) == ([4, 5], 3, 7, "r")
+    assert build_request("hi").text == "hi"
+
+
+def test_messages_become_plain_events():
+    chunk = gateway_pb2.GenerateResponse(chunk=gateway_pb2.GenerateResponse.TokenChunk(token_ids=[1, 2], text="ab",
+                                                                                        offset=3))
+    assert event_from_proto(chunk) == TokenChunk((1, 2), "ab", 3)
+    fin = gateway_pb2.GenerateResponse(finished=gateway_pb2.GenerateResponse.Finished(
+        reason=common_pb2.FINISH_REASON_STOP, prompt_tokens=4, completion_tokens=5, request_id="x"))
+    assert event_from_proto(fin) == Finished("stop", 4, 5, 0.0, 0.0, "x")
+
+
+@pytest.mark.parametrize("code, kind", [
+    (grpc.StatusCode.INVALID_ARGUMENT, InvalidRequestError),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, CapacityError),
+    (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.AioRpcError),
+])
+def test_status_codes_map_to_typed_errors_with_the_server_message(code, kind):
+    rpc_error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="the reason")
+    err = typed_error(rpc_error)
+    assert isinstance(err, kind) and "the reason" in str(err.details() if err is rpc_error else err)
+
+
+def test_an_unreachable_gateway_is_unavailable():
+    target = f"127.0.0.1:{_free_port()}"
+
+    async def scenario():
+        async with Client(target, timeout=3) as client:
+            return await client.generate_text(token_ids=[1], params=SamplingParams(max_new_tokens=2))
+
+    with pytest.raises(UnavailableError):
+        asyncio.run(scenario())
+    with pytest.raises(MoemeshError):
+        generate_remote(target, None, [1], SamplingParams(max_new_tokens=2), 3.0)
+
+
+# ---- against a real gateway --------------------------------------------------------------------
+
+def test_generate_streams_chunks_then_finished_and_generate_text_agrees(mesh):
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+    async def scenario():
+        async with Client(mesh.gateway) as client:
+            await client.wait_until_serving(timeout=10)
+            events = [e async for e in client.generate("The mesh", params=params)]
+            whole = await client.generate_text("The mesh", params=params)
+            info = await client.model_info()
+        return events, whole, info
+
+    events, whole, info = asyncio.run(scenario())
+    chunks, fin = events[:-1], events[-1]
+    assert all(isinstance(c, TokenChunk) for c in chunks) and isinstance(fin, Finished)
+    ids = tuple(t for c in chunks for t in c.token_ids)
+    assert fin.reason == "length" and fin.completion_tokens == len(ids) == 10
+    assert isinstance(whole, Completion) and whole.token_ids == ids  # greedy: the same tokens
+    assert whole.text == "".join(c.text for c in chunks)
+    assert info.num_workers == 2 and info.model.vocab_size == 512
+
+
+def test_bad_input_raises_the_servers_message_and_leaving_early_cancels(mesh):
+    async def scenario():
+        async with Client(mesh.gateway) as client:
+            with pytest.raises(InvalidRequestError, match="token id 600 out of range") as bad:
+                await client.generate_text(token_ids=[600], params=SamplingParams(max_new_tokens=2))
+            async for event in client.generate(token_ids=[3], params=SamplingParams(max_new_tokens=1900,
+                                                                                    ignore_eos=True)):
+                assert isinstance(event, TokenChunk)
+                break  # closes the generator: the call is cancelled
+            after = await client.generate_text(token_ids=[3], params=SamplingParams(max_new_tokens=2))
+        return bad.value, after
+
+    bad, after = asyncio.run(scenario())
+    assert isinstance(bad.__cause__, grpc.aio.AioRpcError)
+    assert bad.__cause__.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert after.finished.completion_tokens <= 2
+
+
+def test_generate_batch_tags_events_by_prompt(mesh):
+    requests = [build_request(token_ids=[8, 9], params=SamplingParams(max_new_tokens=n, ignore_eos=True))
+                for n in (3, 5)]
+
+    async def scenario():
+        async with Client(mesh.gateway) as client:
+            return [pair async for pair in client.generate_batch(requests)]
+
+    pairs = asyncio.run(scenario())
+    for index, n in enumerate((3, 5)):
+        events = [e for i, e in pairs if i == index]
+        assert isinstance(events[-1], Finished) and events[-1].completion_tokens == n
+        assert sum(len(e.token_ids) for e in events[:-1]) == n
+
+
+def test_generate_remote_and_the_cli(mesh):
+    params = SamplingParams(max_new_tokens=6)  # what the CLI sends (EOS may end it early)
+    ids, text = generate_remote(mesh.gateway, "abc", None, params, 30.0)
+    assert 1 <= len(ids) <= 6 and isinstance(text, str)
+    assert generate_remote(mesh.gateway, "abc", None, params, 30.0) == (ids, text)
+
+    cli = [sys.executable, "-m", "moemesh.cli", "generate", "--target", mesh.gateway, "--prompt", "abc",
+           "--max-new-tokens", "6", "--json", "--timeout", "30"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["token_ids"] == ids
+
+    bad = subprocess.run([*cli[:-4], "0", "--json"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "max_new_tokens must be > 0" in bad.stderr

@@ -1,0 +1,89 @@
+"""The whole system as users run it: `moemesh up` (coordinator, workers, gateway as real processes)
+against the single-process engine, on real checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from moemesh.client import Client
+from moemesh.engine.engine import Engine, generate
+from moemesh.engine.sampling import SamplingParams
+from moemesh.launcher import resolve_workers
+from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.tiny import TinySpec, write_tiny_model
+
+# 8 requests of different lengths, arriving at different times.
+PROMPTS = [[0, 5, 6, 7], [0, 9], [0, 300, 301, 302, 303, 304, 305, 306, 307], [0, 42, 43],
+           [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 77], [0, 250, 251, 252, 253], [0, 100, 101]]
+NEW_TOKENS = [12, 20, 8, 16, 10, 24, 14, 18]
+
+
+def _spec(arch: str) -> TinySpec:
+    return TinySpec(arch=arch, layers=2, experts=4, top_k=2, hidden=64, intermediate=64, heads=4, kv_heads=2,
+                    vocab=512, seed=1)
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def family(request, tmp_path_factory):
+    model = write_tiny_model(tmp_path_factory.mktemp(request.param) / "model", _spec(request.param))
+    engine = Engine(build_model(model, RuntimeShape(max_seqs=1, max_model_len=256)))
+    expected = [generate(engine, [p], SamplingParams(max_new_tokens=n))[0] for p, n in zip(PROMPTS, NEW_TOKENS)]
+    return model, expected
+
+
+async def _staggered(target: str) -> list[list[int]]:
+    async with Client(target, timeout=120) as client:
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.05 * i)
+            done = await client.generate_text(
+                token_ids=PROMPTS[i], params=SamplingParams(max_new_tokens=NEW_TOKENS[i], ignore_eos=False))
+            return list(done.token_ids)
+
+        return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+@pytest.mark.parametrize("workers", [4, 2], ids=["one-expert-per-worker", "colocated-two-per-worker"])
+def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers):
+    """Then, with nothing in flight, the mesh stays idle; SIGINT to `up` leaves no process."""
+    model, expected = family
+    mesh = mesh_factory(model, workers)
+    assert asyncio.run(_staggered(mesh.gateway)) == expected
+    procs = mesh.processes()
+    assert len(procs) == 1 + 1 + workers + 1  # up, coordinator, workers, gateway
+    time.sleep(1.0)
+    before, start = _cpu_seconds(procs), time.monotonic()
+    time.sleep(3.0)
+    busy = (_cpu_seconds(procs) - before) / (time.monotonic() - start)
+    assert busy < 0.05, f"idle mesh used {busy:.1%} of a core"
+    assert mesh.stop() == []
+
+
+def test_up_refuses_bad_worker_counts(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "moemesh.cli", "up", "--model", str(tmp_path), "--workers", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "no config.json" in out.stderr
+
+
+def test_resolve_workers():
+    assert resolve_workers(16, None, None) == 16
+    assert resolve_workers(16, None, 2) == 8
+    assert resolve_workers(64, None, 22) == 3
+    assert resolve_workers(16, 3, None) == 3
