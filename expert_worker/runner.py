@@ -127,7 +127,7 @@ class MeshRunner:
                 batch = self.engine.schedule()
                 reported = self.loaded_epoch
                 started, in_collectives = time.perf_counter(), self.collective.seconds
-                header = exchange_header(self.collective, batch.num_tokens, reported, self._stop.is_set())
+                header = exchange_header(self.collective, batch.tokens_per_micro, reported, self._stop.is_set())
                 if header.stop:
                     break
                 self._maybe_switch(header)

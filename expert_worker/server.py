@@ -58,6 +58,7 @@ class WorkerSettings:
     collective_timeout_s: float = 60.0
     rpc_timeout_s: float = 10.0
     report_every_tokens: int = 100
+    micro_batches: int = 1  # 2 = two-batch overlap (slower on 2-core CPUs: docs/architecture.md)
     exit_with_parent: bool = False
     gil_switch_interval_s: float = 0.0002
 
@@ -137,7 +138,8 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     collective = init_gloo(rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.collective_timeout_s)
     transport = AllToAllTransport(collective, placement)
     model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader)
-    engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit))
+    engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
+                                          micro_batches=settings.micro_batches))
     initial = PreparedEpoch(placement=placement, layers=dict(model.moe.experts.layers))
     waker = StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/", timeout_s=3600.0)
     runner = MeshRunner(engine, transport, model.moe.experts, collective, waker, initial,

@@ -37,6 +37,7 @@ class UpSettings:
     max_model_len: int
     threads_per_worker: int
     state_dir: Path
+    micro_batches: int = 1
     start_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
 
@@ -114,7 +115,7 @@ def start(mesh: Mesh) -> tuple[str, str]:
     for i in range(s.workers):
         mesh.spawn(f"worker {i}", ["worker", "--coordinator", coordinator, "--port", "0",
                                    "--worker-id", f"worker-{i}", "--threads", str(s.threads_per_worker),
-                                   "--max-seqs", str(s.max_seqs), *common])
+                                   "--max-seqs", str(s.max_seqs), "--micro-batches", str(s.micro_batches), *common])
     gateway_port_file = s.state_dir / "gateway.port"
     mesh.spawn("gateway", ["gateway", "--coordinator", coordinator, "--model", str(s.model), "--host", s.host,
                            "--port", str(s.port), "--port-file", str(gateway_port_file), *common])
@@ -168,6 +169,8 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
     p.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
     p.add_argument("--max-seqs", type=int, default=32, help="sequences each worker runs at once")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--micro-batches", type=int, default=1, choices=(1, 2, 3, 4),
+                   help="micro-batches per step on every worker (2 = two-batch overlap)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "moemesh")
 
     def run(args: argparse.Namespace) -> int:
@@ -180,7 +183,7 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
             settings = UpSettings(
                 model=model.resolve(), workers=workers, host=args.host, port=args.port, max_seqs=args.max_seqs,
                 max_model_len=args.max_model_len, threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
-                state_dir=Path(state),
+                state_dir=Path(state), micro_batches=args.micro_batches,
             )
             return run_up(settings)
 

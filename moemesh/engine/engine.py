@@ -44,6 +44,7 @@ class EngineSettings:
     max_batched_tokens: int = 4096  # prompt tokens admitted per step (at least one prompt always)
     max_new_tokens_limit: int = 4096
     max_waiting: int = 1024  # queued requests beyond the running ones; more is CapacityError
+    micro_batches: int = 1  # >1: split each step so exchanges overlap compute (mesh only)
 
 
 class FinishReason(str, Enum):
@@ -74,8 +75,8 @@ class _Sequence:
 
 
 @dataclass(frozen=True)
-class StepBatch:
-    """What one step runs on this rank; empty (T = 0) when the rank only joins its peers."""
+class MicroBatch:
+    """Part of a step's sequences, run as one unit through the model."""
 
     token_ids: torch.Tensor  # (T,) int64
     plan: AttentionPlan
@@ -85,6 +86,26 @@ class StepBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one step runs on this rank; empty (T = 0) when the rank only joins its peers.
+    Always `micro_batches` micro-batches, some possibly empty: every rank runs the same number."""
+
+    micro: tuple[MicroBatch, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(m.num_tokens for m in self.micro)
+
+    @property
+    def tokens_per_micro(self) -> tuple[int, ...]:
+        return tuple(m.num_tokens for m in self.micro)
+
+    @property
+    def seqs(self) -> tuple[_Sequence, ...]:
+        return tuple(s for m in self.micro for s in m.seqs)
 
 
 class Engine:
@@ -158,9 +179,13 @@ class Engine:
         """Pick this step's tokens: every running sequence decodes; waiting ones are admitted."""
         decode = list(self._running.values())
         admitted = self._admit()
+        groups = _split(decode, admitted, self.settings.micro_batches)
+        return StepBatch(micro=tuple(self._micro_batch(d, p) for d, p in groups))
+
+    def _micro_batch(self, decode: list[_Sequence], prefill: list[_Sequence]) -> MicroBatch:
         tokens = [s.output[-1] for s in decode]
         segments, offset = [], len(decode)
-        for seq in admitted:
+        for seq in prefill:
             segments.append(Segment(slot=seq.slot, offset=offset, length=len(seq.prompt), start_pos=0))
             tokens.extend(seq.prompt)
             offset += len(seq.prompt)
@@ -173,21 +198,27 @@ class Engine:
         )
         rows = list(range(len(decode))) + [seg.offset + seg.length - 1 for seg in segments]
         device = self.model.runtime.device
-        return StepBatch(
+        return MicroBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
             plan=plan,
             logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
-            seqs=tuple(decode + admitted),
+            seqs=tuple(decode + prefill),
         )
 
     def execute(self, batch: StepBatch) -> list[TokenEvent]:
         """Run the step's forward pass, sample, and retire finished sequences."""
-        logits = self.model.forward(batch.token_ids, batch.plan, batch.logit_rows)  # (R, V)
-        if not batch.seqs:
+        if len(batch.micro) == 1:
+            m = batch.micro[0]
+            logits = self.model.forward(m.token_ids, m.plan, m.logit_rows)  # (R, V)
+        else:
+            parts = self.model.forward_overlapped([(m.token_ids, m.plan, m.logit_rows) for m in batch.micro])
+            logits = torch.cat(parts)  # (R, V) in batch.seqs order
+        seqs = batch.seqs
+        if not seqs:
             return []
-        new_tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
+        new_tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         events = []
-        for seq, token in zip(batch.seqs, new_tokens):
+        for seq, token in zip(seqs, new_tokens):
             seq.cached = len(seq.prompt) + len(seq.output)
             seq.output.append(token)
             finish = self._finish_reason(seq, token)
@@ -220,6 +251,22 @@ class Engine:
     def _release(self, seq: _Sequence) -> None:
         self._free_slots.append(seq.slot)
         seq.slot = -1
+
+
+def _split(
+    decode: list[_Sequence], prefill: list[_Sequence], parts: int
+) -> list[tuple[list[_Sequence], list[_Sequence]]]:
+    """Sequences -> `parts` groups of about equal tokens (decode split evenly, each prompt to
+    the lightest group). Always exactly `parts` groups, some possibly empty."""
+    groups: list[tuple[list[_Sequence], list[_Sequence]]] = [([], []) for _ in range(parts)]
+    for i, seq in enumerate(decode):
+        groups[i * parts // max(len(decode), 1)][0].append(seq)
+    load = [len(d) for d, _ in groups]
+    for seq in prefill:
+        lightest = load.index(min(load))
+        groups[lightest][1].append(seq)
+        load[lightest] += len(seq.prompt)
+    return groups
 
 
 def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

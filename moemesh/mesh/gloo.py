@@ -13,6 +13,19 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moemesh.model.moe import Done, Pending
+
+
+class _GlooPending:
+    def __init__(self, owner: GlooCollective, work, result: torch.Tensor):
+        self.owner, self.work, self.result = owner, work, result
+
+    def wait(self) -> torch.Tensor:
+        start = time.perf_counter()
+        self.work.wait()
+        self.owner.seconds += time.perf_counter() - start
+        return self.result
+
 
 class GlooCollective:
     """Collectives of one world; all ranks call them in the same order (cross-rank invariant)."""
@@ -20,17 +33,15 @@ class GlooCollective:
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
         self.world_size = world_size
-        self.seconds = 0.0  # wall time spent inside collectives (waiting for peers included)
+        self.seconds = 0.0  # wall time blocked on collectives (waiting for peers included)
 
-    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        """send: (R * C, W) -> (R * C, W): block r goes to rank r, block r comes from rank r."""
+    def all_to_all(self, send: torch.Tensor) -> Pending[torch.Tensor]:
+        """Start send: (R * C, W) -> (R * C, W): block r goes to rank r, block r comes from rank r.
+        Runs on gloo's own threads; only the time blocked in wait() counts as exposed."""
         if self.world_size == 1:
-            return send
-        start = time.perf_counter()
+            return Done(send)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send)
-        self.seconds += time.perf_counter() - start
-        return recv
+        return _GlooPending(self, dist.all_to_all_single(recv, send, async_op=True), recv)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         """values: (n,) int64 -> (R, n): every rank's values, by rank."""

@@ -23,30 +23,43 @@ class HeaderCollective(Protocol):
     def all_gather(self, values: torch.Tensor) -> torch.Tensor: ...
 
 
+MAX_MICRO_BATCHES = 4
+
+
 @dataclass(frozen=True)
 class StepHeader:
     """What all ranks agreed on for this step."""
 
-    tokens: tuple[int, ...]  # (R,) tokens each rank runs
+    tokens: tuple[tuple[int, ...], ...]  # (R, M) tokens each rank runs in each micro-batch
     epoch: int  # placement epoch every rank uses from this step on
     stop: bool  # some rank asked the mesh to stop
 
     @property
     def idle(self) -> bool:
-        return not any(self.tokens)
+        return not any(any(row) for row in self.tokens)
 
     @property
-    def max_tokens(self) -> int:
-        return max(self.tokens)
+    def max_tokens(self) -> tuple[int, ...]:
+        """(M,) the most tokens any rank runs in each micro-batch: sizes the exchange buffers."""
+        return tuple(max(col) for col in zip(*self.tokens))
 
 
-def exchange_header(collective: HeaderCollective, tokens: int, loaded_epoch: int, stop: bool) -> StepHeader:
-    mine = torch.tensor([tokens, loaded_epoch, int(stop)], dtype=torch.int64)  # (3,)
-    every = collective.all_gather(mine)  # (R, 3)
+def exchange_header(
+    collective: HeaderCollective, tokens: tuple[int, ...], loaded_epoch: int, stop: bool
+) -> StepHeader:
+    """tokens: (M,) this rank's tokens per micro-batch. Every rank must use the same M."""
+    assert 1 <= len(tokens) <= MAX_MICRO_BATCHES, "unsupported micro-batch count"
+    padded = list(tokens) + [0] * (MAX_MICRO_BATCHES - len(tokens))
+    mine = torch.tensor([len(tokens), *padded, loaded_epoch, int(stop)], dtype=torch.int64)  # (M_max + 3,)
+    every = collective.all_gather(mine)  # (R, M_max + 3)
+    counts = every[:, 0]
+    if bool((counts != counts[0]).any()):
+        raise RuntimeError(f"ranks disagree on micro-batches per step: {counts.tolist()} (a worker setting)")
+    M = int(counts[0])
     return StepHeader(
-        tokens=tuple(every[:, 0].tolist()),
-        epoch=int(every[:, 1].min()),
-        stop=bool(every[:, 2].any()),
+        tokens=tuple(tuple(row) for row in every[:, 1 : 1 + M].tolist()),
+        epoch=int(every[:, -2].min()),
+        stop=bool(every[:, -1].any()),
     )
 
 

@@ -22,15 +22,16 @@ from typing import Any, Protocol
 import torch
 
 from moemesh.mesh.placement import Placement
-from moemesh.model.moe import ExpertBatch, Routing
+from moemesh.model.moe import ExpertBatch, Pending, Routing
 
 
 class Collective(Protocol):
     rank: int
     world_size: int
 
-    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        """send: (R * C, W), block r for rank r -> (R * C, W), block r from rank r."""
+    def all_to_all(self, send: torch.Tensor) -> Pending[torch.Tensor]:
+        """Start the exchange of send: (R * C, W), block r for rank r; the result is
+        (R * C, W), block r from rank r. Ranks must start exchanges in the same order."""
         ...
 
 
@@ -68,6 +69,16 @@ class _Handle:
     shape: tuple[int, int, int]  # (T, K, total rows R*C)
 
 
+class _Then:
+    """A pending exchange followed by local post-processing of its result."""
+
+    def __init__(self, pending: Pending, then):
+        self.pending, self.then = pending, then
+
+    def wait(self):
+        return self.then(self.pending.wait())
+
+
 class AllToAllTransport:
     """Transport over a Collective. Every rank calls dispatch/combine for every MoE layer of
     every step, in the same order, with the same `begin_step` T_max (cross-rank invariant)."""
@@ -76,7 +87,7 @@ class AllToAllTransport:
         self.collective = collective
         self.rank = collective.rank
         self.world_size = collective.world_size
-        self.max_tokens = 0
+        self.max_tokens: tuple[int, ...] = (0,)  # per micro-batch
         self.set_placement(placement)
         self.counted_tokens = 0  # tokens routed since the last take_counts()
 
@@ -96,18 +107,19 @@ class AllToAllTransport:
         self.counted_tokens = 0
         return counts, tokens
 
-    def begin_step(self, max_tokens: int) -> None:
-        """T_max: the most tokens any rank runs this step (from the gathered step header)."""
-        self.max_tokens = max_tokens
+    def begin_step(self, max_tokens: tuple[int, ...]) -> None:
+        """T_max per micro-batch: the most tokens any rank runs in it this step (from the
+        gathered step header, so every rank sizes its buffers the same)."""
+        self.max_tokens = tuple(max_tokens)
 
-    def capacity(self, layer: int, top_k: int) -> int:
-        return self.max_tokens * min(top_k, self.routes[layer].max_local)
+    def capacity(self, layer: int, top_k: int, micro: int = 0) -> int:
+        return self.max_tokens[micro] * min(top_k, self.routes[layer].max_local)
 
-    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, Any]:
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, micro: int = 0) -> Pending[tuple[ExpertBatch, Any]]:
         routes = self.routes[layer]
         T, K = routing.expert_ids.shape
         R, D = self.world_size, x.shape[1]
-        C = self.capacity(layer, K)
+        C = self.capacity(layer, K, micro)
         self._count(layer, routing.expert_ids)
         dest = self._destinations(routes, routing.expert_ids)  # (T*K,)
         send_rows = self._send_rows(dest, C)  # (T*K,)
@@ -116,7 +128,11 @@ class AllToAllTransport:
         flat_e = routing.expert_ids.reshape(-1)  # (T*K,)
         send[send_rows, :D] = x.repeat_interleave(K, dim=0)  # scatter (T*K, D)
         send[send_rows, D] = flat_e.to(x.dtype)
-        recv = self.collective.all_to_all(send)  # (R*C, W)
+        return _Then(self.collective.all_to_all(send), lambda recv: self._received(routes, recv, send_rows, T, K))
+
+    def _received(self, routes: LayerRoutes, recv: torch.Tensor, send_rows: torch.Tensor, T: int, K: int):
+        """recv: (R*C, W) -> the ExpertBatch for this rank's experts and the combine handle."""
+        D = recv.shape[1] - 1
         expert = recv[:, D].to(torch.int64)  # (R*C,) -1 = padding
         valid = torch.nonzero(expert >= 0).squeeze(1)  # (N,)
         local = routes.local_index[expert[valid]]  # (N,)
@@ -125,14 +141,15 @@ class AllToAllTransport:
         recv_rows = valid[order]  # (N,)
         counts = torch.bincount(local, minlength=int((routes.local_index >= 0).sum())).tolist()
         batch = ExpertBatch(x=recv[recv_rows, :D], counts=counts)  # gather (N, D)
-        return batch, _Handle(send_rows, recv_rows, (T, K, R * C))
+        return batch, _Handle(send_rows, recv_rows, (T, K, recv.shape[0]))
 
-    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> torch.Tensor:
+    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Pending[torch.Tensor]:
         T, K, rows = handle.shape
-        back = torch.zeros(rows, y.shape[1], dtype=y.dtype, device=y.device)  # (R*C, D)
+        D = y.shape[1]
+        back = torch.zeros(rows, D, dtype=y.dtype, device=y.device)  # (R*C, D)
         back[handle.recv_rows] = y  # scatter to the rows the copies arrived in
-        returned = self.collective.all_to_all(back)  # (R*C, D)
-        return returned[handle.send_rows].view(T, K, y.shape[1])  # gather (T, K, D)
+        return _Then(self.collective.all_to_all(back),
+                     lambda returned: returned[handle.send_rows].view(T, K, D))  # gather (T, K, D)
 
     def _count(self, layer: int, expert_ids: torch.Tensor) -> None:
         row = self.layer_order.index(layer)

@@ -69,6 +69,7 @@ class AttentionPlan:
     decode_mask: torch.Tensor | None  # (B, 1, 1, Lb) bool: True = attend; None when B == 0
     decode_len: int  # Lb: longest decode context this step
     segments: tuple[Segment, ...]
+    decode_first_slot: int | None = None  # set when decode_slots are consecutive ascending
 
     @property
     def num_decode(self) -> int:
@@ -104,7 +105,14 @@ def build_attention_plan(
         decode_mask=mask,
         decode_len=longest,
         segments=tuple(segments),
+        decode_first_slot=_consecutive_start(decode_slots),
     )
+
+
+def _consecutive_start(slots: list[int]) -> int | None:
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slots[0]
+    return None
 
 
 class KVCache:
@@ -161,8 +169,13 @@ def attention(
 
 def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """q: (B, H, Dh) one token per sequence -> (B, H, Dh)."""
-    keys = kc[plan.decode_slots, :, : plan.decode_len]  # (B, G, Lb, Dh)
-    values = vc[plan.decode_slots, :, : plan.decode_len]  # (B, G, Lb, Dh)
+    if plan.decode_first_slot is not None:  # slots a..a+B-1 in order: a view, no copy
+        rows = slice(plan.decode_first_slot, plan.decode_first_slot + plan.num_decode)
+        keys = kc[rows, :, : plan.decode_len]  # (B, G, Lb, Dh)
+        values = vc[rows, :, : plan.decode_len]  # (B, G, Lb, Dh)
+    else:
+        keys = kc[plan.decode_slots, :, : plan.decode_len]  # gather (B, G, Lb, Dh)
+        values = vc[plan.decode_slots, :, : plan.decode_len]  # gather (B, G, Lb, Dh)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=plan.decode_mask, enable_gqa=True
     )  # (B, H, 1, Dh)

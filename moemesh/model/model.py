@@ -9,6 +9,7 @@ decides whether experts are local or spread over the mesh.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig, load_config
 from moemesh.model.layers import AttentionPlan, KVCache, Rope, attention, rms_norm
-from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter, Transport
+from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter, Transport, run_to_end
 from moemesh.model.weights import DenseWeights, LayerExperts, load_dense, load_layer_experts
 
 
@@ -51,6 +52,28 @@ class MoEModel:
 
         T may be 0 on a mesh rank with nothing to run: it still joins every MoE exchange.
         """
+        return run_to_end(self._stages(token_ids, plan, logit_rows, micro=0))
+
+    @torch.inference_mode()
+    def forward_overlapped(self, micro: list[tuple[torch.Tensor, AttentionPlan, torch.Tensor]]) -> list[torch.Tensor]:
+        """Several micro-batches at once, interleaved so one computes while another's dispatch or
+        combine is in flight. The interleaving is the same on every rank (cross-rank invariant):
+        round robin, each micro-batch advancing to its next exchange."""
+        stages = [self._stages(t, p, r, micro=i) for i, (t, p, r) in enumerate(micro)]
+        results: list[torch.Tensor | None] = [None] * len(stages)
+        live = list(range(len(stages)))
+        while live:
+            for i in list(live):
+                try:
+                    next(stages[i])
+                except StopIteration as done:
+                    results[i] = done.value
+                    live.remove(i)
+        return results  # type: ignore[return-value]
+
+    def _stages(
+        self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor, micro: int
+    ) -> Generator[None, None, torch.Tensor]:
         cfg = self.cfg
         h = F.embedding(token_ids, self.dense.embed)  # (T, D)
         for i, lw in enumerate(self.dense.layers):
@@ -60,7 +83,7 @@ class MoEModel:
                                   cfg.rms_norm_eps, cfg.sliding_window)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
             if lw.router is not None:
-                h = h + self.moe(i, x, lw.router)
+                h = h + (yield from self.moe.stages(i, x, lw.router, micro))
             else:
                 gate, up = F.linear(x, lw.dense_w13).chunk(2, dim=-1)  # (T, Fd) each
                 h = h + F.linear(F.silu(gate) * up, lw.dense_w2)

@@ -8,12 +8,17 @@ Router, Experts and the combine arithmetic are the same everywhere; what differs
 single process and the mesh is only the `Transport` (dispatch + combine): `LocalTransport`
 here, the gloo/NCCL all-to-all transports in `moemesh.mesh`. A transport is chosen once at
 start-up and never switched on by `if backend ==` branches elsewhere.
+
+Dispatch and combine *start* an exchange and return a `Pending`; `MoELayer.stages` is a
+generator that yields while an exchange is in flight, so a scheduler can run another
+micro-batch's compute meanwhile (two-batch overlap). Run to completion it is the plain layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Generator
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,25 @@ class ExpertBatch:
     counts: list[int]  # (E_loc,) rows per local expert
 
 
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Pending(Protocol[T_co]):
+    """An exchange in flight; wait() blocks until its result is here."""
+
+    def wait(self) -> T_co: ...
+
+
+class Done(Generic[T_co]):
+    """A result that needed no communication."""
+
+    def __init__(self, value: T_co):
+        self.value = value
+
+    def wait(self) -> T_co:
+        return self.value
+
+
 class Router(Protocol):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing: ...
 
@@ -48,11 +72,12 @@ class Router(Protocol):
 class Transport(Protocol):
     """Dispatch and Combine: moves token copies to the ranks holding their experts and back."""
 
-    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, Any]:
-        """x: (T, D) -> the copies this rank's experts must compute, plus a handle for combine."""
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, micro: int = 0) -> Pending[tuple[ExpertBatch, Any]]:
+        """x: (T, D) -> the copies this rank's experts must compute, plus a handle for combine.
+        `micro` is the micro-batch (its exchange buffers are sized for it)."""
         ...
 
-    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> torch.Tensor:
+    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Pending[torch.Tensor]:
         """y: (N, D) expert outputs in ExpertBatch order -> (T, K, D) outputs per token copy."""
         ...
 
@@ -112,19 +137,19 @@ class LocalTransport:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing) -> tuple[ExpertBatch, Any]:
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, micro: int = 0) -> Done[tuple[ExpertBatch, Any]]:
         T, K = routing.expert_ids.shape
         flat = routing.expert_ids.reshape(-1)  # (T*K,)
         order = torch.argsort(flat, stable=True)  # (T*K,) copy indices grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (E,)
         rows = x[order // K]  # gather (T*K, D)
-        return ExpertBatch(x=rows, counts=counts), (order, T, K)
+        return Done((ExpertBatch(x=rows, counts=counts), (order, T, K)))
 
-    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> torch.Tensor:
+    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Done[torch.Tensor]:
         order, T, K = handle
         out = torch.empty_like(y)  # (T*K, D)
         out[order] = y  # scatter back to copy order
-        return out.view(T, K, y.shape[1])  # (T, K, D)
+        return Done(out.view(T, K, y.shape[1]))  # (T, K, D)
 
 
 class MoELayer:
@@ -135,11 +160,30 @@ class MoELayer:
         self.transport = transport
         self.experts = experts
 
-    def __call__(self, layer: int, x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-        """x: (T, D) -> (T, D). T may be 0 on a mesh rank with no tokens: it still joins."""
+    def stages(
+        self, layer: int, x: torch.Tensor, router_weight: torch.Tensor, micro: int = 0
+    ) -> Generator[None, None, torch.Tensor]:
+        """x: (T, D) -> (T, D), yielding while dispatch and while combine are in flight.
+        T may be 0 on a mesh rank with no tokens: it still joins both exchanges."""
         routing = self.router(x, router_weight, layer)
-        batch, handle = self.transport.dispatch(layer, x, routing)
+        pending = self.transport.dispatch(layer, x, routing, micro)
+        yield
+        batch, handle = pending.wait()
         y = self.experts(layer, batch)  # (N, D)
-        per_copy = self.transport.combine(layer, y, handle)  # (T, K, D)
+        pending_out = self.transport.combine(layer, y, handle)
+        yield
+        per_copy = pending_out.wait()  # (T, K, D)
         # Sum over K in a fixed order (not scatter-add order): identical on every deployment.
         return (per_copy * routing.weights.unsqueeze(-1)).sum(dim=1)  # (T, D)
+
+    def __call__(self, layer: int, x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+        return run_to_end(self.stages(layer, x, router_weight))
+
+
+def run_to_end(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    """Drive a stages() generator with nothing to overlap: the plain synchronous layer."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as stop:
+            return stop.value

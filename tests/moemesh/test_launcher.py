@@ -59,11 +59,14 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-@pytest.mark.parametrize("workers", [4, 2], ids=["one-expert-per-worker", "colocated-two-per-worker"])
-def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers):
-    """Then, with nothing in flight, the mesh stays idle; SIGINT to `up` leaves no process."""
+@pytest.mark.parametrize(
+    "workers, micro", [(4, 1), (2, 2)], ids=["one-expert-per-worker", "colocated-two-per-worker-overlapped"]
+)
+def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, micro):
+    """Then, with nothing in flight, the mesh stays idle; SIGINT to `up` leaves no process.
+    The colocated mesh also runs two micro-batches per step (two-batch overlap)."""
     model, expected = family
-    mesh = mesh_factory(model, workers)
+    mesh = mesh_factory(model, workers, "--micro-batches", str(micro))
     assert asyncio.run(_staggered(mesh.gateway)) == expected
     procs = mesh.processes()
     assert len(procs) == 1 + 1 + workers + 1  # up, coordinator, workers, gateway

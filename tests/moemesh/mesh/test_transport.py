@@ -37,7 +37,7 @@ def _rank_main(rank: int, port: int, placement: Placement, out: mp.Queue) -> Non
     w13, w2, router, xs = _weights()
     collective = init_gloo("127.0.0.1", port, "test/", rank, len(TOKENS), timeout_s=30)
     transport = AllToAllTransport(collective, placement)
-    transport.begin_step(max(TOKENS))
+    transport.begin_step((max(TOKENS),))
     experts = GroupedExperts({0: _layer(placement.experts_on(rank, 0), w13, w2)})
     layer = MoELayer(SoftmaxTopKRouter(K, True), transport, experts)
     y = layer(0, xs[rank], router)

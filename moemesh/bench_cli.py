@@ -1,0 +1,238 @@
+"""`moemesh bench --target HOST:PORT`: a load generator over the gateway's gRPC API.
+
+Closed loop (`--concurrency C`: C requests in flight, the next starts when one ends) or open loop
+(`--request-rate R`: requests start at seeded Poisson arrival times, R per second on average;
+`--concurrency` then caps how many are in flight, like vLLM's --max-concurrency). Prompts are random
+token ids from the served vocabulary (ModelInfo), prompt and output lengths fixed ("128") or drawn
+("uniform:64:256", "normal:128:32"); every request generates exactly its output length
+(ignore_eos). Warm-up requests run first and are not measured. Reports vLLM's metrics
+(moemesh.loadgen) as a table, and with --json FILE as JSON. Ctrl-C cancels the requests in flight
+and reports the ones that finished (exit code 130).
+
+Also runnable as `python -m moemesh.bench_cli bench --target ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moemesh.errors import MoemeshError
+from moemesh.loadgen import (
+    LengthDist, LoadPlan, RequestTiming, format_table, make_requests, poisson_arrivals, run_load, summarize,
+)
+
+EXIT_OK, EXIT_FAILED_REQUESTS, EXIT_INTERRUPTED = 0, 1, 130
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """One benchmark run; built once from the command line."""
+
+    target: str
+    requests: int
+    concurrency: int | None  # most requests in flight; None = no cap (open loop only)
+    request_rate: float  # requests/s; inf = closed loop (all queued at once, capped by concurrency)
+    burstiness: float  # Gamma shape of the arrival gaps; 1 = Poisson
+    prompt_len: LengthDist
+    output_len: LengthDist
+    warmup: int  # requests run (closed loop) before measuring; not reported
+    seed: int
+    timeout_s: float  # deadline of every request RPC, in seconds
+    json_path: Path | None
+    progress: bool
+
+    @property
+    def mode(self) -> str:
+        return "closed" if math.isinf(self.request_rate) else "open"
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d.update(prompt_len=str(self.prompt_len), output_len=str(self.output_len), mode=self.mode,
+                 json_path=str(self.json_path) if self.json_path else None,
+                 request_rate=None if math.isinf(self.request_rate) else self.request_rate)
+        return d
+
+
+class Progress:
+    """A progress bar on stderr: tqdm when installed, else one rewritten "\\r" line."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.done, self.label, self.enabled = total, 0, label, enabled
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, leave=True)
+            except ImportError:
+                self._draw()
+
+    def update(self, _: RequestTiming | None = None) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.enabled:
+            self._draw()
+
+    def _draw(self) -> None:
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}",
+              end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+async def _model_info(target: str) -> dict:
+    """The served model (vocabulary and context for the prompts); MoemeshError if unreachable."""
+    import grpc
+
+    from moemesh.client import Client
+
+    async with Client(target) as client:
+        try:
+            info = await client.model_info(timeout=10.0)
+        except grpc.aio.AioRpcError as exc:
+            raise MoemeshError(f"gateway {target}: {exc.code().name}: {exc.details()}") from exc
+    m = info.model
+    return {"name": m.name, "architecture": m.architecture, "vocab_size": m.vocab_size,
+            "max_context": m.max_context, "num_experts": m.num_experts, "top_k": m.top_k,
+            "num_workers": info.num_workers, "transport": info.transport}
+
+
+def build_plan(s: BenchSettings, model: dict) -> tuple[LoadPlan, LoadPlan]:
+    """(warm-up plan, measured plan); the warm-up uses its own seed so its prompts differ."""
+    make = lambda n, seed: tuple(make_requests(n, s.prompt_len, s.output_len, model["vocab_size"], seed,
+                                               model["max_context"]))
+    warm = LoadPlan(make(s.warmup, s.seed + 1), concurrency=s.concurrency or s.warmup or 1, timeout_s=s.timeout_s)
+    arrivals = None if s.mode == "closed" else tuple(poisson_arrivals(s.requests, s.request_rate, s.seed, s.burstiness))
+    return warm, LoadPlan(make(s.requests, s.seed), arrivals=arrivals, concurrency=s.concurrency, timeout_s=s.timeout_s)
+
+
+async def _drive(s: BenchSettings, model: dict) -> tuple[list[RequestTiming], float, bool]:
+    """Warm up, then measure; Ctrl-C sets `stop`: (timings, wall seconds, interrupted)."""
+    warm, plan = build_plan(s, model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        if warm.requests:
+            bar = Progress(len(warm.requests), "warm-up", s.progress)
+            await run_load(s.target, warm, on_done=bar.update, stop=stop)
+            bar.close()
+        if stop.is_set():
+            return [], 0.0, True
+        bar = Progress(len(plan.requests), "bench", s.progress)
+        timings, wall = await run_load(s.target, plan, on_done=bar.update, stop=stop)
+        bar.close()
+        return timings, wall, stop.is_set()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+def bench(s: BenchSettings) -> tuple[dict, int]:
+    """Run the benchmark: (the JSON report, exit code)."""
+    model = asyncio.run(_model_info(s.target))
+    timings, wall, interrupted = asyncio.run(_drive(s, model))
+    metrics = summarize(timings, wall)
+    report = {
+        "settings": s.describe(), "model": model, "interrupted": interrupted, "metrics": metrics,
+        "per_request": [{"prompt_tokens": t.prompt_tokens, "output_tokens": t.output_tokens,
+                         "sent_at_s": t.sent_at, "ttft_s": t.ttft if t.output_tokens else None,
+                         "latency_s": t.latency, "error": t.error} for t in timings],
+    }
+    if interrupted:
+        return report, EXIT_INTERRUPTED
+    return report, EXIT_FAILED_REQUESTS if metrics["failed"] else EXIT_OK
+
+
+def _concurrency(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--concurrency must be >= 1, got {value}")
+    return value
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("bench", help="load-test a gateway: TPS, TTFT, TPOT, ITL, latency (vLLM's metrics)")
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="a running gateway")
+    p.add_argument("--requests", type=int, default=64, help="measured requests (default 64)")
+    p.add_argument("--concurrency", type=_concurrency, default=None,
+                   help="requests in flight (closed loop, default 8); with --request-rate: a cap")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="open loop: Poisson arrivals, requests/s (default: closed loop)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of arrival gaps (1 = Poisson)")
+    p.add_argument("--prompt-len", type=LengthDist.parse, default=LengthDist("fixed", 32),
+                   help="N, uniform:A:B or normal:MEAN:STD tokens (default 32)")
+    p.add_argument("--output-len", type=LengthDist.parse, default=LengthDist("fixed", 32),
+                   help="N, uniform:A:B or normal:MEAN:STD tokens (default 32)")
+    p.add_argument("--warmup", type=int, default=4, help="unmeasured requests first (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline of each request, seconds")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.requests < 1 or args.warmup < 0:
+            raise MoemeshError("--requests must be >= 1 and --warmup >= 0")
+        closed = math.isinf(args.request_rate)
+        settings = BenchSettings(
+            target=args.target, requests=args.requests,
+            concurrency=args.concurrency if args.concurrency or not closed else 8,
+            request_rate=args.request_rate, burstiness=args.burstiness, prompt_len=args.prompt_len,
+            output_len=args.output_len, warmup=args.warmup, seed=args.seed, timeout_s=args.timeout,
+            json_path=args.json, progress=not args.no_progress,
+        )
+        report, code = bench(settings)
+        title = "Serving Benchmark Result" + (" (interrupted: partial)" if report["interrupted"] else "")
+        print(_header(settings, report["model"]))
+        print(format_table(report["metrics"], title))
+        if settings.json_path:
+            settings.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        return code
+
+    return run
+
+
+def _header(s: BenchSettings, model: dict) -> str:
+    load = (f"{s.concurrency} in flight" if s.mode == "closed" else
+            f"{s.request_rate:g} req/s Poisson (burstiness {s.burstiness:g}), cap {s.concurrency or 'none'}")
+    return (f"moemesh bench: {s.target} ({model['name']}, {model['num_workers']} workers, {model['transport']}); "
+            f"{s.requests} requests, {load}; prompt {s.prompt_len}, output {s.output_len} tokens; seed {s.seed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m moemesh.bench_cli bench ...` (the same command `moemesh bench` registers)."""
+    parser = argparse.ArgumentParser(prog="moemesh")
+    sub = parser.add_subparsers(dest="command", required=True)
+    runners = {"bench": add_bench_command(sub)}
+    try:
+        from moemesh.simulate.cli import add_simulate_command
+
+        runners["simulate"] = add_simulate_command(sub)
+    except ImportError:  # the simulator is optional here
+        pass
+    args = parser.parse_args(argv)
+    try:
+        return runners[args.command](args)
+    except MoemeshError as exc:
+        print(f"moemesh {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Slot tables: a placement as an integer array the planner can index. Pure: numpy only.
+
+    slots[l, g, k] = expert in slot k of device g in MoE layer l, or -1 (empty)   [L, G, P]
+
+P = slots per device per layer: 1 when there are at least as many devices as experts (the
+paper's rule: at most one expert per device per layer), else ceil(E / G). A device never holds
+the same expert twice in one layer. `to_placement` / `from_placement` convert to and from
+moemesh.mesh.placement.Placement, which lists the ranks holding each expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from moemesh.mesh.placement import Placement
+
+EMPTY = -1
+
+
+def slots_per_device(num_experts: int, devices: int) -> int:
+    """P: 1 when devices >= experts (one expert per device per layer), else ceil(E / G)."""
+    return max(1, math.ceil(num_experts / devices))
+
+
+def to_placement(slots: np.ndarray, layer_ids: Sequence[int], num_experts: int, epoch: int = 1,
+                 origin: str = "planner") -> Placement:
+    """slots [L, G, P] -> Placement (every expert must be held somewhere)."""
+    L, G, _ = slots.shape
+    layers = {}
+    for l, layer in enumerate(layer_ids):
+        holders: list[list[int]] = [[] for _ in range(num_experts)]
+        for g in range(G):
+            for e in slots[l, g]:
+                if e >= 0:
+                    holders[int(e)].append(g)
+        assert all(holders), f"layer {layer}: an expert has no device"
+        layers[int(layer)] = tuple(tuple(sorted(h)) for h in holders)
+    return Placement(epoch=epoch, world_size=G, layers=layers, origin=origin)
+
+
+def from_placement(placement: Placement, layer_ids: Sequence[int], width: int | None = None) -> np.ndarray:
+    """Placement -> slots [L, G, P]; P = `width` or the most experts any device holds in a layer."""
+    G = placement.world_size
+    P = width or max(max(placement.experts_per_rank(layer)) for layer in layer_ids)
+    slots = np.full((len(layer_ids), G, P), EMPTY, dtype=np.int64)
+    for l, layer in enumerate(layer_ids):
+        fill = np.zeros(G, dtype=np.int64)
+        for e, ranks in enumerate(placement.layers[layer]):
+            for r in ranks:
+                if fill[r] >= P:
+                    raise ValueError(f"layer {layer}: device {r} holds more than {P} experts")
+                slots[l, r, fill[r]] = e
+                fill[r] += 1
+    return slots
+
+
+def holds(slots_layer: np.ndarray, num_experts: int) -> np.ndarray:
+    """slots [G, P] of one layer -> [G, E] bool: device g holds expert e."""
+    G = slots_layer.shape[0]
+    out = np.zeros((G, num_experts + 1), dtype=bool)
+    out[np.arange(G)[:, None], np.where(slots_layer >= 0, slots_layer, num_experts)] = True
+    return out[:, :num_experts]
+
+
+def check_slots(slots: np.ndarray, num_experts: int) -> None:
+    """Assert the planner's invariants: every expert held, no device holds an expert twice."""
+    for l in range(slots.shape[0]):
+        held = slots[l][slots[l] >= 0]
+        assert set(held.tolist()) == set(range(num_experts)), f"layer {l}: experts missing"
+        for g in range(slots.shape[1]):
+            row = slots[l, g][slots[l, g] >= 0]
+            assert len(set(row.tolist())) == len(row), f"layer {l} device {g} holds an expert twice"
