@@ -39,8 +39,10 @@ bench-core: setup
 bench-mesh: setup
 	$(PY) scripts/bench_mesh.py
 
-gpu-check: setup
-	$(PY) scripts/gpu_check.py $(or $(OUT),docs/gpu-check)
+# Runs on a GPU machine's own Python (torch + CuPy preinstalled there; no network, no venv):
+# make gpu-check RESULTS=$$OUT
+gpu-check:
+	PYTHONPATH=. python3 scripts/gpu_check.py $(or $(RESULTS),docs/gpu-check) --device $(or $(DEVICE),cuda:0)
 
 clean:
 	rm -rf $(VENV) moemesh/v1 build *.egg-info .pytest_cache

@@ -39,6 +39,8 @@ def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] |
     p.add_argument("--report-every-tokens", type=int, default=int(e("report_every_tokens", 100)))
     p.add_argument("--micro-batches", type=int, default=int(e("micro_batches", 1)), choices=(1, 2, 3, 4),
                    help="split each step so exchanges overlap compute (same on every worker)")
+    p.add_argument("--dtype", default=e("dtype", "auto"), choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype (auto: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
     p.add_argument("--log-level", default=e("log_level", "INFO"))
 
@@ -56,6 +58,7 @@ def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] |
             max_model_len=args.max_model_len, max_new_tokens_limit=args.max_new_tokens_limit,
             collective_timeout_s=args.collective_timeout, report_every_tokens=args.report_every_tokens,
             exit_with_parent=args.exit_with_parent, micro_batches=args.micro_batches,
+            dtype=args.dtype,
         )
         return uvloop.run(serve(settings))
 

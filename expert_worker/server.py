@@ -27,7 +27,8 @@ from expert_worker.loader import prepare_epoch
 from expert_worker.runner import MeshRunner, PreparedEpoch
 from expert_worker.servicer import Node, WorkerServicer
 from moemesh.engine.engine import Engine, EngineSettings
-from moemesh.mesh.gloo import GlooCollective, StoreWaker, init_gloo
+from moemesh.mesh.backend import choose_backend, join_world
+from moemesh.mesh.gloo import StoreWaker
 from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
@@ -58,7 +59,8 @@ class WorkerSettings:
     collective_timeout_s: float = 60.0
     rpc_timeout_s: float = 10.0
     report_every_tokens: int = 100
-    micro_batches: int = 1  # 2 = two-batch overlap (slower on 2-core CPUs: docs/architecture.md)
+    micro_batches: int = 1
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16  # 2 = two-batch overlap (slower on 2-core CPUs: docs/architecture.md)
     exit_with_parent: bool = False
     gil_switch_interval_s: float = 0.0002
 
@@ -132,10 +134,14 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     rank, size = world.rank, world.world_size
     cfg = load_config(model_dir)
     reader = CheckpointReader(model_dir)
-    runtime = RuntimeShape(max_seqs=settings.max_seqs, max_model_len=settings.max_model_len)
+    runtime = RuntimeShape(max_seqs=settings.max_seqs, max_model_len=settings.max_model_len,
+                           dtype=compute_dtype(settings.dtype, settings.device), device=settings.device)
     log.info("rank %d/%d: loading dense part and experts %s", rank, size, placement.assignment(rank))
     rv = world.rendezvous
-    collective = init_gloo(rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.collective_timeout_s)
+    choice = choose_backend(world.transport or "gloo", settings.device)
+    log.info("rank %d: data plane %s (%s)", rank, choice.name, choice.reason)
+    collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.device,
+                            settings.collective_timeout_s)
     transport = AllToAllTransport(collective, placement)
     model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader)
     engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
@@ -148,7 +154,14 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     return node, collective, reader
 
 
-async def _run(settings, server, servicer, node, collective: GlooCollective, reader, coord, worker_id, stop) -> int:
+def compute_dtype(requested: str, device: str) -> torch.dtype:
+    """auto: fp32 on CPU (this class of CPU runs half precision ~100x slower), bf16 on GPU."""
+    if requested == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+async def _run(settings, server, servicer, node, collective, reader, coord, worker_id, stop) -> int:
     loop = asyncio.get_running_loop()
     runner = node.runner
     runner.on_events = lambda events: loop.call_soon_threadsafe(servicer.deliver, events)
@@ -184,8 +197,9 @@ async def _follow_placements(coord, settings: WorkerSettings, node: Node, reader
         if placement.epoch <= node.runner.loaded_epoch:
             continue
         current = dict(node.engine.model.moe.experts.layers)
+        runtime = node.engine.model.runtime
         prepared = await loop.run_in_executor(
-            None, prepare_epoch, placement, node.rank, current, reader, cfg, torch.float32, "cpu")
+            None, prepare_epoch, placement, node.rank, current, reader, cfg, runtime.dtype, runtime.device)
         node.runner.offer_epoch(prepared)
         log.info("rank %d: placement epoch %d loaded", node.rank, placement.epoch)
 

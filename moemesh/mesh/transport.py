@@ -5,7 +5,8 @@ Shape legend: T tokens on this rank, K top-k, E experts per layer, R ranks, C ro
 
 Wire format of one all-to-all: a (R * C, W) buffer; block r (rows [r*C, (r+1)*C)) goes to rank r.
 Each row is a token's hidden state plus, in its last column, the global expert id it is for
-(-1 = padding). Folding the counts into the payload means one collective per direction instead
+(-1 = padding), written through an integer view of the same width (int32 under fp32, int16 under
+fp16/bf16) so the id is exact in any dtype. Folding the counts into the payload means one collective per direction instead
 of a count exchange followed by a payload exchange: on loopback gloo the latency of a
 collective, not its bytes, dominates a decode step.
 
@@ -43,6 +44,14 @@ class LayerRoutes:
     num_replicas: torch.Tensor  # (E,) int64
     local_index: torch.Tensor  # (E,) int64 index among this rank's experts, -1 = not held here
     max_local: int  # most experts any one rank holds in this layer
+
+
+_ID_DTYPE = {4: torch.int32, 2: torch.int16}
+
+
+def id_view(payload: torch.Tensor) -> torch.Tensor:
+    """The payload's bytes as integers of the same width (for the expert-id column)."""
+    return payload.view(_ID_DTYPE[payload.element_size()])
 
 
 def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
@@ -124,16 +133,17 @@ class AllToAllTransport:
         dest = self._destinations(routes, routing.expert_ids)  # (T*K,)
         send_rows = self._send_rows(dest, C)  # (T*K,)
         send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
-        send[:, D] = -1.0
+        ids = id_view(send)  # (R*C, W) same bytes, integer dtype
+        ids[:, D] = -1
         flat_e = routing.expert_ids.reshape(-1)  # (T*K,)
         send[send_rows, :D] = x.repeat_interleave(K, dim=0)  # scatter (T*K, D)
-        send[send_rows, D] = flat_e.to(x.dtype)
+        ids[send_rows, D] = flat_e.to(ids.dtype)
         return _Then(self.collective.all_to_all(send), lambda recv: self._received(routes, recv, send_rows, T, K))
 
     def _received(self, routes: LayerRoutes, recv: torch.Tensor, send_rows: torch.Tensor, T: int, K: int):
         """recv: (R*C, W) -> the ExpertBatch for this rank's experts and the combine handle."""
         D = recv.shape[1] - 1
-        expert = recv[:, D].to(torch.int64)  # (R*C,) -1 = padding
+        expert = id_view(recv)[:, D].to(torch.int64)  # (R*C,) -1 = padding
         valid = torch.nonzero(expert >= 0).squeeze(1)  # (N,)
         local = routes.local_index[expert[valid]]  # (N,)
         assert bool((local >= 0).all()), "received a token for an expert this rank does not hold"
