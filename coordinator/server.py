@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
+from coordinator.rebalancer import RebalanceSettings
 from coordinator.state import CoordinatorState, DataPlane
 from coordinator.wire import model_spec
 from moemesh.mesh.placement_file import load_placement
@@ -63,6 +64,7 @@ class CoordinatorServer:
                 num_experts=cfg.num_experts, moe_layer_ids=cfg.moe_layer_ids, expected_workers=s.workers,
                 data_plane=DataPlane(s.transport, s.store_host, self.store_port), initial=initial,
                 load_window=s.load_window_reports,
+                rebalance=RebalanceSettings(policy=s.policy, update_every_tokens=s.rebalance_every_tokens),
             )
             spec = model_spec(cfg, s.model_dir)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
@@ -76,8 +78,8 @@ class CoordinatorServer:
         self._tasks.append(asyncio.create_task(self._watch_heartbeats(), name="heartbeat-monitor"))
         await self.server.set_ready()
         log.info(
-            "coordinator serving on %s:%d; expecting %d workers; TCPStore on %s:%d; transport %s; model %s",
-            s.host, self.port, s.workers, s.store_host, self.store_port, s.transport, s.model_dir,
+            "coordinator serving on %s:%d; expecting %d workers; TCPStore on %s:%d; transport %s; policy %s; model %s",
+            s.host, self.port, s.workers, s.store_host, self.store_port, s.transport, s.policy, s.model_dir,
         )
         return self.port
 

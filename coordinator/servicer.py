@@ -64,7 +64,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         load = self.state.load_snapshot()
         return pb.GetPlacementResponse(
             placement=wire.published_to_proto(current), window_tokens=load.window_tokens,
-            expert_counts=to_proto(load.expert_counts),
+            expert_counts=to_proto(load.expert_counts), balancing_policy=self.state.policy,
         )
 
     async def SetPlacement(self, request: pb.SetPlacementRequest, context) -> pb.SetPlacementResponse:

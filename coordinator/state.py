@@ -29,6 +29,7 @@ from coordinator.errors import (
 )
 from coordinator.load import LoadSnapshot, LoadWindow, check_counts
 from coordinator.membership import Membership, Silence, WorkerInfo
+from coordinator.rebalancer import RebalanceSettings, Rebalancer
 from moemesh.errors import ConfigError, InvalidRequestError
 from moemesh.mesh.placement import Placement, initial_placement, validate_placement
 
@@ -125,11 +126,14 @@ class CoordinatorState:
         data_plane: DataPlane,
         initial: Placement | None = None,
         load_window: int = 32,
+        rebalance: RebalanceSettings = RebalanceSettings(),
         history: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.num_experts = num_experts
         self.moe_layer_ids = tuple(moe_layer_ids)
+        self.policy = rebalance.policy
+        self.rebalancer = Rebalancer(rebalance, self.moe_layer_ids, num_experts)
         self.data_plane = data_plane
         self.membership = Membership(expected_workers, clock)
         self.load = LoadWindow(len(self.moe_layer_ids), num_experts, load_window)
@@ -229,6 +233,11 @@ class CoordinatorState:
         if world_generation == 0 or world_generation != self.membership.generation:
             return False
         self.load.add(worker_id, window_tokens, counts)
+        proposal = self.rebalancer.observe(window_tokens, counts, self.current().placement)
+        if proposal is not None:
+            epoch = self._next_epoch()
+            self._publish(replace(proposal, epoch=epoch), self.membership.generation)
+            log.info("placement epoch %d published (%s)", epoch, proposal.origin)
         return True
 
     def load_snapshot(self) -> LoadSnapshot:

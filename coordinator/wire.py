@@ -65,18 +65,11 @@ def published_to_proto(p: Published) -> pb.Placement:
 
 
 def placement_request(msg: pb.Placement) -> Placement:
-    """An operator's placement from SetPlacementRequest.
-
-    Gating factors are rejected rather than dropped: the Placement model does not carry them yet
-    (policy "gating" is a later issue), and silently ignoring them would publish something else.
-    """
+    """An operator's placement from SetPlacementRequest (gating factors are checked by
+    validate_placement)."""
     seen: set[int] = set()
     for lp in msg.layers:
         if lp.layer in seen:
             raise InvalidRequestError(f"layer {lp.layer} is placed twice")
         seen.add(lp.layer)
-        if len(lp.gating_factors):
-            raise InvalidRequestError(
-                f"layer {lp.layer}: gating_factors are not supported by this coordinator yet; leave them empty"
-            )
     return placement_from_proto(msg)

@@ -190,6 +190,9 @@ class MeshRunner:
                 del self._prepared[old]
         self.experts.layers = dict(prepared.layers)
         self.transport.set_placement(prepared.placement)
+        router = self.engine.model.moe.router
+        router.factors = {layer: torch.tensor(f, dtype=torch.float32, device=self.engine.model.runtime.device)
+                          for layer, f in prepared.placement.gating.items()}
         log.info("switched to placement epoch %d at step %d", header.epoch, self.steps)
         self.epoch = header.epoch
 

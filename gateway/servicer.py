@@ -20,7 +20,6 @@ from gateway.world import CoordinatorClient
 from moemesh.errors import InvalidRequestError
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-BALANCING_POLICY = "none"  # the gateway does not rebalance experts (yet): placement is fixed
 
 
 def _new_request_id() -> str:
@@ -70,9 +69,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.ModelInfoResponse:
         """The model (from its config) and the deployment (world, placement epoch)."""
         world = self.pool.world
-        reply = gateway_pb2.ModelInfoResponse(model=self.model.spec(), balancing_policy=BALANCING_POLICY)
+        reply = gateway_pb2.ModelInfoResponse(model=self.model.spec(), balancing_policy="unknown")
         if world is not None:
             reply.num_workers = world.world_size
             reply.transport = world.transport
-            reply.placement_epoch = await self.coordinator.placement_epoch(fallback=world.placement_epoch)
+            reply.placement_epoch, reply.balancing_policy = await self.coordinator.placement_epoch(
+                fallback=world.placement_epoch)
         return reply

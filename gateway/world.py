@@ -57,15 +57,16 @@ class CoordinatorClient:
                 return None
         raise AssertionError("unreachable: backoff() never ends")
 
-    async def placement_epoch(self, fallback: int) -> int:
-        """Epoch of the placement in force; `fallback` when the coordinator cannot say now."""
+    async def placement_epoch(self, fallback: int) -> tuple[int, str]:
+        """(epoch of the placement in force, balancing policy); (`fallback`, "unknown") when the
+        coordinator cannot say now."""
         try:
             reply = await self._stub.GetPlacement(coordinator_pb2.GetPlacementRequest(), timeout=self.call_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("GetPlacement on %s failed (%s: %s); reporting epoch %d", self.target,
                         exc.code().name, exc.details(), fallback)
-            return fallback
-        return reply.placement.epoch
+            return fallback, "unknown"
+        return reply.placement.epoch, reply.balancing_policy
 
     async def close(self) -> None:
         """Close the channel (cancels calls still in flight)."""

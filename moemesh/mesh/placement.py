@@ -9,7 +9,7 @@ coordinator's balancer (a later module) produces better ones.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moemesh.errors import InvalidRequestError
 
@@ -22,6 +22,9 @@ class Placement:
     world_size: int
     layers: Mapping[int, tuple[tuple[int, ...], ...]]
     origin: str = "initial"
+    # Policy "gating": per MoE layer, a factor per expert multiplying its gate probability when
+    # experts are selected (combine weights stay the model's). Empty = exact routing.
+    gating: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
 
     def experts_on(self, rank: int, layer: int) -> tuple[int, ...]:
         """Global expert ids held by `rank` in `layer`, ascending: the rank's local expert order."""
@@ -66,6 +69,9 @@ def validate_placement(p: Placement, num_experts: int, moe_layers: Iterable[int]
     for layer, table in p.layers.items():
         if len(table) != num_experts:
             raise InvalidRequestError(f"layer {layer}: {len(table)} experts placed, the model has {num_experts}")
+        factors = p.gating.get(layer, ())
+        if factors and (len(factors) != num_experts or not all(f > 0 for f in factors)):
+            raise InvalidRequestError(f"layer {layer}: gating factors must be {num_experts} positive values")
         for e, ranks in enumerate(table):
             if not ranks:
                 raise InvalidRequestError(f"layer {layer} expert {e}: no rank holds it")

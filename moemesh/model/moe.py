@@ -87,16 +87,27 @@ class Experts(Protocol):
 
 
 class SoftmaxTopKRouter:
-    """softmax over all experts in fp32, top-k, optional renormalisation (Mixtral always does)."""
+    """softmax over all experts in fp32, top-k, optional renormalisation (Mixtral always does).
+
+    `factors[layer]` (E,) is the paper's load-aware gating (policy "gating"): experts are
+    *selected* by probability x factor, but combined with the model's own probabilities. With no
+    factors for a layer the routing is exactly the model's. Set between steps only.
+    """
 
     def __init__(self, top_k: int, normalize: bool):
         self.top_k = top_k
         self.normalize = normalize
+        self.factors: dict[int, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing:
         logits = F.linear(x, weight)  # (T, E)
         probs = torch.softmax(logits.float(), dim=-1)  # (T, E)
-        top_p, top_i = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
+        factors = self.factors.get(layer)
+        if factors is None:
+            top_p, top_i = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
+        else:
+            top_i = torch.topk(probs * factors, self.top_k, dim=-1).indices  # (T, K) adjusted choice
+            top_p = torch.gather(probs, 1, top_i)  # (T, K) the model's own probabilities
         if self.normalize:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         return Routing(expert_ids=top_i, weights=top_p.to(x.dtype))

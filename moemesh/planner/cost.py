@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from moemesh.mesh.placement import Placement
-from moemesh.planner.slots import from_placement, holds
+from moemesh.planner.slots import from_placement
 from moemesh.planner.topology import Topology
 from moemesh.planner.traffic import Traffic
 
@@ -154,28 +154,32 @@ class PlacementCost:
 
 @dataclass(frozen=True)
 class _TopoArrays:
-    """Per-topology index arrays the model reuses for every layer (all [G, G] over (source, device))."""
+    """Per-topology index arrays the model reuses for every evaluation."""
 
-    same_other: np.ndarray  # same node, s != d (float mask)
-    remote: np.ndarray  # different nodes (float mask)
-    landing: np.ndarray  # int: device of node(d) a token from s lands on (s's local index)
-    forward: np.ndarray  # remote and landing != d (float mask): the copy takes an NVLink hop
-    node_onehot: np.ndarray  # [G, N]
+    node_starts: np.ndarray  # [N] first device of each node
+    remote: np.ndarray  # [G, N] 1.0 where node n is not device g's node
+    local_onehot: np.ndarray  # [R, G] source s lands on landing row r (see `_topo_arrays`)
+    land_row: np.ndarray  # [G] landing row of device g: tokens landing on g are those of row land_row[g]
 
 
 @lru_cache(maxsize=16)
 def _topo_arrays(topology: Topology) -> _TopoArrays:
+    """A token from source s crossing to node n lands on the device of n with local index
+    local(s) mod size(n). Rows 0..D-1 collect sources by local index (full nodes); a partial last
+    node of size z adds rows D..D+z-1 collecting sources by local(s) mod z."""
+    G, N, D = topology.devices, topology.nodes, topology.devices_per_node
     node, local, sizes = topology.node_of, topology.local_of, topology.node_sizes
-    same = node[:, None] == node[None, :]
-    G = topology.devices
-    landing = node[None, :] * topology.devices_per_node + local[:, None] % sizes[node][None, :]  # [S, G]
-    forward = ~same & (landing != np.arange(G)[None, :])
-    onehot = np.zeros((G, topology.nodes))
-    onehot[np.arange(G), node] = 1.0
-    return _TopoArrays(
-        same_other=(same & ~np.eye(G, dtype=bool)).astype(np.float64), remote=(~same).astype(np.float64),
-        landing=landing, forward=forward.astype(np.float64), node_onehot=onehot,
-    )
+    last = int(sizes[-1])
+    rows = D + (last if last < D else 0)
+    onehot = np.zeros((rows, G))
+    onehot[local, np.arange(G)] = 1.0
+    land_row = local.copy()
+    if last < D:
+        onehot[D + local % last, np.arange(G)] = 1.0
+        land_row[node == N - 1] += D
+    remote = (node[:, None] != np.arange(N)[None, :]).astype(np.float64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return _TopoArrays(node_starts=starts, remote=remote, local_onehot=onehot, land_row=land_row)
 
 
 @lru_cache(maxsize=16)
@@ -192,11 +196,11 @@ def link_layout(topology: Topology) -> LinkLayout:
 
 
 @dataclass(frozen=True)
-class LayerLoads:
-    """One layer's loads in token units (bytes = x token_bytes)."""
+class Loads:
+    """Loads of L layers in token units (bytes = x token_bytes)."""
 
-    link_tokens: np.ndarray  # [K] copies through nvl-* ports, tokens through ib-* ports
-    device_tokens: np.ndarray  # [G] copies computed on each device
+    link_tokens: np.ndarray  # [L, K] copies through nvl-* ports, tokens through ib-* ports
+    device_tokens: np.ndarray  # [L, G] copies computed on each device
 
 
 class CostModel:
@@ -210,55 +214,74 @@ class CostModel:
         self._arrays = _topo_arrays(topology)
 
     @cached_property
-    def device_layer_s_per_token(self) -> float:
-        """Compute seconds one token copy costs a device."""
+    def compute_s_per_token(self) -> float:
+        """Compute seconds one token copy costs the device holding its expert."""
         return self.shape.flops_per_token / self.topology.device_flops_per_s
 
-    def layer_loads(self, tokens: np.ndarray, slots: np.ndarray, coactivation: np.ndarray, top_k: int) -> LayerLoads:
-        """Loads of one layer.
+    def loads(self, tokens: np.ndarray, slots: np.ndarray, coactivation: np.ndarray, top_k: int) -> Loads:
+        """Port and device loads of L layers, without forming the [S, G] copy matrix.
 
         Parameters:
-            tokens: [G, E] token copies source device s -> expert e
-            slots: [G, P] experts on each device (-1 = empty)
-            coactivation: [E, E] tokens routed to both e and f
+            tokens: [L, G, E] token copies source device s -> expert e
+            slots: [L, G, P] experts on each device (-1 = empty)
+            coactivation: [L, E, E] tokens routed to both e and f
         """
-        ta = self._arrays
-        G, E = tokens.shape
-        # Step 1: who holds what; a source holding e keeps its copies of e
-        held = holds(slots, E)  # [G, E]
-        replicas = held.sum(axis=0)  # [E]
-        local = (tokens * held).sum(axis=1)  # [G]
-        share = np.zeros((G, E + 1))
-        share[:, :E] = np.where(held, 0.0, tokens) / np.maximum(replicas, 1)  # [S, E] per replica
-        # Step 2: copies from each source to each device (each replica takes an equal share)
-        pair = share[:, np.where(slots >= 0, slots, E)].sum(axis=2)  # [S, G]
-        device_tokens = pair.sum(axis=0) + local  # [G]
-        # Step 3: intra-node copies use the source's and the destination's NVLink ports
-        intra = pair * ta.same_other  # [S, G]
-        nvl_out, nvl_in = intra.sum(axis=1), intra.sum(axis=0)
-        # Step 4: cross-node copies use both nodes' InfiniBand ports
-        remote = pair * ta.remote  # [S, G]
-        node_copies = remote @ ta.node_onehot  # [S, N]
-        if self.options.dedupe_per_node and self.topology.nodes > 1:
-            # Step 5: send once per (token, node): subtract pairs of a token's copies on one node
-            node_share = (held.T @ ta.node_onehot) / np.maximum(replicas, 1)[:, None]  # [E, N]
-            pairs_on_node = 0.5 * ((coactivation @ node_share) * node_share).sum(axis=0)  # [N]
-            source_share = tokens.sum(axis=1) / max(tokens.sum(), 1e-30)  # [S]
-            crossing = np.maximum(node_copies - source_share[:, None] * pairs_on_node[None, :], node_copies / top_k)
-            # Step 6: landed tokens fan out over NVLink from the landing device
-            fwd = remote * ta.forward  # [S, G]
-            nvl_in = nvl_in + fwd.sum(axis=0)
-            nvl_out = nvl_out + np.bincount(ta.landing.ravel(), weights=fwd.ravel(), minlength=G)
+        ta, topo = self._arrays, self.topology
+        L, G, E = tokens.shape
+        N, node = topo.nodes, topo.node_of
+        # Step 1: the units (layer, device, expert) and each expert's replicas per node
+        l_, g_, k_ = np.nonzero(slots >= 0)
+        e_ = slots[l_, g_, k_]
+        on_node = np.zeros((L, E, N))
+        np.add.at(on_node, (l_, e_, node[g_]), 1.0)
+        replicas = on_node.sum(axis=2)  # [L, E]
+        inv = 1.0 / np.maximum(replicas, 1.0)  # [L, E] share of each replica
+        node_share = on_node * inv[:, :, None]  # [L, E, N]
+        w = inv[l_, e_]  # [U]
+
+        def per_device(values: np.ndarray) -> np.ndarray:  # [U] -> [L, G]
+            return np.bincount(l_ * G + g_, weights=values, minlength=L * G).reshape(L, G)
+
+        # Step 2: a source holding e keeps its copies of e; the rest split evenly over replicas
+        local = per_device(tokens[l_, g_, e_])  # [L, G]
+        xr = tokens.copy()
+        xr[l_, g_, e_] = 0.0  # [L, S, E] copies that leave their source
+        by_node = np.add.reduceat(xr, ta.node_starts, axis=1)  # [L, N, E] sent from each node
+        total = by_node.sum(axis=1)  # [L, E]
+        to_node = xr @ node_share  # [L, S, N] copies source s sends to node n
+        device_tokens = per_device(total[l_, e_] * w) + local
+        # Step 3: intra-node copies: the source's and the destination's NVLink ports
+        nvl_out = to_node[:, np.arange(G), node]  # [L, G]
+        nvl_in = per_device(by_node[l_, node[g_], e_] * w)
+        # Step 4: cross-node copies: both nodes' InfiniBand ports
+        remote = to_node * ta.remote[None]  # [L, S, N]
+        if self.options.dedupe_per_node and N > 1:
+            # Step 5: one crossing per (token, node): subtract pairs of a token's copies on one node
+            pairs = 0.5 * ((coactivation @ node_share) * node_share).sum(axis=1)  # [L, N]
+            source_share = tokens.sum(axis=2) / np.maximum(tokens.sum(axis=(1, 2)), 1e-30)[:, None]  # [L, S]
+            crossing = np.maximum(remote - source_share[:, :, None] * pairs[:, None, :], remote / top_k)
+            # Step 6: landed tokens fan out over NVLink from the device with the source's local index
+            landing = ta.local_onehot @ xr  # [L, R, E] copies by landing row (own node included)
+            remote_in = per_device((total[l_, e_] - by_node[l_, node[g_], e_]) * w)
+            direct = per_device(landing[l_, ta.land_row[g_], e_] * w)  # landed on their own expert
+            nvl_in = nvl_in + remote_in - direct
+            # copies landing on device g bound for its node: by landing row, less g's own (not remote)
+            landed_for_node = (landing @ node_share)[:, ta.land_row, node] - nvl_out  # [L, G]
+            nvl_out = nvl_out + landed_for_node - direct
         else:
-            crossing = node_copies
-        ib_out = ta.node_onehot.T @ crossing.sum(axis=1)  # [N] by source node
-        ib_in = crossing.sum(axis=0)  # [N]
-        return LayerLoads(link_tokens=np.concatenate([nvl_out, nvl_in, ib_out, ib_in]), device_tokens=device_tokens)
+            crossing = remote
+        ib_out = np.add.reduceat(crossing.sum(axis=2), ta.node_starts, axis=1)  # [L, N]
+        ib_in = crossing.sum(axis=1)  # [L, N]
+        return Loads(link_tokens=np.concatenate([nvl_out, nvl_in, ib_out, ib_in], axis=1), device_tokens=device_tokens)
 
     def layer_max_link_s(self, tokens: np.ndarray, slots: np.ndarray, coactivation: np.ndarray, top_k: int) -> float:
-        """The busiest port's seconds for one layer (what the swap search compares)."""
-        loads = self.layer_loads(tokens, slots, coactivation, top_k)
-        return float(self.links.time_s(loads.link_tokens * self.shape.token_bytes).max())
+        """The busiest port's seconds for one layer (tokens [G, E], slots [G, P], coactivation [E, E])."""
+        return float(self.max_link_s(tokens[None], slots[None], coactivation[None], top_k)[0])
+
+    def max_link_s(self, tokens: np.ndarray, slots: np.ndarray, coactivation: np.ndarray, top_k: int) -> np.ndarray:
+        """[L] the busiest port's seconds per layer (the paper's objective)."""
+        loads = self.loads(tokens, slots, coactivation, top_k)
+        return self.links.time_s(loads.link_tokens * self.shape.token_bytes).max(axis=1)
 
     def evaluate_slots(self, slots: np.ndarray, traffic: Traffic) -> PlacementCost:
         """slots [L, G, P] -> PlacementCost (the formulas in the module docstring)."""
@@ -266,10 +289,8 @@ class CostModel:
         if slots.shape[1] != G:
             raise ValueError(f"placement has {slots.shape[1]} devices, topology {G}")
         t = traffic.with_sources(G)
-        loads = [self.layer_loads(t.tokens[l], slots[l], t.coactivation[l], t.top_k) for l in range(t.num_layers)]
-        link_bytes = np.stack([x.link_tokens for x in loads]) * self.shape.token_bytes  # [L, K]
-        device_tokens = np.stack([x.device_tokens for x in loads])  # [L, G]
-        return self._times(t, link_bytes, device_tokens)
+        loads = self.loads(t.tokens, slots, t.coactivation, t.top_k)
+        return self._times(t, loads.link_tokens * self.shape.token_bytes, loads.device_tokens)
 
     def evaluate(self, placement: Placement, traffic: Traffic) -> PlacementCost:
         """Cost of a Placement (its layers must be traffic.layer_ids)."""
@@ -279,7 +300,7 @@ class CostModel:
         link_s = self.links.time_s(link_bytes)  # [L, K]
         dispatch_s = link_s[:, self.links.device_links].max(axis=2)  # [L, G]
         comm_s = 2.0 * dispatch_s  # combine mirrors dispatch
-        compute_s = device_tokens * self.device_layer_s_per_token  # [L, G]
+        compute_s = device_tokens * self.compute_s_per_token  # [L, G]
         device_s = compute_s + comm_s - np.minimum(self.options.overlap * comm_s, compute_s)
         return PlacementCost(
             layer_ids=t.layer_ids, links=self.links, link_bytes=link_bytes, link_s=link_s,

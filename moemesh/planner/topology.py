@@ -211,6 +211,9 @@ def topology_from_dict(data: Any, source: str = "topology") -> Topology:
     nodes = _count(data, "nodes", source)
     per_node = _count(data, "devices_per_node", source)
     devices = _count(data, "devices", source, default=nodes * per_node)
+    if not (nodes - 1) * per_node < devices <= nodes * per_node:
+        raise ConfigError(f"{source}: devices={devices} does not fill {nodes} node(s) of {per_node} "
+                          f"(the last node may be partial, not empty)")
     # Step 3: quantities with units
     memory = _quantity(data, ("device_memory", "device_memory_bytes"), _BYTES, source)
     flops = _quantity(data, ("device_flops", "device_flops_per_s"), _FLOPS, source, default=H100_FLOPS)

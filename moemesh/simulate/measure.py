@@ -38,6 +38,7 @@ class CpuRates:
     a2a_latency_s: float  # gloo all_to_all_single of a tiny buffer, median
     a2a_bytes_per_s: float  # (bytes sent by one rank) / (time above the latency) at a large size
     gather_latency_s: float  # gloo all_gather of 3 int64 (the step header), median
+    lockstep_skew: float  # extra wait of a collective per second of compute before it (lockstep)
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -50,15 +51,15 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def matmul_rate(repeats: int = 5) -> float:
-    """FLOP/s of fp32 (512 x 1024) @ (1024 x 1024) in this process, best of `repeats`."""
+    """FLOP/s of fp32 (512 x 1024) @ (1024 x 1024) in this process, median of `repeats`."""
     a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
     a @ b
-    return 2 * 512 * 1024 * 1024 / min(_timed(lambda: a @ b, repeats))
+    return 2 * 512 * 1024 * 1024 / statistics.median(_timed(lambda: a @ b, repeats))
 
 
 def stream_rate(rows: int = 8, d: int = 256, f: int = 1024, total_bytes: int = 64 << 20, repeats: int = 3) -> float:
     """Weight bytes/s of skinny matmuls: (rows x d) @ (d x f) over distinct matrices totalling
-    `total_bytes` (more than the last-level cache), best of `repeats` passes."""
+    `total_bytes` (more than the last-level cache), median of `repeats` passes."""
     n = max(1, total_bytes // (d * f * 4))
     weights = [torch.randn(d, f) for _ in range(n)]
     x = torch.randn(rows, d)
@@ -68,7 +69,7 @@ def stream_rate(rows: int = 8, d: int = 256, f: int = 1024, total_bytes: int = 6
             torch.mm(x, w)
 
     sweep()
-    return n * d * f * 4 / min(_timed(sweep, repeats))
+    return n * d * f * 4 / statistics.median(_timed(sweep, repeats))
 
 
 def _collective_times(rank: int, world: int, repeats: int) -> dict[str, float]:
@@ -95,47 +96,121 @@ def _collective_times(rank: int, world: int, repeats: int) -> dict[str, float]:
     return {"a2a_latency_s": tiny, "a2a_bytes_per_s": sent / max(big - tiny, 1e-9), "gather_latency_s": gather}
 
 
-def _rank_main(rank: int, world: int, store_path: str, repeats: int, queue) -> None:
+def _lockstep_skew(latency_s: float, segment_bytes: int = 2 << 20, cycles: int = 40) -> float:
+    """Ranks alternate a compute segment (skinny matmuls streaming `segment_bytes` of weights) and
+    a tiny all_to_all, as a decode step alternates attention/experts and exchanges. Returns the
+    collective's mean time beyond `latency_s`, per second of the segment before it: on a shared
+    machine the ranks finish a segment at different times and the first one waits."""
+    import torch.distributed as dist
+
+    d, f = 256, 1024
+    weights = [torch.randn(d, f) for _ in range(max(1, segment_bytes // (d * f * 4)))]
+    x = torch.randn(8, d)
+    send = torch.zeros(2 * 64)
+    recv = torch.empty_like(send)
+    compute, wait = 0.0, 0.0
+    dist.barrier()
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        for w in weights:
+            torch.mm(x, w)
+        t1 = time.perf_counter()
+        dist.all_to_all_single(recv, send)
+        compute, wait = compute + t1 - t0, wait + time.perf_counter() - t1
+    return max(0.0, (wait / cycles - latency_s) / (compute / cycles))
+
+
+def _measure_rates(repeats: int) -> dict[str, float]:
+    """Every rank at once: matmul, weight streaming, collectives, lockstep skew (see CpuRates)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    mm = matmul_rate()
+    dist.barrier()
+    stream = stream_rate()
+    dist.barrier()
+    times = _collective_times(dist.get_rank(), dist.get_world_size(), repeats)
+    skew = _lockstep_skew(times["a2a_latency_s"])
+    return {"matmul_flops_per_s": mm, "stream_bytes_per_s": stream, "lockstep_skew": skew, **times}
+
+
+def _rank_main(rank: int, world: int, store_path: str, inbox, outbox) -> None:
+    """A calibration process: joins the gloo world, then runs commands from `inbox` until None."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        dist.barrier()
-        mm = matmul_rate()
-        dist.barrier()
-        stream = stream_rate()
-        dist.barrier()
-        times = _collective_times(rank, world, repeats)
-        queue.put((rank, {"matmul_flops_per_s": mm, "stream_bytes_per_s": stream, **times}))
+        while (command := inbox.get()) is not None:
+            name, args = command
+            try:
+                if name == "rates":
+                    result = _measure_rates(*args)
+                else:
+                    dist.barrier()
+                    result = measure_overheads(*args).__dict__
+                outbox.put((rank, result))
+            except Exception as exc:  # report, keep serving: the parent raises
+                outbox.put((rank, exc))
     finally:
         dist.destroy_process_group()
 
 
-def measure_rates(processes: int = 2, repeats: int = 50, timeout_s: float = 120.0) -> CpuRates:
-    """Start `processes` one-thread processes and measure (module docstring); per-process rates
-    are the median over processes."""
-    import torch.multiprocessing as mp
+class Calibrator:
+    """`processes` one-thread processes joined by gloo that measure on command, all at once
+    (the machine as `processes` mesh workers see it). Use as a context manager; each call
+    returns the median over the processes."""
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="moemesh-measure-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank_main, args=(r, processes, store, repeats, queue)) for r in range(processes)]
-        for p in procs:
+    def __init__(self, processes: int = 2, timeout_s: float = 120.0):
+        import torch.multiprocessing as mp
+
+        self.processes, self.timeout_s = processes, timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory(prefix="moemesh-measure-")
+        self._outbox = self._ctx.Queue()
+        self._inboxes = [self._ctx.Queue() for _ in range(processes)]
+        store = os.path.join(self._tmp.name, "store")
+        self._procs = [self._ctx.Process(target=_rank_main, args=(r, processes, store, self._inboxes[r], self._outbox),
+                                         daemon=True) for r in range(processes)]
+
+    def __enter__(self) -> Calibrator:
+        for p in self._procs:
             p.start()
-        try:
-            results = dict(queue.get(timeout=timeout_s) for _ in procs)
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-    med = lambda key: statistics.median(r[key] for r in results.values())
-    return CpuRates(processes=processes, matmul_flops_per_s=med("matmul_flops_per_s"),
-                    stream_bytes_per_s=med("stream_bytes_per_s"), a2a_latency_s=med("a2a_latency_s"),
-                    a2a_bytes_per_s=med("a2a_bytes_per_s"), gather_latency_s=med("gather_latency_s"))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for box in self._inboxes:
+            box.put(None)
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self._tmp.cleanup()
+
+    def _run(self, name: str, args: tuple) -> list[dict[str, float]]:
+        for box in self._inboxes:
+            box.put((name, args))
+        results = [self._outbox.get(timeout=self.timeout_s)[1] for _ in self._procs]
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    def rates(self, repeats: int = 50) -> CpuRates:
+        results = self._run("rates", (repeats,))
+        med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        return CpuRates(processes=self.processes, **med)
+
+    def overheads(self, model_dir: str | Path, batch: int, context: int, steps: int = 30) -> Overheads:
+        results = self._run("overheads", (str(model_dir), batch, context, steps))
+        return Overheads(**{k: statistics.median(r[k] for r in results) for k in results[0]})
+
+
+def measure_rates(processes: int = 2, repeats: int = 50) -> CpuRates:
+    """Start `processes` one-thread processes and measure once (see Calibrator)."""
+    with Calibrator(processes) as cal:
+        return cal.rates(repeats)
 
 
 # ---- host-side overheads of the engine ----------------------------------------------------------
@@ -215,3 +290,74 @@ def _decode_step_s(model_dir: Path, batch: int, context: int, steps: int, spread
         engine.step()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+# ---- the mesh, measured -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeshDecode:
+    """Decode steps of a running mesh over a window, from every worker's Status counters."""
+
+    steps: int  # steps the slowest-counting worker ran in the window
+    step_s: float  # step_seconds / steps, mean over workers (every rank runs every step)
+    collective_s: float  # collective_seconds / steps, mean over workers
+    tokens_per_step: tuple[float, ...]  # per worker
+    wall_per_step_s: float  # window wall time / steps (includes the time between steps)
+
+
+async def worker_statuses(coordinator: str, timeout_s: float = 10.0) -> list:
+    """Every worker's Status (moemesh.v1 WorkerStatus), by rank, via the coordinator's world."""
+    import grpc
+
+    from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+    async with grpc.aio.insecure_channel(coordinator) as ch:
+        world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(
+            coordinator_pb2.WaitForWorldRequest(), timeout=timeout_s)
+    out = []
+    for member in world.members:
+        async with grpc.aio.insecure_channel(member.address) as ch:
+            out.append(await worker_pb2_grpc.WorkerStub(ch).Status(worker_pb2.StatusRequest(), timeout=timeout_s))
+    return out
+
+
+async def measure_mesh_decode(gateway: str, coordinator: str, requests: int, prompt_len: int, new_tokens: int,
+                              window: tuple[int, int], vocab: int, seed: int = 0, timeout_s: float = 120.0) -> MeshDecode:
+    """Start `requests` generations at once and measure the decode steps between the moment every
+    request has streamed window[0] tokens and the moment every one has streamed window[1]: a
+    fixed decode batch (prefills are over, nobody has finished)."""
+    import asyncio
+    import random
+
+    from moemesh.client import Client, TokenChunk
+    from moemesh.engine.sampling import SamplingParams
+
+    assert 1 <= window[0] < window[1] < new_tokens, "the window must end before any request finishes"
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(requests)]
+    streamed = [0] * requests
+    marks: dict[int, tuple[float, list]] = {}
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+
+    async def mark(k: int) -> None:
+        while min(streamed) < k:
+            await asyncio.sleep(0.0005)
+        marks[k] = (time.perf_counter(), await worker_statuses(coordinator))
+
+    async with Client(gateway, timeout=timeout_s) as client:
+        async def one(i: int) -> None:
+            async for ev in client.generate(token_ids=prompts[i], params=params, include_text=False):
+                if isinstance(ev, TokenChunk):
+                    streamed[i] += len(ev.token_ids)
+
+        await asyncio.gather(*(one(i) for i in range(requests)), mark(window[0]), mark(window[1]))
+    (t0, before), (t1, after) = marks[window[0]], marks[window[1]]
+    steps = [a.steps - b.steps for a, b in zip(after, before)]
+    n = max(max(steps), 1)
+    return MeshDecode(
+        steps=n,
+        step_s=statistics.fmean((a.step_seconds - b.step_seconds) / max(s, 1) for a, b, s in zip(after, before, steps)),
+        collective_s=statistics.fmean((a.collective_seconds - b.collective_seconds) / max(s, 1)
+                                      for a, b, s in zip(after, before, steps)),
+        tokens_per_step=tuple((a.tokens - b.tokens) / max(s, 1) for a, b, s in zip(after, before, steps)),
+        wall_per_step_s=(t1 - t0) / n,
+    )

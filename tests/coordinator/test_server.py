@@ -163,10 +163,11 @@ def test_bad_set_placement_is_rejected_and_the_server_keeps_serving(tiny_model):
             out_of_range.layers[0].experts[0].ranks[:] = [5]
             await expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.SetPlacement(
                 pb.SetPlacementRequest(placement=out_of_range), timeout=DEADLINE))
-            gated = swapped()
-            gated.layers[0].gating_factors[:] = [1.0] * EXPERTS
-            await expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.SetPlacement(
-                pb.SetPlacementRequest(placement=gated), timeout=DEADLINE))
+            for factors in ([1.0] * (EXPERTS - 1), [0.0] + [1.0] * (EXPERTS - 1)):  # wrong count; not positive
+                gated = swapped()
+                gated.layers[0].gating_factors[:] = factors
+                await expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.SetPlacement(
+                    pb.SetPlacementRequest(placement=gated), timeout=DEADLINE))
             stale = await expect_code(grpc.StatusCode.FAILED_PRECONDITION, stub.SetPlacement(
                 pb.SetPlacementRequest(placement=swapped(), expected_epoch=7), timeout=DEADLINE))
             await expect_code(grpc.StatusCode.FAILED_PRECONDITION, stub.SetPlacement(

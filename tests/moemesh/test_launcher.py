@@ -90,3 +90,23 @@ def test_resolve_workers():
     assert resolve_workers(16, None, 2) == 8
     assert resolve_workers(64, None, 22) == 3
     assert resolve_workers(16, 3, None) == 3
+
+
+def test_gating_policy_rebalances_live_and_loses_no_request(tmp_path, mesh_factory):
+    """Policy "gating" on a real mesh: ModelInfo names it, epochs advance as tokens flow (every
+    100 routed tokens), and every request still completes (outputs may differ: it changes routing)."""
+    model = write_tiny_model(tmp_path / "model", _spec("mixtral"))
+    mesh = mesh_factory(model, 2, "--policy", "gating")
+
+    async def run():
+        async with Client(mesh.gateway, timeout=120) as client:
+            before = await client.model_info()
+            params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+            done = await asyncio.gather(*(client.generate_text(token_ids=p, params=params) for p in PROMPTS))
+            return before, done, await client.model_info()
+
+    before, done, after = asyncio.run(run())
+    assert before.balancing_policy == "gating"
+    assert [len(d.token_ids) for d in done] == [40] * len(PROMPTS)
+    assert after.placement_epoch > before.placement_epoch  # the coordinator published new factors
+    assert mesh.stop() == []

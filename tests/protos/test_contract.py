@@ -148,6 +148,7 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "placement": (1, "Placement"),
         "window_tokens": (2, "uint64"),
         "expert_counts": (3, "Tensor"),
+        "balancing_policy": (4, "string"),
     },
     "SetPlacementRequest": {"placement": (1, "Placement"), "expected_epoch": (2, "uint64")},
     "SetPlacementResponse": {"placement": (1, "Placement")},

@@ -1,0 +1,26 @@
+"""The rebalancer turns load reports into placements: gating every 100 routed tokens; none never."""
+
+from __future__ import annotations
+
+import torch
+
+from coordinator.rebalancer import RebalanceSettings, Rebalancer
+from moemesh.mesh.placement import initial_placement
+
+
+def test_gating_publishes_new_factors_every_100_tokens_and_keeps_the_placement():
+    current = initial_placement(4, [0, 1], world_size=2)
+    reb = Rebalancer(RebalanceSettings(policy="gating"), (0, 1), 4)
+    skewed = torch.tensor([[150, 20, 20, 10], [50, 50, 50, 50]])  # (L, E) one report of 100 tokens x top-2
+    assert reb.observe(60, skewed, current) is None  # 60 tokens: not yet a cycle
+    proposal = reb.observe(60, skewed, current)
+    assert proposal is not None and proposal.origin == "gating"
+    assert proposal.layers == current.layers  # only the gating factors change
+    assert proposal.gating[0][0] < proposal.gating[0][1]  # the hot expert is damped
+    assert proposal.gating[1] == (1.0, 1.0, 1.0, 1.0)  # the balanced layer is left alone
+
+
+def test_policy_none_never_moves_anything():
+    current = initial_placement(4, [0], world_size=2)
+    reb = Rebalancer(RebalanceSettings(policy="none"), (0,), 4)
+    assert all(reb.observe(1000, torch.tensor([[900, 1, 1, 1]]), current) is None for _ in range(5))
