@@ -63,14 +63,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     # ---- events from the engine thread (hopped onto the loop by the server) ----------------------
     def deliver(self, events: list[Event]) -> None:
+        """One step's events: a single Batch message per stream (not one message per token)."""
+        per_stream: dict[int, tuple[asyncio.Queue, list]] = {}
         for ev in events:
             route = self.routes.get(ev.request_id)
             if route is None:
                 continue  # its stream is gone; the request was cancelled
-            for msg in _event_messages(ev, route):
-                route.out.put_nowait(msg)
+            per_stream.setdefault(id(route.out), (route.out, []))[1].extend(_event_messages(ev, route))
             if route.done:
                 del self.routes[ev.request_id]
+        for out, msgs in per_stream.values():
+            out.put_nowait(msgs[0] if len(msgs) == 1 else worker_pb2.WorkerEvent(
+                batch=worker_pb2.WorkerEvent.Batch(events=msgs)))
 
     # ---- RPCs -----------------------------------------------------------------------------------
     async def Serve(self, request_iterator, context):

@@ -237,6 +237,10 @@ class WorkerPool:
         kind = event.WhichOneof("kind")
         if kind is None:
             return
+        if kind == "batch":  # one engine step's events for this stream
+            for inner in event.batch.events:
+                self._dispatch(link, inner)
+            return
         body = getattr(event, kind)
         handle = self._handles.get(body.request_id)
         if handle is None or handle.rank != link.rank or handle.done:

@@ -188,7 +188,9 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "tokens": (1, "WorkerEvent.Tokens"),
         "finished": (2, "WorkerEvent.Finished"),
         "rejected": (3, "WorkerEvent.Rejected"),
+        "batch": (4, "WorkerEvent.Batch"),
     },
+    "WorkerEvent.Batch": {"events": (1, "repeated WorkerEvent")},
     "WorkerEvent.Tokens": {"request_id": (1, "string"), "token_ids": (2, "repeated uint32")},
     "WorkerEvent.Finished": {
         "request_id": (1, "string"),
