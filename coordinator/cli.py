@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.settings import TRANSPORTS, CoordinatorSettings
-from moemesh.errors import ConfigError, MoemeshError
+from moemesh.commands import run
+from moemesh.errors import ConfigError
 
 Runner = Callable[[argparse.Namespace], int]
 DEFAULT_TARGET = "127.0.0.1:50050"
@@ -174,17 +175,7 @@ COMMANDS = (add_coordinator_command, add_placement_command)
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone CLI with just the coordinator's commands (moemesh.cli wires in the same two)."""
-    parser = argparse.ArgumentParser(prog="moemesh", description="moemesh coordinator commands")
-    sub = parser.add_subparsers(dest="command", required=True)
-    runners = {name: add(sub) for name, add in zip(("coordinator", "placement"), COMMANDS)}
-    args = parser.parse_args(argv)
-    try:
-        return runners[args.command](args)
-    except MoemeshError as exc:
-        print(f"moemesh {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(argv, COMMANDS, description="moemesh coordinator commands")
 
 
 if __name__ == "__main__":

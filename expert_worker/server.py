@@ -32,7 +32,6 @@ from moemesh.mesh.gloo import StoreWaker
 from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
-from moemesh.model.config import load_config
 from moemesh.model.model import RuntimeShape, build_model
 from moemesh.rpc import Server, channel, exit_with_parent, stop_event_on_signals, write_port_file
 from moemesh.tensor_wire import to_proto
@@ -132,7 +131,6 @@ async def _retry_until_up(call, stop: asyncio.Event, what: str):
 def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     """Blocking: load weights, join the process group, assemble engine and engine thread."""
     rank, size = world.rank, world.world_size
-    cfg = load_config(model_dir)
     reader = CheckpointReader(model_dir)
     runtime = RuntimeShape(max_seqs=settings.max_seqs, max_model_len=settings.max_model_len,
                            dtype=compute_dtype(settings.dtype, settings.device), device=settings.device)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.settings import ENV_PREFIX, GatewaySettings
+from moemesh.commands import run
 from moemesh.errors import MoemeshError
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -100,17 +101,7 @@ def _parse_bool(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: `python -m gateway.cli gateway ...`."""
-    parser = argparse.ArgumentParser(prog="gateway")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = add_gateway_command(sub)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except MoemeshError as exc:
-        print(f"moemesh gateway: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(argv, (add_gateway_command,))
 
 
 if __name__ == "__main__":

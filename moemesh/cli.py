@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from moemesh.commands import run
 from moemesh.errors import MoemeshError
 
 
@@ -126,28 +127,8 @@ def _commands() -> tuple:
             add_gateway_command, add_placement_command)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
-    parser = argparse.ArgumentParser(prog="moemesh", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    runners = {}
-    for add in _commands():
-        before = set(sub.choices)
-        run = add(sub)
-        (name,) = set(sub.choices) - before
-        runners[name] = run
-    return parser, runners
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser, runners = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return runners[args.command](args)
-    except MoemeshError as exc:
-        print(f"moemesh {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(argv, _commands(), description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

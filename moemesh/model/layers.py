@@ -186,7 +186,7 @@ def _prefill_attention(
     q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, seg: Segment, sliding_window: int | None
 ) -> torch.Tensor:
     """q: (n, H, Dh) one sequence's new tokens -> (n, H, Dh), causal over its cached context."""
-    n, end = seg.length, seg.start_pos + seg.length
+    end = seg.start_pos + seg.length
     keys = kc[seg.slot, :, :end].unsqueeze(0)  # (1, G, end, Dh)
     values = vc[seg.slot, :, :end].unsqueeze(0)  # (1, G, end, Dh)
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, Dh)
