@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # protoc finds its mypy plugin in the virtualenv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup stubs test run bench-core bench-mesh clean gpu-check
+.PHONY: setup stubs test run bench-core bench-mesh bench-balance clean gpu-check
 
 setup: $(STAMP) stubs
 
@@ -38,6 +38,9 @@ bench-core: setup
 
 bench-mesh: setup
 	$(PY) scripts/bench_mesh.py
+
+bench-balance: setup
+	$(PY) scripts/bench_balance.py
 
 # Runs on a GPU machine's own Python (torch + CuPy preinstalled there; no network, no venv):
 # make gpu-check RESULTS=$$OUT

@@ -69,6 +69,7 @@ OPTIONS = (
     _Option("--shutdown-grace", "shutdown_grace_s", float, 2.0, "seconds in-flight RPCs get on stop"),
     _Option("--policy", "policy", str, "none", "balancing policy: none, gating (the paper's), replicate"),
     _Option("--rebalance-every", "rebalance_every_tokens", int, 100, "routed tokens between balancing updates"),
+    _Option("--topology", "topology", str, "local", "planner topology (preset or YAML) for policy replicate"),
 )
 
 

@@ -1,9 +1,13 @@
 """Turning load reports into new placement epochs, per balancing policy. Pure: no gRPC.
 
 The coordinator calls `observe` for every load report; a returned placement is published as the
-next epoch (workers prepare it in the background and switch at one step). Policy "gating"
-updates the gating factors every `update_every_tokens` routed tokens (100, the paper's period)
-from the last `window_cycles` updates' counts.
+next epoch (workers prepare it in the background and switch at one step). Every
+`update_every_tokens` routed tokens (100, the paper's period) one cycle ends:
+- "gating" updates the gating factors from the last `window_cycles` cycles' counts;
+- "replicate" plans a placement for the measured traffic (moemesh.planner: replicas of hot
+  experts on spare devices, topology-aware), prices the move against the current placement, and
+  publishes only the layers whose predicted gain over the next `price_window_tokens` pays for
+  their weight transfer. Outputs stay exactly the model's.
 """
 
 from __future__ import annotations
@@ -16,14 +20,22 @@ import torch
 from coordinator.balancing import POLICIES, GatingSettings, gating_update
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement
+from moemesh.planner.cost import ExpertShape
+from moemesh.planner.problem import Problem
+from moemesh.planner.search import keep_paying, plan, price_change
+from moemesh.planner.topology import resolve_topology
+from moemesh.planner.traffic import from_counts
 
 
 @dataclass(frozen=True)
 class RebalanceSettings:
     policy: str = "none"
     update_every_tokens: int = 100
-    window_cycles: int = 3
+    window_cycles: int = 3  # cycles of counts a decision looks at
     gating: GatingSettings = GatingSettings()
+    topology: str = "local"  # planner topology: a preset name or a YAML file
+    price_window_tokens: float = 100_000  # a move must pay for itself within this many tokens
+    load_bandwidth_bytes_per_s: float = 1e9  # how fast a worker loads new experts (checkpoint read)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -32,9 +44,23 @@ class RebalanceSettings:
             raise ConfigError(f"--rebalance-every must be >= 1 token, got {self.update_every_tokens}")
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the planner needs to know about the model."""
+
+    top_k: int
+    hidden_size: int
+    expert_intermediate_size: int
+    dtype_bytes: int
+
+
 class Rebalancer:
-    def __init__(self, settings: RebalanceSettings, moe_layer_ids: tuple[int, ...], num_experts: int):
+    def __init__(self, settings: RebalanceSettings, moe_layer_ids: tuple[int, ...], num_experts: int,
+                 facts: ModelFacts | None = None):
+        if settings.policy == "replicate" and facts is None:
+            raise ConfigError("policy replicate needs the model's shape")
         self.s = settings
+        self.facts = facts
         self.layers = moe_layer_ids
         self.num_experts = num_experts
         self._pending = torch.zeros(len(moe_layer_ids), num_experts, dtype=torch.int64)  # (L, E)
@@ -43,7 +69,7 @@ class Rebalancer:
 
     def observe(self, window_tokens: int, counts: torch.Tensor, current: Placement) -> Placement | None:
         """counts: (L, E) one worker's report. Returns the next placement (epoch unassigned) or None."""
-        if self.s.policy != "gating":
+        if self.s.policy == "none":
             return None
         self._pending += counts
         self._pending_tokens += window_tokens
@@ -52,9 +78,25 @@ class Rebalancer:
         self._recent.append(self._pending)
         self._pending = torch.zeros_like(self._pending)
         self._pending_tokens = 0
+        if self.s.policy == "replicate":
+            return self._replan(current)
         factors = torch.tensor([current.gating.get(layer, (1.0,) * self.num_experts) for layer in self.layers])
         new = gating_update(factors, sum(self._recent), self.s.gating)  # (L, E)
         if torch.allclose(new, factors):
             return None
         gating = {layer: tuple(float(f) for f in new[i]) for i, layer in enumerate(self.layers)}
         return replace(current, gating=gating, origin="gating")
+
+    def _replan(self, current: Placement) -> Placement | None:
+        f = self.facts
+        traffic = from_counts(sum(self._recent), top_k=f.top_k, sources=current.world_size, layer_ids=self.layers)
+        shape = ExpertShape(hidden_size=f.hidden_size, intermediate_size=f.expert_intermediate_size,
+                            dtype_bytes=f.dtype_bytes)
+        problem = Problem(resolve_topology(self.s.topology, current.world_size), traffic, shape)
+        proposed = plan(problem, current=current).placement
+        price = price_change(current, proposed, problem, self.s.price_window_tokens,
+                             transfer_bandwidth_bytes_per_s=self.s.load_bandwidth_bytes_per_s)
+        new = keep_paying(current, proposed, price)
+        if dict(new.layers) == dict(current.layers):
+            return None
+        return replace(new, epoch=current.epoch, gating=current.gating, origin="replicate")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
-from coordinator.rebalancer import RebalanceSettings
+from coordinator.rebalancer import ModelFacts, RebalanceSettings
 from coordinator.state import CoordinatorState, DataPlane
 from coordinator.wire import model_spec
 from moemesh.mesh.placement_file import load_placement
@@ -64,7 +64,9 @@ class CoordinatorServer:
                 num_experts=cfg.num_experts, moe_layer_ids=cfg.moe_layer_ids, expected_workers=s.workers,
                 data_plane=DataPlane(s.transport, s.store_host, self.store_port), initial=initial,
                 load_window=s.load_window_reports,
-                rebalance=RebalanceSettings(policy=s.policy, update_every_tokens=s.rebalance_every_tokens),
+                rebalance=RebalanceSettings(policy=s.policy, update_every_tokens=s.rebalance_every_tokens,
+                                            topology=s.topology),
+                facts=ModelFacts(cfg.top_k, cfg.hidden_size, cfg.expert_intermediate_size, dtype_bytes=4),
             )
             spec = model_spec(cfg, s.model_dir)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)

@@ -35,6 +35,7 @@ class CoordinatorSettings:
     shutdown_grace_s: float = 2.0  # how long in-flight RPCs may finish on stop
     policy: str = "none"  # balancing policy: none | gating | replicate (coordinator/balancing.py)
     rebalance_every_tokens: int = 100  # routed tokens between balancing updates (the paper: 100)
+    topology: str = "local"  # planner topology for policy replicate: preset name or YAML file
 
     def __post_init__(self) -> None:
         if self.workers < 1:

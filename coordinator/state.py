@@ -29,7 +29,7 @@ from coordinator.errors import (
 )
 from coordinator.load import LoadSnapshot, LoadWindow, check_counts
 from coordinator.membership import Membership, Silence, WorkerInfo
-from coordinator.rebalancer import RebalanceSettings, Rebalancer
+from coordinator.rebalancer import ModelFacts, RebalanceSettings, Rebalancer
 from moemesh.errors import ConfigError, InvalidRequestError
 from moemesh.mesh.placement import Placement, initial_placement, validate_placement
 
@@ -127,13 +127,14 @@ class CoordinatorState:
         initial: Placement | None = None,
         load_window: int = 32,
         rebalance: RebalanceSettings = RebalanceSettings(),
+        facts: ModelFacts | None = None,
         history: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.num_experts = num_experts
         self.moe_layer_ids = tuple(moe_layer_ids)
         self.policy = rebalance.policy
-        self.rebalancer = Rebalancer(rebalance, self.moe_layer_ids, num_experts)
+        self.rebalancer = Rebalancer(rebalance, self.moe_layer_ids, num_experts, facts)
         self.data_plane = data_plane
         self.membership = Membership(expected_workers, clock)
         self.load = LoadWindow(len(self.moe_layer_ids), num_experts, load_window)

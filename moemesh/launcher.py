@@ -39,6 +39,7 @@ class UpSettings:
     state_dir: Path
     micro_batches: int = 1
     policy: str = "none"
+    placement: Path | None = None
     start_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
 
@@ -112,7 +113,7 @@ def start(mesh: Mesh) -> tuple[str, str]:
     common = ["--max-model-len", str(s.max_model_len)]
     mesh.spawn("coordinator", ["coordinator", "--model", str(s.model), "--workers", str(s.workers),
                                "--host", "127.0.0.1", "--port", "0", "--port-file", str(s.state_dir / "coordinator.port"),
-                               "--policy", s.policy])
+                               "--policy", s.policy, *(["--placement", str(s.placement)] if s.placement else [])])
     coordinator = f"127.0.0.1:{mesh.wait_port('coordinator', s.state_dir / 'coordinator.port')}"
     for i in range(s.workers):
         mesh.spawn(f"worker {i}", ["worker", "--coordinator", coordinator, "--port", "0",
@@ -175,6 +176,7 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
                    help="micro-batches per step on every worker (2 = two-batch overlap)")
     p.add_argument("--policy", default="none", choices=("none", "gating", "replicate"),
                    help="balancing policy (gating changes outputs; see docs/architecture.md)")
+    p.add_argument("--placement", type=Path, default=None, help="initial placement file (YAML or JSON)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "moemesh")
 
     def run(args: argparse.Namespace) -> int:
@@ -188,6 +190,7 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
                 model=model.resolve(), workers=workers, host=args.host, port=args.port, max_seqs=args.max_seqs,
                 max_model_len=args.max_model_len, threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
                 state_dir=Path(state), micro_batches=args.micro_batches, policy=args.policy,
+                placement=args.placement.resolve() if args.placement else None,
             )
             return run_up(settings)
 

@@ -39,6 +39,7 @@ from moemesh.planner.swap import SwapBudget, swap_layer
 from moemesh.planner.topology import Topology
 
 _RELATIVE_GAIN = 1e-9
+_WARM_TOLERANCE = 0.02  # replanning from a current placement stops evening out within 2% of the mean
 
 
 def topology_aware(problem: Problem, current: Placement | None = None, node_rounds: int = 64,
@@ -51,23 +52,29 @@ def topology_aware(problem: Problem, current: Placement | None = None, node_roun
     t, topo = problem.routed, problem.topology
     G, P = topo.devices, problem.slots_per_device
     load = t.expert_tokens  # [L, E]
-    # Step 1: replicas of hot experts on the spare slots (EPLB)
-    counts = replicate(load, G * P, max_replicas=G)  # [L, E]
+    same_world = current is not None and current.world_size == G and set(problem.layer_ids) <= set(current.layers)
+    now = from_placement(current, problem.layer_ids) if same_world else None  # [L, G, P'] or None
+    # Step 1: replicas of hot experts on the spare slots (EPLB), as many as pack best
+    counts = _replica_counts(load, G, P, pack_rounds)  # [L, E]
     unit_expert, unit_load = units(load, counts)  # [L, U] heaviest first
-    # Step 2: units into bins of P slots, balanced
-    bins = _bins(unit_expert, unit_load, G, P, pack_rounds)  # [L, G, P] experts of each bin
-    # Step 3: bins onto nodes, greedy
+    # Step 2: units into bins of P slots, balanced; from the current devices' contents if given
+    if now is None:
+        bins = _bins(unit_expert, unit_load, G, P, pack_rounds)  # [L, G, P] experts of each bin
+    else:
+        bins = _warm_bins(unit_expert, unit_load, now, G, P, pack_rounds)  # bin g = device g now
+    # Step 3: bins onto nodes, greedy (or where they are now)
     bin_load, self_pairs, bin_pairs = _bin_traffic(problem, bins, counts)
-    node_of_bin = _assign_nodes(problem, bin_load, self_pairs, bin_pairs)  # [L, G]
+    if now is None:
+        node_of_bin = _assign_nodes(problem, bin_load, self_pairs, bin_pairs)  # [L, G]
+    else:
+        node_of_bin = np.tile(topo.node_of, (len(load), 1))
     # Step 4: node-level swaps while the busiest InfiniBand port gets lighter
-    node_of_bin = _refine_nodes(problem, bin_load, self_pairs, bin_pairs, node_of_bin, node_rounds)
+    node_of_bin = _refine_nodes(problem, bin_load, self_pairs, bin_pairs, node_of_bin, node_rounds,
+                                0.0 if now is None else _WARM_TOLERANCE)
     # Step 5: a node's bins fill its devices; keep experts in place, or rotate layers
     order = np.argsort(node_of_bin, axis=1, kind="stable")  # every node gets exactly its size in bins
     slots = np.take_along_axis(bins, order[:, :, None], axis=1)  # [L, G, P]
-    if current is not None and current.world_size == G:
-        slots = _align(slots, from_placement(current, problem.layer_ids), topo, problem.num_experts)
-    else:
-        slots = _rotate(slots, topo)
+    slots = _rotate(slots, topo) if now is None else _align(slots, now, topo, problem.num_experts)
     # Step 6: never a busier link than round-robin
     rr_slots = round_robin_slots(problem)
     rr = problem.model.evaluate_slots(rr_slots, problem.traffic)
@@ -88,18 +95,100 @@ def topology_aware(problem: Problem, current: Placement | None = None, node_roun
                      fallback=fallback)
 
 
+def _replica_counts(load: np.ndarray, G: int, P: int, rounds: int) -> np.ndarray:
+    """[L, E] replicas per expert. P = 1: every spare device gets a replica (EPLB). P > 1: EPLB's
+    order, but stopping at the number of spare slots (of 8 tried, up to all) whose units pack
+    into the most even bins: when many units are just over half a bin, fewer, bigger units
+    pack better (a bin takes one unit and a few small ones)."""
+    E = load.shape[1]
+    spare = G * P - E
+    if P == 1 or spare <= 0:
+        return replicate(load, G * P, max_replicas=G)
+    best_counts, best_max = None, None
+    for k in sorted({round(spare * f / 8) for f in range(1, 9)}):
+        counts = replicate(load, E + k, max_replicas=G)
+        unit_expert, unit_load = units(load, counts)
+        bins = _bins(unit_expert, unit_load, G, P, rounds)
+        worst = _bin_loads(bins, load / counts).max(axis=1)  # [L]
+        if best_counts is None:
+            best_counts, best_max = counts, worst
+            continue
+        better = worst < best_max * (1 - 1e-6)  # ties keep fewer replicas (fewer bytes to load)
+        best_counts = np.where(better[:, None], counts, best_counts)
+        best_max = np.where(better, worst, best_max)
+    return best_counts
+
+
+def _bin_loads(bins: np.ndarray, per_replica: np.ndarray) -> np.ndarray:
+    """bins [L, G, P] (-1 = empty), per_replica [L, E] -> [L, G] copies per bin."""
+    L, E = per_replica.shape
+    padded = np.concatenate([per_replica, np.zeros((L, 1))], axis=1)  # index E = empty slot
+    return padded[np.arange(L)[:, None, None], np.where(bins >= 0, bins, E)].sum(axis=2)
+
+
 def _bins(unit_expert: np.ndarray, unit_load: np.ndarray, G: int, P: int, rounds: int) -> np.ndarray:
-    """Units [L, U] (heaviest first) -> bins [L, G, P]: expert ids, balanced by load."""
+    """Units [L, U] (heaviest first, U <= G x P) -> bins [L, G, P]: experts, balanced by load."""
     L, U = unit_expert.shape
     if P == 1:
         return unit_expert[:, :, None].copy()
+    bin_of = pack(unit_expert, unit_load, G, P)  # [L, U]
     out = np.full((L, G, P), -1, dtype=np.int64)
     for l in range(L):
-        bin_of = pack(unit_expert[l], unit_load[l], G, P)
-        bin_of = improve_pack(unit_expert[l], unit_load[l], bin_of, G, rounds)
-        order = np.argsort(bin_of, kind="stable")  # every bin holds exactly P units
-        out[l] = unit_expert[l, order].reshape(G, P)
+        improved = improve_pack(unit_expert[l], unit_load[l], bin_of[l], G, rounds)
+        _fill(out[l], improved, unit_expert[l])
     return out
+
+
+def _warm_bins(unit_expert: np.ndarray, unit_load: np.ndarray, now: np.ndarray, G: int, P: int,
+               rounds: int) -> np.ndarray:
+    """Bins [L, G, P] where bin g starts from device g's current experts: each unit stays on a
+    device holding its expert now while there is one; the rest go, heaviest first, to the
+    lightest bin with room; then swaps out of the heaviest bin while that helps (P > 1)."""
+    L, U = unit_expert.shape
+    out = np.full((L, G, P), -1, dtype=np.int64)
+    for l in range(L):
+        holders: dict[int, list[int]] = {}
+        for g, k in zip(*np.nonzero(now[l] >= 0)):
+            holders.setdefault(int(now[l, g, k]), []).append(int(g))
+        fill, load = np.zeros(G, dtype=np.int64), np.zeros(G)
+        has: list[set[int]] = [set() for _ in range(G)]
+        bin_of = np.full(U, -1, dtype=np.int64)
+        # Step 1: units stay where their expert is now
+        for u, e in enumerate(unit_expert[l].tolist()):
+            if e < 0:
+                continue  # padding
+            while holders.get(e):
+                g = holders[e].pop(0)
+                if fill[g] < P:
+                    bin_of[u] = g
+                    break
+            if bin_of[u] >= 0:
+                fill[g] += 1
+                load[g] += unit_load[l, u]
+                has[g].add(e)
+        # Step 2: the rest, heaviest first, into the lightest bin with room and without the expert
+        for u in np.nonzero((bin_of < 0) & (unit_expert[l] >= 0))[0]:
+            e = int(unit_expert[l, u])
+            allowed = [g for g in range(G) if fill[g] < P and e not in has[g]]
+            g = min(allowed, key=load.__getitem__)
+            bin_of[u] = g
+            fill[g] += 1
+            load[g] += unit_load[l, u]
+            has[g].add(e)
+        # Step 3: even out
+        if P > 1:
+            bin_of = improve_pack(unit_expert[l], unit_load[l], bin_of, G, rounds, _WARM_TOLERANCE)
+        _fill(out[l], bin_of, unit_expert[l])
+    return out
+
+
+def _fill(out: np.ndarray, bin_of: np.ndarray, unit_expert: np.ndarray) -> None:
+    """Write units into out [G, P] (pre-filled with -1) by their bin."""
+    fill = np.zeros(out.shape[0], dtype=np.int64)
+    for b, e in zip(bin_of.tolist(), unit_expert.tolist()):
+        if e >= 0:
+            out[b, fill[b]] = e
+            fill[b] += 1
 
 
 def _bin_traffic(problem: Problem, bins: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -110,17 +199,18 @@ def _bin_traffic(problem: Problem, bins: np.ndarray, counts: np.ndarray) -> tupl
     """
     t = problem.routed
     L, G, P = bins.shape
-    share = t.expert_tokens / counts  # [L, E] copies per replica
-    rows = np.arange(L)[:, None, None]
-    bin_load = share[rows, bins].sum(axis=2)  # [L, G]
+    E = counts.shape[1]
+    bin_load = _bin_loads(bins, t.expert_tokens / counts)  # [L, G]
     if not problem.options.dedupe_per_node or problem.topology.nodes == 1:
         return bin_load, np.zeros((L, G)), np.zeros((L, G, G))
     # pairs of one token's copies for expert e on bin b and f on bin c: C[e, f] / (r_e r_f)
-    inv = 1.0 / counts  # [L, E]
-    onehot = np.zeros((L, G, counts.shape[1]))  # [L, G, E] share of e's copies on bin b
-    np.add.at(onehot, (np.repeat(np.arange(L), G * P), np.tile(np.repeat(np.arange(G), P), L), bins.ravel()),
-              np.take_along_axis(inv, bins.reshape(L, -1), axis=1).ravel())
-    pairs = onehot @ t.coactivation @ onehot.transpose(0, 2, 1)  # [L, G, G]
+    pairs = np.empty((L, G, G))
+    for l in range(L):
+        flat = bins[l].ravel()  # [U] (-1 = empty)
+        held = np.where(flat >= 0, flat, 0)
+        w = np.where(flat >= 0, 1.0 / counts[l, held], 0.0)  # [U]
+        unit_pairs = t.coactivation[l][np.ix_(held, held)] * w[:, None] * w[None, :]  # [U, U]
+        pairs[l] = unit_pairs.reshape(G, P, G, P).sum(axis=(1, 3))
     self_pairs = 0.5 * np.diagonal(pairs, axis1=1, axis2=2).copy()
     idx = np.arange(G)
     pairs[:, idx, idx] = 0.0
@@ -163,12 +253,13 @@ def _assign_nodes(problem: Problem, bin_load: np.ndarray, self_pairs: np.ndarray
 
 
 def _refine_nodes(problem: Problem, bin_load: np.ndarray, self_pairs: np.ndarray, bin_pairs: np.ndarray,
-                  node_of_bin: np.ndarray, rounds: int) -> np.ndarray:
+                  node_of_bin: np.ndarray, rounds: int, tolerance: float = 0.0) -> np.ndarray:
     """Swap a bin of the node with the busiest InfiniBand port with a bin elsewhere, the swap
     that lowers the busier of the two nodes most, while one does (at most `rounds` per layer).
 
     Parameters:
         bin_load, self_pairs: [L, G]; bin_pairs: [L, G, G]; node_of_bin: [L, G]
+        tolerance: if > 0, stop once the busiest port is within this share of an even spread's
     Returns:
         node_of_bin: [L, G] refined
     """
@@ -191,6 +282,10 @@ def _refine_nodes(problem: Problem, bin_load: np.ndarray, self_pairs: np.ndarray
             crossing = np.maximum(copies - pairs, copies / K)  # [N]
             ports = _port_load(crossing, crossing.sum(), sigma)
             i = int(ports.argmax())
+            if tolerance > 0:  # stop near the ports of an even spread
+                even = crossing.sum() * sigma
+                if ports[i] <= _port_load(even, crossing.sum(), sigma).max() * (1 + tolerance):
+                    break
             us, vs = np.nonzero(nodes == i)[0], np.nonzero(nodes != i)[0]
             j = nodes[vs]  # [V]
             du, dv = a[us][:, None], a[vs][None, :]
@@ -219,6 +314,35 @@ def _port_load(crossing: np.ndarray, total: np.ndarray | float, sigma: np.ndarra
     """A node's busier InfiniBand port with sources spread evenly: in = (1 - sigma) x the tokens
     crossing into it, out = sigma x the tokens crossing into the other nodes."""
     return np.maximum((1 - sigma) * crossing, sigma * (total - crossing))
+
+
+def _align(slots: np.ndarray, now: np.ndarray, topo: Topology, num_experts: int) -> np.ndarray:
+    """Relabel nodes of equal size, then devices inside each node, so that as many (device,
+    expert) pairs as possible are already in place; greedy matching by overlap.
+
+    Parameters:
+        slots: [L, G, P] proposed; now: [L, G, P'] current
+    Returns:
+        [L, G, P] the proposed placement with relabelled nodes and devices
+    """
+    first = np.concatenate([[0], np.cumsum(topo.node_sizes)])
+    out = np.empty_like(slots)
+    for l in range(len(slots)):
+        new_dev = _device_counts(slots[l], num_experts)  # [G, E]
+        old_dev = _device_counts(now[l], num_experts)
+        new_node = np.add.reduceat(new_dev, first[:-1], axis=0)  # [N, E]
+        old_node = np.add.reduceat(old_dev, first[:-1], axis=0)
+        # Step 1: node -> node (equal sizes only), most experts in common first
+        overlap = np.minimum(new_node[:, None, :], old_node[None, :, :]).sum(axis=2)  # [N, N]
+        same = topo.node_sizes[:, None] == topo.node_sizes[None, :]
+        node_to = _greedy_match(np.where(same, overlap, -1))
+        # Step 2: device -> device inside each matched pair of nodes
+        for n, m in enumerate(node_to):
+            src = np.arange(first[n], first[n + 1])
+            dst = np.arange(first[m], first[m + 1])
+            common = new_dev[src] @ old_dev[dst].T  # [D, D] experts in common
+            out[l, dst[_greedy_match(common)]] = slots[l, src]
+    return out
 
 
 def _rotate(slots: np.ndarray, topo: Topology) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement
 from moemesh.planner.cost import CostModel, CostOptions, ExpertShape, PlacementCost
-from moemesh.planner.slots import from_placement, slots_per_device, to_placement
+from moemesh.planner.slots import slots_per_device, to_placement
 from moemesh.planner.topology import Topology
 from moemesh.planner.traffic import Traffic
 
@@ -41,8 +41,8 @@ class Problem:
 
     def __post_init__(self) -> None:
         if self.slots is not None:
-            least = slots_per_device(self.traffic.num_experts, self.topology.devices)
-            if self.slots < least or (least == 1 and self.slots > 1 and self.topology.devices >= self.num_experts):
+            least = slots_per_device(self.num_experts, self.topology.devices)
+            if self.slots < least or (least == 1 and self.slots != 1):
                 raise ConfigError(
                     f"slots per device {self.slots}: {self.num_experts} experts on {self.topology.devices} devices "
                     f"need {least}" + (" and allow no more (one expert per device per layer)" if least == 1 else "")

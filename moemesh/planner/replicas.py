@@ -39,57 +39,73 @@ def units(load: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """Expand replica counts into units (one per replica), heaviest first.
 
     Parameters:
-        load: [L, E]; counts: [L, E] from `replicate` (every layer the same total U)
+        load: [L, E]; counts: [L, E] replicas per expert (layers may differ in total)
     Returns:
-        unit_expert: [L, U] expert of each unit; unit_load: [L, U] load / replicas, descending
+        unit_expert: [L, U] expert of each unit, -1 pads layers with fewer units (at the end);
+        unit_load: [L, U] load / replicas, descending, 0 for padding
     """
     L, E = load.shape
-    U = int(counts[0].sum())
-    unit_expert = np.stack([np.repeat(np.arange(E), counts[l]) for l in range(L)])  # [L, U]
-    unit_load = np.take_along_axis(load / counts, unit_expert, axis=1)  # [L, U]
-    order = np.argsort(-unit_load, axis=1, kind="stable")
-    assert unit_expert.shape == (L, U)
-    return np.take_along_axis(unit_expert, order, axis=1), np.take_along_axis(unit_load, order, axis=1)
+    U = int(counts.sum(axis=1).max())
+    unit_expert = np.full((L, U), -1, dtype=np.int64)
+    unit_load = np.zeros((L, U))
+    for l in range(L):
+        experts = np.repeat(np.arange(E), counts[l])
+        per = load[l, experts] / counts[l, experts]
+        order = np.argsort(-per, kind="stable")
+        unit_expert[l, : len(experts)] = experts[order]
+        unit_load[l, : len(experts)] = per[order]
+    return unit_expert, unit_load
 
 
 def pack(unit_expert: np.ndarray, unit_load: np.ndarray, bins: int, capacity: int) -> np.ndarray:
-    """Greedy balanced packing of one group of units into `bins` bins of `capacity` slots.
+    """Greedy balanced packing of units into `bins` bins of `capacity` slots, all layers at once.
 
     Parameters:
-        unit_expert, unit_load: [U] heaviest first
+        unit_expert, unit_load: [L, U] heaviest first (-1 = padding), at most bins x capacity real
     Returns:
-        bin_of: [U] bin index per unit; no bin gets two units of one expert
+        bin_of: [L, U] bin of each unit (-1 for padding); no bin gets two units of one expert
     """
-    U = len(unit_expert)
-    assert U <= bins * capacity, "more units than slots"
-    load = np.zeros(bins)
-    fill = np.zeros(bins, dtype=np.int64)
-    taken: list[set[int]] = [set() for _ in range(bins)]
-    bin_of = np.full(U, -1, dtype=np.int64)
+    L, U = unit_expert.shape
+    assert ((unit_expert >= 0).sum(axis=1) <= bins * capacity).all(), "more units than slots"
+    E = int(unit_expert.max()) + 1
+    rows = np.arange(L)
+    load = np.zeros((L, bins))
+    fill = np.zeros((L, bins), dtype=np.int64)
+    has = np.zeros((L, bins, E), dtype=bool)
+    bin_of = np.empty((L, U), dtype=np.int64)
     for u in range(U):
-        e = int(unit_expert[u])
+        e = unit_expert[:, u]  # [L]
+        real = e >= 0  # [L] padding units go nowhere
         # Step 1: bins with a free slot that do not hold this expert yet
-        allowed = [b for b in range(bins) if fill[b] < capacity and e not in taken[b]]
-        assert allowed, "no bin can take the unit"
+        allowed = (fill < capacity) & ~has[rows, :, np.maximum(e, 0)]  # [L, bins]
+        assert allowed[real].any(axis=1).all(), "no bin can take the unit"
         # Step 2: the lightest of them
-        best = min(allowed, key=load.__getitem__)
-        bin_of[u] = best
-        load[best] += unit_load[u]
-        fill[best] += 1
-        taken[best].add(e)
+        b = np.argmin(np.where(allowed, load, np.inf), axis=1)  # [L]
+        r, b = rows[real], b[real]
+        bin_of[:, u] = -1
+        bin_of[r, u] = b
+        load[r, b] += unit_load[r, u]
+        fill[r, b] += 1
+        has[r, b, e[real]] = True
     return bin_of
 
 
 def improve_pack(unit_expert: np.ndarray, unit_load: np.ndarray, bin_of: np.ndarray, bins: int,
-                 rounds: int) -> np.ndarray:
+                 rounds: int, tolerance: float = 0.0) -> np.ndarray:
     """Swap a unit of the heaviest bin with a unit of another bin while that lowers the heavier
     of the two (fixes what greedy packing with a slot count per bin leaves uneven).
 
     Parameters:
         unit_expert, unit_load, bin_of: [U]
+        tolerance: stop once the heaviest bin is within this share of the mean (fewer moves)
     Returns:
         bin_of: [U] improved; still no bin with two units of one expert
     """
+    real = unit_expert >= 0  # padding units (-1) stay out
+    if not real.all():
+        out = bin_of.copy()
+        out[real] = improve_pack(unit_expert[real], unit_load[real], bin_of[real], bins, rounds, tolerance)
+        return out
     bin_of = bin_of.copy()
     E = int(unit_expert.max()) + 1 if len(unit_expert) else 0
     load = np.bincount(bin_of, weights=unit_load, minlength=bins)
@@ -99,7 +115,7 @@ def improve_pack(unit_expert: np.ndarray, unit_load: np.ndarray, bin_of: np.ndar
         # Step 1: every swap of a unit u of the heaviest bin b with a unit v elsewhere
         b = int(load.argmax())
         us, vs = np.nonzero(bin_of == b)[0], np.nonzero(bin_of != b)[0]
-        if not len(us) or not len(vs):
+        if not len(us) or not len(vs) or load[b] <= load.mean() * (1 + tolerance):
             break
         j = bin_of[vs]
         au, av = unit_load[us][:, None], unit_load[vs][None, :]

@@ -64,12 +64,3 @@ def holds(slots_layer: np.ndarray, num_experts: int) -> np.ndarray:
     out[np.arange(G)[:, None], np.where(slots_layer >= 0, slots_layer, num_experts)] = True
     return out[:, :num_experts]
 
-
-def check_slots(slots: np.ndarray, num_experts: int) -> None:
-    """Assert the planner's invariants: every expert held, no device holds an expert twice."""
-    for l in range(slots.shape[0]):
-        held = slots[l][slots[l] >= 0]
-        assert set(held.tolist()) == set(range(num_experts)), f"layer {l}: experts missing"
-        for g in range(slots.shape[1]):
-            row = slots[l, g][slots[l, g] >= 0]
-            assert len(set(row.tolist())) == len(row), f"layer {l} device {g} holds an expert twice"

@@ -24,3 +24,24 @@ def test_policy_none_never_moves_anything():
     current = initial_placement(4, [0], world_size=2)
     reb = Rebalancer(RebalanceSettings(policy="none"), (0,), 4)
     assert all(reb.observe(1000, torch.tensor([[900, 1, 1, 1]]), current) is None for _ in range(5))
+
+
+def test_replicate_moves_spare_replicas_to_the_hot_experts():
+    from coordinator.rebalancer import ModelFacts
+
+    current = initial_placement(4, [0], world_size=6)  # spare ranks 4, 5 replicate experts 0, 1
+    assert current.layers[0] == ((0, 4), (1, 5), (2,), (3,))
+    reb = Rebalancer(RebalanceSettings(policy="replicate"), (0,), 4, ModelFacts(2, 64, 64, 4))
+    hot_2_and_3 = torch.tensor([[10, 10, 90, 90]])  # (L, E): experts 2 and 3 carry the load
+    proposal = reb.observe(100, hot_2_and_3, current)
+    assert proposal is not None and proposal.origin == "replicate"
+    assert [len(ranks) for ranks in proposal.layers[0]] == [1, 1, 2, 2]
+    assert proposal.gating == current.gating
+
+
+def test_replicate_leaves_a_balanced_placement_alone():
+    from coordinator.rebalancer import ModelFacts
+
+    current = initial_placement(4, [0], world_size=4)
+    reb = Rebalancer(RebalanceSettings(policy="replicate"), (0,), 4, ModelFacts(2, 64, 64, 4))
+    assert reb.observe(100, torch.tensor([[50, 50, 50, 50]]), current) is None

@@ -115,3 +115,48 @@ def test_each_worker_holds_a_quarter_of_the_experts(model, mesh_factory):
         assert [len(layer.expert_ids) for layer in s.experts] == [4, 4]
         # RSS: the expert weights a worker does not hold are not in its memory either.
         assert alone.rss_bytes - s.rss_bytes > 0.6 * (total - s.expert_bytes), (alone.rss_bytes, s.rss_bytes)
+
+
+def _coldest_experts(model_dir, prompts, params, experts: int) -> dict[int, int]:
+    """Per MoE layer, the expert these prompts route to least (counted in the local engine)."""
+    model = build_model(model_dir, RuntimeShape(max_seqs=len(prompts), max_model_len=256))
+    counts: dict[int, list[int]] = {}
+    inner = model.moe.router
+
+    def counting(x, weight, layer):
+        routing = inner(x, weight, layer)
+        row = counts.setdefault(layer, [0] * experts)
+        for e in routing.expert_ids.reshape(-1).tolist():
+            row[e] += 1
+        return routing
+
+    model.moe.router = counting
+    generate(Engine(model), prompts, params)
+    return {layer: row.index(min(row)) for layer, row in counts.items()}
+
+
+def test_replicate_policy_rebalances_during_live_generation_without_changing_a_token(mesh_factory, tmp_path):
+    """4 experts on 5 workers: the spare worker starts with a replica of the coldest expert; policy
+    "replicate" moves it to a hot one while requests run. Nothing is lost, no token changes."""
+    import dataclasses
+
+    import yaml
+
+    model = write_tiny_model(tmp_path / "model", dataclasses.replace(SPEC, experts=4, hidden=64, intermediate=128))
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)  # 400 tokens: several rebalance cycles
+    expected = generate(Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256))), PROMPTS, params)
+    cold = _coldest_experts(model, PROMPTS, params, experts=4)
+    layers = {layer: [[e] + ([4] if e == cold[layer] else []) for e in range(4)] for layer in cold}
+    placement = tmp_path / "cold-replica.yaml"
+    placement.write_text(yaml.safe_dump({"world_size": 5, "layers": layers}))
+    mesh = mesh_factory(model, 5, "--policy", "replicate", "--placement", str(placement))
+
+    async def run():
+        async with Client(mesh.gateway, timeout=300) as client:
+            done = await asyncio.gather(*(client.generate_text(token_ids=p, params=params) for p in PROMPTS))
+            return [list(d.token_ids) for d in done], await client.model_info()
+
+    tokens, info = asyncio.run(run())
+    assert info.balancing_policy == "replicate"
+    assert tokens == expected
+    assert info.placement_epoch > 1, "the coordinator never rebalanced"

@@ -1,0 +1,57 @@
+"""`moemesh plan` (moemesh.planner.cli): tables on stdout, the PNG, traces, errors."""
+
+from __future__ import annotations
+
+import json
+
+from moemesh.mesh.placement_file import load_placement
+from moemesh.planner.cli import main
+from moemesh.planner.traffic import save_trace, synthetic
+
+
+def test_plan_prints_the_tables_and_writes_the_png(tmp_path, capsys):
+    png, placement = tmp_path / "plan.png", tmp_path / "placement.yaml"
+    rc = main(["plan", "--topology", "paper-16xh100", "--experts", "16", "--layers", "4", "--skew", "zipf:1.2",
+               "--out", str(png), "--write-placement", str(placement), "--seed", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    for heading in ("== placement", "== links", "== devices", "== summary", "predicted gain over round-robin"):
+        assert heading in out
+    table = out.split("== placement")[1].split("==")[0].splitlines()
+    assert table[1].split() == ["node", "dev", "L0", "L1", "L2", "L3"] and len(table) >= 2 + 16
+    assert "ib-in:" in out and "round-robin" in out
+    p = load_placement(placement, range(4))
+    assert p.world_size == 16 and all(len(ranks) == 1 for ranks in p.layers[0])
+
+
+def test_plan_reads_a_trace(tmp_path, capsys):
+    trace = save_trace(synthetic(8, (1, 3), 4, skew=1.0, seed=0), tmp_path / "trace.json")
+    rc = main(["plan", "--topology", "local", "--devices", "4", "--experts", "8", "--layers", "2",
+               "--trace", str(trace), "--method", "swap"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "local-4" in out and "L1" in out and "L3" in out and "swap" in out
+
+
+def test_plan_reports_bad_input(tmp_path, capsys):
+    bad = tmp_path / "topo.yaml"
+    bad.write_text("nodes: 2\n")
+    assert main(["plan", "--topology", str(bad), "--experts", "4", "--layers", "1"]) == 2
+    assert "devices_per_node is required" in capsys.readouterr().err
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"format": "moemesh-trace"}))
+    assert main(["plan", "--topology", "local", "--experts", "4", "--layers", "1", "--trace", str(trace)]) == 2
+    assert "version" in capsys.readouterr().err
+    assert main(["plan", "--topology", "local", "--experts", "4"]) == 2
+    assert "--experts needs --layers" in capsys.readouterr().err
+
+
+def test_plan_takes_experts_layers_and_sizes_from_a_model(tmp_path, capsys):
+    from moemesh.model.tiny import TinySpec, hf_config
+
+    spec = TinySpec(layers=3, experts=8, top_k=2, hidden=64, intermediate=96, heads=4, kv_heads=2)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(spec)))
+    rc = main(["plan", "--topology", "local", "--devices", "4", "--model", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "8 experts x 3 MoE layers, top-2, 2 slot(s)" in out
+    assert f"{64 * 4} B per token" in out  # float32 hidden states
