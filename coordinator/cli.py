@@ -119,7 +119,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
 class PlacementCommand:
     """`placement set|show` settings."""
 
-    action: str  # "set" | "show"
+    action: str  # "set" | "show" | "trace"
     target: str  # coordinator host:port
     timeout_s: float
     file: Path | None = None
@@ -136,7 +136,9 @@ def add_placement_command(sub: argparse._SubParsersAction) -> Runner:
     set_p.add_argument("--expected-epoch", type=int, default=0, help="apply only if this is the current epoch")
     show_p = actions.add_parser("show", help="print the placement in force and the load statistics")
     show_p.add_argument("--yaml", action="store_true", help="print a placement file instead of the table")
-    for q in (set_p, show_p):
+    trace_p = actions.add_parser("trace", help="write the measured routing as a trace file `moemesh plan` reads")
+    trace_p.add_argument("file", type=Path, help="trace file to write (JSON)")
+    for q in (set_p, show_p, trace_p):
         q.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                        help=f"coordinator address (env MOEMESH_COORDINATOR_ADDRESS; default {DEFAULT_TARGET})")
         q.add_argument("--timeout", type=float, default=10.0, help="deadline of each RPC in seconds")
@@ -164,6 +166,10 @@ async def _placement(cmd: PlacementCommand) -> str:
         published = await tools.set_placement(cmd.target, cmd.file, cmd.expected_epoch, cmd.timeout_s)
         return f"published placement epoch {published.epoch} ({published.origin}) from {cmd.file}"
     resp = await tools.get_placement(cmd.target, cmd.timeout_s)
+    if cmd.action == "trace":
+        assert cmd.file is not None
+        cmd.file.write_text(tools.trace_json(resp))
+        return f"wrote the routing of {resp.window_tokens} measured tokens to {cmd.file}"
     return tools.placement_yaml(resp).rstrip("\n") if cmd.yaml else tools.format_placement(resp)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from moemesh.errors import MoemeshError, UnavailableError
+from moemesh.errors import InvalidRequestError, MoemeshError, UnavailableError
 from moemesh.mesh.placement_file import dump_placement, load_placement
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
 from moemesh.rpc import channel
@@ -89,3 +89,16 @@ def _counts(resp: pb.GetPlacementResponse) -> torch.Tensor | None:
         return None
     counts = from_proto(resp.expert_counts)
     return counts if counts.dim() == 2 else None
+
+
+def trace_json(resp: pb.GetPlacementResponse) -> str:
+    """The coordinator's measured routing window as a planner trace (moemesh.planner.traffic)."""
+    from moemesh.planner.traffic import dump_trace, from_counts
+
+    counts = _counts(resp)
+    if counts is None or resp.window_tokens == 0:
+        raise InvalidRequestError("the coordinator has measured no routed tokens yet; serve some requests first")
+    top_k = max(1, round(int(counts[0].sum()) / resp.window_tokens))  # copies per token
+    layers = [lp.layer for lp in resp.placement.layers]
+    traffic = from_counts(counts, top_k=top_k, sources=resp.placement.world_size, layer_ids=layers)
+    return dump_trace(traffic)

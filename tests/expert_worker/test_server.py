@@ -86,7 +86,7 @@ async def _generate_while_moving_experts(mesh) -> tuple[list[list[int]], list[in
     return tokens, at_switch
 
 
-def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, mesh_factory):
+def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, mesh_factory, tmp_path):
     engine = Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256)))
     expected = generate(engine, PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     mesh = mesh_factory(model, 4)
@@ -100,6 +100,24 @@ def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, m
         moved_here = [e for e in range(16) if (e + 1) % 4 == new.rank]
         assert [list(layer.expert_ids) for layer in new.experts] == [moved_here, moved_here]
         assert old.rank == new.rank and new.loaded_epoch == 2
+    _dump_trace_and_plan(mesh, model, tmp_path)
+
+
+def _dump_trace_and_plan(mesh, model, tmp_path) -> None:
+    """The running mesh's measured routing, dumped as a trace, is what `moemesh plan` reads."""
+    import subprocess
+    import sys
+
+    trace = tmp_path / "trace.json"
+    cli = [sys.executable, "-m", "moemesh.cli"]
+    out = subprocess.run([*cli, "placement", "trace", str(trace), "--coordinator", mesh.coordinator],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    planned = subprocess.run([*cli, "plan", "--topology", "local", "--devices", "4", "--trace", str(trace),
+                              "--model", str(model), "--out", str(tmp_path / "plan.png")],
+                             capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    assert (tmp_path / "plan.png").stat().st_size > 0
 
 
 def test_each_worker_holds_a_quarter_of_the_experts(model, mesh_factory):
