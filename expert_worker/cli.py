@@ -40,6 +40,10 @@ def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] |
                    help="split each step so exchanges overlap compute (same on every worker)")
     p.add_argument("--dtype", default=e("dtype", "auto"), choices=("auto", "float32", "bfloat16", "float16"),
                    help="compute dtype (auto: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--overflow", default=e("overflow", "dropless"), choices=("dropless", "reroute", "drop"),
+                   help="what happens to token copies beyond an expert's capacity")
+    p.add_argument("--capacity-factor", type=float, default=float(e("capacity_factor", 1.2)),
+                   help="expert capacity as a multiple of the average load (reroute/drop)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
     p.add_argument("--log-level", default=e("log_level", "INFO"))
 
@@ -57,7 +61,7 @@ def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] |
             max_model_len=args.max_model_len, max_new_tokens_limit=args.max_new_tokens_limit,
             collective_timeout_s=args.collective_timeout, report_every_tokens=args.report_every_tokens,
             exit_with_parent=args.exit_with_parent, micro_batches=args.micro_batches,
-            dtype=args.dtype,
+            dtype=args.dtype, overflow=args.overflow, capacity_factor=args.capacity_factor,
         )
         return uvloop.run(serve(settings))
 

@@ -59,7 +59,9 @@ class WorkerSettings:
     rpc_timeout_s: float = 10.0
     report_every_tokens: int = 100
     micro_batches: int = 1
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16  # 2 = two-batch overlap (slower on 2-core CPUs: docs/architecture.md)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    overflow: str = "dropless"  # expert capacity overflow: dropless | reroute | drop (moemesh/model/overflow.py)
+    capacity_factor: float = 1.2  # expert capacity = factor x average copies per expert (reroute/drop)  # 2 = two-batch overlap (slower on 2-core CPUs: docs/architecture.md)
     exit_with_parent: bool = False
     gil_switch_interval_s: float = 0.0002
 
@@ -141,7 +143,8 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.device,
                             settings.collective_timeout_s)
     transport = AllToAllTransport(collective, placement)
-    model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader)
+    model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader,
+                        overflow=settings.overflow, capacity_factor=settings.capacity_factor)
     engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
                                           micro_batches=settings.micro_batches))
     initial = PreparedEpoch(placement=placement, layers=dict(model.moe.experts.layers))

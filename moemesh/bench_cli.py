@@ -126,7 +126,11 @@ async def _drive(s: BenchSettings, model: dict) -> tuple[list[RequestTiming], fl
     warm, plan = build_plan(s, model)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        handler = True
+    except RuntimeError:  # not the main thread (a library caller): no Ctrl-C handling here
+        handler = False
     try:
         if warm.requests:
             bar = Progress(len(warm.requests), "warm-up", s.progress)
@@ -139,7 +143,8 @@ async def _drive(s: BenchSettings, model: dict) -> tuple[list[RequestTiming], fl
         bar.close()
         return timings, wall, stop.is_set()
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        if handler:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def bench(s: BenchSettings) -> tuple[dict, int]:

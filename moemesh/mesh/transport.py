@@ -73,7 +73,8 @@ def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
 
 @dataclass(frozen=True)
 class _Handle:
-    send_rows: torch.Tensor  # (T*K,) row of the send buffer holding each token copy
+    kept: torch.Tensor  # (T*K',) the copies that travelled (not dropped by the router)
+    send_rows: torch.Tensor  # (T*K',) row of the send buffer holding each of them
     recv_rows: torch.Tensor  # (N,) rows of the receive buffer, in ExpertBatch order
     shape: tuple[int, int, int]  # (T, K, total rows R*C)
 
@@ -86,6 +87,15 @@ class _Then:
 
     def wait(self):
         return self.then(self.pending.wait())
+
+
+def _per_copy(returned: torch.Tensor, handle: _Handle, T: int, K: int, D: int) -> torch.Tensor:
+    """returned: (R*C, D) -> (T, K, D) outputs per token copy; zeros for dropped copies."""
+    if handle.kept.numel() == T * K:
+        return returned[handle.send_rows].view(T, K, D)  # gather: nothing was dropped
+    out = torch.zeros(T * K, D, dtype=returned.dtype, device=returned.device)
+    out[handle.kept] = returned[handle.send_rows]  # gather, then scatter to copy order
+    return out.view(T, K, D)
 
 
 class AllToAllTransport:
@@ -130,17 +140,19 @@ class AllToAllTransport:
         R, D = self.world_size, x.shape[1]
         C = self.capacity(layer, K, micro)
         self._count(layer, routing.expert_ids)
-        dest = self._destinations(routes, routing.expert_ids)  # (T*K,)
-        send_rows = self._send_rows(dest, C)  # (T*K,)
+        flat_e = routing.expert_ids.reshape(-1)  # (T*K,) -1 = dropped by the router
+        kept = torch.nonzero(flat_e >= 0).squeeze(1)  # (T*K',) copies that travel
+        dest = self._destinations(routes, flat_e[kept], kept // K)  # (T*K',)
+        send_rows = self._send_rows(dest, C)  # (T*K',)
         send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
         ids = id_view(send)  # (R*C, W) same bytes, integer dtype
         ids[:, D] = -1
-        flat_e = routing.expert_ids.reshape(-1)  # (T*K,)
-        send[send_rows, :D] = x.repeat_interleave(K, dim=0)  # scatter (T*K, D)
-        ids[send_rows, D] = flat_e.to(ids.dtype)
-        return _Then(self.collective.all_to_all(send), lambda recv: self._received(routes, recv, send_rows, T, K))
+        send[send_rows, :D] = x[kept // K]  # gather + scatter (T*K', D)
+        ids[send_rows, D] = flat_e[kept].to(ids.dtype)
+        return _Then(self.collective.all_to_all(send),
+                     lambda recv: self._received(routes, recv, (kept, send_rows), T, K))
 
-    def _received(self, routes: LayerRoutes, recv: torch.Tensor, send_rows: torch.Tensor, T: int, K: int):
+    def _received(self, routes: LayerRoutes, recv: torch.Tensor, sent: tuple[torch.Tensor, torch.Tensor], T: int, K: int):
         """recv: (R*C, W) -> the ExpertBatch for this rank's experts and the combine handle."""
         D = recv.shape[1] - 1
         expert = id_view(recv)[:, D].to(torch.int64)  # (R*C,) -1 = padding
@@ -151,29 +163,27 @@ class AllToAllTransport:
         recv_rows = valid[order]  # (N,)
         counts = torch.bincount(local, minlength=int((routes.local_index >= 0).sum())).tolist()
         batch = ExpertBatch(x=recv[recv_rows, :D], counts=counts)  # gather (N, D)
-        return batch, _Handle(send_rows, recv_rows, (T, K, recv.shape[0]))
+        return batch, _Handle(sent[0], sent[1], recv_rows, (T, K, recv.shape[0]))
 
     def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Pending[torch.Tensor]:
         T, K, rows = handle.shape
         D = y.shape[1]
         back = torch.zeros(rows, D, dtype=y.dtype, device=y.device)  # (R*C, D)
         back[handle.recv_rows] = y  # scatter to the rows the copies arrived in
-        return _Then(self.collective.all_to_all(back),
-                     lambda returned: returned[handle.send_rows].view(T, K, D))  # gather (T, K, D)
+        return _Then(self.collective.all_to_all(back), lambda returned: _per_copy(returned, handle, T, K, D))
 
     def _count(self, layer: int, expert_ids: torch.Tensor) -> None:
         row = self.layer_order.index(layer)
-        self._counts[row] += torch.bincount(expert_ids.reshape(-1), minlength=self._counts.shape[1])
+        flat = expert_ids.reshape(-1)  # (T*K,) -1 = dropped
+        self._counts[row] += torch.bincount(flat[flat >= 0], minlength=self._counts.shape[1])
         if row == 0:
             self.counted_tokens += expert_ids.shape[0]
 
-    def _destinations(self, routes: LayerRoutes, expert_ids: torch.Tensor) -> torch.Tensor:
-        """expert_ids: (T, K) -> (T*K,) destination rank of each copy: this rank when it holds a
-        replica (no traffic), else replica t mod P of the expert (spreads a hot expert's tokens)."""
-        T, K = expert_ids.shape
-        flat = expert_ids.reshape(-1)  # (T*K,)
-        token = torch.arange(T, device=flat.device).repeat_interleave(K)  # (T*K,)
-        pick = token % routes.num_replicas[flat]  # (T*K,)
+    def _destinations(self, routes: LayerRoutes, flat: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """flat: (C',) expert of each copy, token: (C',) its token -> (C',) destination rank:
+        this rank when it holds a replica (no traffic), else replica token mod P of the expert
+        (spreads a hot expert's tokens)."""
+        pick = token % routes.num_replicas[flat]  # (C',)
         dest = routes.replicas[flat, pick]  # gather (T*K,)
         here = routes.local_index[flat] >= 0  # (T*K,)
         return torch.where(here, torch.full_like(dest, self.rank), dest)

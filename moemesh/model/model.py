@@ -107,6 +107,8 @@ def build_model(
     transport: Transport | None = None,
     assignment: dict[int, list[int]] | None = None,
     reader: CheckpointReader | None = None,
+    overflow: str = "dropless",
+    capacity_factor: float = 1.2,
 ) -> MoEModel:
     """Load a checkpoint. Defaults: every expert local (the reference and `--local` mode).
 
@@ -119,7 +121,7 @@ def build_model(
     dense = load_dense(reader, cfg, runtime.dtype, runtime.device)
     experts = GroupedExperts(load_experts(reader, cfg, assignment, runtime))
     moe = MoELayer(
-        router=SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob),
+        router=SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob, overflow, capacity_factor),
         transport=transport or LocalTransport(cfg.num_experts),
         experts=experts,
     )

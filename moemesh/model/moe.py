@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
+from moemesh.model.overflow import OVERFLOW_POLICIES, enforce_capacity, expert_capacity
 from moemesh.model.weights import LayerExperts
 
 
@@ -30,7 +31,7 @@ from moemesh.model.weights import LayerExperts
 class Routing:
     """Which experts each token goes to and with what weight."""
 
-    expert_ids: torch.Tensor  # (T, K) int64 global expert ids (never -1 from the router)
+    expert_ids: torch.Tensor  # (T, K) int64 global expert ids; -1 = dropped (overflow policy "drop")
     weights: torch.Tensor  # (T, K) float: combine weights, the model's own probabilities
 
 
@@ -94,9 +95,12 @@ class SoftmaxTopKRouter:
     factors for a layer the routing is exactly the model's. Set between steps only.
     """
 
-    def __init__(self, top_k: int, normalize: bool):
+    def __init__(self, top_k: int, normalize: bool, overflow: str = "dropless", capacity_factor: float = 1.2):
+        assert overflow in OVERFLOW_POLICIES, f"unknown overflow policy {overflow!r}"
         self.top_k = top_k
         self.normalize = normalize
+        self.overflow = overflow
+        self.capacity_factor = capacity_factor
         self.factors: dict[int, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing:
@@ -108,8 +112,13 @@ class SoftmaxTopKRouter:
         else:
             top_i = torch.topk(probs * factors, self.top_k, dim=-1).indices  # (T, K) adjusted choice
             top_p = torch.gather(probs, 1, top_i)  # (T, K) the model's own probabilities
-        if self.normalize:
-            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        if self.overflow != "dropless":
+            T, E = probs.shape
+            top_i = enforce_capacity(top_i, probs, expert_capacity(T, self.top_k, E, self.capacity_factor),
+                                     self.overflow)  # (T, K), -1 = dropped
+            top_p = torch.gather(probs, 1, top_i.clamp(min=0)) * (top_i >= 0)  # (T, K)
+        if self.normalize:  # (a token whose every copy was dropped keeps zero weights)
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top_p.dtype).tiny)
         return Routing(expert_ids=top_i, weights=top_p.to(x.dtype))
 
 
@@ -150,16 +159,18 @@ class LocalTransport:
 
     def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, micro: int = 0) -> Done[tuple[ExpertBatch, Any]]:
         T, K = routing.expert_ids.shape
-        flat = routing.expert_ids.reshape(-1)  # (T*K,)
-        order = torch.argsort(flat, stable=True)  # (T*K,) copy indices grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (E,)
-        rows = x[order // K]  # gather (T*K, D)
+        flat = routing.expert_ids.reshape(-1)  # (T*K,) -1 = dropped by the router
+        kept = torch.nonzero(flat >= 0).squeeze(1)  # (T*K',)
+        order = kept[torch.argsort(flat[kept], stable=True)]  # (T*K',) copies grouped by expert
+        counts = torch.bincount(flat[kept], minlength=self.num_experts).tolist()  # (E,)
+        rows = x[order // K]  # gather (T*K', D)
         return Done((ExpertBatch(x=rows, counts=counts), (order, T, K)))
 
     def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Done[torch.Tensor]:
         order, T, K = handle
-        out = torch.empty_like(y)  # (T*K, D)
-        out[order] = y  # scatter back to copy order
+        out = (torch.empty if order.numel() == T * K else torch.zeros)(T * K, y.shape[1], dtype=y.dtype,
+                                                                        device=y.device)  # (T*K, D)
+        out[order] = y  # scatter back to copy order (dropped copies stay zero)
         return Done(out.view(T, K, y.shape[1]))  # (T, K, D)
 
 

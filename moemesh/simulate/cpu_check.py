@@ -1,11 +1,21 @@
 """Prediction against measurement on this machine: the cost model, fed rates measured here, predicts
 the decode step of a real CPU mesh (`moemesh up`) measured in the same run. Not pure.
 
+The model's inputs, all measured in the run:
+- machine rates with as many one-thread processes as the mesh has workers, all busy at once
+  (moemesh.simulate.measure.Calibrator): fp32 matmul, weight streaming, gloo all_to_all
+  bandwidth, and the all_to_all latency with the processes busy between exchanges for the
+  durations the model predicts for the attention and expert stages (the step's duty cycle);
+- the engine's host overheads per step / layer / expert (a micro copy of the model);
+- a mesh worker's serving overhead per step: a one-worker mesh (no collectives) serving the same
+  per-worker batch, minus the single-process engine on the same batch (the worker's RPC threads
+  take the GIL from its engine thread while it streams tokens).
+
 This machine is shared and noisy (two vCPUs; other processes come and go within seconds), so the
-run interleaves: every round calibrates (moemesh.simulate.measure.Calibrator: the same number of
-one-thread processes as the mesh has workers), measures a window of decode steps on the mesh
-(worker Status counters), and calibrates again; the round's prediction uses the mean of the two
-calibrations. The result compares the medians over rounds.
+run interleaves: every round calibrates, times the engine, measures a window of decode steps on
+the one-worker mesh and then on the measured mesh (worker Status counters), and calibrates again;
+the round's prediction uses the mean of the two calibrations. The result compares the medians
+over rounds.
 """
 
 from __future__ import annotations
@@ -16,13 +26,14 @@ import signal
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moemesh.errors import MoemeshError
 from moemesh.model.config import load_config
 from moemesh.simulate.hardware import cpu_profile, cpu_topology
-from moemesh.simulate.measure import Calibrator, CpuRates, MeshDecode, Overheads, measure_mesh_decode
+from moemesh.simulate.measure import Calibrator, CpuRates, MeshDecode, Overheads, engine_step_s, measure_mesh_decode
 from moemesh.simulate.model import Prediction, parse_deployment, predict
 from moemesh.simulate.shapes import ModelShape, Workload
 
@@ -49,6 +60,9 @@ class CheckSettings:
 class Round:
     measured: MeshDecode
     predicted: Prediction  # from the mean of the calibrations around the window
+    serving_overhead_s: float  # one-worker mesh step - engine step, same per-worker batch
+    idle_latency_s: float  # back-to-back all_to_all
+    busy_latency_s: float  # all_to_all in the step's duty cycle: the latency the prediction uses
 
 
 @dataclass(frozen=True)
@@ -78,11 +92,14 @@ class CheckResult:
         return self.predicted_step_s / self.measured_step_s - 1.0
 
     def table(self) -> str:
-        lines = [f"{'round':>5} {'measured ms':>12} {'in coll. ms':>12} {'predicted ms':>13} {'pred. comm ms':>14}"]
+        lines = [f"{'round':>5} {'measured ms':>12} {'in coll. ms':>12} {'predicted ms':>13} {'pred. comm ms':>14} "
+                 f"{'serving ms':>11} {'a2a idle/busy ms':>17}"]
         for i, r in enumerate(self.rounds):
             p = r.predicted
             lines.append(f"{i:>5} {r.measured.step_s * 1e3:12.1f} {r.measured.collective_s * 1e3:12.1f} "
-                         f"{p.step_s * 1e3:13.1f} {(p.comm_s + p.parts['header_s']) * 1e3:14.1f}")
+                         f"{p.step_s * 1e3:13.1f} {(p.comm_s + p.parts['header_s']) * 1e3:14.1f} "
+                         f"{r.serving_overhead_s * 1e3:11.1f} "
+                         f"{r.idle_latency_s * 1e3:8.2f}/{r.busy_latency_s * 1e3:.2f}")
         lines.append(f"{'median':>6} {self.measured_step_s * 1e3:11.1f} {self.measured_collective_s * 1e3:12.1f} "
                      f"{self.predicted_step_s * 1e3:13.1f} {self.predicted_comm_s * 1e3:14.1f}   error {self.error:+.0%}")
         return "\n".join(lines)
@@ -95,35 +112,46 @@ def _mean_rates(a: CpuRates, b: CpuRates) -> CpuRates:
                     stream_bytes_per_s=h(a.stream_bytes_per_s, b.stream_bytes_per_s),
                     a2a_latency_s=(a.a2a_latency_s + b.a2a_latency_s) / 2,
                     a2a_bytes_per_s=h(a.a2a_bytes_per_s, b.a2a_bytes_per_s),
-                    gather_latency_s=(a.gather_latency_s + b.gather_latency_s) / 2,
-                    lockstep_skew=(a.lockstep_skew + b.lockstep_skew) / 2)
+                    gather_latency_s=(a.gather_latency_s + b.gather_latency_s) / 2)
 
 
 def _mean_overheads(a: Overheads, b: Overheads) -> Overheads:
     return Overheads(*((x + y) / 2 for x, y in zip(a.__dict__.values(), b.__dict__.values())))
 
 
-def predict_mesh_step(model_dir: Path, s: CheckSettings, rates: CpuRates, overheads: Overheads) -> Prediction:
+def duty_cycle(p: Prediction) -> tuple[float, ...]:
+    """Compute seconds before each exchange of one layer: attention, then experts."""
+    rows = [r for r in p.rows if r.dispatch_s > 0] or list(p.rows)
+    return (statistics.fmean(r.attention_s for r in rows), statistics.fmean(r.experts_s for r in rows))
+
+
+def predict_mesh_step(model_dir: Path, s: CheckSettings, rates: CpuRates, overheads: Overheads,
+                      serving_overhead_s: float = 0.0) -> Prediction:
     """The cost model's decode step for `s.workers` CPU workers (one expert group, no overlap)."""
     cfg = load_config(model_dir)
     shape = ModelShape.from_config(cfg, dtype_bytes=4)  # the CPU engine computes in fp32
     dep = parse_deployment(f"ep{s.workers}", cfg.num_experts, s.workers)
     work = Workload(batch=s.batch, seq=s.context, phase="decode", micro_batches=1)
-    profile = cpu_profile(rates, overheads, rates.lockstep_skew)
+    profile = cpu_profile(rates, overheads, serving_overhead_s)
     return predict(shape, dep, work, cpu_topology(rates, s.workers), profile, method="round-robin")
 
 
 def start_mesh(model_dir: Path, workers: int, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, str]:
-    """`moemesh up` as a subprocess; returns (process, gateway, coordinator) once it is ready."""
+    """`moemesh up` as a subprocess; returns (process, gateway, coordinator) once it is ready.
+    Its logs go to a temporary file, quoted in the error if it does not start."""
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--workers",
                              str(workers), "--port", "0", "--max-model-len", "256", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     match = re.search(r"gateway at (\S+); coordinator at (\S+);", line)
     if not match:
         proc.kill()
         proc.wait()
-        raise MoemeshError(f"moemesh up with {workers} workers did not start: {line!r}")
+        log.seek(0)
+        tail = "".join(log.readlines()[-15:])
+        raise MoemeshError(f"moemesh up with {workers} workers did not start: {line!r}\n{tail}")
+    log.close()  # the children keep their own handle; it disappears with them
     return proc, match.group(1), match.group(2)
 
 
@@ -138,24 +166,39 @@ def stop_mesh(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
 
 
 def check_cpu_mesh(model_dir: Path, s: CheckSettings = CheckSettings()) -> CheckResult:
-    """Start the mesh, then run `s.rounds` interleaved rounds (module docstring)."""
+    """Start the measured mesh and a one-worker mesh, then run `s.rounds` interleaved rounds
+    (module docstring)."""
     cfg = load_config(model_dir)
-    proc, gateway, coordinator = start_mesh(model_dir, s.workers)
+    per_worker = s.batch // s.workers
+    meshes = [start_mesh(model_dir, s.workers)]
     rounds = []
     try:
+        meshes.append(start_mesh(model_dir, 1))
+        (_, gateway, coordinator), (_, gateway1, coordinator1) = meshes
         with Calibrator(s.workers) as cal:
-            decode = lambda n, window: asyncio.run(measure_mesh_decode(
-                gateway, coordinator, s.batch, s.prompt_len, n, window, cfg.vocab_size))
-            decode(12, (2, 8))  # warm-up: first steps pay for lazy initialisation
-            calibrate = lambda: (cal.rates(), cal.overheads(model_dir, s.batch // s.workers, s.context,
-                                                            s.overhead_steps))
+            def decode(target: tuple[str, str], batch: int, n: int, window: tuple[int, int]) -> MeshDecode:
+                return asyncio.run(measure_mesh_decode(*target, batch, s.prompt_len, n, window, cfg.vocab_size))
+
+            def calibrate() -> tuple[CpuRates, Overheads]:
+                return cal.rates(), cal.overheads(model_dir, per_worker, s.context, s.overhead_steps)
+
+            for target, batch in (((gateway, coordinator), s.batch), ((gateway1, coordinator1), per_worker)):
+                decode(target, batch, 12, (2, 8))  # warm-up: first steps pay for lazy initialisation
             before = calibrate()
             for _ in range(s.rounds):
-                measured = decode(s.new_tokens, s.window)
+                engine = engine_step_s(model_dir, per_worker, s.context, s.overhead_steps)
+                single = decode((gateway1, coordinator1), per_worker, s.new_tokens, s.window)
+                measured = decode((gateway, coordinator), s.batch, s.new_tokens, s.window)
                 after = calibrate()
                 rates, overheads = _mean_rates(before[0], after[0]), _mean_overheads(before[1], after[1])
-                rounds.append(Round(measured, predict_mesh_step(model_dir, s, rates, overheads)))
+                serving = max(0.0, single.step_s - engine)
+                idle = predict_mesh_step(model_dir, s, rates, overheads, serving)
+                busy = cal.busy_latency(duty_cycle(idle))
+                loaded = replace(rates, a2a_latency_s=busy, gather_latency_s=busy)
+                rounds.append(Round(measured, predict_mesh_step(model_dir, s, loaded, overheads, serving), serving,
+                                    rates.a2a_latency_s, busy))
                 before = after
     finally:
-        stop_mesh(proc)
+        for proc, _, _ in meshes:
+            stop_mesh(proc)
     return CheckResult(tuple(rounds))

@@ -19,8 +19,11 @@ Constants and where they come from (docs/benchmarks.md repeats them):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+from moemesh.errors import ConfigError
 from moemesh.planner.topology import LinkSpec, Topology, local_topology
 
 
@@ -37,7 +40,7 @@ class DeviceProfile:
     expert_overhead_s: float = 0.0  # per expert that receives tokens in a layer
     header_s: float = 0.0  # per step: the ranks' agreement collective (lockstep header)
     per_peer_s: float = 0.0  # per destination an all-to-all sends to (message setup)
-    lockstep_skew: float = 0.0  # a collective also waits this share of the compute before it
+    serving_overhead_s: float = 0.0  # per step of a mesh worker beyond its engine (RPC threads, runner)
     source: str = ""
 
     def roofline_s(self, flops: float, bytes_: float) -> float:
@@ -60,18 +63,31 @@ FIELD_NOTES_CPU = DeviceProfile(
 )
 
 
+def profile_from_gpu_check(path: str | Path, base: DeviceProfile = H100_SXM) -> DeviceProfile:
+    """`base` with the matmul rate and memory bandwidth a GPU check measured
+    (scripts/gpu_check.py writes them to gpu-check.json under checks.machine_rates)."""
+    data = json.loads(Path(path).read_text())
+    rates = data.get("checks", {}).get("machine_rates") or {}
+    if "matmul_TFLOPs" not in rates or "copy_read_GBps" not in rates:
+        raise ConfigError(f"{path}: no checks.machine_rates with matmul_TFLOPs and copy_read_GBps")
+    device = data.get("device_name") or data.get("device") or "GPU"
+    return replace(base, name=f"{device} (measured by the GPU check)", flops_per_s=rates["matmul_TFLOPs"] * 1e12,
+                   mem_bytes_per_s=rates["copy_read_GBps"] * 1e9, source=f"measured: {path}")
+
+
 def profile_for(topology: Topology) -> DeviceProfile:
     """The default profile of a topology: this CPU for `local*`, else an H100."""
     return FIELD_NOTES_CPU if topology.name.startswith("local") else H100_SXM
 
 
-def cpu_profile(rates, overheads, lockstep_skew: float = 0.0) -> DeviceProfile:
+def cpu_profile(rates, overheads, serving_overhead_s: float = 0.0) -> DeviceProfile:
     """A CPU profile from moemesh.simulate.measure's CpuRates and Overheads."""
     return DeviceProfile(
         name=f"this CPU, {rates.processes} processes x 1 thread (measured)", flops_per_s=rates.matmul_flops_per_s,
         mem_bytes_per_s=rates.stream_bytes_per_s, memory_bytes=FIELD_NOTES_CPU.memory_bytes,
         step_overhead_s=overheads.per_step_s, layer_overhead_s=overheads.per_layer_s,
-        expert_overhead_s=overheads.per_expert_s, header_s=rates.gather_latency_s, lockstep_skew=lockstep_skew,
+        expert_overhead_s=overheads.per_expert_s, header_s=rates.gather_latency_s,
+        serving_overhead_s=serving_overhead_s,
         source="measured in this run (moemesh.simulate.measure)",
     )
 

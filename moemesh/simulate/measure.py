@@ -9,11 +9,16 @@ by gloo, and measures *while all of them run the same benchmark at once*:
   distinct weight matrices, more bytes than the caches hold), which is what a decode step's expert
   and attention projections do;
 - gloo all_to_all_single: latency (seconds at a tiny size) and bandwidth (bytes/s from a large
-  size), and all_gather latency (the step header).
+  size), and all_gather latency (the step header);
+- `Calibrator.busy_latency`: the all_to_all's latency when the ranks are busy between exchanges
+  for given durations (a decode step's duty cycle): on a shared machine it is several times the
+  back-to-back latency, because a rank that was descheduled arrives late.
 
 `measure_overheads(model_dir, ...)` times the single-process engine, with the mesh's transport over
 a one-rank world, on a copy of the model's structure with negligible widths: what is left is the
 host-side cost (Python, torch dispatch) per step, per layer and per expert with tokens.
+`engine_step_s` times that engine on the model itself (a mesh worker minus its serving threads).
+`measure_mesh_decode` reads a running mesh's worker Status counters over a window of decode steps.
 """
 
 from __future__ import annotations
@@ -35,10 +40,9 @@ class CpuRates:
     processes: int
     matmul_flops_per_s: float  # FLOP/s of a 512x1024x1024 fp32 matmul
     stream_bytes_per_s: float  # weight bytes/s read by skinny matmuls from DRAM
-    a2a_latency_s: float  # gloo all_to_all_single of a tiny buffer, median
+    a2a_latency_s: float  # gloo all_to_all_single of a tiny buffer, mean (the tail counts in a step)
     a2a_bytes_per_s: float  # (bytes sent by one rank) / (time above the latency) at a large size
-    gather_latency_s: float  # gloo all_gather of 3 int64 (the step header), median
-    lockstep_skew: float  # extra wait of a collective per second of compute before it (lockstep)
+    gather_latency_s: float  # gloo all_gather of 3 int64 (the step header), mean
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -81,14 +85,14 @@ def _collective_times(rank: int, world: int, repeats: int) -> dict[str, float]:
         for _ in range(5):
             dist.all_to_all_single(recv, send)
         dist.barrier()
-        return statistics.median(_timed(lambda: dist.all_to_all_single(recv, send), repeats))
+        return statistics.fmean(_timed(lambda: dist.all_to_all_single(recv, send), repeats))
 
     header = torch.zeros(3, dtype=torch.int64)
     outs = [torch.empty_like(header) for _ in range(world)]
     for _ in range(5):
         dist.all_gather(outs, header)
     dist.barrier()
-    gather = statistics.median(_timed(lambda: dist.all_gather(outs, header), repeats))
+    gather = statistics.fmean(_timed(lambda: dist.all_gather(outs, header), repeats))
     tiny = a2a(64)
     big_floats = 256 * 1024  # 1 MiB to every peer
     big = a2a(big_floats)
@@ -96,32 +100,30 @@ def _collective_times(rank: int, world: int, repeats: int) -> dict[str, float]:
     return {"a2a_latency_s": tiny, "a2a_bytes_per_s": sent / max(big - tiny, 1e-9), "gather_latency_s": gather}
 
 
-def _lockstep_skew(latency_s: float, segment_bytes: int = 2 << 20, cycles: int = 40) -> float:
-    """Ranks alternate a compute segment (skinny matmuls streaming `segment_bytes` of weights) and
-    a tiny all_to_all, as a decode step alternates attention/experts and exchanges. Returns the
-    collective's mean time beyond `latency_s`, per second of the segment before it: on a shared
-    machine the ranks finish a segment at different times and the first one waits."""
+def _replay(segments: tuple[float, ...], cycles: int) -> float:
+    """Every rank: busy for each of `segments` seconds in turn, a tiny all_to_all after each (the
+    duty cycle of a decode step: attention, exchange, experts, exchange). Returns the mean time of
+    those all_to_alls: their latency when the ranks compute in between, as a mesh's do. On a
+    shared machine a rank that was descheduled arrives late and its peers wait for it."""
     import torch.distributed as dist
 
-    d, f = 256, 1024
-    weights = [torch.randn(d, f) for _ in range(max(1, segment_bytes // (d * f * 4)))]
-    x = torch.randn(8, d)
-    send = torch.zeros(2 * 64)
+    send = torch.zeros(dist.get_world_size() * 64)
     recv = torch.empty_like(send)
-    compute, wait = 0.0, 0.0
+    waits = []
     dist.barrier()
     for _ in range(cycles):
-        t0 = time.perf_counter()
-        for w in weights:
-            torch.mm(x, w)
-        t1 = time.perf_counter()
-        dist.all_to_all_single(recv, send)
-        compute, wait = compute + t1 - t0, wait + time.perf_counter() - t1
-    return max(0.0, (wait / cycles - latency_s) / (compute / cycles))
+        for busy in segments:
+            end = time.perf_counter() + busy
+            while time.perf_counter() < end:
+                pass
+            t = time.perf_counter()
+            dist.all_to_all_single(recv, send)
+            waits.append(time.perf_counter() - t)
+    return statistics.fmean(waits)
 
 
 def _measure_rates(repeats: int) -> dict[str, float]:
-    """Every rank at once: matmul, weight streaming, collectives, lockstep skew (see CpuRates)."""
+    """Every rank at once: matmul, weight streaming, collectives (see CpuRates)."""
     import torch.distributed as dist
 
     dist.barrier()
@@ -130,8 +132,7 @@ def _measure_rates(repeats: int) -> dict[str, float]:
     stream = stream_rate()
     dist.barrier()
     times = _collective_times(dist.get_rank(), dist.get_world_size(), repeats)
-    skew = _lockstep_skew(times["a2a_latency_s"])
-    return {"matmul_flops_per_s": mm, "stream_bytes_per_s": stream, "lockstep_skew": skew, **times}
+    return {"matmul_flops_per_s": mm, "stream_bytes_per_s": stream, **times}
 
 
 def _rank_main(rank: int, world: int, store_path: str, inbox, outbox) -> None:
@@ -147,6 +148,8 @@ def _rank_main(rank: int, world: int, store_path: str, inbox, outbox) -> None:
             try:
                 if name == "rates":
                     result = _measure_rates(*args)
+                elif name == "replay":
+                    result = {"latency_s": _replay(*args)}
                 else:
                     dist.barrier()
                     result = measure_overheads(*args).__dict__
@@ -202,6 +205,10 @@ class Calibrator:
         med = {k: statistics.median(r[k] for r in results) for k in results[0]}
         return CpuRates(processes=self.processes, **med)
 
+    def busy_latency(self, segments: tuple[float, ...], cycles: int = 20) -> float:
+        """Mean all_to_all time when every rank is busy for `segments` seconds before each one."""
+        return statistics.median(r["latency_s"] for r in self._run("replay", (tuple(segments), cycles)))
+
     def overheads(self, model_dir: str | Path, batch: int, context: int, steps: int = 30) -> Overheads:
         results = self._run("overheads", (str(model_dir), batch, context, steps))
         return Overheads(**{k: statistics.median(r[k] for r in results) for k in results[0]})
@@ -244,6 +251,12 @@ def measure_overheads(model_dir: str | Path, batch: int, context: int, steps: in
     per_layer = max(0.0, per_layer_all - hits_all * per_expert)
     per_step = max(0.0, t_one_all - per_layer_all)
     return Overheads(per_step_s=per_step, per_layer_s=per_layer, per_expert_s=per_expert)
+
+
+def engine_step_s(model_dir: str | Path, batch: int, context: int, steps: int = 20) -> float:
+    """Seconds per decode step of the single-process engine (mesh transport over one rank) on the
+    model itself, in this process: a mesh worker's step without its serving threads."""
+    return _decode_step_s(Path(model_dir), batch, context, steps, spread=True)
 
 
 def _micro_model(out: Path, cfg, layers: int) -> Path:
@@ -289,7 +302,7 @@ def _decode_step_s(model_dir: Path, batch: int, context: int, steps: int, spread
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.fmean(times)
 
 
 # ---- the mesh, measured -------------------------------------------------------------------------

@@ -15,10 +15,11 @@ Deployments (`parse_deployment`):
 Per layer and micro-batch, every stage is the slowest device's time (the mesh runs in lockstep):
 - attention = roofline(FLOPs, attention weights + KV cache read) + router + layer overhead;
 - dispatch = the planner's dispatch time of the device (busiest of its ports: latency + bytes /
-  bandwidth) + per-peer message cost + lockstep skew; combine mirrors it;
+  bandwidth) + per-peer message cost; combine mirrors it;
 - experts = roofline(token copies x FLOPs per copy, weights of the experts that receive tokens)
   + per-expert overhead; an expert receives a token with probability 1 - exp(-expected copies).
-A step = the scheduled layers (moemesh.simulate.timeline) + lm head + step overhead + header.
+A step = the scheduled layers (moemesh.simulate.timeline) + lm head + step and serving overheads
++ header (the lockstep agreement collective).
 Decode: TPOT = step time, TPS = batch / step. Prefill: TPS = prompt tokens / step.
 """
 
@@ -177,15 +178,15 @@ def _predict_ep(shape: ModelShape, dep: Deployment, work: Workload, topo: Topolo
     tl = schedule(layers, m)
     head = _head_s(shape, profile, seqs_dev)
     header = profile.header_s if G > 1 else 0.0
-    step = tl.makespan_s + head + profile.step_overhead_s + header
+    overhead = profile.step_overhead_s + profile.serving_overhead_s
+    step = tl.makespan_s + head + overhead + header
     P = max(1, math.ceil(shape.experts / G)) if G < shape.experts else 1
     memory = (len(shape.moe_layer_ids) * P * shape.expert.expert_bytes
               + shape.layers * (shape.attn_weight_bytes + shape.router_params * shape.dtype_bytes)
               + shape.dense_layers * 3 * shape.d_model * shape.dense_ff * shape.dtype_bytes
               + shape.head_params * shape.dtype_bytes + _kv_bytes(shape, seqs_dev, work, shape.layers))
     return _prediction(dep, work, topo, profile, ("dispatch", "combine"), tl, step, memory, placement,
-                       {"layers_s": tl.makespan_s, "head_s": head, "overhead_s": profile.step_overhead_s,
-                        "header_s": header})
+                       {"layers_s": tl.makespan_s, "head_s": head, "overhead_s": overhead, "header_s": header})
 
 
 def _ep_layers(shape: ModelShape, work: Workload, topo: Topology, profile: DeviceProfile, seqs_mb: float,
@@ -209,8 +210,7 @@ def _ep_layers(shape: ModelShape, work: Workload, topo: Topology, profile: Devic
         l = moe.index(layer)
         experts = _ep_experts_s(shape, profile, chosen.slots[l], per_copy[l], cost.device_tokens[l])
         exchange = _ep_exchange_s(cost.comm_s[l] / 2, profile, G, tokens_mb * shape.top_k)
-        skew_wait = profile.lockstep_skew if G > 1 else 0.0
-        out.append(StageTimes(attention, exchange + skew_wait * attention, experts, exchange + skew_wait * experts))
+        out.append(StageTimes(attention, exchange, experts, exchange))
     origin = f"{chosen.report.method} over {G} device(s), traffic {traffic.origin}"
     return out, origin
 
@@ -276,13 +276,14 @@ def _predict_tp(shape: ModelShape, dep: Deployment, work: Workload, topo: Topolo
     hop = float(cross.time_s(act_bytes)) if P > 1 else 0.0
     head = _head_s(shape, profile, seqs_mb)
     header = profile.header_s if T > 1 else 0.0
+    overhead = profile.step_overhead_s + profile.serving_overhead_s
     layers_s = P * (stage.makespan_s + hop)
-    step = layers_s + head + profile.step_overhead_s + header
+    step = layers_s + head + overhead + header
     memory = (per_stage * (shape.attn_weight_bytes + (shape.experts * e.expert_bytes if shape.moe_layer_ids else 0)) / T
               + _kv_bytes(shape, work.batch / dep.replicas, work, per_stage, T))
     pred = _prediction(dep, work, topo, profile, ("all-reduce", "all-reduce"), stage, step, memory,
                        f"every expert split {T} ways; {per_stage} layers per stage; {m} micro-batches",
-                       {"layers_s": layers_s, "head_s": head, "overhead_s": profile.step_overhead_s,
+                       {"layers_s": layers_s, "head_s": head, "overhead_s": overhead,
                         "header_s": header, "stage_s": stage.makespan_s, "hop_s": hop, "micro_batches": m})
     # every micro-batch crosses every stage once per token: P stages' worth of exchanges per token
     return replace(pred, comm_s=P * stage.comm_s, exposed_comm_s=P * stage.exposed_comm_s)

@@ -32,32 +32,32 @@ def _layer(ids: tuple[int, ...], w13, w2) -> LayerExperts:
     return LayerExperts(expert_ids=ids, w13=w13[list(ids)], w2=w2[list(ids)])
 
 
-def _rank_main(rank: int, port: int, placement: Placement, out: mp.Queue) -> None:
+def _rank_main(rank: int, port: int, placement: Placement, overflow: str, out: mp.Queue) -> None:
     torch.set_num_threads(1)
     w13, w2, router, xs = _weights()
     collective = init_gloo("127.0.0.1", port, "test/", rank, len(TOKENS), timeout_s=30)
     transport = AllToAllTransport(collective, placement)
     transport.begin_step((max(TOKENS),))
     experts = GroupedExperts({0: _layer(placement.experts_on(rank, 0), w13, w2)})
-    layer = MoELayer(SoftmaxTopKRouter(K, True), transport, experts)
+    layer = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), transport, experts)
     y = layer(0, xs[rank], router)
     counts, tokens = transport.take_counts()
-    out.put((rank, y, counts, tokens))
+    out.put((rank, y.numpy(), counts.numpy(), tokens))  # by value: the child may exit before the read
     collective.close()
 
 
-def _run_mesh(placement: Placement) -> dict[int, tuple]:
+def _run_mesh(placement: Placement, overflow: str) -> dict[int, tuple]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, store.port, placement, out)) for r in range(len(TOKENS))]
+    procs = [ctx.Process(target=_rank_main, args=(r, store.port, placement, overflow, out)) for r in range(len(TOKENS))]
     try:
         for p in procs:
             p.start()
         results = {}
         for _ in procs:
-            rank, *rest = out.get(timeout=60)
-            results[rank] = tuple(rest)
+            rank, y, counts, tokens = out.get(timeout=120)
+            results[rank] = (torch.from_numpy(y), torch.from_numpy(counts), tokens)
         return results
     finally:
         for p in procs:
@@ -67,25 +67,29 @@ def _run_mesh(placement: Placement) -> dict[int, tuple]:
 
 
 @pytest.mark.parametrize(
-    "placement",
+    "placement, overflow",
     [
-        initial_placement(E, [0], world_size=3),  # 2 experts per rank
-        Placement(epoch=2, world_size=3, layers={0: ((0, 2), (1,), (1, 2), (0,), (0, 1, 2), (2,))}),  # replicas
+        (initial_placement(E, [0], world_size=3), "dropless"),  # 2 experts per rank
+        (Placement(epoch=2, world_size=3, layers={0: ((0, 2), (1,), (1, 2), (0,), (0, 1, 2), (2,))}), "dropless"),
+        (initial_placement(E, [0], world_size=3), "drop"),  # dropped copies travel nowhere
     ],
-    ids=["round-robin", "replicas"],
+    ids=["round-robin", "replicas", "drop-overflow"],
 )
-def test_mesh_moe_layer_equals_local(placement):
+def test_mesh_moe_layer_equals_local(placement, overflow):
     w13, w2, router, xs = _weights()
-    local = MoELayer(SoftmaxTopKRouter(K, True), LocalTransport(E), GroupedExperts({0: _layer(tuple(range(E)), w13, w2)}))
-    expected = local(0, torch.cat(xs), router).split(TOKENS)
-    results = _run_mesh(placement)
+    local = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), LocalTransport(E),
+                     GroupedExperts({0: _layer(tuple(range(E)), w13, w2)}))
+    expected = [local(0, x, router) for x in xs]  # capacity is per rank's own tokens
+    results = _run_mesh(placement, overflow)
     routed = torch.zeros(E, dtype=torch.int64)
     for rank, (y, counts, tokens) in results.items():
         assert y.shape == (TOKENS[rank], D)
         torch.testing.assert_close(y, expected[rank], rtol=1e-5, atol=1e-5)
         assert tokens == TOKENS[rank]
         routed += counts[0]
-    assert int(routed.sum()) == sum(TOKENS) * K
+    kept = sum(int((local.router(x, router, 0).expert_ids >= 0).sum()) for x in xs)
+    assert int(routed.sum()) == kept <= sum(TOKENS) * K
+    assert (kept < sum(TOKENS) * K) == (overflow == "drop")
 
 
 def test_send_rows_pack_each_destination_block():

@@ -1,0 +1,195 @@
+"""`moemesh simulate`: predict a deployment's per-layer timeline, TPOT and TPS from first principles.
+
+    moemesh simulate --topology paper-16xh100 --model paper --deployment ep16
+    moemesh simulate --topology cluster.yaml --model ./ckpt --deployment tp8pp2 --batch 256 --seq 2048
+    moemesh simulate --topology local --model ./ckpt --deployment ep2 --measure   # this machine's rates
+
+Prints the per-layer timeline (attention, dispatch, expert compute, combine, hidden share), the
+step summary and an EP scaling table (16 .. 1024 devices); with `--model paper` also the paper's
+table beside our predictions and where the paper's numbers disagree with each other; `--out PNG`
+writes the scaling chart, `--json FILE` everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from moemesh.errors import MoemeshError
+
+PLACEMENTS = ("round-robin", "swap", "ours")
+SHORT_CONTEXT = 128  # the scaling sweep also runs at this context, where weights and links dominate
+
+
+@dataclass(frozen=True)
+class SimulateSettings:
+    topology: str  # preset name or YAML file
+    model: str  # checkpoint folder or "paper"
+    deployment: str
+    batch: int | None  # sequences, whole deployment (None: the paper's 1024, else 64 per device)
+    seq: int | None  # context (decode) or prompt length (prefill); None: 10000 for paper, else 1024
+    phase: str
+    micro_batches: int  # 0 = the faster of 1 and 2
+    placement: str
+    skew: str
+    top_k: int | None
+    measure: bool
+    rates: Path | None  # a GPU check's gpu-check.json: its measured matmul rate and bandwidth
+    sweep: tuple[int, ...]
+    out: Path | None
+    json_path: Path | None
+
+
+def _sweep(text: str) -> tuple[int, ...]:
+    """"16:1024" -> powers of two from 16 to 1024; "16,64,256" -> those; "" -> none."""
+    if not text:
+        return ()
+    if ":" in text:
+        lo, hi = (int(x) for x in text.split(":"))
+        return tuple(2**i for i in range(int(math.log2(lo)), int(math.log2(hi)) + 1))
+    return tuple(int(x) for x in text.split(","))
+
+
+def add_simulate_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("simulate", help="predict TPS / TPOT of a deployment from FLOPs, bytes and links")
+    p.add_argument("--topology", default="paper-16xh100", help="preset (paper-16xh100, h100x64, local, ...) or YAML")
+    p.add_argument("--model", default="paper", help='checkpoint folder or "paper"')
+    p.add_argument("--deployment", default="ep16", help="ep<N>, colocated<k> or tp<T>pp<P>")
+    p.add_argument("--batch", type=int, default=None, help="sequences in flight, whole deployment")
+    p.add_argument("--seq", type=int, default=None, help="context tokens (decode) / prompt tokens (prefill)")
+    p.add_argument("--phase", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--micro-batches", default="auto", help="1, 2, ... or auto (the faster of 1 and 2)")
+    p.add_argument("--placement", choices=PLACEMENTS, default="ours", help="the planner's method")
+    p.add_argument("--skew", default="uniform", help="routing skew for the planner's traffic, e.g. zipf:1.2")
+    p.add_argument("--top-k", type=int, default=None, help="override the model's top-k")
+    p.add_argument("--measure", action="store_true", help="local topology: measure this machine's rates first")
+    p.add_argument("--rates", type=Path, default=None, metavar="GPU_CHECK_JSON",
+                   help="use the rates a GPU check measured (docs/gpu-check/gpu-check.json)")
+    p.add_argument("--sweep", type=_sweep, default=_sweep("16:1024"), help="EP scaling devices, e.g. 16:1024")
+    p.add_argument("--out", type=Path, default=None, help="write the EP scaling chart (PNG) here")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
+
+    def run(args: argparse.Namespace) -> int:
+        mb = 0 if args.micro_batches == "auto" else int(args.micro_batches)
+        settings = SimulateSettings(
+            topology=args.topology, model=args.model, deployment=args.deployment, batch=args.batch, seq=args.seq,
+            phase=args.phase, micro_batches=mb, placement=args.placement, skew=args.skew, top_k=args.top_k,
+            measure=args.measure, rates=args.rates, sweep=args.sweep, out=args.out, json_path=args.json,
+        )
+        return simulate(settings)
+
+    return run
+
+
+def _inputs(s: SimulateSettings):
+    """(shape, topology, profile) for the settings."""
+    from moemesh.model.config import load_config
+    from moemesh.planner.topology import resolve_topology
+    from moemesh.simulate.hardware import profile_for
+    from moemesh.simulate.shapes import ModelShape
+
+    shape = ModelShape.paper() if s.model == "paper" else ModelShape.from_config(load_config(s.model), name=Path(s.model).name)
+    if s.top_k:
+        shape = replace(shape, top_k=s.top_k)
+    topo = resolve_topology(s.topology)
+    profile = profile_for(topo)
+    if s.rates:
+        from moemesh.simulate.hardware import profile_from_gpu_check
+
+        profile = profile_from_gpu_check(s.rates, profile)
+    if s.measure:
+        from moemesh.simulate.hardware import cpu_profile, cpu_topology
+        from moemesh.simulate.measure import Calibrator
+
+        if s.model == "paper":
+            raise MoemeshError("--measure measures this CPU: give --model DIR (a checkpoint the CPU mesh serves)")
+        with Calibrator(topo.devices) as cal:
+            rates = cal.rates()
+            overheads = cal.overheads(s.model, max(1, (s.batch or 8) // topo.devices), s.seq or 64)
+        shape = replace(shape, dtype_bytes=4)  # the CPU engine computes in fp32
+        profile, topo = cpu_profile(rates, overheads), cpu_topology(rates, topo.devices)
+    return shape, topo, profile
+
+
+def simulate(s: SimulateSettings) -> int:
+    from moemesh.planner.traffic import parse_skew
+    from moemesh.simulate.model import parse_deployment, predict
+    from moemesh.simulate.paper import PAPER_BATCH, PAPER_SEQ, findings, paper_predictions, paper_table
+    from moemesh.simulate.shapes import Workload
+    from moemesh.simulate.sweep import ep_scaling, plot_scaling, scaling_table
+
+    shape, topo, profile = _inputs(s)
+    paper = s.model == "paper"
+    dep = parse_deployment(s.deployment, shape.experts, topo.devices)
+    batch = s.batch or (PAPER_BATCH if paper else 64 * dep.devices)
+    seq = s.seq or (PAPER_SEQ if paper else 1024)
+    work = Workload(batch, seq, s.phase, s.micro_batches)
+    pred = predict(shape, dep, work, topo, profile, s.placement, parse_skew(s.skew))
+    print(f"model: {shape.name}; top-{shape.top_k}; {shape.dtype_bytes} B per element")
+    print(f"topology: {topo.describe()}")
+    print(f"device: {profile.name} ({profile.source})")
+    print(timeline_table(pred))
+    report = {"settings": {k: str(v) for k, v in asdict(s).items()}, "prediction": prediction_dict(pred)}
+    if paper:
+        preds = paper_predictions(shape, topo, profile, batch, seq, s.placement)
+        print()
+        print(paper_table(preds))
+        print("\nwhere the paper's numbers disagree with each other:")
+        notes = findings(shape, profile, preds, batch, seq, topo.devices)
+        for i, f in enumerate(notes, 1):
+            print(f"{i:>2}. {f.claim}: {f.derived}")
+        report["paper"] = [{"deployment": d, "workload": w, **prediction_dict(p)} for d, w, p in preds]
+        report["findings"] = [asdict(f) for f in notes]
+    if s.sweep:
+        per_device = max(1, round(batch / dep.devices))
+        contexts = sorted({seq, SHORT_CONTEXT}, reverse=True)
+        points = [p for c in contexts for p in ep_scaling(shape, topo, profile, per_device, c, s.sweep, s.placement)]
+        print(f"\nEP scaling, decode, {per_device} sequences per device, contexts {contexts}:")
+        print(scaling_table(points))
+        report["scaling"] = [{"devices": p.devices, "replicated": prediction_dict(p.replicated),
+                              "distinct": prediction_dict(p.distinct)} for p in points]
+        if s.out:
+            plot_scaling(points, s.out, f"{shape.name} on {topo.name.split('@')[0]}: EP scaling, "
+                                        f"{per_device} decoding sequences per device")
+            print(f"wrote {s.out}")
+    if s.json_path:
+        s.json_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return 0
+
+
+def timeline_table(p) -> str:
+    """The per-layer timeline and the step summary of one prediction, as text (times in ms)."""
+    a, b = p.comm_labels
+    w = p.workload
+    lines = [f"deployment {p.deployment.name}: {p.deployment.devices} devices, exchange group {p.deployment.group}"
+             f"{f', {p.deployment.pp} stages' if p.deployment.pp > 1 else ''}; placement: {p.placement}",
+             f"workload: {w.phase}, batch {w.batch}, {'context' if w.phase == 'decode' else 'prompt'} {w.seq}, "
+             f"{p.parts.get('micro_batches', w.micro_batches)} micro-batch(es)",
+             f"{'layer':>5} {'attention':>10} {a:>10} {'experts':>10} {b:>10} {'layer span':>11} {'hidden':>7}   (ms)"]
+    for r in p.rows:
+        h = "-" if r.hidden_share is None else f"{r.hidden_share:.0%}"
+        lines.append(f"{r.layer:>5} {r.attention_s * 1e3:>10.3f} {r.dispatch_s * 1e3:>10.3f} {r.experts_s * 1e3:>10.3f} "
+                     f"{r.combine_s * 1e3:>10.3f} {r.span_s * 1e3:>11.3f} {h:>7}")
+    if p.deployment.kind == "tp":
+        lines.append(f"(one pipeline stage, one micro-batch; a token crosses {p.deployment.pp} stages: "
+                     f"stage {p.parts['stage_s'] * 1e3:.3f} ms + hop {p.parts['hop_s'] * 1e3:.3f} ms each)")
+    hidden = "-" if p.hidden_share is None else f"{p.hidden_share:.0%}"
+    tpot = f"{p.tpot_s * 1e3:.3f} ms" if p.tpot_s else "- (prefill)"
+    lines.append(f"step {p.step_s * 1e3:.3f} ms (layers {p.parts['layers_s'] * 1e3:.3f}, lm head {p.parts['head_s'] * 1e3:.3f},"
+                 f" overhead {p.parts['overhead_s'] * 1e3:.3f}, header {p.parts['header_s'] * 1e3:.3f}); TPOT {tpot}; "
+                 f"TPS {p.tps:,.0f} ({p.tps_per_device:,.0f} per device)")
+    lines.append(f"communication {p.comm_s * 1e3:.3f} ms per step, exposed {p.exposed_comm_s * 1e3:.3f} ms, hidden {hidden}; "
+                 f"memory {p.memory_bytes / 1e9:.2f} GB per device{'' if p.memory_ok else ' -- DOES NOT FIT'}")
+    return "\n".join(lines)
+
+
+def prediction_dict(p) -> dict:
+    return {"deployment": p.deployment.name, "devices": p.deployment.devices, "phase": p.workload.phase,
+            "batch": p.workload.batch, "seq": p.workload.seq, "step_s": p.step_s, "tpot_s": p.tpot_s, "tps": p.tps,
+            "tps_per_device": p.tps_per_device, "comm_s": p.comm_s, "exposed_comm_s": p.exposed_comm_s,
+            "hidden_share": p.hidden_share, "memory_bytes": p.memory_bytes, "memory_ok": p.memory_ok,
+            "layers": [asdict(r) for r in p.rows], "parts": {k: float(v) for k, v in p.parts.items()}}
