@@ -47,9 +47,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def ReportLoad(self, request: pb.ReportLoadRequest, context) -> pb.ReportLoadResponse:
         counts = from_proto(request.expert_counts)
+        links = from_proto(request.link_counts) if request.HasField("link_counts") else None
         try:
             self.state.report_load(
-                request.worker_id, request.incarnation, request.world_generation, request.window_tokens, counts
+                request.worker_id, request.incarnation, request.world_generation, request.window_tokens, counts,
+                links,
             )
         except UnknownWorkerError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
@@ -62,10 +64,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def GetPlacement(self, request: pb.GetPlacementRequest, context) -> pb.GetPlacementResponse:
         current = self.state.current()
         load = self.state.load_snapshot()
-        return pb.GetPlacementResponse(
+        reply = pb.GetPlacementResponse(
             placement=wire.published_to_proto(current), window_tokens=load.window_tokens,
             expert_counts=to_proto(load.expert_counts), balancing_policy=self.state.policy,
         )
+        if load.link_counts is not None:
+            reply.link_counts.CopyFrom(to_proto(load.link_counts))
+            reply.source_expert_counts.CopyFrom(to_proto(load.source_expert_counts))
+        return reply
 
     async def SetPlacement(self, request: pb.SetPlacementRequest, context) -> pb.SetPlacementResponse:
         placement = wire.placement_request(request.placement)

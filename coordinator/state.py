@@ -226,14 +226,16 @@ class CoordinatorState:
     # -- load statistics -------------------------------------------------------------------
 
     def report_load(
-        self, worker_id: str, incarnation: int, world_generation: int, window_tokens: int, counts: torch.Tensor
+        self, worker_id: str, incarnation: int, world_generation: int, window_tokens: int, counts: torch.Tensor,
+        links: torch.Tensor | None = None,
     ) -> bool:
         """Add one window of counts; False (ignored) when it was made in another world."""
         self.membership.require(worker_id, incarnation)
         check_counts(counts, self.load.shape)
         if world_generation == 0 or world_generation != self.membership.generation:
             return False
-        self.load.add(worker_id, window_tokens, counts)
+        rank = self._world.rank_of(worker_id, incarnation) if self._world is not None else -1
+        self.load.add(worker_id, window_tokens, counts, rank=rank, links=links)
         proposal = self.rebalancer.observe(window_tokens, counts, self.current().placement)
         if proposal is not None:
             epoch = self._next_epoch()
@@ -242,7 +244,7 @@ class CoordinatorState:
         return True
 
     def load_snapshot(self) -> LoadSnapshot:
-        return self.load.snapshot()
+        return self.load.snapshot(self._world.size if self._world is not None else 0)
 
     # -- placements ------------------------------------------------------------------------
 

@@ -76,7 +76,20 @@ def format_placement(resp: pb.GetPlacementResponse) -> str:
             share = f"{100.0 * n / total:5.1f}%" if total else "     -"
             ranks = ",".join(str(r) for r in slots.ranks)
             lines.append(f"  {e:>6}  {ranks:<16} {n:>10}  {share:>6}")
-    return "\n".join(lines)
+    return "\n".join(lines + _link_table(resp))
+
+
+def _link_table(resp: pb.GetPlacementResponse) -> list[str]:
+    """Token copies per link (source rank -> destination rank), all MoE layers together."""
+    if not resp.HasField("link_counts"):
+        return []
+    links = from_proto(resp.link_counts).sum(dim=0)  # (R, R)
+    R = links.shape[0]
+    lines = ["link load (token copies, source rank -> destination rank; the diagonal stays on its device)",
+             "  " + " " * 6 + "".join(f"{'->' + str(d):>10}" for d in range(R))]
+    for s in range(R):
+        lines.append(f"  {s:>6}" + "".join(f"{int(links[s, d]):>10}" for d in range(R)))
+    return lines
 
 
 def placement_yaml(resp: pb.GetPlacementResponse) -> str:
@@ -100,5 +113,8 @@ def trace_json(resp: pb.GetPlacementResponse) -> str:
         raise InvalidRequestError("the coordinator has measured no routed tokens yet; serve some requests first")
     top_k = max(1, round(int(counts[0].sum()) / resp.window_tokens))  # copies per token
     layers = [lp.layer for lp in resp.placement.layers]
-    traffic = from_counts(counts, top_k=top_k, sources=resp.placement.world_size, layer_ids=layers)
+    if resp.HasField("source_expert_counts"):  # measured per source rank: [R, L, E]
+        traffic = from_counts(from_proto(resp.source_expert_counts), top_k=top_k, layer_ids=layers)
+    else:
+        traffic = from_counts(counts, top_k=top_k, sources=resp.placement.world_size, layer_ids=layers)
     return dump_trace(traffic)

@@ -21,7 +21,7 @@ from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.mesh.lockstep import StepHeader, Waker, exchange_header
 from moemesh.mesh.placement import Placement
-from moemesh.mesh.transport import AllToAllTransport
+from moemesh.mesh.transport import AllToAllTransport, LoadSample
 from moemesh.model.moe import GroupedExperts
 from moemesh.model.weights import LayerExperts
 
@@ -67,7 +67,7 @@ class MeshRunner:
         waker: Waker,
         initial: PreparedEpoch,
         on_events: Callable[[list[Event]], None],
-        on_load: Callable[[torch.Tensor, int], None] | None = None,
+        on_load: Callable[[LoadSample], None] | None = None,
         report_every_tokens: int = 100,
     ):
         self.engine = engine
@@ -160,8 +160,7 @@ class MeshRunner:
         if events:
             self.on_events(list(events))
         if self.on_load is not None and self.transport.counted_tokens >= self.report_every:
-            counts, tokens = self.transport.take_counts()
-            self.on_load(counts, tokens)
+            self.on_load(self.transport.take_counts())
 
     def _drain_inbox(self) -> None:
         events: list[Event] = []

@@ -166,8 +166,7 @@ async def _run(settings, server, servicer, node, collective, reader, coord, work
     loop = asyncio.get_running_loop()
     runner = node.runner
     runner.on_events = lambda events: loop.call_soon_threadsafe(servicer.deliver, events)
-    runner.on_load = lambda counts, tokens: loop.call_soon_threadsafe(
-        _report_load, coord, settings, node, worker_id, counts, tokens)
+    runner.on_load = lambda sample: loop.call_soon_threadsafe(_report_load, coord, settings, node, worker_id, sample)
     thread = threading.Thread(target=runner.run, name="engine", daemon=True)
     thread.start()
     finished = asyncio.Event()
@@ -216,13 +215,14 @@ async def _heartbeat(coord, settings: WorkerSettings, node: Node, worker_id: str
         await asyncio.sleep(1.0)
 
 
-def _report_load(coord, settings, node: Node, worker_id: str, counts: torch.Tensor, tokens: int) -> None:
+def _report_load(coord, settings, node: Node, worker_id: str, sample) -> None:
     async def send():
         try:
             await coord.ReportLoad(cpb.ReportLoadRequest(
                 worker_id=worker_id, incarnation=os.getpid(), rank=node.rank,
                 world_generation=node.world_generation, placement_epoch=node.runner.epoch,
-                window_tokens=tokens, expert_counts=to_proto(counts)), timeout=settings.rpc_timeout_s)
+                window_tokens=sample.tokens, expert_counts=to_proto(sample.expert_counts),
+                link_counts=to_proto(sample.link_counts)), timeout=settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("load report failed: %s", exc.code().name)
 

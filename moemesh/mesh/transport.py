@@ -72,6 +72,15 @@ def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
 
 
 @dataclass(frozen=True)
+class LoadSample:
+    """Load statistics of one rank over a window of routed tokens."""
+
+    expert_counts: torch.Tensor  # (L_moe, E) int64 token copies per (MoE layer, expert)
+    link_counts: torch.Tensor  # (L_moe, R) int64 token copies sent to each destination rank
+    tokens: int  # tokens routed in the window
+
+
+@dataclass(frozen=True)
 class _Handle:
     kept: torch.Tensor  # (T*K',) the copies that travelled (not dropped by the router)
     send_rows: torch.Tensor  # (T*K',) row of the send buffer holding each of them
@@ -117,14 +126,15 @@ class AllToAllTransport:
         self.layer_order = sorted(placement.layers)
         E = len(next(iter(placement.layers.values())))
         self._counts = torch.zeros(len(self.layer_order), E, dtype=torch.int64)  # (L_moe, E)
+        self._links = torch.zeros(len(self.layer_order), self.world_size, dtype=torch.int64)  # (L_moe, R)
 
-    def take_counts(self) -> tuple[torch.Tensor, int]:
-        """Tokens this rank routed to each (MoE layer, expert) since the last call, and how many
-        tokens that was; resets both. Rows follow `layer_order`."""
-        counts, tokens = self._counts, self.counted_tokens
-        self._counts = torch.zeros_like(counts)
+    def take_counts(self) -> LoadSample:
+        """What this rank routed since the last call (rows follow `layer_order`); resets it."""
+        sample = LoadSample(self._counts, self._links, self.counted_tokens)
+        self._counts = torch.zeros_like(self._counts)
+        self._links = torch.zeros_like(self._links)
         self.counted_tokens = 0
-        return counts, tokens
+        return sample
 
     def begin_step(self, max_tokens: tuple[int, ...]) -> None:
         """T_max per micro-batch: the most tokens any rank runs in it this step (from the
@@ -143,6 +153,7 @@ class AllToAllTransport:
         flat_e = routing.expert_ids.reshape(-1)  # (T*K,) -1 = dropped by the router
         kept = torch.nonzero(flat_e >= 0).squeeze(1)  # (T*K',) copies that travel
         dest = self._destinations(routes, flat_e[kept], kept // K)  # (T*K',)
+        self._links[self.layer_order.index(layer)] += torch.bincount(dest, minlength=R)
         send_rows = self._send_rows(dest, C)  # (T*K',)
         send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
         ids = id_view(send)  # (R*C, W) same bytes, integer dtype

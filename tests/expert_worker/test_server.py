@@ -105,6 +105,7 @@ def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, m
 
 def _dump_trace_and_plan(mesh, model, tmp_path) -> None:
     """The running mesh's measured routing, dumped as a trace, is what `moemesh plan` reads."""
+    import json
     import subprocess
     import sys
 
@@ -113,6 +114,10 @@ def _dump_trace_and_plan(mesh, model, tmp_path) -> None:
     out = subprocess.run([*cli, "placement", "trace", str(trace), "--coordinator", mesh.coordinator],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    assert len(json.loads(trace.read_text())["layers"][0]["tokens"]) == 4  # measured per source rank
+    shown = subprocess.run([*cli, "placement", "show", "--coordinator", mesh.coordinator],
+                           capture_output=True, text=True, timeout=60)
+    assert "link load" in shown.stdout and shown.returncode == 0
     planned = subprocess.run([*cli, "plan", "--topology", "local", "--devices", "4", "--trace", str(trace),
                               "--model", str(model), "--out", str(tmp_path / "plan.png")],
                              capture_output=True, text=True, timeout=120)

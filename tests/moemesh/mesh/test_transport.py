@@ -41,8 +41,9 @@ def _rank_main(rank: int, port: int, placement: Placement, overflow: str, out: m
     experts = GroupedExperts({0: _layer(placement.experts_on(rank, 0), w13, w2)})
     layer = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), transport, experts)
     y = layer(0, xs[rank], router)
-    counts, tokens = transport.take_counts()
-    out.put((rank, y.numpy(), counts.numpy(), tokens))  # by value: the child may exit before the read
+    sample = transport.take_counts()
+    assert sample.link_counts.shape == (1, len(TOKENS)) and int(sample.link_counts.sum()) == int(sample.expert_counts.sum())
+    out.put((rank, y.numpy(), sample.expert_counts.numpy(), sample.tokens))  # by value: the child may exit first
     collective.close()
 
 
