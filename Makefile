@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # protoc finds its mypy plugin in the virtualenv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup stubs test run bench-core bench-mesh bench-balance clean gpu-check
+.PHONY: setup stubs test run bench bench-core bench-mesh bench-balance clean gpu-check
 
 setup: $(STAMP) stubs
 
@@ -32,6 +32,9 @@ test: setup
 
 run: setup
 	$(VENV)/bin/moemesh up --workers 4
+
+bench: setup
+	$(PY) scripts/bench_all.py
 
 bench-core: setup
 	$(PY) scripts/bench_core.py

@@ -66,7 +66,8 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> Callable[[argparse.
     p.add_argument("--placement", choices=PLACEMENTS, default="ours", help="the planner's method")
     p.add_argument("--skew", default="uniform", help="routing skew for the planner's traffic, e.g. zipf:1.2")
     p.add_argument("--top-k", type=int, default=None, help="override the model's top-k")
-    p.add_argument("--measure", action="store_true", help="local topology: measure this machine's rates first")
+    p.add_argument("--measure", action="store_true",
+                   help="measure this CPU first (one process per device; --model DIR; no serving overhead)")
     p.add_argument("--rates", type=Path, default=None, metavar="GPU_CHECK_JSON",
                    help="use the rates a GPU check measured (docs/gpu-check/gpu-check.json)")
     p.add_argument("--sweep", type=_sweep, default=_sweep("16:1024"), help="EP scaling devices, e.g. 16:1024")
@@ -86,7 +87,7 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> Callable[[argparse.
 
 
 def _inputs(s: SimulateSettings):
-    """(shape, topology, profile) for the settings."""
+    """(shape, topology, profile) for the settings (before any --measure)."""
     from moemesh.model.config import load_config
     from moemesh.planner.topology import resolve_topology
     from moemesh.simulate.hardware import profile_for
@@ -101,18 +102,29 @@ def _inputs(s: SimulateSettings):
         from moemesh.simulate.hardware import profile_from_gpu_check
 
         profile = profile_from_gpu_check(s.rates, profile)
-    if s.measure:
-        from moemesh.simulate.hardware import cpu_profile, cpu_topology
-        from moemesh.simulate.measure import Calibrator
-
-        if s.model == "paper":
-            raise MoemeshError("--measure measures this CPU: give --model DIR (a checkpoint the CPU mesh serves)")
-        with Calibrator(topo.devices) as cal:
-            rates = cal.rates()
-            overheads = cal.overheads(s.model, max(1, (s.batch or 8) // topo.devices), s.seq or 64)
-        shape = replace(shape, dtype_bytes=4)  # the CPU engine computes in fp32
-        profile, topo = cpu_profile(rates, overheads), cpu_topology(rates, topo.devices)
     return shape, topo, profile
+
+
+def _measured(s: SimulateSettings, shape, dep, work):
+    """This CPU's profile and loopback topology, measured now with one process per device: rates,
+    engine overheads, and the all_to_all latency in the predicted step's duty cycle (as
+    moemesh.simulate.cpu_check does; a worker's serving overhead needs a mesh and is left out)."""
+    from moemesh.simulate.cpu_check import duty_cycle
+    from moemesh.simulate.hardware import cpu_profile, cpu_topology
+    from moemesh.simulate.measure import Calibrator
+    from moemesh.simulate.model import predict
+
+    if s.model == "paper":
+        raise MoemeshError("--measure measures this CPU: give --model DIR (a checkpoint the CPU mesh serves)")
+    shape = replace(shape, dtype_bytes=4)  # the CPU engine computes in fp32
+    with Calibrator(dep.devices) as cal:
+        rates = cal.rates()
+        overheads = cal.overheads(s.model, max(1, round(work.batch / dep.devices)), work.seq)
+        profile = cpu_profile(rates, overheads)
+        first = predict(shape, dep, work, cpu_topology(rates, dep.devices), profile, s.placement)
+        busy = cal.busy_latency(duty_cycle(first))
+    rates = replace(rates, a2a_latency_s=busy, gather_latency_s=busy)
+    return shape, cpu_topology(rates, dep.devices), cpu_profile(rates, overheads)
 
 
 def simulate(s: SimulateSettings) -> int:
@@ -128,6 +140,8 @@ def simulate(s: SimulateSettings) -> int:
     batch = s.batch or (PAPER_BATCH if paper else 64 * dep.devices)
     seq = s.seq or (PAPER_SEQ if paper else 1024)
     work = Workload(batch, seq, s.phase, s.micro_batches)
+    if s.measure:
+        shape, topo, profile = _measured(s, shape, dep, work)
     pred = predict(shape, dep, work, topo, profile, s.placement, parse_skew(s.skew))
     print(f"model: {shape.name}; top-{shape.top_k}; {shape.dtype_bytes} B per element")
     print(f"topology: {topo.describe()}")

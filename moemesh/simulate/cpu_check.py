@@ -8,19 +8,21 @@ The model's inputs, all measured in the run:
   durations the model predicts for the attention and expert stages (the step's duty cycle);
 - the engine's host overheads per step / layer / expert (a micro copy of the model);
 - a mesh worker's serving overhead per step: a one-worker mesh (no collectives) serving the same
-  per-worker batch, minus the single-process engine on the same batch (the worker's RPC threads
-  take the GIL from its engine thread while it streams tokens).
+  per-worker batch, minus the single-process engine on the same batch with the same torch threads
+  as that lone worker (the worker's RPC threads take the GIL from its engine thread while it
+  streams tokens).
 
 This machine is shared and noisy (two vCPUs; other processes come and go within seconds), so the
 run interleaves: every round calibrates, times the engine, measures a window of decode steps on
 the one-worker mesh and then on the measured mesh (worker Status counters), and calibrates again;
-the round's prediction uses the mean of the two calibrations. The result compares the medians
-over rounds.
+the check pools every round's inputs (mean times) into one prediction and compares it with the
+mean decode step over every measured window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import statistics
@@ -59,64 +61,70 @@ class CheckSettings:
 @dataclass(frozen=True)
 class Round:
     measured: MeshDecode
-    predicted: Prediction  # from the mean of the calibrations around the window
+    rates: CpuRates  # the calibrations around the window, averaged; latency = the busy latency
+    overheads: Overheads
     serving_overhead_s: float  # one-worker mesh step - engine step, same per-worker batch
     idle_latency_s: float  # back-to-back all_to_all
-    busy_latency_s: float  # all_to_all in the step's duty cycle: the latency the prediction uses
+    predicted: Prediction  # this round's inputs alone (a diagnostic: the check pools the rounds)
 
 
 @dataclass(frozen=True)
 class CheckResult:
     rounds: tuple[Round, ...]
+    predicted: Prediction  # from every round's inputs pooled (mean times)
 
     @property
     def measured_step_s(self) -> float:
-        return statistics.median(r.measured.step_s for r in self.rounds)
-
-    @property
-    def predicted_step_s(self) -> float:
-        return statistics.median(r.predicted.step_s for r in self.rounds)
+        """Mean decode step over every measured window (step seconds / steps, pooled)."""
+        steps = sum(r.measured.steps for r in self.rounds)
+        return sum(r.measured.step_s * r.measured.steps for r in self.rounds) / steps
 
     @property
     def measured_collective_s(self) -> float:
-        return statistics.median(r.measured.collective_s for r in self.rounds)
+        steps = sum(r.measured.steps for r in self.rounds)
+        return sum(r.measured.collective_s * r.measured.steps for r in self.rounds) / steps
+
+    @property
+    def predicted_step_s(self) -> float:
+        return self.predicted.step_s
 
     @property
     def predicted_comm_s(self) -> float:
         """Predicted exchange time per step (collectives incl. the header)."""
-        return statistics.median(r.predicted.comm_s + r.predicted.parts["header_s"] for r in self.rounds)
+        return self.predicted.comm_s + self.predicted.parts["header_s"]
 
     @property
     def error(self) -> float:
-        """(predicted - measured) / measured, medians over rounds."""
+        """(predicted - measured) / measured, both pooled over the run."""
         return self.predicted_step_s / self.measured_step_s - 1.0
 
     def table(self) -> str:
-        lines = [f"{'round':>5} {'measured ms':>12} {'in coll. ms':>12} {'predicted ms':>13} {'pred. comm ms':>14} "
+        lines = [f"{'round':>6} {'measured ms':>12} {'in coll. ms':>12} {'predicted ms':>13} {'pred. comm ms':>14} "
                  f"{'serving ms':>11} {'a2a idle/busy ms':>17}"]
         for i, r in enumerate(self.rounds):
             p = r.predicted
-            lines.append(f"{i:>5} {r.measured.step_s * 1e3:12.1f} {r.measured.collective_s * 1e3:12.1f} "
+            lines.append(f"{i:>6} {r.measured.step_s * 1e3:12.1f} {r.measured.collective_s * 1e3:12.1f} "
                          f"{p.step_s * 1e3:13.1f} {(p.comm_s + p.parts['header_s']) * 1e3:14.1f} "
                          f"{r.serving_overhead_s * 1e3:11.1f} "
-                         f"{r.idle_latency_s * 1e3:8.2f}/{r.busy_latency_s * 1e3:.2f}")
-        lines.append(f"{'median':>6} {self.measured_step_s * 1e3:11.1f} {self.measured_collective_s * 1e3:12.1f} "
+                         f"{r.idle_latency_s * 1e3:8.2f}/{r.rates.a2a_latency_s * 1e3:.2f}")
+        lines.append(f"{'pooled':>6} {self.measured_step_s * 1e3:12.1f} {self.measured_collective_s * 1e3:12.1f} "
                      f"{self.predicted_step_s * 1e3:13.1f} {self.predicted_comm_s * 1e3:14.1f}   error {self.error:+.0%}")
         return "\n".join(lines)
 
 
-def _mean_rates(a: CpuRates, b: CpuRates) -> CpuRates:
-    """Rates with the mean *time* of the two (harmonic mean of rates, mean of latencies)."""
-    h = lambda x, y: 2.0 / (1.0 / x + 1.0 / y)
-    return CpuRates(processes=a.processes, matmul_flops_per_s=h(a.matmul_flops_per_s, b.matmul_flops_per_s),
-                    stream_bytes_per_s=h(a.stream_bytes_per_s, b.stream_bytes_per_s),
-                    a2a_latency_s=(a.a2a_latency_s + b.a2a_latency_s) / 2,
-                    a2a_bytes_per_s=h(a.a2a_bytes_per_s, b.a2a_bytes_per_s),
-                    gather_latency_s=(a.gather_latency_s + b.gather_latency_s) / 2)
+def pooled_rates(all_rates: list[CpuRates]) -> CpuRates:
+    """Rates with the mean *time* of several calibrations: harmonic mean of rates, mean latencies."""
+    h = lambda xs: len(xs) / sum(1.0 / x for x in xs)
+    return CpuRates(processes=all_rates[0].processes,
+                    matmul_flops_per_s=h([r.matmul_flops_per_s for r in all_rates]),
+                    stream_bytes_per_s=h([r.stream_bytes_per_s for r in all_rates]),
+                    a2a_latency_s=statistics.fmean(r.a2a_latency_s for r in all_rates),
+                    a2a_bytes_per_s=h([r.a2a_bytes_per_s for r in all_rates]),
+                    gather_latency_s=statistics.fmean(r.gather_latency_s for r in all_rates))
 
 
-def _mean_overheads(a: Overheads, b: Overheads) -> Overheads:
-    return Overheads(*((x + y) / 2 for x, y in zip(a.__dict__.values(), b.__dict__.values())))
+def pooled_overheads(all_overheads: list[Overheads]) -> Overheads:
+    return Overheads(*(statistics.fmean(v) for v in zip(*(o.__dict__.values() for o in all_overheads))))
 
 
 def duty_cycle(p: Prediction) -> tuple[float, ...]:
@@ -170,6 +178,7 @@ def check_cpu_mesh(model_dir: Path, s: CheckSettings = CheckSettings()) -> Check
     (module docstring)."""
     cfg = load_config(model_dir)
     per_worker = s.batch // s.workers
+    single_threads = max(1, os.cpu_count() or 1)  # what `moemesh up` gives a lone worker
     meshes = [start_mesh(model_dir, s.workers)]
     rounds = []
     try:
@@ -186,19 +195,22 @@ def check_cpu_mesh(model_dir: Path, s: CheckSettings = CheckSettings()) -> Check
                 decode(target, batch, 12, (2, 8))  # warm-up: first steps pay for lazy initialisation
             before = calibrate()
             for _ in range(s.rounds):
-                engine = engine_step_s(model_dir, per_worker, s.context, s.overhead_steps)
+                engine = engine_step_s(model_dir, per_worker, s.context, s.overhead_steps, single_threads)
                 single = decode((gateway1, coordinator1), per_worker, s.new_tokens, s.window)
                 measured = decode((gateway, coordinator), s.batch, s.new_tokens, s.window)
                 after = calibrate()
-                rates, overheads = _mean_rates(before[0], after[0]), _mean_overheads(before[1], after[1])
+                rates, overheads = pooled_rates([before[0], after[0]]), pooled_overheads([before[1], after[1]])
                 serving = max(0.0, single.step_s - engine)
                 idle = predict_mesh_step(model_dir, s, rates, overheads, serving)
                 busy = cal.busy_latency(duty_cycle(idle))
                 loaded = replace(rates, a2a_latency_s=busy, gather_latency_s=busy)
-                rounds.append(Round(measured, predict_mesh_step(model_dir, s, loaded, overheads, serving), serving,
-                                    rates.a2a_latency_s, busy))
+                rounds.append(Round(measured, loaded, overheads, serving, rates.a2a_latency_s,
+                                    predict_mesh_step(model_dir, s, loaded, overheads, serving)))
                 before = after
     finally:
         for proc, _, _ in meshes:
             stop_mesh(proc)
-    return CheckResult(tuple(rounds))
+    pooled = predict_mesh_step(model_dir, s, pooled_rates([r.rates for r in rounds]),
+                               pooled_overheads([r.overheads for r in rounds]),
+                               statistics.fmean(r.serving_overhead_s for r in rounds))
+    return CheckResult(tuple(rounds), pooled)

@@ -95,4 +95,5 @@ def cpu_profile(rates, overheads, serving_overhead_s: float = 0.0) -> DeviceProf
 def cpu_topology(rates, devices: int) -> Topology:
     """`devices` worker processes on this machine, the loopback link as gloo measured it."""
     link = LinkSpec(bandwidth_bytes_per_s=rates.a2a_bytes_per_s, latency_s=rates.a2a_latency_s)
-    return replace(local_topology(devices), name=f"local-{devices} (measured)", intra=link, inter=link)
+    return replace(local_topology(devices), name=f"local-{devices} (measured)", intra=link, inter=link,
+                   device_flops_per_s=rates.matmul_flops_per_s)

@@ -253,10 +253,16 @@ def measure_overheads(model_dir: str | Path, batch: int, context: int, steps: in
     return Overheads(per_step_s=per_step, per_layer_s=per_layer, per_expert_s=per_expert)
 
 
-def engine_step_s(model_dir: str | Path, batch: int, context: int, steps: int = 20) -> float:
+def engine_step_s(model_dir: str | Path, batch: int, context: int, steps: int = 20, threads: int = 1) -> float:
     """Seconds per decode step of the single-process engine (mesh transport over one rank) on the
-    model itself, in this process: a mesh worker's step without its serving threads."""
-    return _decode_step_s(Path(model_dir), batch, context, steps, spread=True)
+    model itself, in this process with `threads` torch threads: a mesh worker's step without its
+    serving threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _decode_step_s(Path(model_dir), batch, context, steps, spread=True)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _micro_model(out: Path, cfg, layers: int) -> Path:

@@ -5,7 +5,7 @@ rates, never typed in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from moemesh.planner.topology import Topology
 from moemesh.simulate.hardware import DeviceProfile
@@ -142,7 +142,3 @@ def paper_table(preds: list[tuple[str, str, Prediction]]) -> str:
         lines.append(f"  {dep:<9} {label:<22} {p.tps:>11,.0f} {tpot:>8} {p.comm_s * 1e3:>8.2f} {hidden:>7} {mb:>3} "
                      f"{p.memory_bytes / 1e9:>7.1f}{fit}")
     return "\n".join(lines)
-
-
-def with_top_k(shape: ModelShape, top_k: int) -> ModelShape:
-    return replace(shape, top_k=top_k)

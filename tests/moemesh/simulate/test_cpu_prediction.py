@@ -1,7 +1,10 @@
 """Prediction against measurement: the cost model, fed this machine's rates measured in this run
-(fp32 matmul, weight streaming, gloo all_to_all / all_gather between 2 processes, engine host
-overheads, lockstep skew), predicts the decode step of a real 2-worker `moemesh up` mesh, measured
-in the same run from the workers' Status counters, within 25%."""
+(fp32 matmul and weight streaming with 2 busy processes, gloo all_to_all bandwidth and its latency in
+a decode step's duty cycle between 2 processes, the engine's host overheads, a worker's serving
+overhead), predicts the decode step of a real 2-worker `moemesh up` mesh, measured in the same run
+from the workers' Status counters (step_seconds / steps), within 25%. Calibration and measurement
+interleave over 6 rounds (moemesh.simulate.cpu_check) because this machine's load changes within
+seconds."""
 
 from __future__ import annotations
 
