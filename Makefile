@@ -30,8 +30,9 @@ moemesh/v1/%_pb2.py: protos/moemesh/v1/%.proto $(PROTOS) $(STAMP)
 test: setup
 	$(PY) -m pytest -q tests
 
+# The paper's deployment on the embedded tiny model: one expert per worker (8 workers).
 run: setup
-	$(VENV)/bin/moemesh up --workers 4
+	$(VENV)/bin/moemesh up --experts-per-worker 1
 
 bench: setup
 	$(PY) scripts/bench_all.py

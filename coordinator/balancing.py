@@ -21,6 +21,14 @@ import torch
 POLICIES = ("none", "gating", "replicate")
 
 
+def resolve_policy(requested: str, workers: int, num_experts: int) -> str:
+    """"auto" (the default): replicate where spare devices exist (more workers than experts: the
+    spares hold replicas of hot experts), else none. Explicit policies pass through."""
+    if requested != "auto":
+        return requested
+    return "replicate" if workers > num_experts else "none"
+
+
 @dataclass(frozen=True)
 class GatingSettings:
     capacity_factor: float = 1.2  # capacity = 1.2 x mean load (the paper)

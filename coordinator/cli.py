@@ -67,7 +67,8 @@ OPTIONS = (
     _Option("--advertise-host", "advertise_host", str, None, "host workers use to reach the TCPStore"),
     _Option("--load-window", "load_window_reports", int, 32, "load reports kept per worker"),
     _Option("--shutdown-grace", "shutdown_grace_s", float, 2.0, "seconds in-flight RPCs get on stop"),
-    _Option("--policy", "policy", str, "none", "balancing policy: none, gating (the paper's), replicate"),
+    _Option("--policy", "policy", str, "auto",
+            "balancing policy: auto (replicate when workers > experts, else none), none, gating, replicate"),
     _Option("--rebalance-every", "rebalance_every_tokens", int, 100, "routed tokens between balancing updates"),
     _Option("--topology", "topology", str, "local", "planner topology (preset or YAML) for policy replicate"),
 )

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
+from coordinator.balancing import resolve_policy
 from coordinator.rebalancer import ModelFacts, RebalanceSettings
 from coordinator.state import CoordinatorState, DataPlane
 from coordinator.wire import model_spec
@@ -64,7 +65,8 @@ class CoordinatorServer:
                 num_experts=cfg.num_experts, moe_layer_ids=cfg.moe_layer_ids, expected_workers=s.workers,
                 data_plane=DataPlane(s.transport, s.store_host, self.store_port), initial=initial,
                 load_window=s.load_window_reports,
-                rebalance=RebalanceSettings(policy=s.policy, update_every_tokens=s.rebalance_every_tokens,
+                rebalance=RebalanceSettings(policy=resolve_policy(s.policy, s.workers, cfg.num_experts),
+                                            update_every_tokens=s.rebalance_every_tokens,
                                             topology=s.topology),
                 facts=ModelFacts(cfg.top_k, cfg.hidden_size, cfg.expert_intermediate_size, dtype_bytes=4),
             )
@@ -81,7 +83,7 @@ class CoordinatorServer:
         await self.server.set_ready()
         log.info(
             "coordinator serving on %s:%d; expecting %d workers; TCPStore on %s:%d; transport %s; policy %s; model %s",
-            s.host, self.port, s.workers, s.store_host, self.store_port, s.transport, s.policy, s.model_dir,
+            s.host, self.port, s.workers, s.store_host, self.store_port, s.transport, self.state.policy, s.model_dir,
         )
         return self.port
 

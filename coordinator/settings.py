@@ -33,7 +33,7 @@ class CoordinatorSettings:
     advertise_host: str | None = None  # host workers use to reach the TCPStore; None = derived
     load_window_reports: int = 32  # load reports kept per worker (the statistics window)
     shutdown_grace_s: float = 2.0  # how long in-flight RPCs may finish on stop
-    policy: str = "none"  # balancing policy: none | gating | replicate (coordinator/balancing.py)
+    policy: str = "auto"  # auto (replicate with spare workers, else none) | none | gating | replicate
     rebalance_every_tokens: int = 100  # routed tokens between balancing updates (the paper: 100)
     topology: str = "local"  # planner topology for policy replicate: preset name or YAML file
 

@@ -38,7 +38,7 @@ class UpSettings:
     threads_per_worker: int
     state_dir: Path
     micro_batches: int = 1
-    policy: str = "none"
+    policy: str = "auto"
     placement: Path | None = None
     start_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
@@ -174,7 +174,7 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--micro-batches", type=int, default=1, choices=(1, 2, 3, 4),
                    help="micro-batches per step on every worker (2 = two-batch overlap)")
-    p.add_argument("--policy", default="none", choices=("none", "gating", "replicate"),
+    p.add_argument("--policy", default="auto", choices=("auto", "none", "gating", "replicate"),
                    help="balancing policy (gating changes outputs; see docs/architecture.md)")
     p.add_argument("--placement", type=Path, default=None, help="initial placement file (YAML or JSON)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "moemesh")

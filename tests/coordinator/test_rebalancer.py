@@ -45,3 +45,11 @@ def test_replicate_leaves_a_balanced_placement_alone():
     current = initial_placement(4, [0], world_size=4)
     reb = Rebalancer(RebalanceSettings(policy="replicate"), (0,), 4, ModelFacts(2, 64, 64, 4))
     assert reb.observe(100, torch.tensor([[50, 50, 50, 50]]), current) is None
+
+
+def test_auto_policy_replicates_only_where_spare_workers_exist():
+    from coordinator.balancing import resolve_policy
+
+    assert resolve_policy("auto", workers=10, num_experts=8) == "replicate"
+    assert resolve_policy("auto", workers=8, num_experts=8) == "none"
+    assert resolve_policy("gating", workers=10, num_experts=8) == "gating"
