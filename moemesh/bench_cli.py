@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moemesh.commands import run
 from moemesh.errors import MoemeshError
 from moemesh.loadgen import (
     LengthDist, LoadPlan, RequestTiming, format_table, make_requests, poisson_arrivals, run_load, summarize,
@@ -220,23 +221,7 @@ def _header(s: BenchSettings, model: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m moemesh.bench_cli bench ...` (the same command `moemesh bench` registers)."""
-    parser = argparse.ArgumentParser(prog="moemesh")
-    sub = parser.add_subparsers(dest="command", required=True)
-    runners = {"bench": add_bench_command(sub)}
-    try:
-        from moemesh.simulate.cli import add_simulate_command
-
-        runners["simulate"] = add_simulate_command(sub)
-    except ImportError:  # the simulator is optional here
-        pass
-    args = parser.parse_args(argv)
-    try:
-        return runners[args.command](args)
-    except MoemeshError as exc:
-        print(f"moemesh {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return run(argv, (add_bench_command,))
 
 
 if __name__ == "__main__":

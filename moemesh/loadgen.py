@@ -337,3 +337,21 @@ async def run_closed_loop(
     in flight; returns timings and wall time."""
     reqs = tuple(BenchRequest(tuple(p), params.max_new_tokens) for p in prompts)
     return await run_load(target, LoadPlan(reqs, concurrency=concurrency, timeout_s=timeout_s))
+
+
+def engine_timings(engine, prompts: Sequence[Sequence[int]], params: SamplingParams) -> tuple[list[RequestTiming], float]:
+    """The single-process engine under the same load as `run_closed_loop` (every prompt at once),
+    timed per token as it is made; returns timings and wall time."""
+    timings: dict[str, RequestTiming] = {}
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), list(p), params)
+        timings[str(i)] = RequestTiming(prompt_tokens=len(p))
+    while engine.has_work:
+        events = engine.step()
+        now = time.perf_counter() - start
+        for ev in events:
+            timings[ev.request_id].token_times.append(now)
+            if ev.finish is not None:
+                timings[ev.request_id].latency = now
+    return list(timings.values()), time.perf_counter() - start

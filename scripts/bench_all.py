@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from moemesh.engine.engine import Engine  # noqa: E402
 from moemesh.engine.sampling import SamplingParams  # noqa: E402
-from moemesh.loadgen import BenchRequest, LoadPlan, RequestTiming, run_load, summarize  # noqa: E402
+from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, summarize  # noqa: E402
 from moemesh.model.model import RuntimeShape, build_model  # noqa: E402
 from moemesh.model.tiny import TinySpec, write_tiny_model  # noqa: E402
 from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh, start_mesh, stop_mesh  # noqa: E402
@@ -100,20 +100,8 @@ def run_engine(model: Path, s: BenchAllSettings, threads: int) -> dict[str, floa
     params = SamplingParams(max_new_tokens=s.new_tokens, ignore_eos=True)
     for rep in range(2):  # the first pass warms up
         engine = Engine(build_model(model, RuntimeShape(max_seqs=s.requests, max_model_len=256)))
-        timings = {}
-        start = time.perf_counter()
-        for i, p in enumerate(_prompts(s)):
-            engine.add_request(str(i), p, params)
-            timings[str(i)] = RequestTiming(prompt_tokens=len(p))
-        while engine.has_work:
-            events = engine.step()
-            now = time.perf_counter() - start
-            for ev in events:
-                timings[ev.request_id].token_times.append(now)
-                if ev.finish is not None:
-                    timings[ev.request_id].latency = now
-        wall = time.perf_counter() - start
-    return summarize(list(timings.values()), wall)
+        timings, wall = engine_timings(engine, _prompts(s), params)
+    return summarize(timings, wall)
 
 
 def run_mesh(model: Path, workers: int, s: BenchAllSettings) -> dict[str, float]:

@@ -11,23 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import grpc
 import torch
 
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
-from moemesh.loadgen import RequestTiming, run_closed_loop, summarize
+from moemesh.loadgen import engine_timings, run_closed_loop, summarize
 from moemesh.model.model import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from moemesh.simulate.cpu_check import start_mesh, stop_mesh
+from moemesh.simulate.measure import worker_statuses
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
                 vocab=512, seed=0)
@@ -37,54 +33,18 @@ def run_local(model: Path, prompts: list[list[int]], params: SamplingParams, thr
     """The engine in this process, every request arriving at once (same as the mesh's load)."""
     torch.set_num_threads(threads)
     engine = Engine(build_model(model, RuntimeShape(max_seqs=len(prompts), max_model_len=256)))
-    timings = {}
-    start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-        timings[str(i)] = RequestTiming(prompt_tokens=len(p))
-    while engine.has_work:
-        events = engine.step()
-        now = time.perf_counter() - start
-        for ev in events:
-            timings[ev.request_id].token_times.append(now)
-            if ev.finish is not None:
-                timings[ev.request_id].latency = now
-    return summarize(list(timings.values()), time.perf_counter() - start)
-
-
-def start_mesh(model: Path, workers: int) -> tuple[subprocess.Popen, str, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--workers",
-                             str(workers), "--port", "0", "--max-model-len", "256", "--max-seqs", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"gateway at (\S+); coordinator at (\S+);", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"mesh with {workers} workers did not start: {line!r}")
-    return proc, match.group(1), match.group(2)
-
-
-async def worker_counters(coordinator: str) -> list[worker_pb2.WorkerStatus]:
-    async with grpc.aio.insecure_channel(coordinator) as ch:
-        world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(coordinator_pb2.WaitForWorldRequest(),
-                                                                            timeout=10)
-    out = []
-    for m in world.members:
-        async with grpc.aio.insecure_channel(m.address) as ch:
-            out.append(await worker_pb2_grpc.WorkerStub(ch).Status(worker_pb2.StatusRequest(), timeout=10))
-    return out
+    return summarize(*engine_timings(engine, prompts, params))
 
 
 def run_mesh(model: Path, workers: int, prompts, params, concurrency: int) -> dict[str, float]:
-    proc, gateway, coordinator = start_mesh(model, workers)
+    proc, gateway, coordinator = start_mesh(model, workers, ("--max-seqs", str(len(prompts))))
     try:
         asyncio.run(run_closed_loop(gateway, prompts[:4], params, concurrency))  # warm-up
-        before = asyncio.run(worker_counters(coordinator))
+        before = asyncio.run(worker_statuses(coordinator))
         timings, wall = asyncio.run(run_closed_loop(gateway, prompts, params, concurrency))
-        after = asyncio.run(worker_counters(coordinator))
+        after = asyncio.run(worker_statuses(coordinator))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        stop_mesh(proc)
     metrics = summarize(timings, wall)
     step = sum(a.step_seconds - b.step_seconds for a, b in zip(after, before))
     coll = sum(a.collective_seconds - b.collective_seconds for a, b in zip(after, before))
