@@ -152,7 +152,7 @@ def test_generate_batch_tags_events_by_prompt(mesh):
 def test_generate_remote_and_the_cli(mesh):
     params = SamplingParams(max_new_tokens=6)  # what the CLI sends (EOS may end it early)
     ids, text = generate_remote(mesh.gateway, "abc", None, params, 30.0)
-    assert 1 <= len(ids) <= 6 and isinstance(text, str)
+    assert len(ids) in range(1, 7) and isinstance(text, str)  # greedy; EOS may end it early
     assert generate_remote(mesh.gateway, "abc", None, params, 30.0) == (ids, text)
 
     cli = [sys.executable, "-m", "moemesh.cli", "generate", "--target", mesh.gateway, "--prompt", "abc",
