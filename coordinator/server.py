@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -26,14 +25,13 @@ from coordinator.state import CoordinatorState, DataPlane
 from coordinator.wire import model_spec
 from moemesh.mesh.placement_file import load_placement
 from moemesh.model.config import load_config
-from moemesh.rpc import Server, stop_event_on_signals, write_port_file
+from moemesh.rpc import Server, exit_with_parent, stop_event_on_signals, write_port_file
 from moemesh.v1 import coordinator_pb2
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
-PARENT_POLL_S = 0.5
 
 
 class CoordinatorServer:
@@ -118,7 +116,7 @@ async def serve(
     """
     stop = stop if stop is not None else stop_event_on_signals()
     server = CoordinatorServer(settings)
-    watchdog = asyncio.create_task(_exit_with_parent(stop)) if settings.exit_with_parent else None
+    watchdog = asyncio.create_task(exit_with_parent(stop)) if settings.exit_with_parent else None
     try:
         port = await server.start()
         if ready is not None:
@@ -129,11 +127,3 @@ async def serve(
             watchdog.cancel()
         await server.stop()
 
-
-async def _exit_with_parent(stop: asyncio.Event) -> None:
-    """Set `stop` when this process's parent changes (the parent died; we were re-parented)."""
-    parent = os.getppid()
-    while os.getppid() == parent:
-        await asyncio.sleep(PARENT_POLL_S)
-    log.warning("parent process %d is gone; stopping", parent)
-    stop.set()

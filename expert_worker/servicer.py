@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import psutil
@@ -143,8 +143,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 def _remaining(params, produced: int):
-    from dataclasses import replace
-
     return replace(params, max_new_tokens=params.max_new_tokens - produced)
 
 
