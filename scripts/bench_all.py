@@ -37,7 +37,7 @@ from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, su
 from moemesh.model.model import RuntimeShape, build_model  # noqa: E402
 from moemesh.model.tiny import TinySpec, write_tiny_model  # noqa: E402
 from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh, start_mesh, stop_mesh  # noqa: E402
-from moemesh.simulate.measure import worker_statuses  # noqa: E402
+from moemesh.simulate.measure import step_counters, worker_statuses  # noqa: E402
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
                 vocab=512, seed=0)
@@ -115,13 +115,7 @@ def run_mesh(model: Path, workers: int, s: BenchAllSettings) -> dict[str, float]
         after = asyncio.run(worker_statuses(coordinator))
     finally:
         stop_mesh(proc)
-    m = summarize(timings, wall)
-    step = sum(a.step_seconds - b.step_seconds for a, b in zip(after, before))
-    coll = sum(a.collective_seconds - b.collective_seconds for a, b in zip(after, before))
-    steps = max(a.steps - b.steps for a, b in zip(after, before))
-    m["collective_share"] = coll / step if step else 0.0
-    m["step_ms"] = 1e3 * step / len(after) / max(steps, 1)
-    return m
+    return summarize(timings, wall) | step_counters(before, after)
 
 
 def simulate_paper(gpu_check: Path | None) -> str:

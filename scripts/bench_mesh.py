@@ -23,7 +23,7 @@ from moemesh.loadgen import engine_timings, run_closed_loop, summarize
 from moemesh.model.model import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.simulate.cpu_check import start_mesh, stop_mesh
-from moemesh.simulate.measure import worker_statuses
+from moemesh.simulate.measure import step_counters, worker_statuses
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
                 vocab=512, seed=0)
@@ -45,13 +45,7 @@ def run_mesh(model: Path, workers: int, prompts, params, concurrency: int) -> di
         after = asyncio.run(worker_statuses(coordinator))
     finally:
         stop_mesh(proc)
-    metrics = summarize(timings, wall)
-    step = sum(a.step_seconds - b.step_seconds for a, b in zip(after, before))
-    coll = sum(a.collective_seconds - b.collective_seconds for a, b in zip(after, before))
-    steps = max(a.steps - b.steps for a, b in zip(after, before))
-    metrics["collective_share"] = coll / step if step else 0.0
-    metrics["step_ms"] = 1e3 * step / len(after) / max(steps, 1)
-    return metrics
+    return summarize(timings, wall) | step_counters(before, after)
 
 
 def main(argv: list[str] | None = None) -> int:

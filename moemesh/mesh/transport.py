@@ -44,6 +44,7 @@ class LayerRoutes:
     num_replicas: torch.Tensor  # (E,) int64
     local_index: torch.Tensor  # (E,) int64 index among this rank's experts, -1 = not held here
     max_local: int  # most experts any one rank holds in this layer
+    num_local: int  # experts this rank holds in this layer
 
 
 _ID_DTYPE = {4: torch.int32, 2: torch.int16}
@@ -68,6 +69,7 @@ def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
         num_replicas=torch.tensor([len(r) for r in table], dtype=torch.int64),
         local_index=local,
         max_local=max(placement.experts_per_rank(layer)),
+        num_local=len(placement.experts_on(rank, layer)),
     )
 
 
@@ -124,6 +126,7 @@ class AllToAllTransport:
         self.placement = placement
         self.routes = {layer: layer_routes(placement, layer, self.rank) for layer in placement.layers}
         self.layer_order = sorted(placement.layers)
+        self._row = {layer: i for i, layer in enumerate(self.layer_order)}  # MoE layer -> statistics row
         E = len(next(iter(placement.layers.values())))
         self._counts = torch.zeros(len(self.layer_order), E, dtype=torch.int64)  # (L_moe, E)
         self._links = torch.zeros(len(self.layer_order), self.world_size, dtype=torch.int64)  # (L_moe, R)
@@ -153,7 +156,7 @@ class AllToAllTransport:
         flat_e = routing.expert_ids.reshape(-1)  # (T*K,) -1 = dropped by the router
         kept = torch.nonzero(flat_e >= 0).squeeze(1)  # (T*K',) copies that travel
         dest = self._destinations(routes, flat_e[kept], kept // K)  # (T*K',)
-        self._links[self.layer_order.index(layer)] += torch.bincount(dest, minlength=R)
+        self._links[self._row[layer]] += torch.bincount(dest, minlength=R)
         send_rows = self._send_rows(dest, C)  # (T*K',)
         send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
         ids = id_view(send)  # (R*C, W) same bytes, integer dtype
@@ -172,7 +175,7 @@ class AllToAllTransport:
         assert bool((local >= 0).all()), "received a token for an expert this rank does not hold"
         order = torch.argsort(local, stable=True)  # (N,) group by local expert
         recv_rows = valid[order]  # (N,)
-        counts = torch.bincount(local, minlength=int((routes.local_index >= 0).sum())).tolist()
+        counts = torch.bincount(local, minlength=routes.num_local).tolist()
         batch = ExpertBatch(x=recv[recv_rows, :D], counts=counts)  # gather (N, D)
         return batch, _Handle(sent[0], sent[1], recv_rows, (T, K, recv.shape[0]))
 
@@ -184,7 +187,7 @@ class AllToAllTransport:
         return _Then(self.collective.all_to_all(back), lambda returned: _per_copy(returned, handle, T, K, D))
 
     def _count(self, layer: int, expert_ids: torch.Tensor) -> None:
-        row = self.layer_order.index(layer)
+        row = self._row[layer]
         flat = expert_ids.reshape(-1)  # (T*K,) -1 = dropped
         self._counts[row] += torch.bincount(flat[flat >= 0], minlength=self._counts.shape[1])
         if row == 0:
