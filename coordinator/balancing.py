@@ -8,6 +8,8 @@ Policies (chosen per deployment, shown in ModelInfo):
   the model's probabilities, so only *which* experts run changes: outputs differ from the exact
   model, by how much is measured in tests/coordinator/test_balancing.py).
 - "replicate": placement and replicas only (moemesh.planner); outputs stay exactly the model's.
+- "split": hot experts split over two ranks (tensor parallelism inside an expert;
+  coordinator/splitting.py); outputs are the model's up to float rounding.
 
 Shape legend: L MoE layers, E experts.
 """
@@ -18,15 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-POLICIES = ("none", "gating", "replicate")
+POLICIES = ("none", "gating", "replicate", "split")
 
 
-def resolve_policy(requested: str, workers: int, num_experts: int) -> str:
+def resolve_policy(requested: str, workers: int, num_experts: int, expert_shards: int = 1) -> str:
     """"auto" (the default): replicate where spare devices exist (more workers than experts: the
-    spares hold replicas of hot experts), else none. Explicit policies pass through."""
+    spares hold replicas of hot experts), else none. Explicit policies pass through.
+    Split experts (expert_shards != 1) resolve auto to none: the planner places whole experts."""
     if requested != "auto":
         return requested
-    return "replicate" if workers > num_experts else "none"
+    return "replicate" if workers > num_experts and expert_shards == 1 else "none"
 
 
 @dataclass(frozen=True)

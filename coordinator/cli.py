@@ -68,9 +68,13 @@ OPTIONS = (
     _Option("--load-window", "load_window_reports", int, 32, "load reports kept per worker"),
     _Option("--shutdown-grace", "shutdown_grace_s", float, 2.0, "seconds in-flight RPCs get on stop"),
     _Option("--policy", "policy", str, "auto",
-            "balancing policy: auto (replicate when workers > experts, else none), none, gating, replicate"),
+            "balancing policy: auto (replicate when workers > experts, else none), none, gating, replicate, "
+            "split (hot experts split over two workers)"),
     _Option("--rebalance-every", "rebalance_every_tokens", int, 100, "routed tokens between balancing updates"),
     _Option("--topology", "topology", str, "local", "planner topology (preset or YAML) for policy replicate"),
+    _Option("--expert-shards", "expert_shards", int, 1,
+            "split every expert over this many ranks (expert tensor parallelism); 0 = the fewest that fit "
+            "the memory workers report"),
 )
 
 

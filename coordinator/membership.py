@@ -34,7 +34,8 @@ class WorkerInfo:
     address: str
     device: str = "cpu"
     node: str = ""
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # for expert weights; 0 = unknown
+    weight_bytes_per_element: int = 0  # bytes per stored weight element; 0 = unknown
 
 
 @dataclass(frozen=True)

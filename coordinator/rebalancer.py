@@ -8,6 +8,8 @@ next epoch (workers prepare it in the background and switch at one step). Every
   experts on spare devices, topology-aware), prices the move against the current placement, and
   publishes only the layers whose predicted gain over the next `price_window_tokens` pays for
   their weight transfer. Outputs stay exactly the model's.
+- "split" splits the hottest whole expert of a straggling rank with the least busy rank
+  (coordinator/splitting.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from coordinator.balancing import POLICIES, GatingSettings, gating_update
+from coordinator.splitting import SplitSettings, split_hot_experts
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement
 from moemesh.planner.cost import ExpertShape
@@ -33,6 +36,7 @@ class RebalanceSettings:
     update_every_tokens: int = 100
     window_cycles: int = 3  # cycles of counts a decision looks at
     gating: GatingSettings = GatingSettings()
+    split: SplitSettings = SplitSettings()
     topology: str = "local"  # planner topology: a preset name or a YAML file
     price_window_tokens: float = 100_000  # a move must pay for itself within this many tokens
     load_bandwidth_bytes_per_s: float = 1e9  # how fast a worker loads new experts (checkpoint read)
@@ -57,8 +61,8 @@ class ModelFacts:
 class Rebalancer:
     def __init__(self, settings: RebalanceSettings, moe_layer_ids: tuple[int, ...], num_experts: int,
                  facts: ModelFacts | None = None):
-        if settings.policy == "replicate" and facts is None:
-            raise ConfigError("policy replicate needs the model's shape")
+        if settings.policy in ("replicate", "split") and facts is None:
+            raise ConfigError(f"policy {settings.policy} needs the model's shape")
         self.s = settings
         self.facts = facts
         self.layers = moe_layer_ids
@@ -80,6 +84,10 @@ class Rebalancer:
         self._pending_tokens = 0
         if self.s.policy == "replicate":
             return self._replan(current)
+        if self.s.policy == "split":
+            new = split_hot_experts(current, sum(self._recent), self.layers, self.facts.expert_intermediate_size,
+                                    self.s.split)
+            return replace(new, origin="split") if new is not None else None
         factors = torch.tensor([current.gating.get(layer, (1.0,) * self.num_experts) for layer in self.layers])
         new = gating_update(factors, sum(self._recent), self.s.gating)  # (L, E)
         if torch.allclose(new, factors):
@@ -88,6 +96,8 @@ class Rebalancer:
         return replace(current, gating=gating, origin="gating")
 
     def _replan(self, current: Placement) -> Placement | None:
+        if current.shards:
+            return None  # the planner places whole experts; it never undoes a split (docs/architecture.md)
         f = self.facts
         traffic = from_counts(sum(self._recent), top_k=f.top_k, sources=current.world_size, layer_ids=self.layers)
         shape = ExpertShape(hidden_size=f.hidden_size, intermediate_size=f.expert_intermediate_size,

@@ -63,10 +63,12 @@ class CoordinatorServer:
                 num_experts=cfg.num_experts, moe_layer_ids=cfg.moe_layer_ids, expected_workers=s.workers,
                 data_plane=DataPlane(s.transport, s.store_host, self.store_port), initial=initial,
                 load_window=s.load_window_reports,
-                rebalance=RebalanceSettings(policy=resolve_policy(s.policy, s.workers, cfg.num_experts),
+                rebalance=RebalanceSettings(policy=resolve_policy(s.policy, s.workers, cfg.num_experts,
+                                                                  s.expert_shards),
                                             update_every_tokens=s.rebalance_every_tokens,
                                             topology=s.topology),
                 facts=ModelFacts(cfg.top_k, cfg.hidden_size, cfg.expert_intermediate_size, dtype_bytes=4),
+                expert_shards=s.expert_shards,
             )
             spec = model_spec(cfg, s.model_dir)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)

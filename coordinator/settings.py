@@ -33,9 +33,10 @@ class CoordinatorSettings:
     advertise_host: str | None = None  # host workers use to reach the TCPStore; None = derived
     load_window_reports: int = 32  # load reports kept per worker (the statistics window)
     shutdown_grace_s: float = 2.0  # how long in-flight RPCs may finish on stop
-    policy: str = "auto"  # auto (replicate with spare workers, else none) | none | gating | replicate
+    policy: str = "auto"  # auto (replicate with spare workers, else none) | none | gating | replicate | split
     rebalance_every_tokens: int = 100  # routed tokens between balancing updates (the paper: 100)
     topology: str = "local"  # planner topology for policy replicate: preset name or YAML file
+    expert_shards: int = 1  # initial placement splits every expert over this many ranks; 0 = fit memory
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -53,6 +54,12 @@ class CoordinatorSettings:
             )
         if self.load_window_reports < 1:
             raise ConfigError(f"--load-window must be at least 1, got {self.load_window_reports}")
+        if self.expert_shards < 0:
+            raise ConfigError(f"--expert-shards must be >= 0 (0 = fit the workers' memory), got {self.expert_shards}")
+        if self.expert_shards > 1 and self.policy == "replicate":
+            raise ConfigError("--policy replicate places whole experts; it cannot be combined with --expert-shards > 1")
+        if self.expert_shards > self.workers:
+            raise ConfigError(f"--expert-shards {self.expert_shards} needs at least as many workers, got {self.workers}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"--shutdown-grace must not be negative, got {self.shutdown_grace_s}")
 

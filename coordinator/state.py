@@ -31,7 +31,7 @@ from coordinator.load import LoadSnapshot, LoadWindow, check_counts
 from coordinator.membership import Membership, Silence, WorkerInfo
 from coordinator.rebalancer import ModelFacts, RebalanceSettings, Rebalancer
 from moemesh.errors import ConfigError, InvalidRequestError
-from moemesh.mesh.placement import Placement, initial_placement, validate_placement
+from moemesh.mesh.placement import Placement, initial_placement, shards_to_fit, validate_placement
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,14 @@ class CoordinatorState:
         load_window: int = 32,
         rebalance: RebalanceSettings = RebalanceSettings(),
         facts: ModelFacts | None = None,
+        expert_shards: int = 1,
         history: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.num_experts = num_experts
         self.moe_layer_ids = tuple(moe_layer_ids)
+        self.facts = facts
+        self.expert_shards = expert_shards  # 0 = the fewest that fit the workers' memory
         self.policy = rebalance.policy
         self.rebalancer = Rebalancer(rebalance, self.moe_layer_ids, num_experts, facts)
         self.data_plane = data_plane
@@ -148,7 +151,7 @@ class CoordinatorState:
         if p is None:
             return None
         try:
-            validate_placement(p, self.num_experts, self.moe_layer_ids)
+            self._validate(p)
         except InvalidRequestError as exc:
             raise ConfigError(f"initial placement does not fit the model: {exc}") from exc
         if p.world_size != world_size:
@@ -178,7 +181,8 @@ class CoordinatorState:
         if self._initial is not None:
             placement = replace(self._initial, epoch=self._next_epoch())
         else:
-            base = initial_placement(self.num_experts, self.moe_layer_ids, len(members), epoch=self._next_epoch())
+            base = initial_placement(self.num_experts, self.moe_layer_ids, len(members), epoch=self._next_epoch(),
+                                     shards=self._shards_for(members))
             placement = replace(base, origin=ROUND_ROBIN)
         self.load.clear()
         self._world = World(generation, members, self.data_plane, placement.epoch)
@@ -188,6 +192,25 @@ class CoordinatorState:
             generation, ", ".join(f"{r}={m.worker_id}@{m.address}" for r, m in enumerate(members)),
             placement.epoch, placement.origin,
         )
+
+    def _shards_for(self, members: list[WorkerInfo]) -> int:
+        """How many ways the initial placement splits every expert (--expert-shards)."""
+        if self.expert_shards or self.facts is None:
+            return self.expert_shards or 1
+        f = self.facts
+        element = max((m.weight_bytes_per_element for m in members), default=0) or f.dtype_bytes
+        shards, fits = shards_to_fit(3 * f.hidden_size * f.expert_intermediate_size * element,
+                                     [m.memory_bytes for m in members], f.expert_intermediate_size,
+                                     self.num_experts, len(self.moe_layer_ids))
+        if not fits:
+            log.error("experts do not fit the workers' reported memory even split %d ways; placing them so", shards)
+        elif shards > 1:
+            log.info("experts split %d ways to fit the workers' reported memory", shards)
+        return shards
+
+    def _validate(self, p: Placement) -> None:
+        hidden = self.facts.expert_intermediate_size if self.facts is not None else None
+        validate_placement(p, self.num_experts, self.moe_layer_ids, expert_hidden=hidden)
 
     async def wait_for_world(self, after_generation: int = 0) -> World:
         """The first world newer than `after_generation`, waiting for it to form.
@@ -267,7 +290,7 @@ class CoordinatorState:
             raise InvalidRequestError(f"placement epoch must be 0 (the coordinator assigns it), got {p.epoch}")
         if p.world_size != world.size:
             raise InvalidRequestError(f"placement is for {p.world_size} ranks, the world has {world.size}")
-        validate_placement(p, self.num_experts, self.moe_layer_ids)
+        self._validate(p)
         current = self.current().placement.epoch
         if expected_epoch and expected_epoch != current:
             raise EpochMismatchError(f"expected placement epoch {expected_epoch}, the current epoch is {current}")

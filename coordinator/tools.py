@@ -59,7 +59,8 @@ def rpc_error(exc: grpc.aio.AioRpcError, target: str, rpc: str) -> MoemeshError:
 
 
 def format_placement(resp: pb.GetPlacementResponse) -> str:
-    """Human-readable table: per MoE layer, expert -> ranks and its share of the routed tokens."""
+    """Human-readable table: per MoE layer, expert -> ranks and its share of the routed tokens.
+    A shard group prints as its ranks joined by '+' in shard order (2+5: shard 0 on rank 2)."""
     p = resp.placement
     lines = [
         f"placement epoch {p.epoch} ({p.origin or 'unknown'}), world generation {p.world_generation}, "
@@ -74,7 +75,8 @@ def format_placement(resp: pb.GetPlacementResponse) -> str:
         for e, slots in enumerate(lp.experts):
             n = int(row[e]) if row is not None and e < row.shape[0] else 0
             share = f"{100.0 * n / total:5.1f}%" if total else "     -"
-            ranks = ",".join(str(r) for r in slots.ranks)
+            ranks = ",".join([*(str(r) for r in slots.ranks),
+                              *("+".join(str(r) for r in g.ranks) for g in slots.shard_groups)])
             lines.append(f"  {e:>6}  {ranks:<16} {n:>10}  {share:>6}")
     return "\n".join(lines + _link_table(resp))
 

@@ -36,6 +36,7 @@ def worker_info(req: pb.RegisterWorkerRequest) -> WorkerInfo:
     return WorkerInfo(
         worker_id=req.worker_id, incarnation=req.incarnation, address=req.address,
         device=req.device or "cpu", node=req.node, memory_bytes=req.memory_bytes,
+        weight_bytes_per_element=req.weight_bytes_per_element,
     )
 
 

@@ -17,6 +17,22 @@ def _env(env: Mapping[str, str], name: str, default):
     return env.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _size(text: str) -> int:
+    """'12GiB', '60GB', '1e9' -> bytes."""
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number):].upper()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 12GiB, 60GB, 1e9)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return int(value)
+
+
 def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] | None = None) -> Callable:
     env = os.environ if env is None else env
     p = sub.add_parser("worker", help="run one expert worker (one per device)")
@@ -44,6 +60,9 @@ def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] |
                    help="what happens to token copies beyond an expert's capacity")
     p.add_argument("--capacity-factor", type=float, default=float(e("capacity_factor", 1.2)),
                    help="expert capacity as a multiple of the average load (reroute/drop)")
+    p.add_argument("--expert-memory", type=_size, default=_size(e("expert_memory", "0")),
+                   help="memory for expert weights, e.g. 60GB or 12GiB, reported to the coordinator "
+                        "(bounds placement; --expert-shards 0 splits experts to fit); 0 = unknown")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
     p.add_argument("--log-level", default=e("log_level", "INFO"))
 
@@ -62,6 +81,7 @@ def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] |
             collective_timeout_s=args.collective_timeout, report_every_tokens=args.report_every_tokens,
             exit_with_parent=args.exit_with_parent, micro_batches=args.micro_batches,
             dtype=args.dtype, overflow=args.overflow, capacity_factor=args.capacity_factor,
+            expert_memory_bytes=args.expert_memory,
         )
         return uvloop.run(serve(settings))
 

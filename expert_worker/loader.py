@@ -2,7 +2,9 @@
 
 Runs off the engine thread (a placement arrives while the mesh keeps serving); the engine
 thread switches to the result at a step all ranks agree on (moemesh.mesh.lockstep).
-Shape legend: E_loc experts held, F expert hidden, D hidden.
+A piece already held is reused as it is; a shard of an expert held whole is cut from it; only
+what remains is read from the checkpoint (a shard reads only its own columns).
+Shape legend: D hidden, F_i hidden width of the piece held (F, or F / shards).
 """
 
 from __future__ import annotations
@@ -28,32 +30,28 @@ def prepare_epoch(
     """Experts this rank holds under `placement`: reused from `current` when already held,
     read from the checkpoint otherwise. `current` is only read, never changed."""
     layers = {}
-    for layer, wanted in placement.assignment(rank).items():
+    for layer in placement.layers:
+        wanted = placement.experts_on(rank, layer)
+        pieces = placement.pieces_on(rank, layer)
         held = current.get(layer)
-        if held is not None and list(held.expert_ids) == wanted:
+        if held is not None and held.expert_ids == wanted and held.shards == pieces:
             layers[layer] = held
             continue
-        layers[layer] = _restack(layer, wanted, held, reader, cfg, dtype, device)
+        layers[layer] = _assemble(layer, wanted, pieces, held, reader, cfg, dtype, device)
     return PreparedEpoch(placement=placement, layers=layers)
 
 
-def _restack(layer: int, wanted: list[int], held: LayerExperts | None, reader: CheckpointReader,
-             cfg: ModelConfig, dtype: torch.dtype, device: str) -> LayerExperts:
-    have = {e: i for i, e in enumerate(held.expert_ids)} if held is not None else {}
-    missing = [e for e in wanted if e not in have]
-    fresh = load_layer_experts(reader, cfg, layer, missing, dtype, device)
-    fresh_index = {e: i for i, e in enumerate(fresh.expert_ids)}
-    w13, w2 = [], []
-    for e in wanted:
-        if e in have:
-            w13.append(held.w13[have[e]])  # (D, 2F)
-            w2.append(held.w2[have[e]])  # (D, F)
-        else:
-            w13.append(fresh.w13[fresh_index[e]])
-            w2.append(fresh.w2[fresh_index[e]])
-    D, F = cfg.hidden_size, cfg.expert_intermediate_size
-    return LayerExperts(
-        expert_ids=tuple(wanted),
-        w13=torch.stack(w13) if wanted else torch.empty(0, D, 2 * F, dtype=dtype, device=device),
-        w2=torch.stack(w2) if wanted else torch.empty(0, D, F, dtype=dtype, device=device),
-    )
+def _assemble(layer: int, wanted: tuple[int, ...], pieces: tuple, held: LayerExperts | None,
+              reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype, device: str) -> LayerExperts:
+    """The pieces `wanted`/`pieces` of one layer, from `held` where possible."""
+    reused = {}
+    for e, shard in zip(wanted, pieces):
+        found = held.piece(e, shard) if held is not None else None
+        if found is not None:
+            reused[e] = found  # (D, 2F_i), (D, F_i)
+    missing = [(e, s) for e, s in zip(wanted, pieces) if e not in reused]
+    fresh = load_layer_experts(reader, cfg, layer, [e for e, _ in missing], dtype, device, [s for _, s in missing])
+    for i, e in enumerate(fresh.expert_ids):
+        reused[e] = (fresh.w13[i], fresh.w2[i])
+    return LayerExperts(expert_ids=wanted, w13=tuple(reused[e][0] for e in wanted),
+                        w2=tuple(reused[e][1] for e in wanted), shards=pieces)

@@ -61,7 +61,8 @@ class WorkerSettings:
     micro_batches: int = 1
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     overflow: str = "dropless"  # expert capacity overflow: dropless | reroute | drop (moemesh/model/overflow.py)
-    capacity_factor: float = 1.2  # expert capacity = factor x average copies per expert (reroute/drop)  # 2 = two-batch overlap (slower on 2-core CPUs: docs/architecture.md)
+    capacity_factor: float = 1.2  # expert capacity = factor x average copies per expert (reroute/drop)
+    expert_memory_bytes: int = 0  # reported to the coordinator: memory for expert weights (0 = unknown)
     exit_with_parent: bool = False
     gil_switch_interval_s: float = 0.0002
 
@@ -98,7 +99,9 @@ async def _join(coord, settings: WorkerSettings, worker_id: str, address: str, s
     reg = await _retry_until_up(
         lambda: coord.RegisterWorker(cpb.RegisterWorkerRequest(
             worker_id=worker_id, incarnation=incarnation, address=address, device=settings.device,
-            node=settings.node), timeout=settings.rpc_timeout_s), stop, "coordinator")
+            node=settings.node, memory_bytes=settings.expert_memory_bytes,
+            weight_bytes_per_element=compute_dtype(settings.dtype, settings.device).itemsize),
+            timeout=settings.rpc_timeout_s), stop, "coordinator")
     if reg is None:
         return None
     log.info("registered %s at %s as rank %d; waiting for the world", worker_id, address, reg.rank)
@@ -142,9 +145,10 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     log.info("rank %d: data plane %s (%s)", rank, choice.name, choice.reason)
     collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.device,
                             settings.collective_timeout_s)
-    transport = AllToAllTransport(collective, placement)
+    transport = AllToAllTransport(collective, placement, settings.device)
+    pieces = {layer: placement.pieces_on(rank, layer) for layer in placement.layers}
     model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader,
-                        overflow=settings.overflow, capacity_factor=settings.capacity_factor)
+                        shards=pieces, overflow=settings.overflow, capacity_factor=settings.capacity_factor)
     engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
                                           micro_batches=settings.micro_batches))
     initial = PreparedEpoch(placement=placement, layers=dict(model.moe.experts.layers))

@@ -40,6 +40,7 @@ class UpSettings:
     micro_batches: int = 1
     policy: str = "auto"
     placement: Path | None = None
+    expert_shards: int = 1  # split every expert over this many workers (expert tensor parallelism)
     start_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
 
@@ -55,8 +56,9 @@ def default_model_dir(cache: Path) -> Path:
     return out
 
 
-def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: int | None) -> int:
-    """--workers wins; else enough workers for K experts each; else one expert per worker."""
+def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: int | None, shards: int = 1) -> int:
+    """--workers wins; else enough workers for K experts (or shards of experts) each; else one
+    per worker."""
     if workers is not None:
         if workers <= 0:
             raise MoemeshError(f"--workers must be > 0, got {workers}")
@@ -64,7 +66,7 @@ def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: i
     k = experts_per_worker or 1
     if k <= 0:
         raise MoemeshError(f"--experts-per-worker must be > 0, got {k}")
-    return math.ceil(num_experts / k)
+    return math.ceil(num_experts * max(shards, 1) / k)
 
 
 class Mesh:
@@ -113,7 +115,8 @@ def start(mesh: Mesh) -> tuple[str, str]:
     common = ["--max-model-len", str(s.max_model_len)]
     mesh.spawn("coordinator", ["coordinator", "--model", str(s.model), "--workers", str(s.workers),
                                "--host", "127.0.0.1", "--port", "0", "--port-file", str(s.state_dir / "coordinator.port"),
-                               "--policy", s.policy, *(["--placement", str(s.placement)] if s.placement else [])])
+                               "--policy", s.policy, "--expert-shards", str(s.expert_shards),
+                               *(["--placement", str(s.placement)] if s.placement else [])])
     coordinator = f"127.0.0.1:{mesh.wait_port('coordinator', s.state_dir / 'coordinator.port')}"
     for i in range(s.workers):
         mesh.spawn(f"worker {i}", ["worker", "--coordinator", coordinator, "--port", "0",
@@ -174,9 +177,11 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--micro-batches", type=int, default=1, choices=(1, 2, 3, 4),
                    help="micro-batches per step on every worker (2 = two-batch overlap)")
-    p.add_argument("--policy", default="auto", choices=("auto", "none", "gating", "replicate"),
+    p.add_argument("--policy", default="auto", choices=("auto", "none", "gating", "replicate", "split"),
                    help="balancing policy (gating changes outputs; see docs/architecture.md)")
     p.add_argument("--placement", type=Path, default=None, help="initial placement file (YAML or JSON)")
+    p.add_argument("--expert-shards", type=int, default=1,
+                   help="split every expert over this many workers (tensor parallelism inside an expert)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "moemesh")
 
     def run(args: argparse.Namespace) -> int:
@@ -184,13 +189,13 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
 
         model = args.model or default_model_dir(args.cache_dir)
         cfg = load_config(model)
-        workers = resolve_workers(cfg.num_experts, args.workers, args.experts_per_worker)
+        workers = resolve_workers(cfg.num_experts, args.workers, args.experts_per_worker, args.expert_shards)
         with tempfile.TemporaryDirectory(prefix="moemesh-up-") as state:
             settings = UpSettings(
                 model=model.resolve(), workers=workers, host=args.host, port=args.port, max_seqs=args.max_seqs,
                 max_model_len=args.max_model_len, threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
                 state_dir=Path(state), micro_batches=args.micro_batches, policy=args.policy,
-                placement=args.placement.resolve() if args.placement else None,
+                placement=args.placement.resolve() if args.placement else None, expert_shards=args.expert_shards,
             )
             return run_up(settings)
 

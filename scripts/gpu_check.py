@@ -91,10 +91,10 @@ def check_nccl(device: str, quick: bool) -> dict:
     E, D, F, T, K = 8, 256, 512, 64, 2
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.bfloat16) * s[-1] ** -0.5  # noqa: E731
-    experts = GroupedExperts({0: LayerExperts(tuple(range(E)), mk(E, D, 2 * F), mk(E, D, F))})
+    experts = GroupedExperts({0: LayerExperts.stacked(tuple(range(E)), mk(E, D, 2 * F), mk(E, D, F))})
     router, x = mk(E, D), mk(T, D)
     collective = NcclCollective(0, 1, make_unique_id(), torch.device(device))
-    transport = AllToAllTransport(collective, initial_placement(E, [0], 1))
+    transport = AllToAllTransport(collective, initial_placement(E, [0], 1), device)
     transport.begin_step((T,))
     got = MoELayer(SoftmaxTopKRouter(K, True), transport, experts)(0, x, router)
     want = MoELayer(SoftmaxTopKRouter(K, True), LocalTransport(E), experts)(0, x, router)
@@ -122,7 +122,7 @@ def check_grouped_matmul(device: str, quick: bool, rates: dict) -> list[dict]:
 
     D, F = (256, 1024) if quick else (8192, 32768)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    experts = GroupedExperts({0: LayerExperts((0,), torch.randn(1, D, 2 * F, dtype=dtype, device=device) * D**-0.5,
+    experts = GroupedExperts({0: LayerExperts.stacked((0,), torch.randn(1, D, 2 * F, dtype=dtype, device=device) * D**-0.5,
                                               torch.randn(1, D, F, dtype=dtype, device=device) * F**-0.5)})
     rows = []
     for n in (128, 512, 2048, 8192)[: 2 if quick else 4]:

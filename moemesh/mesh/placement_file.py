@@ -9,6 +9,12 @@ Two shapes are accepted (JSON is YAML, so one parser reads both):
       "0": [[0], [1], [2], [3]]
       "1": [[1], [0], [3], [2]]
 
+An entry of a rank list may itself be a list: a shard group, one replica of the expert split
+over those ranks (expert tensor parallelism; the i-th rank holds shard i):
+
+    experts: [[0], [1], [[2, 3]], [4, [5, 6]]]   # expert 2 split over ranks 2 and 3; expert 3
+                                                  # whole on rank 4 and split over ranks 5 and 6
+
 `epoch` and `origin` keys are accepted and ignored, so `dump_placement` output loads back.
 Loading checks the file's structure and names the offending field; whether the placement fits
 the model (layer ids, expert count) is `validate_placement`'s job, done by the caller.
@@ -69,11 +75,15 @@ def placement_from_dict(
         raise InvalidRequestError(f"{source}: give exactly one of 'experts' (every MoE layer) or 'layers'")
     if "experts" in data:
         table = _expert_table(data["experts"], f"{source}: experts")
-        layers = {int(layer): table for layer in moe_layer_ids}
+        tables = {int(layer): table for layer in moe_layer_ids}
     else:
-        layers = _layers(data["layers"], source)
+        tables = _layers(data["layers"], source)
+    layers = {layer: tuple(tuple(sorted(r for g in groups for r in g)) for groups in t) for layer, t in tables.items()}
+    shards = {layer: split for layer, t in tables.items()
+              if (split := {e: tuple(g for g in groups if len(g) > 1) for e, groups in enumerate(t)
+                            if any(len(g) > 1 for g in groups)})}
     world_size = _world_size(data.get("world_size"), layers, default_world_size, source)
-    return Placement(epoch=0, world_size=world_size, layers=layers, origin=FILE_ORIGIN)
+    return Placement(epoch=0, world_size=world_size, layers=layers, origin=FILE_ORIGIN, shards=shards)
 
 
 def dump_placement(p: Placement) -> str:
@@ -82,15 +92,19 @@ def dump_placement(p: Placement) -> str:
         "epoch": p.epoch,
         "origin": p.origin,
         "world_size": p.world_size,
-        "layers": {int(layer): [list(ranks) for ranks in p.layers[layer]] for layer in sorted(p.layers)},
+        "layers": {int(layer): [[g[0] if len(g) == 1 else list(g) for g in p.groups(layer, e)]
+                                for e in range(len(p.layers[layer]))] for layer in sorted(p.layers)},
     }
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
 
 
-def _layers(raw: Any, source: str) -> dict[int, tuple[tuple[int, ...], ...]]:
+Groups = tuple[tuple[int, ...], ...]  # one expert's replicas: (r,) whole, (r0, r1, ...) split
+
+
+def _layers(raw: Any, source: str) -> dict[int, tuple[Groups, ...]]:
     if not isinstance(raw, Mapping) or not raw:
         raise InvalidRequestError(f"{source}: layers must be a non-empty mapping layer -> expert rank lists")
-    layers: dict[int, tuple[tuple[int, ...], ...]] = {}
+    layers: dict[int, tuple[Groups, ...]] = {}
     for key, table in raw.items():
         layer = _layer_index(key, source)
         if layer in layers:
@@ -111,20 +125,30 @@ def _layer_index(key: Any, source: str) -> int:
     return layer
 
 
-def _expert_table(raw: Any, where: str) -> tuple[tuple[int, ...], ...]:
+def _expert_table(raw: Any, where: str) -> tuple[Groups, ...]:
     if not isinstance(raw, list) or not raw:
         raise InvalidRequestError(f"{where} must be a non-empty list (one rank list per expert), got {_kind(raw)}")
     table = []
-    for e, ranks in enumerate(raw):
-        if not isinstance(ranks, list) or not ranks:
-            raise InvalidRequestError(f"{where}[{e}] must be a non-empty list of ranks, got {_kind(ranks)}")
-        for r in ranks:
-            if not _is_int(r) or r < 0:
-                raise InvalidRequestError(f"{where}[{e}]: rank {r!r} is not a non-negative integer")
+    for e, entries in enumerate(raw):
+        if not isinstance(entries, list) or not entries:
+            raise InvalidRequestError(f"{where}[{e}] must be a non-empty list of ranks, got {_kind(entries)}")
+        groups = tuple(_group(entry, f"{where}[{e}]") for entry in entries)
+        ranks = [r for g in groups for r in g]
         if len(set(ranks)) != len(ranks):
-            raise InvalidRequestError(f"{where}[{e}]: rank listed twice in {ranks}")
-        table.append(tuple(sorted(ranks)))
+            raise InvalidRequestError(f"{where}[{e}]: rank listed twice in {entries}")
+        table.append(groups)
     return tuple(table)
+
+
+def _group(entry: Any, where: str) -> tuple[int, ...]:
+    """A rank (a whole replica) or a list of >= 2 ranks (a shard group, in shard order)."""
+    ranks = entry if isinstance(entry, list) else [entry]
+    if isinstance(entry, list) and len(entry) < 2:
+        raise InvalidRequestError(f"{where}: shard group {entry} needs at least 2 ranks")
+    for r in ranks:
+        if not _is_int(r) or r < 0:
+            raise InvalidRequestError(f"{where}: rank {r!r} is not a non-negative integer")
+    return tuple(ranks)
 
 
 def _world_size(

@@ -13,11 +13,16 @@ collective, not its bytes, dominates a decode step.
 C is the same on every rank because it comes from the step header every rank already gathered:
 C = T_max * min(K, most experts any rank holds in the layer) bounds the copies one rank can send
 to another. The collective itself lives behind `Collective`, so gloo and NCCL share this code.
+
+Expert tensor parallelism: an expert split over a group of S ranks receives every one of its
+token copies on all S ranks (P' >= T*K' pieces sent); each returns a partial output and combine
+sums them in shard order. A rank still receives at most one piece per (token, expert), so C holds
+when "experts a rank holds" counts shards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -38,13 +43,20 @@ class Collective(Protocol):
 
 @dataclass(frozen=True)
 class LayerRoutes:
-    """One layer's routing table for this rank, derived from the placement."""
+    """One layer's routing table for this rank, derived from the placement.
 
-    replicas: torch.Tensor  # (E, P) int64 ranks holding each expert, padded with -1
-    num_replicas: torch.Tensor  # (E,) int64
+    An expert's replicas are rank groups (`Placement.groups`): a full replica is a group of one,
+    an expert split for tensor parallelism a group of S ranks, rank s holding shard s.
+    """
+
+    groups: torch.Tensor  # (E, P, S) int64 rank holding shard s of replica group p, -1 = padding
+    num_groups: torch.Tensor  # (E,) int64 replica groups of each expert
+    group_size: torch.Tensor  # (E, P) int64 shards in each group (1 = a full replica), 0 = padding
+    own_group: torch.Tensor  # (E,) int64 the group this rank is part of, -1 = none
     local_index: torch.Tensor  # (E,) int64 index among this rank's experts, -1 = not held here
-    max_local: int  # most experts any one rank holds in this layer
+    max_local: int  # most experts (whole or shard) any one rank holds in this layer
     num_local: int  # experts this rank holds in this layer
+    max_shards: int  # largest group: 1 when no expert of the layer is split
 
 
 _ID_DTYPE = {4: torch.int32, 2: torch.int16}
@@ -55,21 +67,34 @@ def id_view(payload: torch.Tensor) -> torch.Tensor:
     return payload.view(_ID_DTYPE[payload.element_size()])
 
 
+def _to(routes: LayerRoutes, device: torch.device) -> LayerRoutes:
+    """The routing table's tensors on the device the tokens are on (built once per placement)."""
+    moved = {f: getattr(routes, f).to(device) for f in ("groups", "num_groups", "group_size", "own_group",
+                                                        "local_index")}
+    return replace(routes, **moved)
+
+
 def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
-    table = placement.layers[layer]
-    width = max(len(r) for r in table)
-    replicas = torch.full((len(table), width), -1, dtype=torch.int64)  # (E, P)
-    for e, ranks in enumerate(table):
-        replicas[e, : len(ranks)] = torch.tensor(ranks)
-    local = torch.full((len(table),), -1, dtype=torch.int64)  # (E,)
+    E = len(placement.layers[layer])
+    per_expert = [placement.groups(layer, e) for e in range(E)]
+    P = max(len(g) for g in per_expert)
+    S = max(len(group) for g in per_expert for group in g)
+    groups = torch.full((E, P, S), -1, dtype=torch.int64)  # (E, P, S)
+    size = torch.zeros(E, P, dtype=torch.int64)  # (E, P)
+    own = torch.full((E,), -1, dtype=torch.int64)  # (E,)
+    for e, expert_groups in enumerate(per_expert):
+        for p, group in enumerate(expert_groups):
+            groups[e, p, : len(group)] = torch.tensor(group)
+            size[e, p] = len(group)
+            if rank in group:
+                own[e] = p
+    local = torch.full((E,), -1, dtype=torch.int64)  # (E,)
     for i, e in enumerate(placement.experts_on(rank, layer)):
         local[e] = i
     return LayerRoutes(
-        replicas=replicas,
-        num_replicas=torch.tensor([len(r) for r in table], dtype=torch.int64),
-        local_index=local,
-        max_local=max(placement.experts_per_rank(layer)),
-        num_local=len(placement.experts_on(rank, layer)),
+        groups=groups, num_groups=torch.tensor([len(g) for g in per_expert], dtype=torch.int64), group_size=size,
+        own_group=own, local_index=local, max_local=max(placement.experts_per_rank(layer)),
+        num_local=len(placement.experts_on(rank, layer)), max_shards=S,
     )
 
 
@@ -83,9 +108,19 @@ class LoadSample:
 
 
 @dataclass(frozen=True)
-class _Handle:
+class _Sent:
+    """Where this rank's token copies went, for putting their results back together."""
+
     kept: torch.Tensor  # (T*K',) the copies that travelled (not dropped by the router)
-    send_rows: torch.Tensor  # (T*K',) row of the send buffer holding each of them
+    copy: torch.Tensor  # (P',) index into kept of each piece sent (a copy fans out to S shards)
+    slot: torch.Tensor  # (P',) shard index of each piece: 0 for a full replica
+    send_rows: torch.Tensor  # (P',) row of the send buffer holding each piece
+    max_shards: int  # S: 1 when no expert of the layer is split
+
+
+@dataclass(frozen=True)
+class _Handle:
+    sent: _Sent
     recv_rows: torch.Tensor  # (N,) rows of the receive buffer, in ExpertBatch order
     shape: tuple[int, int, int]  # (T, K, total rows R*C)
 
@@ -100,12 +135,19 @@ class _Then:
         return self.then(self.pending.wait())
 
 
-def _per_copy(returned: torch.Tensor, handle: _Handle, T: int, K: int, D: int) -> torch.Tensor:
-    """returned: (R*C, D) -> (T, K, D) outputs per token copy; zeros for dropped copies."""
-    if handle.kept.numel() == T * K:
-        return returned[handle.send_rows].view(T, K, D)  # gather: nothing was dropped
+def _per_copy(returned: torch.Tensor, sent: _Sent, T: int, K: int, D: int) -> torch.Tensor:
+    """returned: (R*C, D) -> (T, K, D) outputs per token copy; zeros for dropped copies.
+    A split expert's shard outputs are summed in shard order (deterministic on any device)."""
+    pieces = returned[sent.send_rows]  # gather (P', D)
+    if sent.max_shards > 1:
+        parts = torch.zeros(sent.kept.numel(), sent.max_shards, D, dtype=returned.dtype,
+                            device=returned.device)  # (T*K', S, D)
+        parts[sent.copy, sent.slot] = pieces  # scatter each shard's partial output to its slot
+        pieces = parts.sum(dim=1)  # (T*K', D)
+    if sent.kept.numel() == T * K:
+        return pieces.view(T, K, D)  # nothing was dropped
     out = torch.zeros(T * K, D, dtype=returned.dtype, device=returned.device)
-    out[handle.kept] = returned[handle.send_rows]  # gather, then scatter to copy order
+    out[sent.kept] = pieces  # scatter to copy order
     return out.view(T, K, D)
 
 
@@ -113,8 +155,9 @@ class AllToAllTransport:
     """Transport over a Collective. Every rank calls dispatch/combine for every MoE layer of
     every step, in the same order, with the same `begin_step` T_max (cross-rank invariant)."""
 
-    def __init__(self, collective: Collective, placement: Placement):
+    def __init__(self, collective: Collective, placement: Placement, device: str | torch.device = "cpu"):
         self.collective = collective
+        self.device = torch.device(device)  # where tokens, routing tables and counters live
         self.rank = collective.rank
         self.world_size = collective.world_size
         self.max_tokens: tuple[int, ...] = (0,)  # per micro-batch
@@ -124,16 +167,17 @@ class AllToAllTransport:
     def set_placement(self, placement: Placement) -> None:
         assert placement.world_size == self.world_size, "placement is for another world"
         self.placement = placement
-        self.routes = {layer: layer_routes(placement, layer, self.rank) for layer in placement.layers}
+        self.routes = {layer: _to(layer_routes(placement, layer, self.rank), self.device) for layer in placement.layers}
         self.layer_order = sorted(placement.layers)
         self._row = {layer: i for i, layer in enumerate(self.layer_order)}  # MoE layer -> statistics row
         E = len(next(iter(placement.layers.values())))
-        self._counts = torch.zeros(len(self.layer_order), E, dtype=torch.int64)  # (L_moe, E)
-        self._links = torch.zeros(len(self.layer_order), self.world_size, dtype=torch.int64)  # (L_moe, R)
+        self._counts = torch.zeros(len(self.layer_order), E, dtype=torch.int64, device=self.device)  # (L_moe, E)
+        self._links = torch.zeros(len(self.layer_order), self.world_size, dtype=torch.int64,
+                                  device=self.device)  # (L_moe, R)
 
     def take_counts(self) -> LoadSample:
         """What this rank routed since the last call (rows follow `layer_order`); resets it."""
-        sample = LoadSample(self._counts, self._links, self.counted_tokens)
+        sample = LoadSample(self._counts.cpu(), self._links.cpu(), self.counted_tokens)
         self._counts = torch.zeros_like(self._counts)
         self._links = torch.zeros_like(self._links)
         self.counted_tokens = 0
@@ -155,18 +199,19 @@ class AllToAllTransport:
         self._count(layer, routing.expert_ids)
         flat_e = routing.expert_ids.reshape(-1)  # (T*K,) -1 = dropped by the router
         kept = torch.nonzero(flat_e >= 0).squeeze(1)  # (T*K',) copies that travel
-        dest = self._destinations(routes, flat_e[kept], kept // K)  # (T*K',)
+        expert = flat_e[kept]  # (T*K',)
+        copy, slot, dest = self._destinations(routes, expert, kept // K)  # (P',) each
         self._links[self._row[layer]] += torch.bincount(dest, minlength=R)
-        send_rows = self._send_rows(dest, C)  # (T*K',)
+        send_rows = self._send_rows(dest, C)  # (P',)
         send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
         ids = id_view(send)  # (R*C, W) same bytes, integer dtype
         ids[:, D] = -1
-        send[send_rows, :D] = x[kept // K]  # gather + scatter (T*K', D)
-        ids[send_rows, D] = flat_e[kept].to(ids.dtype)
-        return _Then(self.collective.all_to_all(send),
-                     lambda recv: self._received(routes, recv, (kept, send_rows), T, K))
+        send[send_rows, :D] = x[kept[copy] // K]  # gather + scatter (P', D)
+        ids[send_rows, D] = expert[copy].to(ids.dtype)
+        sent = _Sent(kept, copy, slot, send_rows, routes.max_shards)
+        return _Then(self.collective.all_to_all(send), lambda recv: self._received(routes, recv, sent, T, K))
 
-    def _received(self, routes: LayerRoutes, recv: torch.Tensor, sent: tuple[torch.Tensor, torch.Tensor], T: int, K: int):
+    def _received(self, routes: LayerRoutes, recv: torch.Tensor, sent: _Sent, T: int, K: int):
         """recv: (R*C, W) -> the ExpertBatch for this rank's experts and the combine handle."""
         D = recv.shape[1] - 1
         expert = id_view(recv)[:, D].to(torch.int64)  # (R*C,) -1 = padding
@@ -177,14 +222,14 @@ class AllToAllTransport:
         recv_rows = valid[order]  # (N,)
         counts = torch.bincount(local, minlength=routes.num_local).tolist()
         batch = ExpertBatch(x=recv[recv_rows, :D], counts=counts)  # gather (N, D)
-        return batch, _Handle(sent[0], sent[1], recv_rows, (T, K, recv.shape[0]))
+        return batch, _Handle(sent, recv_rows, (T, K, recv.shape[0]))
 
     def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Pending[torch.Tensor]:
         T, K, rows = handle.shape
         D = y.shape[1]
         back = torch.zeros(rows, D, dtype=y.dtype, device=y.device)  # (R*C, D)
         back[handle.recv_rows] = y  # scatter to the rows the copies arrived in
-        return _Then(self.collective.all_to_all(back), lambda returned: _per_copy(returned, handle, T, K, D))
+        return _Then(self.collective.all_to_all(back), lambda returned: _per_copy(returned, handle.sent, T, K, D))
 
     def _count(self, layer: int, expert_ids: torch.Tensor) -> None:
         row = self._row[layer]
@@ -193,14 +238,24 @@ class AllToAllTransport:
         if row == 0:
             self.counted_tokens += expert_ids.shape[0]
 
-    def _destinations(self, routes: LayerRoutes, flat: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        """flat: (C',) expert of each copy, token: (C',) its token -> (C',) destination rank:
-        this rank when it holds a replica (no traffic), else replica token mod P of the expert
-        (spreads a hot expert's tokens)."""
-        pick = token % routes.num_replicas[flat]  # (C',)
-        dest = routes.replicas[flat, pick]  # gather (T*K,)
-        here = routes.local_index[flat] >= 0  # (T*K,)
-        return torch.where(here, torch.full_like(dest, self.rank), dest)
+    def _destinations(self, routes: LayerRoutes, expert: torch.Tensor, token: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """expert: (C',) expert of each copy, token: (C',) its token -> per piece sent (P',):
+        the copy it belongs to, its shard slot and its destination rank.
+
+        A copy goes to the replica group this rank is part of (no traffic for a full replica
+        here), else to group token mod P (spreads a hot expert's tokens), and to every rank
+        of that group: P' = C' unless some expert is split.
+        """
+        own = routes.own_group[expert]  # (C',)
+        group = torch.where(own >= 0, own, token % routes.num_groups[expert])  # (C',)
+        if routes.max_shards == 1:
+            copy = torch.arange(expert.numel(), device=expert.device)  # (C',)
+            return copy, torch.zeros_like(copy), routes.groups[expert, group, 0]  # gather (C',)
+        size = routes.group_size[expert, group]  # (C',) shards of the chosen group
+        copy = torch.repeat_interleave(torch.arange(expert.numel(), device=expert.device), size)  # (P',)
+        slot = torch.arange(copy.numel(), device=expert.device) - (torch.cumsum(size, 0) - size)[copy]  # (P',)
+        return copy, slot, routes.groups[expert[copy], group[copy], slot]  # gather (P',)
 
     @staticmethod
     def _send_rows(dest: torch.Tensor, capacity: int) -> torch.Tensor:

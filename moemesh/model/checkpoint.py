@@ -40,8 +40,14 @@ class CheckpointReader:
         expected: Mapping[str, tuple[int, ...]],
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        slices: Mapping[str, tuple[slice, ...]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Read the named tensors, checking each shape; returns name -> tensor in `dtype`."""
+        """Read the named tensors, checking each full shape; returns name -> tensor in `dtype`.
+
+        `slices[name]`, when given, reads only that part of the tensor (one slice per leading
+        dimension): an expert shard never reads its siblings' bytes.
+        """
+        slices = slices or {}
         out: dict[str, torch.Tensor] = {}
         for file, names in _group_by_file(self.name_to_file, expected, self.model_dir).items():
             with _open(file) as handle:
@@ -49,13 +55,14 @@ class CheckpointReader:
                 for name in names:
                     if name not in present:
                         raise CheckpointError(f"tensor {name} is missing from {file.name} (the index lists it there)")
-                    tensor = handle.get_tensor(name)
-                    self.reads.append(name)
-                    if tuple(tensor.shape) != tuple(expected[name]):
+                    view = handle.get_slice(name)
+                    shape = tuple(view.get_shape())
+                    if shape != tuple(expected[name]):
                         raise CheckpointError(
-                            f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(expected[name])}"
+                            f"tensor {name} in {file.name} has shape {shape}, expected {tuple(expected[name])}"
                         )
+                    tensor = view[slices[name]] if name in slices else handle.get_tensor(name)
+                    self.reads.append(name)
                     out[name] = tensor.to(device=device, dtype=dtype)
         return out
 

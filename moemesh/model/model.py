@@ -20,6 +20,7 @@ from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig, load_config
 from moemesh.model.layers import AttentionPlan, KVCache, Rope, attention, rms_norm
 from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter, Transport, run_to_end
+from moemesh.model.shard import Shard
 from moemesh.model.weights import DenseWeights, LayerExperts, load_dense, load_layer_experts
 
 
@@ -92,11 +93,14 @@ class MoEModel:
 
 
 def load_experts(
-    reader: CheckpointReader, cfg: ModelConfig, assignment: dict[int, list[int]], runtime: RuntimeShape
+    reader: CheckpointReader, cfg: ModelConfig, assignment: dict[int, list[int]], runtime: RuntimeShape,
+    shards: dict[int, tuple[Shard, ...]] | None = None,
 ) -> dict[int, LayerExperts]:
-    """assignment: MoE layer -> global expert ids this process holds (in local order)."""
+    """assignment: MoE layer -> global expert ids this process holds (in local order);
+    shards: MoE layer -> the part of each it holds (default: whole experts)."""
+    shards = shards or {}
     return {
-        layer: load_layer_experts(reader, cfg, layer, ids, runtime.dtype, runtime.device)
+        layer: load_layer_experts(reader, cfg, layer, ids, runtime.dtype, runtime.device, shards.get(layer))
         for layer, ids in assignment.items()
     }
 
@@ -107,19 +111,20 @@ def build_model(
     transport: Transport | None = None,
     assignment: dict[int, list[int]] | None = None,
     reader: CheckpointReader | None = None,
+    shards: dict[int, tuple[Shard, ...]] | None = None,
     overflow: str = "dropless",
     capacity_factor: float = 1.2,
 ) -> MoEModel:
     """Load a checkpoint. Defaults: every expert local (the reference and `--local` mode).
 
-    A mesh worker passes its transport and the experts placed on it.
+    A mesh worker passes its transport and the experts placed on it (and which shard of each).
     """
     cfg = load_config(model_dir)
     reader = reader or CheckpointReader(model_dir)
     if assignment is None:
         assignment = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
     dense = load_dense(reader, cfg, runtime.dtype, runtime.device)
-    experts = GroupedExperts(load_experts(reader, cfg, assignment, runtime))
+    experts = GroupedExperts(load_experts(reader, cfg, assignment, runtime, shards))
     moe = MoELayer(
         router=SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob, overflow, capacity_factor),
         transport=transport or LocalTransport(cfg.num_experts),

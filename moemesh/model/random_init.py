@@ -40,8 +40,8 @@ def random_model(cfg: ModelConfig, runtime: RuntimeShape, seed: int = 0, transpo
     dense = DenseWeights(embed=embed, lm_head=w(cfg.vocab_size, D), final_norm=ones(D), layers=layers)
     F = cfg.expert_intermediate_size
     experts = {
-        layer: LayerExperts(expert_ids=tuple(range(cfg.num_experts)), w13=w(cfg.num_experts, D, 2 * F),
-                            w2=w(cfg.num_experts, D, F))
+        layer: LayerExperts.stacked(tuple(range(cfg.num_experts)), w(cfg.num_experts, D, 2 * F),
+                                    w(cfg.num_experts, D, F))
         for layer in range(cfg.num_layers)
     }
     moe = MoELayer(SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob), transport or LocalTransport(cfg.num_experts),

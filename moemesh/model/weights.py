@@ -16,6 +16,7 @@ import torch
 
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig
+from moemesh.model.shard import WHOLE, Shard
 
 _PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
 # (gate, up, down) projection names inside one expert
@@ -93,18 +94,53 @@ class DenseWeights:
 
 @dataclass(frozen=True)
 class LayerExperts:
-    """The experts of one MoE layer held by this process, stacked for grouped matmuls.
+    """The experts of one MoE layer held by this process, whole or one shard each.
 
-    `expert_ids[i]` is the global id of local expert i; rows of w13/w2 follow that order.
+    Local expert i is global expert `expert_ids[i]`, of which this process holds `shards[i]`
+    (WHOLE, or columns F_i = F / count of its hidden dimension; see moemesh.model.shard).
+    Per-expert tensors rather than one stacked tensor: one rank may hold a whole expert and a
+    shard of another (different widths), and an epoch switch reuses held tensors as they are
+    (no restacking copy, no transient second copy of the weights).
     """
 
     expert_ids: tuple[int, ...]
-    w13: torch.Tensor  # (E_loc, D, 2F): gate columns then up columns (x @ w13 -> gate | up)
-    w2: torch.Tensor  # (E_loc, D, F): the checkpoint's layout (y = h @ w2.T)
+    w13: tuple[torch.Tensor, ...]  # per local expert (D, 2*F_i): gate columns then up columns
+    w2: tuple[torch.Tensor, ...]  # per local expert (D, F_i): the checkpoint's layout (y = h @ w2.T)
+    shards: tuple[Shard, ...] = ()  # per local expert; () = every one WHOLE
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            object.__setattr__(self, "shards", (WHOLE,) * len(self.expert_ids))
+        assert len(self.w13) == len(self.w2) == len(self.shards) == len(self.expert_ids), "one entry per local expert"
+
+    @classmethod
+    def stacked(cls, expert_ids: tuple[int, ...], w13: torch.Tensor, w2: torch.Tensor) -> LayerExperts:
+        """Whole experts from stacked w13 (E_loc, D, 2F) and w2 (E_loc, D, F); views, no copy."""
+        return cls(expert_ids=tuple(expert_ids), w13=tuple(w13.unbind(0)), w2=tuple(w2.unbind(0)))
 
     @property
     def nbytes(self) -> int:
-        return self.w13.nbytes + self.w2.nbytes
+        return sum(t.nbytes for t in self.w13) + sum(t.nbytes for t in self.w2)
+
+    def piece(self, expert: int, shard: Shard) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w13, w2) of that part of `expert` if this holds it, or its columns copied out of a
+        held whole expert; None when it cannot be derived from what is held."""
+        if expert not in self.expert_ids:
+            return None
+        i = self.expert_ids.index(expert)
+        if self.shards[i] == shard:
+            return self.w13[i], self.w2[i]
+        if self.shards[i] == WHOLE:
+            return shard_weights(self.w13[i], self.w2[i], shard)
+        return None
+
+
+def shard_weights(w13: torch.Tensor, w2: torch.Tensor, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole expert's w13 (D, 2F) and w2 (D, F) -> shard's (D, 2F/S) and (D, F/S), contiguous."""
+    F = w2.shape[1]
+    cols = shard.columns(F)
+    gate, up = w13[:, cols], w13[:, F + cols.start : F + cols.stop]  # (D, F/S) each
+    return torch.cat([gate, up], dim=1).contiguous(), w2[:, cols].contiguous()
 
 
 def load_dense(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype, device: str) -> DenseWeights:
@@ -145,23 +181,22 @@ def load_layer_experts(
     experts: Iterable[int],
     dtype: torch.dtype,
     device: str,
+    shards: Iterable[Shard] | None = None,
 ) -> LayerExperts:
-    """Read only the given experts of one layer and stack them (E_loc, ...)."""
+    """Read only the given experts of one layer (only `shards[i]`'s columns of expert i)."""
     ids = tuple(experts)
+    parts = tuple(shards) if shards is not None else (WHOLE,) * len(ids)
     w13, w2 = [], []
-    for e in ids:
+    for e, shard in zip(ids, parts, strict=True):
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} out of range 0..{cfg.num_experts - 1}")
         shapes = expert_tensor_shapes(cfg, layer, e)
-        t = reader.read(shapes, dtype=dtype, device=device)
-        gate, up, down = (t[name] for name in shapes)
-        # (D, 2F): stored transposed because streaming it this way is ~2x faster for the few
+        gate_name, up_name, down_name = shapes
+        cols = shard.columns(cfg.expert_intermediate_size)
+        slices = {gate_name: (cols,), up_name: (cols,), down_name: (slice(None), cols)}
+        t = reader.read(shapes, dtype=dtype, device=device, slices=slices if shard != WHOLE else None)
+        # (D, 2F_i): stored transposed because streaming it this way is ~2x faster for the few
         # rows a decode step sends each expert (measured in docs/architecture.md).
-        w13.append(torch.cat([gate, up]).t().contiguous())
-        w2.append(down)  # (D, F)
-    D, F = cfg.hidden_size, cfg.expert_intermediate_size
-    return LayerExperts(
-        expert_ids=ids,
-        w13=torch.stack(w13) if ids else torch.empty(0, D, 2 * F, dtype=dtype, device=device),
-        w2=torch.stack(w2) if ids else torch.empty(0, D, F, dtype=dtype, device=device),
-    )
+        w13.append(torch.cat([t[gate_name], t[up_name]]).t().contiguous())
+        w2.append(t[down_name].contiguous())  # (D, F_i)
+    return LayerExperts(expert_ids=ids, w13=tuple(w13), w2=tuple(w2), shards=parts)

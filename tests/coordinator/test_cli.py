@@ -167,6 +167,8 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     (("--model", "m"), {"MOEMESH_COORDINATOR_WORKERS": "two"}, "MOEMESH_COORDINATOR_WORKERS='two'"),
     (("--model", "m", "--workers", "2", "--transport", "tcp"), {}, "--transport must be one of"),
     (("--model", "m", "--workers", "2", "--heartbeat-timeout", "0.5"), {}, "must exceed"),
+    (("--model", "m", "--workers", "2", "--expert-shards", "3"), {}, "needs at least as many workers"),
+    (("--model", "m", "--workers", "4", "--expert-shards", "2", "--policy", "replicate"), {}, "cannot be combined"),
 ])
 def test_bad_settings_are_config_errors(argv, env, message):
     with pytest.raises(ConfigError, match=message):

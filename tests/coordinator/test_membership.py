@@ -19,6 +19,7 @@ from coordinator.errors import (
 )
 from coordinator.load import LoadWindow
 from coordinator.membership import Membership, WorkerInfo
+from coordinator.rebalancer import ModelFacts
 from coordinator.state import CoordinatorState, DataPlane
 from moemesh.errors import CapacityError, ConfigError, InvalidRequestError, MoemeshError, UnavailableError
 from moemesh.mesh.placement import Placement, initial_placement
@@ -285,3 +286,33 @@ def test_check_heartbeats_warns_about_silent_workers(caplog):
     assert "worker 'w0' (127.0.0.1:6000) has not sent a heartbeat for 4.0s" in caplog.text
     assert s.heartbeat("w0", 1).world_generation == 0
     assert s.check_heartbeats(3.0) == []
+
+
+FACTS = ModelFacts(top_k=2, hidden_size=16, expert_intermediate_size=32, dtype_bytes=4)  # 6 KiB per fp32 expert
+
+
+def test_expert_shards_split_the_initial_placement():
+    s = formed(4, facts=FACTS, expert_shards=2)
+    p = s.current().placement
+    assert p.groups(LAYERS[0], 0) == ((0, 1),) and p.experts_per_rank(LAYERS[0]) == [4] * 4
+
+
+def test_auto_shards_split_experts_too_big_for_the_reported_memory():
+    memory = len(LAYERS) * 3 * 16 * 32 * 2  # one whole bf16 expert per MoE layer
+    s = state(16, facts=FACTS, expert_shards=0)
+    for i in range(16):  # 8 experts on 16 workers: one expert each fits only if whole experts fit
+        s.register(WorkerInfo(f"w{i}", 1, f"h:{i}", memory_bytes=memory, weight_bytes_per_element=2))
+    assert not s.current().placement.shards  # bf16 experts (half the fp32 size) fit whole
+    small = state(16, facts=FACTS, expert_shards=0)
+    for i in range(16):
+        small.register(WorkerInfo(f"w{i}", 1, f"h:{i}", memory_bytes=memory, weight_bytes_per_element=4))
+    p = small.current().placement
+    assert p.groups(LAYERS[0], 3) == ((6, 7),)  # fp32 experts are split in two to fit
+
+
+def test_set_placement_checks_that_shards_divide_the_expert_hidden_size():
+    s = formed(3, facts=FACTS)
+    table = ((0, 1, 2),) + tuple(((e % 3),) for e in range(1, EXPERTS))
+    bad = Placement(0, 3, {layer: table for layer in LAYERS}, shards={LAYERS[0]: {0: ((0, 1, 2),)}})
+    with pytest.raises(InvalidRequestError, match="hidden size 32 does not split into 3"):
+        s.set_placement(bad, world_generation=1)

@@ -183,3 +183,26 @@ def test_replicate_policy_rebalances_during_live_generation_without_changing_a_t
     assert info.balancing_policy == "replicate"
     assert tokens == expected
     assert info.placement_epoch > 1, "the coordinator never rebalanced"
+
+
+def test_split_policy_splits_hot_experts_live_without_changing_a_token(mesh_factory, tmp_path):
+    """4 experts on 4 workers, policy "split": a straggling worker's hot expert is split with the
+    least busy worker (tensor parallelism inside an expert) while requests run."""
+    import dataclasses
+
+    model = write_tiny_model(tmp_path / "model", dataclasses.replace(SPEC, experts=4, hidden=64, intermediate=128))
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+    expected = generate(Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256))), PROMPTS, params)
+    mesh = mesh_factory(model, 4, "--policy", "split")
+
+    async def run():
+        async with Client(mesh.gateway, timeout=300) as client:
+            done = await asyncio.gather(*(client.generate_text(token_ids=p, params=params) for p in PROMPTS))
+            return [list(d.token_ids) for d in done], await client.model_info()
+
+    tokens, info = asyncio.run(run())
+    assert info.balancing_policy == "split" and info.placement_epoch > 1, "the coordinator never split"
+    assert tokens == expected
+    statuses = asyncio.run(_worker_status(mesh.coordinator))
+    assert sum(s.expert_bytes for s in statuses) == SPEC.layers * 4 * 3 * 64 * 128 * 4  # shards: no extra copy
+    assert any(len(layer.expert_ids) > 1 for s in statuses for layer in s.experts)  # a partner holds a shard

@@ -60,13 +60,15 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
 
 
 @pytest.mark.parametrize(
-    "workers, micro", [(4, 1), (2, 2)], ids=["one-expert-per-worker", "colocated-two-per-worker-overlapped"]
+    "workers, micro, shards", [(4, 1, 1), (2, 2, 1), (4, 1, 2)],
+    ids=["one-expert-per-worker", "colocated-two-per-worker-overlapped", "experts-split-over-two-workers"],
 )
-def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, micro):
+def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, micro, shards):
     """Then, with nothing in flight, the mesh stays idle; SIGINT to `up` leaves no process.
-    The colocated mesh also runs two micro-batches per step (two-batch overlap)."""
+    The colocated mesh also runs two micro-batches per step (two-batch overlap); the split mesh
+    holds every expert as two column/row-parallel shards on two workers (expert tensor parallelism)."""
     model, expected = family
-    mesh = mesh_factory(model, workers, "--micro-batches", str(micro))
+    mesh = mesh_factory(model, workers, "--micro-batches", str(micro), "--expert-shards", str(shards))
     assert asyncio.run(_staggered(mesh.gateway)) == expected
     procs = mesh.processes()
     assert len(procs) == 1 + 1 + workers + 1  # up, coordinator, workers, gateway
@@ -90,6 +92,7 @@ def test_resolve_workers():
     assert resolve_workers(16, None, 2) == 8
     assert resolve_workers(64, None, 22) == 3
     assert resolve_workers(16, 3, None) == 3
+    assert resolve_workers(16, None, None, shards=2) == 32  # one shard per worker
 
 
 def test_gating_policy_rebalances_live_and_loses_no_request(tmp_path, mesh_factory):

@@ -103,6 +103,7 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "device": (4, "string"),
         "node": (5, "string"),
         "memory_bytes": (6, "uint64"),
+        "weight_bytes_per_element": (7, "uint32"),
     },
     "RegisterWorkerResponse": {
         "rank": (1, "uint32"),
@@ -131,7 +132,8 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
     },
     "ReportLoadResponse": {},
     "WatchPlacementRequest": {"after_epoch": (1, "uint64")},
-    "ExpertSlots": {"ranks": (1, "repeated uint32")},
+    "ExpertSlots": {"ranks": (1, "repeated uint32"), "shard_groups": (2, "repeated ShardGroup")},
+    "ShardGroup": {"ranks": (1, "repeated uint32")},
     "LayerPlacement": {
         "layer": (1, "uint32"),
         "experts": (2, "repeated ExpertSlots"),
@@ -473,11 +475,6 @@ def test_field_numbers_are_never_reused(files) -> None:
             assert len(numbers) == len(set(numbers)), name
             for r in m.reserved_range:
                 assert not any(r.start <= n < r.end for n in numbers), name
-
-
-def test_expert_slots_keep_room_for_tensor_parallel_shards(files) -> None:
-    (slots,) = [m for f in files.values() for name, m in _messages(f) if name == "ExpertSlots"]
-    assert any(r.start <= 2 < r.end for r in slots.reserved_range)
 
 
 def test_rpcs_match_the_lock(files) -> None:

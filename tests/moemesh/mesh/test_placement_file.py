@@ -64,6 +64,9 @@ def test_default_world_size_is_used_when_the_file_has_none():
     ("layers: {0: [[0]], '0': [[0]]}", "layer 0 given twice"),
     ("layers: {'0': [[0], [a]]}", r"layers\['0'\]\[1\]: rank 'a'"),
     ("experts: [[0]\n", "not valid YAML or JSON"),
+    ("experts: [[[0]]]", r"experts\[0\]: shard group \[0\] needs at least 2 ranks"),
+    ("experts: [[[0, x]]]", r"experts\[0\]: rank 'x' is not"),
+    ("experts: [[0, [1, 0]]]", r"experts\[0\]: rank listed twice"),
 ])
 def test_bad_files_name_the_field(text, message):
     with pytest.raises(InvalidRequestError, match=message):
@@ -83,3 +86,15 @@ def test_dump_loads_back(tmp_path):
     path.write_text(text)
     back = load_placement(path, (1, 3))
     assert back.layers == original.layers and back.world_size == 3 and back.epoch == 0
+
+
+def test_shard_groups_load_and_dump_back():
+    text = "experts: [[0], [1], [[2, 3]], [4, [6, 5]]]"
+    p = parse_placement(text, MOE_LAYERS)
+    validate_placement(p, num_experts=4, moe_layers=MOE_LAYERS, expert_hidden=64)
+    assert p.world_size == 7
+    assert p.layers[0] == ((0,), (1,), (2, 3), (4, 5, 6))  # every holder, sorted
+    assert p.shards[0] == {2: ((2, 3),), 3: ((6, 5),)}  # shard order as written
+    assert p.groups(0, 3) == ((4,), (6, 5))
+    back = parse_placement(dump_placement(p), MOE_LAYERS)
+    assert (back.layers, back.shards) == (p.layers, p.shards)

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 from moemesh.mesh.gloo import init_gloo
-from moemesh.mesh.placement import Placement, initial_placement
+from moemesh.mesh.placement import Placement, initial_placement, split_placement
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter
-from moemesh.model.weights import LayerExperts
+from moemesh.model.weights import LayerExperts, shard_weights
 
 E, D, F, K = 6, 16, 24, 2
 TOKENS = (5, 0, 3)  # rank 1 has nothing to run: it must still join both exchanges
@@ -28,8 +28,11 @@ def _weights():
     return w13, w2, router, xs
 
 
-def _layer(ids: tuple[int, ...], w13, w2) -> LayerExperts:
-    return LayerExperts(expert_ids=ids, w13=w13[list(ids)], w2=w2[list(ids)])
+def _layer(placement: Placement, rank: int, w13, w2) -> LayerExperts:
+    """What `rank` holds of layer 0: whole experts and shards, cut from the full weights."""
+    ids, shards = placement.experts_on(rank, 0), placement.pieces_on(rank, 0)
+    pieces = [shard_weights(w13[e], w2[e], shard) for e, shard in zip(ids, shards)]  # (D, 2F/S), (D, F/S)
+    return LayerExperts(ids, tuple(a for a, _ in pieces), tuple(b for _, b in pieces), shards)
 
 
 def _rank_main(rank: int, port: int, placement: Placement, overflow: str, out: mp.Queue) -> None:
@@ -38,11 +41,13 @@ def _rank_main(rank: int, port: int, placement: Placement, overflow: str, out: m
     collective = init_gloo("127.0.0.1", port, "test/", rank, len(TOKENS), timeout_s=30)
     transport = AllToAllTransport(collective, placement)
     transport.begin_step((max(TOKENS),))
-    experts = GroupedExperts({0: _layer(placement.experts_on(rank, 0), w13, w2)})
+    experts = GroupedExperts({0: _layer(placement, rank, w13, w2)})
     layer = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), transport, experts)
     y = layer(0, xs[rank], router)
     sample = transport.take_counts()
-    assert sample.link_counts.shape == (1, len(TOKENS)) and int(sample.link_counts.sum()) == int(sample.expert_counts.sum())
+    assert sample.link_counts.shape == (1, len(TOKENS))
+    pieces, copies = int(sample.link_counts.sum()), int(sample.expert_counts.sum())
+    assert pieces == copies if not placement.shards else pieces >= copies  # a split expert's copy fans out
     out.put((rank, y.numpy(), sample.expert_counts.numpy(), sample.tokens))  # by value: the child may exit first
     collective.close()
 
@@ -73,13 +78,16 @@ def _run_mesh(placement: Placement, overflow: str) -> dict[int, tuple]:
         (initial_placement(E, [0], world_size=3), "dropless"),  # 2 experts per rank
         (Placement(epoch=2, world_size=3, layers={0: ((0, 2), (1,), (1, 2), (0,), (0, 1, 2), (2,))}), "dropless"),
         (initial_placement(E, [0], world_size=3), "drop"),  # dropped copies travel nowhere
+        (split_placement(E, [0], world_size=3, shards=2), "dropless"),  # every expert over 2 ranks
+        (Placement(epoch=3, world_size=3, layers={0: ((0,), (0, 1, 2), (0, 1, 2), (2,), (0, 1), (1, 2))},
+                   shards={0: {1: ((1, 2),), 2: ((2, 0, 1),), 4: ((0, 1),)}}), "drop"),
     ],
-    ids=["round-robin", "replicas", "drop-overflow"],
+    ids=["round-robin", "replicas", "drop-overflow", "split", "mixed-split-and-replica"],
 )
 def test_mesh_moe_layer_equals_local(placement, overflow):
     w13, w2, router, xs = _weights()
     local = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), LocalTransport(E),
-                     GroupedExperts({0: _layer(tuple(range(E)), w13, w2)}))
+                     GroupedExperts({0: LayerExperts.stacked(tuple(range(E)), w13, w2)}))
     expected = [local(0, x, router) for x in xs]  # capacity is per rank's own tokens
     results = _run_mesh(placement, overflow)
     routed = torch.zeros(E, dtype=torch.int64)

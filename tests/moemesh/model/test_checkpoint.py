@@ -36,8 +36,8 @@ def test_partial_load_reads_only_the_dense_part_and_the_asked_expert(ckpt):
     assert not any(".experts.2." in name or ".experts.4." in name for name in reader.reads)
     held = model.moe.experts.layers[0]
     assert held.expert_ids == (3,)
-    assert held.w13.shape == (1, SPEC.hidden, 2 * SPEC.intermediate)  # (E_loc, D, 2F)
-    assert held.w2.shape == (1, SPEC.hidden, SPEC.intermediate)  # (E_loc, D, F)
+    assert [t.shape for t in held.w13] == [(SPEC.hidden, 2 * SPEC.intermediate)]  # E_loc x (D, 2F)
+    assert [t.shape for t in held.w2] == [(SPEC.hidden, SPEC.intermediate)]  # E_loc x (D, F)
 
 
 def test_unknown_architecture_names_the_supported_ones(ckpt):

@@ -36,8 +36,8 @@ def test_capacity_is_the_papers_1_2_times_average():
 def test_dropped_copies_cost_nothing_and_contribute_nothing():
     g = torch.Generator().manual_seed(0)
     E, D, F = 4, 8, 12
-    experts = GroupedExperts({0: LayerExperts(tuple(range(E)), torch.randn(E, D, 2 * F, generator=g),
-                                              torch.randn(E, D, F, generator=g))})
+    experts = GroupedExperts({0: LayerExperts.stacked(tuple(range(E)), torch.randn(E, D, 2 * F, generator=g),
+                                                      torch.randn(E, D, F, generator=g))})
     x, router = torch.randn(16, D, generator=g), torch.randn(E, D, generator=g)
     seen = []
     counting = lambda layer, batch: seen.append(sum(batch.counts)) or experts(layer, batch)  # noqa: E731
