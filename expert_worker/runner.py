@@ -88,6 +88,9 @@ class MeshRunner:
         self.steps = 0
         self.step_seconds = 0.0  # wall time of executed steps, header exchange included
         self.collective_seconds = 0.0  # the part of step_seconds spent in collectives
+        self.exchange_seconds = 0.0  # dispatch/combine exchanges in flight, summed over exchanges
+        self.hidden_seconds = 0.0  # the part of exchange_seconds overlapped with compute (not in wait())
+        self._exchanges_seen = (0.0, 0.0)  # the collective's (exchange, hidden) counters when last read
         self.tokens = 0
         self.failure: BaseException | None = None
         self._finished = False
@@ -137,12 +140,23 @@ class MeshRunner:
                 self._step(header, batch)
                 self.step_seconds += time.perf_counter() - started
                 self.collective_seconds += self.collective.seconds - in_collectives
+                self._count_exchanges()
         except BaseException as exc:  # a peer died or a collective timed out: the world is broken
             self.failure = exc
             log.exception("engine thread stopped: %s", exc)
         finally:
             self._finished = True
             self._fail_everything()
+
+    def _count_exchanges(self) -> None:
+        """Add the exchange seconds the collective counted since the last call, in seconds. NCCL
+        reads its timing events at the next step header, so its share of a step arrives a step
+        late; reading deltas after every executed step loses none of it."""
+        seen_exchange, seen_hidden = self._exchanges_seen
+        now = (self.collective.exchange_seconds, self.collective.hidden_seconds)
+        self.exchange_seconds += now[0] - seen_exchange
+        self.hidden_seconds += now[1] - seen_hidden
+        self._exchanges_seen = now
 
     def _idle(self, reported_epoch: int) -> None:
         """Sleep until some rank has something to do (see Waker); never poll."""

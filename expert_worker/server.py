@@ -144,7 +144,7 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     choice = choose_backend(world.transport or "gloo", settings.device)
     log.info("rank %d: data plane %s (%s)", rank, choice.name, choice.reason)
     collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.device,
-                            settings.collective_timeout_s)
+                            settings.collective_timeout_s, micro_batches=settings.micro_batches)
     transport = AllToAllTransport(collective, placement, settings.device)
     pieces = {layer: placement.pieces_on(rank, layer) for layer in placement.layers}
     model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader,

@@ -135,7 +135,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             waiting_requests=engine.num_waiting, free_slots=engine.free_slots, expert_bytes=experts.nbytes,
             rss_bytes=psutil.Process().memory_info().rss, device=node.device, steps=node.runner.steps,
             step_seconds=node.runner.step_seconds, collective_seconds=node.runner.collective_seconds,
-            tokens=node.runner.tokens,
+            tokens=node.runner.tokens, exchange_seconds=node.runner.exchange_seconds,
+            hidden_seconds=node.runner.hidden_seconds,
         )
         for layer, held in sorted(experts.layers.items()):
             msg.experts.add(layer=layer, expert_ids=list(held.expert_ids))

@@ -188,15 +188,16 @@ def _step(name: str, fn):
 
 def rows_table(rows: dict[str, dict[str, float]]) -> str:
     base = rows[ENGINE]["output_tokens_per_s"]
-    lines = ["| deployment | output tok/s | ratio to engine | TPOT ms | TTFT ms | step ms | in collectives |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| deployment | output tok/s | ratio to engine | TPOT ms | TTFT ms | step ms | in collectives | hidden |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in rows.items():
         if "threads" in m:
             name = f"{name}, {m['threads']} thread{'s' if m['threads'] > 1 else ''}"
         step = f"{m['step_ms']:.1f}" if "step_ms" in m else "-"
         share = f"{m['collective_share']:.0%}" if "collective_share" in m else "-"
+        hidden = f"{m['hidden_share']:.0%}" if "hidden_share" in m else "-"
         lines.append(f"| {name} | {m['output_tokens_per_s']:.0f} | {m['output_tokens_per_s'] / base:.2f}x | "
-                     f"{m['tpot_mean_s'] * 1e3:.1f} | {m['ttft_mean_s'] * 1e3:.0f} | {step} | {share} |")
+                     f"{m['tpot_mean_s'] * 1e3:.1f} | {m['ttft_mean_s'] * 1e3:.0f} | {step} | {share} | {hidden} |")
     return "\n".join(lines)
 
 
@@ -259,7 +260,8 @@ output tokens/s over the run's wall time, TTFT, TPOT = (latency - TTFT) / (token
 requests. transformers and the single-process engine run with 1 and with {threads} torch threads and
 keep the faster (shown); `moemesh up` gives each worker max(1, cores / workers) threads. "step ms" and "in collectives" come from the workers'
 Status counters (step_seconds, collective_seconds: time blocked in all_gather / all_to_all, waiting
-for peers included) over the measured run.
+for peers included) over the measured run; "hidden" is hidden_seconds / exchange_seconds: the share of
+the dispatch/combine exchanges' flight time the worker spent computing rather than blocked in wait().
 
 {table}
 

@@ -3,6 +3,10 @@
 One process group per world generation, rendezvous through the coordinator's TCPStore.
 Uneven splits are never needed: the transport pads every (source, destination) block to the
 step's capacity, so `all_to_all_single` runs with equal splits.
+
+Overlap accounting: every all_to_all is timed from its posting to its completion (noted by a
+callback on its future: no polling, no extra synchronisation); the flight between posting and
+wait() is hidden, the posting call and the wait are exposed (GlooCollective.count_exchange).
 """
 
 from __future__ import annotations
@@ -17,13 +21,30 @@ from moemesh.model.moe import Done, Pending
 
 
 class _GlooPending:
-    def __init__(self, owner: GlooCollective, work, result: torch.Tensor):
+    """One all_to_all in flight. Times are time.perf_counter() seconds: `start` when the posting
+    call began, `posted` when it returned, `done` when gloo completed the exchange (its future's
+    callback, run by gloo's thread as it marks the work complete, before wait() can return; that
+    thread needs the GIL for it, so `done` may be late by up to one GIL switch interval, or until
+    wait() releases the GIL: never past wait()'s return)."""
+
+    def __init__(self, owner: GlooCollective, work, result: torch.Tensor, start: float):
         self.owner, self.work, self.result = owner, work, result
+        self.start, self.posted = start, time.perf_counter()
+        self.done: float | None = None
+        self.counted = False
+        work.get_future().add_done_callback(self._on_done)  # runs at once if already complete
+
+    def _on_done(self, _future) -> None:
+        self.done = time.perf_counter()
 
     def wait(self) -> torch.Tensor:
-        start = time.perf_counter()
+        called = time.perf_counter()
         self.work.wait()
-        self.owner.seconds += time.perf_counter() - start
+        returned = time.perf_counter()
+        if not self.counted:
+            self.counted = True
+            done = min(self.done if self.done is not None else returned, returned)
+            self.owner.count_exchange(self.start, self.posted, done, called, returned)
         return self.result
 
 
@@ -34,14 +55,34 @@ class GlooCollective:
         self.rank = rank
         self.world_size = world_size
         self.seconds = 0.0  # wall time blocked on collectives (waiting for peers included)
+        # all_to_all exchanges only, summed over exchanges, seconds (see count_exchange):
+        self.exchange_seconds = 0.0  # in flight: posted -> completed
+        self.exposed_seconds = 0.0  # blocked in wait()
+        self.hidden_seconds = 0.0  # in flight while this rank did something else (computed)
+
+    def count_exchange(self, start: float, posted: float, done: float, called: float, returned: float) -> None:
+        """One exchange whose posting call ran from `start` to `posted`, completed at `done`, and
+        was waited for from `called` until `returned` (perf_counter seconds; start <= posted <=
+        called, done <= returned). Exposed: the posting call (torch's Python wrapper; on a busy
+        machine the rank is often descheduled in it) plus the wait. Hidden: the flight between
+        posting and wait(), min(done, called) - posted, so 0 <= hidden <= exchange = done - start
+        whatever the order of done and called."""
+        assert start <= posted <= called and done <= returned, "exchange times out of order"
+        exposed = (posted - start) + (returned - called)
+        self.seconds += exposed
+        self.exposed_seconds += exposed
+        self.exchange_seconds += max(0.0, done - start)
+        self.hidden_seconds += max(0.0, min(done, called) - posted)
 
     def all_to_all(self, send: torch.Tensor) -> Pending[torch.Tensor]:
         """Start send: (R * C, W) -> (R * C, W): block r goes to rank r, block r comes from rank r.
-        Runs on gloo's own threads; only the time blocked in wait() counts as exposed."""
+        Runs on gloo's own threads; only the time blocked in wait() counts as exposed. A world of
+        one moves nothing and counts no exchange."""
         if self.world_size == 1:
             return Done(send)
-        recv = torch.empty_like(send)
-        return _GlooPending(self, dist.all_to_all_single(recv, send, async_op=True), recv)
+        recv = torch.empty_like(send)  # (R * C, W)
+        start = time.perf_counter()
+        return _GlooPending(self, dist.all_to_all_single(recv, send, async_op=True), recv, start)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         """values: (n,) int64 -> (R, n): every rank's values, by rank."""

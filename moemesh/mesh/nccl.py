@@ -13,12 +13,25 @@ torch tensors are handed to NCCL by device pointer (the DLPack-compatible view o
 memory: zero copy). 16-bit payloads travel as raw 16-bit words (NCCL_FLOAT16 is only a width to
 point-to-point calls, which never do arithmetic): bf16 needs no NCCL type of its own.
 
-NOT YET RUN ON A GPU: see docs/gpu-check.md for what `make gpu-check` verifies.
+Overlap accounting (the same quantities as GlooCollective's, from CUDA timing events, never a
+host sync of their own): an exchange is in flight from the receive stream passing its `ready`
+wait to the later of its sent / received events; it is exposed from the compute stream reaching
+wait() until the compute stream may go on; hidden = the part of the flight before the compute
+stream reached wait(). The events are read lazily, at the next step header's all_gather (which
+synchronises the host with the compute stream anyway), so the counters lag by up to one step.
+
+NOT YET RUN ON A GPU: see docs/gpu-check.md for what `make gpu-check` verifies. The overlap
+accounting and the receive-buffer ring are unverified on a device as well.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
+
+from moemesh.errors import ConfigError
 
 _WORD_TYPE = {1: "NCCL_INT8", 2: "NCCL_FLOAT16", 4: "NCCL_FLOAT32", 8: "NCCL_FLOAT64"}
 
@@ -29,23 +42,86 @@ def raw_words(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+@dataclass
+class _Timing:
+    """CUDA timing events of one exchange (cupy.cuda.Event, timing enabled)."""
+
+    begin: object  # receive stream, after its wait on `ready`: the exchange starts
+    sent: object  # send stream: every send done
+    received: object  # receive stream: every receive done
+    called: object | None = None  # compute stream, where wait() was called
+    resumed: object | None = None  # compute stream, after it waited for sent and received
+
+
+class RecvRing:
+    """Receive buffers for the exchanges: per (width, dtype) key a ring of `in_flight` grow-only
+    buffers, handed out in turn (steady state allocates nothing).
+
+    Why a ring of `in_flight` >= m is safe (m micro-batches, run round robin): a micro-batch
+    posts its next exchange only after wait() on its previous one, and wait() enqueues the
+    result's consumption (the transport's gather out of the buffer) on the compute stream. So
+    when an exchange is posted, the only ones not yet consumed are the latest of each other
+    micro-batch: at most the m - 1 exchanges posted just before it. A slot comes round again
+    `in_flight` >= m exchanges of its key later; its previous user was consumed on the compute
+    stream before this exchange's `ready` event is recorded there, and the receive stream waits
+    on `ready` before writing into the slot. (One buffer per key let micro-batch 1's dispatch
+    overwrite the buffer micro-batch 0 had not consumed yet.) A replaced, smaller buffer is freed
+    only after its consumption was enqueued, so the caching allocator reuses it safely.
+    """
+
+    def __init__(self, in_flight: int):
+        if in_flight < 1:
+            raise ConfigError(f"in_flight (receive buffers per key) must be >= 1, got {in_flight}")
+        self.in_flight = in_flight
+        self._rings: dict[tuple, list[torch.Tensor | None]] = {}
+        self._next: dict[tuple, int] = {}
+
+    def take(self, send: torch.Tensor) -> torch.Tensor:
+        """send: (R*C, W) -> a buffer of the same shape and dtype, the key's next slot."""
+        key = (send.shape[1], send.dtype)
+        ring = self._rings.setdefault(key, [None] * self.in_flight)
+        slot = self._next.get(key, 0)
+        self._next[key] = (slot + 1) % self.in_flight
+        buf = ring[slot]
+        if buf is None or buf.shape[0] < send.shape[0]:
+            buf = torch.empty_like(send)  # (R*C, W)
+            ring[slot] = buf
+        return buf[: send.shape[0]]  # (R*C, W)
+
+
 class _NcclPending:
-    def __init__(self, done_events, result: torch.Tensor):
-        self.done_events, self.result = done_events, result
+    """One exchange posted on the send / receive streams; wait() orders the compute stream after it."""
+
+    def __init__(self, owner: NcclCollective, timing: _Timing, result: torch.Tensor, send: torch.Tensor):
+        # `send` is held until wait(): freed earlier, torch's caching allocator could hand its
+        # memory to a compute-stream op while the send stream still reads it.
+        self.owner, self.timing, self.result, self._send = owner, timing, result, send
 
     def wait(self) -> torch.Tensor:
         import cupy
 
         compute = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        for event in self.done_events:
-            compute.wait_event(event)  # device-side ordering only: no host sync
+        if self.timing.called is None:
+            self.timing.called = cupy.cuda.Event()
+            self.timing.called.record(compute)
+            compute.wait_event(self.timing.sent)  # device-side ordering only: no host sync
+            compute.wait_event(self.timing.received)
+            self.timing.resumed = cupy.cuda.Event()
+            self.timing.resumed.record(compute)
+            self.owner._waited.append(self.timing)
+            self._send = None  # the compute stream now follows the send: its memory may be reused
         return self.result
 
 
 class NcclCollective:
-    """Collective of one world generation over NCCL (one communicator per generation)."""
+    """Collective of one world generation over NCCL (one communicator per generation).
 
-    def __init__(self, rank: int, world_size: int, unique_id: tuple[int, ...], device: torch.device):
+    `in_flight`: receive buffers per (width, dtype), used as a ring (see RecvRing); must be at
+    least the worker's micro-batches per step; workers pass 2 * micro-batches.
+    """
+
+    def __init__(self, rank: int, world_size: int, unique_id: tuple[int, ...], device: torch.device,
+                 in_flight: int = 2):
         import cupy
         from cupy.cuda import nccl
 
@@ -55,22 +131,28 @@ class NcclCollective:
             self.comm = nccl.NcclCommunicator(world_size, unique_id, rank)
             self.send_stream = cupy.cuda.Stream(non_blocking=True)
             self.recv_stream = cupy.cuda.Stream(non_blocking=True)
-        self._recv_buffers: dict[tuple, torch.Tensor] = {}
+        self._recv = RecvRing(in_flight)
+        self._waited: list[_Timing] = []  # exchanges waited for, not yet read into the counters
         self.seconds = 0.0  # host time blocked on collectives (headers only: exchanges are async)
+        # all_to_all exchanges only, summed, seconds of device time (read at the next header):
+        self.exchange_seconds = 0.0  # in flight on the send / receive streams
+        self.exposed_seconds = 0.0  # the compute stream stalled in wait()
+        self.hidden_seconds = 0.0  # in flight before the compute stream reached wait()
 
     def all_to_all(self, send: torch.Tensor) -> _NcclPending:
         """Start the exchange of send: (R*C, W) on the send/receive streams; returns at once."""
         import cupy
 
         assert send.is_contiguous() and send.shape[0] % self.world_size == 0, "blocks must tile the buffer"
-        recv = self._recv_buffer(send)
+        recv = self._recv.take(send)  # (R*C, W)
         words = raw_words(send)
         block = words.numel() // self.world_size
         kind = getattr(self._nccl, _WORD_TYPE[send.element_size()])
-        ready = cupy.cuda.Event()
+        ready, begin = cupy.cuda.Event(disable_timing=True), cupy.cuda.Event()
         ready.record(cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream))
         self.send_stream.wait_event(ready)
         self.recv_stream.wait_event(ready)
+        begin.record(self.recv_stream)
         step = block * send.element_size()
         self._nccl.groupStart()
         for peer in range(self.world_size):  # the same peer order on every rank
@@ -80,21 +162,10 @@ class NcclCollective:
         sent, received = cupy.cuda.Event(), cupy.cuda.Event()
         sent.record(self.send_stream)
         received.record(self.recv_stream)
-        return _NcclPending((sent, received), recv)
-
-    def _recv_buffer(self, send: torch.Tensor) -> torch.Tensor:
-        """Grow-only receive buffers per (width, dtype): steady state allocates nothing."""
-        key = (send.shape[1], send.dtype)
-        buf = self._recv_buffers.get(key)
-        if buf is None or buf.shape[0] < send.shape[0]:
-            buf = torch.empty_like(send)
-            self._recv_buffers[key] = buf
-        return buf[: send.shape[0]]
+        return _NcclPending(self, _Timing(begin, sent, received), recv, send)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         """values: (n,) int64 on CPU -> (R, n); a small host-synchronous header exchange."""
-        import time
-
         start = time.perf_counter()
         dev = values.to(self.device, torch.float64)  # NCCL allGather on 8-byte words
         out = torch.empty(self.world_size * dev.numel(), dtype=torch.float64, device=self.device)
@@ -102,7 +173,27 @@ class NcclCollective:
         self.comm.allGather(dev.data_ptr(), out.data_ptr(), dev.numel(), self._nccl.NCCL_FLOAT64, stream)
         result = out.view(self.world_size, -1).to("cpu", torch.int64)  # host sync: the header is needed now
         self.seconds += time.perf_counter() - start
+        self._read_timings()
         return result
+
+    def _read_timings(self) -> None:
+        """Add the exchanges waited for so far to the counters. Called right after a host sync
+        with the compute stream; an exchange whose `resumed` event is not complete yet (it
+        cannot be, after that sync, but reading an incomplete event raises) waits for the next."""
+        import cupy
+
+        ms = cupy.cuda.get_elapsed_time
+        pending = []
+        for t in self._waited:
+            if not t.resumed.done:  # `resumed` complete => every other event of t is complete
+                pending.append(t)
+                continue
+            flight = max(ms(t.begin, t.sent), ms(t.begin, t.received))  # ms
+            before_wait = ms(t.begin, t.called)  # ms; < 0 when the streams started late
+            self.exchange_seconds += max(0.0, flight) / 1e3
+            self.hidden_seconds += max(0.0, min(flight, before_wait)) / 1e3
+            self.exposed_seconds += max(0.0, ms(t.called, t.resumed)) / 1e3
+        self._waited = pending
 
     def close(self) -> None:
         self.comm.destroy()

@@ -341,11 +341,15 @@ async def worker_statuses(coordinator: str, timeout_s: float = 10.0) -> list:
 
 def step_counters(before: list, after: list) -> dict[str, float]:
     """Two rounds of worker_statuses -> "collective_share" (time blocked in collectives / step
-    time, over all workers) and "step_ms" (mean step time) over the steps between them."""
+    time, over all workers), "hidden_share" (exchange time overlapped with compute / exchange time,
+    over all workers; 0 without exchanges) and "step_ms" (mean step time) over the steps between."""
     step = sum(a.step_seconds - b.step_seconds for a, b in zip(after, before))
     coll = sum(a.collective_seconds - b.collective_seconds for a, b in zip(after, before))
+    exchange = sum(a.exchange_seconds - b.exchange_seconds for a, b in zip(after, before))
+    hidden = sum(a.hidden_seconds - b.hidden_seconds for a, b in zip(after, before))
     steps = max(a.steps - b.steps for a, b in zip(after, before))
-    return {"collective_share": coll / step if step else 0.0, "step_ms": 1e3 * step / len(after) / max(steps, 1)}
+    return {"collective_share": coll / step if step else 0.0, "hidden_share": hidden / exchange if exchange else 0.0,
+            "step_ms": 1e3 * step / len(after) / max(steps, 1)}
 
 
 async def measure_mesh_decode(gateway: str, coordinator: str, requests: int, prompt_len: int, new_tokens: int,

@@ -100,6 +100,9 @@ def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, m
         moved_here = [e for e in range(16) if (e + 1) % 4 == new.rank]
         assert [list(layer.expert_ids) for layer in new.experts] == [moved_here, moved_here]
         assert old.rank == new.rank and new.loaded_epoch == 2
+        # Every step ran dispatch and combine exchanges; hidden is a part of their flight time.
+        assert new.exchange_seconds > old.exchange_seconds and new.steps > old.steps
+        assert 0 <= new.hidden_seconds <= new.exchange_seconds
     _dump_trace_and_plan(mesh, model, tmp_path)
 
 

@@ -224,6 +224,8 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "step_seconds": (14, "double"),
         "collective_seconds": (15, "double"),
         "tokens": (16, "uint64"),
+        "exchange_seconds": (17, "double"),
+        "hidden_seconds": (18, "double"),
     },
 }
 
