@@ -1,7 +1,8 @@
 """`make bench-mesh`: the single-process engine against the mesh with 2, 4 and 8 workers, same
 model and load, one run. Prints output tokens/s, TTFT, TPOT (vLLM's definitions), the share of
 each worker's step time spent in collectives, and the share of the dispatch/combine exchange time
-hidden behind compute (`--micro-batches 1 2` adds a two-batch-overlap row per mesh size).
+hidden behind compute (`--micro-batches 1 2` adds a two-batch-overlap row per mesh size,
+`--expert-shards 1 2` a row with every expert split over two workers).
 
 These machines have 2 cores: more than 2 workers oversubscribe them, and each collective then
 waits on context switches. That is what the 4- and 8-worker rows show.
@@ -37,9 +38,11 @@ def run_local(model: Path, prompts: list[list[int]], params: SamplingParams, thr
     return summarize(*engine_timings(engine, prompts, params))
 
 
-def run_mesh(model: Path, workers: int, prompts, params, concurrency: int, micro_batches: int = 1) -> dict[str, float]:
+def run_mesh(model: Path, workers: int, prompts, params, concurrency: int, micro_batches: int = 1,
+             expert_shards: int = 1) -> dict[str, float]:
     proc, gateway, coordinator = start_mesh(model, workers, ("--max-seqs", str(len(prompts)),
-                                                             "--micro-batches", str(micro_batches)))
+                                                             "--micro-batches", str(micro_batches),
+                                                             "--expert-shards", str(expert_shards)))
     try:
         asyncio.run(run_closed_loop(gateway, prompts[:4], params, concurrency))  # warm-up
         before = asyncio.run(worker_statuses(coordinator))
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1], choices=(1, 2, 3, 4),
                     help="micro-batches per step on every worker; one mesh row per value")
+    ap.add_argument("--expert-shards", type=int, nargs="+", default=[1],
+                    help="ways every expert is split (tensor parallelism inside an expert); one row per value")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
@@ -71,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         rows["local (1 process, 2 threads)"] = run_local(model, prompts, params, threads=2)
         for n in args.workers:
             for m in args.micro_batches:
-                name = f"mesh, {n} workers" + (f", {m} micro-batches" if m > 1 else "")
-                rows[name] = run_mesh(model, n, prompts, params, args.concurrency, m)
+                for s in (s for s in args.expert_shards if s <= n):
+                    name = (f"mesh, {n} workers" + (f", {m} micro-batches" if m > 1 else "")
+                            + (f", experts split {s} ways" if s > 1 else ""))
+                    rows[name] = run_mesh(model, n, prompts, params, args.concurrency, m, s)
     print_table(args, rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
