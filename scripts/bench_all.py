@@ -261,7 +261,7 @@ requests. transformers and the single-process engine run with 1 and with {thread
 keep the faster (shown); `moemesh up` gives each worker max(1, cores / workers) threads. "step ms" and "in collectives" come from the workers'
 Status counters (step_seconds, collective_seconds: time blocked in all_gather / all_to_all, waiting
 for peers included) over the measured run; "hidden" is hidden_seconds / exchange_seconds: the share of
-the dispatch/combine exchanges' flight time the worker spent computing rather than blocked in wait().
+the dispatch/combine exchanges' flight time the worker spent computing rather than blocked in a collective (its own wait or another's).
 
 {table}
 

@@ -100,7 +100,7 @@ def print_table(args, rows: dict[str, dict[str, float]]) -> None:
         print(f"{name:44} {m['output_tokens_per_s']:9.0f} {m['output_tokens_per_s'] / base:5.2f}x "
               f"{m['ttft_mean_s'] * 1e3:8.0f} {m['tpot_mean_s'] * 1e3:8.1f} {step:>8} {share:>14} {hidden:>6}")
     print("hidden: share of the dispatch/combine exchange time (posted -> completed) spent computing, "
-          "not blocked in wait()")
+          "not blocked in a collective")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Uneven splits are never needed: the transport pads every (source, destination) b
 step's capacity, so `all_to_all_single` runs with equal splits.
 
 Overlap accounting: every all_to_all is timed from its posting to its completion (noted by a
-callback on its future: no polling, no extra synchronisation); the flight between posting and
-wait() is hidden, the posting call and the wait are exposed (GlooCollective.count_exchange).
+callback on its future: no polling, no extra synchronisation). The posting call and the wait are
+exposed; the flight before wait() is hidden except while the engine was blocked on another
+collective (moemesh.mesh.overlap; GlooCollective.count_exchange).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moemesh.mesh.overlap import hidden_seconds
 from moemesh.model.moe import Done, Pending
 
 
@@ -32,6 +34,7 @@ class _GlooPending:
         self.start, self.posted = start, time.perf_counter()
         self.done: float | None = None
         self.counted = False
+        owner.posted(self)
         work.get_future().add_done_callback(self._on_done)  # runs at once if already complete
 
     def _on_done(self, _future) -> None:
@@ -44,7 +47,7 @@ class _GlooPending:
         if not self.counted:
             self.counted = True
             done = min(self.done if self.done is not None else returned, returned)
-            self.owner.count_exchange(self.start, self.posted, done, called, returned)
+            self.owner.count_exchange(self, done, called, returned)
         return self.result
 
 
@@ -58,21 +61,32 @@ class GlooCollective:
         # all_to_all exchanges only, summed over exchanges, seconds (see count_exchange):
         self.exchange_seconds = 0.0  # in flight: posted -> completed
         self.exposed_seconds = 0.0  # blocked in wait()
-        self.hidden_seconds = 0.0  # in flight while this rank did something else (computed)
+        self.hidden_seconds = 0.0  # in flight while this rank computed
+        self._flying: dict[int, float] = {}  # id of each exchange posted, not yet counted -> posted
+        self._blocked: list[tuple[float, float]] = []  # engine blocked since the oldest flying posting
 
-    def count_exchange(self, start: float, posted: float, done: float, called: float, returned: float) -> None:
-        """One exchange whose posting call ran from `start` to `posted`, completed at `done`, and
-        was waited for from `called` until `returned` (perf_counter seconds; start <= posted <=
-        called, done <= returned). Exposed: the posting call (torch's Python wrapper; on a busy
-        machine the rank is often descheduled in it) plus the wait. Hidden: the flight between
-        posting and wait(), min(done, called) - posted, so 0 <= hidden <= exchange = done - start
-        whatever the order of done and called."""
-        assert start <= posted <= called and done <= returned, "exchange times out of order"
-        exposed = (posted - start) + (returned - called)
+    def posted(self, x: _GlooPending) -> None:
+        """An exchange's posting call (start -> posted) returned: the engine was blocked in it."""
+        self._flying[id(x)] = x.posted
+        self._blocked.append((x.start, x.posted))
+
+    def count_exchange(self, x: _GlooPending, done: float, called: float, returned: float) -> None:
+        """Exchange `x` completed at `done` and was waited for from `called` until `returned`
+        (perf_counter seconds; x.start <= x.posted <= called, done <= returned). Exposed: the
+        posting call (torch's Python wrapper; on a busy machine the rank is often descheduled in
+        it) plus the wait. Hidden: the flight between posting and wait(), [posted, min(done,
+        called)], less the time the engine was blocked on other collectives meanwhile; so
+        0 <= hidden <= exchange = done - start whatever the order of done and called."""
+        assert x.start <= x.posted <= called and done <= returned, "exchange times out of order"
+        exposed = (x.posted - x.start) + (returned - called)
         self.seconds += exposed
         self.exposed_seconds += exposed
-        self.exchange_seconds += max(0.0, done - start)
-        self.hidden_seconds += max(0.0, min(done, called) - posted)
+        self.exchange_seconds += max(0.0, done - x.start)
+        self.hidden_seconds += hidden_seconds(x.posted, min(done, called), self._blocked)
+        self._blocked.append((called, returned))
+        del self._flying[id(x)]
+        oldest = min(self._flying.values(), default=float("inf"))
+        self._blocked = [(a, b) for a, b in self._blocked if b > oldest]  # only what a flying one can overlap
 
     def all_to_all(self, send: torch.Tensor) -> Pending[torch.Tensor]:
         """Start send: (R * C, W) -> (R * C, W): block r goes to rank r, block r comes from rank r.
@@ -91,7 +105,10 @@ class GlooCollective:
         start = time.perf_counter()
         out = [torch.empty_like(values) for _ in range(self.world_size)]
         dist.all_gather(out, values)
-        self.seconds += time.perf_counter() - start
+        end = time.perf_counter()
+        self.seconds += end - start
+        if self._flying:
+            self._blocked.append((start, end))
         return torch.stack(out)
 
     def close(self) -> None:

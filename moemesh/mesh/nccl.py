@@ -17,8 +17,9 @@ Overlap accounting (the same quantities as GlooCollective's, from CUDA timing ev
 host sync of their own): an exchange is in flight from the receive stream passing its `ready`
 wait to the later of its sent / received events; it is exposed from the compute stream reaching
 wait() until the compute stream may go on; hidden = the part of the flight before the compute
-stream reached wait(). The events are read lazily, at the next step header's all_gather (which
-synchronises the host with the compute stream anyway), so the counters lag by up to one step.
+stream reached wait(), less the compute stream's stalls on other exchanges meanwhile. The
+events are read lazily, at the next step header's all_gather (which synchronises the host with
+the compute stream anyway), so the counters lag by up to one step.
 
 NOT YET RUN ON A GPU: see docs/gpu-check.md for what `make gpu-check` verifies. The overlap
 accounting and the receive-buffer ring are unverified on a device as well.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from moemesh.errors import ConfigError
+from moemesh.mesh.overlap import hidden_seconds
 
 _WORD_TYPE = {1: "NCCL_INT8", 2: "NCCL_FLOAT16", 4: "NCCL_FLOAT32", 8: "NCCL_FLOAT64"}
 
@@ -179,21 +181,22 @@ class NcclCollective:
     def _read_timings(self) -> None:
         """Add the exchanges waited for so far to the counters. Called right after a host sync
         with the compute stream; an exchange whose `resumed` event is not complete yet (it
-        cannot be, after that sync, but reading an incomplete event raises) waits for the next."""
+        cannot be, after that sync, but reading an incomplete event raises) waits for the next.
+        Times are ms since the first ready exchange's `begin` (cudaEventElapsedTime is signed);
+        the compute stream's stalls in wait() hide nothing (moemesh.mesh.overlap)."""
         import cupy
 
-        ms = cupy.cuda.get_elapsed_time
-        pending = []
-        for t in self._waited:
-            if not t.resumed.done:  # `resumed` complete => every other event of t is complete
-                pending.append(t)
-                continue
-            flight = max(ms(t.begin, t.sent), ms(t.begin, t.received))  # ms
-            before_wait = ms(t.begin, t.called)  # ms; < 0 when the streams started late
-            self.exchange_seconds += max(0.0, flight) / 1e3
-            self.hidden_seconds += max(0.0, min(flight, before_wait)) / 1e3
-            self.exposed_seconds += max(0.0, ms(t.called, t.resumed)) / 1e3
-        self._waited = pending
+        ready = [t for t in self._waited if t.resumed.done]  # `resumed` done => all of t's events are
+        self._waited = [t for t in self._waited if not t.resumed.done]
+        if not ready:
+            return
+        at = lambda event: cupy.cuda.get_elapsed_time(ready[0].begin, event)  # noqa: E731  ms
+        stalled = [(at(t.called), at(t.resumed)) for t in ready]
+        for t in ready:
+            begin, end = at(t.begin), max(at(t.sent), at(t.received))
+            self.exchange_seconds += max(0.0, end - begin) / 1e3
+            self.hidden_seconds += hidden_seconds(begin, min(end, at(t.called)), stalled) / 1e3
+            self.exposed_seconds += max(0.0, at(t.resumed) - at(t.called)) / 1e3
 
     def close(self) -> None:
         self.comm.destroy()
