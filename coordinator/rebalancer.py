@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from coordinator.balancing import POLICIES, GatingSettings, gating_update
-from coordinator.splitting import SplitSettings, split_hot_experts
+from coordinator.splitting import Memory, SplitSettings, split_hot_experts
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement
 from moemesh.planner.cost import ExpertShape
@@ -70,6 +70,7 @@ class Rebalancer:
         self._pending = torch.zeros(len(moe_layer_ids), num_experts, dtype=torch.int64)  # (L, E)
         self._pending_tokens = 0
         self._recent: deque[torch.Tensor] = deque(maxlen=settings.window_cycles)
+        self.memory = Memory()  # the world's reported memory (policy split); set when a world forms
 
     def observe(self, window_tokens: int, counts: torch.Tensor, current: Placement) -> Placement | None:
         """counts: (L, E) one worker's report. Returns the next placement (epoch unassigned) or None."""
@@ -86,7 +87,7 @@ class Rebalancer:
             return self._replan(current)
         if self.s.policy == "split":
             new = split_hot_experts(current, sum(self._recent), self.layers, self.facts.expert_intermediate_size,
-                                    self.s.split)
+                                    self.s.split, self.memory)
             return replace(new, origin="split") if new is not None else None
         factors = torch.tensor([current.gating.get(layer, (1.0,) * self.num_experts) for layer in self.layers])
         new = gating_update(factors, sum(self._recent), self.s.gating)  # (L, E)

@@ -23,6 +23,7 @@ from coordinator.balancing import resolve_policy
 from coordinator.rebalancer import ModelFacts, RebalanceSettings
 from coordinator.state import CoordinatorState, DataPlane
 from coordinator.wire import model_spec
+from moemesh.errors import ConfigError
 from moemesh.mesh.placement_file import load_placement
 from moemesh.model.config import load_config
 from moemesh.rpc import Server, exit_with_parent, stop_event_on_signals, write_port_file
@@ -54,6 +55,9 @@ class CoordinatorServer:
         """Load the model config, start the store and the gRPC server; return the gRPC port."""
         s = self.settings
         cfg = load_config(s.model_dir)
+        if s.expert_shards > 1 and cfg.expert_intermediate_size % s.expert_shards:
+            raise ConfigError(f"--expert-shards {s.expert_shards}: the expert hidden size "
+                              f"{cfg.expert_intermediate_size} does not split into {s.expert_shards} equal shards")
         initial = None
         if s.placement_file is not None:
             initial = load_placement(s.placement_file, cfg.moe_layer_ids, default_world_size=s.workers)

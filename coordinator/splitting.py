@@ -12,14 +12,19 @@ Step 1: the compute load of every rank: token copies of each expert it holds, sp
         the expert's replica groups, times the fraction of the expert the rank holds.
 Step 2: stop unless the busiest rank exceeds `threshold` x the mean rank's load.
 Step 3: its heaviest expert held whole, in a replica of its own.
-Step 4: the least busy rank not holding that expert; split only if the busier of the two ends
-        up below the busiest rank's load now.
+Step 4: the least busy rank not holding that expert with room for half of it (when ranks report
+        their memory); split only if the busier of the two ends up below the busiest rank's
+        load now.
+
+Splits are never undone: a split expert computes the same function, and merging it back would
+move weights for no gain unless the load shifts for good (then `moemesh placement set`).
 
 Shape legend: L MoE layers, E experts, R ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +49,22 @@ def rank_loads(p: Placement, layer: int, counts: torch.Tensor) -> list[float]:
     return loads
 
 
+@dataclass(frozen=True)
+class Memory:
+    """Per rank, bytes it can hold for expert weights (0 = unknown: no bound), and the bytes of
+    one whole expert of one layer on the workers."""
+
+    per_rank: Sequence[int] = ()
+    expert_bytes: int = 0
+
+    def has_room(self, p: Placement, rank: int, extra_bytes: float) -> bool:
+        if rank >= len(self.per_rank) or self.per_rank[rank] <= 0:
+            return True
+        held = sum(self.expert_bytes / p.shard_of(rank, layer, e).count
+                   for layer in p.layers for e in p.experts_on(rank, layer))
+        return held + extra_bytes <= self.per_rank[rank]
+
+
 def _hottest_whole(p: Placement, layer: int, rank: int, counts: torch.Tensor) -> int | None:
     """The expert with the most tokens that `rank` holds whole in a replica of its own."""
     whole = [e for e in p.experts_on(rank, layer) if p.shard_of(rank, layer, e) == WHOLE]
@@ -51,7 +72,7 @@ def _hottest_whole(p: Placement, layer: int, rank: int, counts: torch.Tensor) ->
 
 
 def split_one(p: Placement, layer: int, counts: torch.Tensor, expert_hidden: int,
-              s: SplitSettings = SplitSettings()) -> Placement | None:
+              s: SplitSettings = SplitSettings(), memory: Memory = Memory()) -> Placement | None:
     """counts: (E,) -> `p` with one hot expert of `layer` split in two, or None (Steps 1-4)."""
     # Step 1: compute per rank.
     loads = rank_loads(p, layer, counts)
@@ -66,7 +87,7 @@ def split_one(p: Placement, layer: int, counts: torch.Tensor, expert_hidden: int
         return None
     # Step 4: its least busy partner, if the split lowers the maximum.
     holders = set(p.layers[layer][expert])
-    partners = [r for r in range(p.world_size) if r not in holders]
+    partners = [r for r in range(p.world_size) if r not in holders and memory.has_room(p, r, memory.expert_bytes / 2)]
     if not partners:
         return None
     partner = min(partners, key=lambda r: (loads[r], r))
@@ -77,10 +98,10 @@ def split_one(p: Placement, layer: int, counts: torch.Tensor, expert_hidden: int
 
 
 def split_hot_experts(p: Placement, counts: torch.Tensor, layers: tuple[int, ...], expert_hidden: int,
-                      s: SplitSettings = SplitSettings()) -> Placement | None:
+                      s: SplitSettings = SplitSettings(), memory: Memory = Memory()) -> Placement | None:
     """counts: (L, E) token copies in the recent window, rows in `layers` order -> the placement
     with at most one new split per layer, or None when no layer needs one."""
     new = p
     for i, layer in enumerate(layers):
-        new = split_one(new, layer, counts[i], expert_hidden, s) or new
+        new = split_one(new, layer, counts[i], expert_hidden, s, memory) or new
     return None if new is p else new

@@ -30,6 +30,7 @@ from coordinator.errors import (
 from coordinator.load import LoadSnapshot, LoadWindow, check_counts
 from coordinator.membership import Membership, Silence, WorkerInfo
 from coordinator.rebalancer import ModelFacts, RebalanceSettings, Rebalancer
+from coordinator.splitting import Memory
 from moemesh.errors import ConfigError, InvalidRequestError
 from moemesh.mesh.placement import Placement, initial_placement, shards_to_fit, validate_placement
 
@@ -184,7 +185,9 @@ class CoordinatorState:
             base = initial_placement(self.num_experts, self.moe_layer_ids, len(members), epoch=self._next_epoch(),
                                      shards=self._shards_for(members))
             placement = replace(base, origin=ROUND_ROBIN)
+            self._validate(placement)  # an expert hidden size --expert-shards does not divide fails here
         self.load.clear()
+        self.rebalancer.memory = Memory([m.memory_bytes for m in members], self._expert_bytes(members))
         self._world = World(generation, members, self.data_plane, placement.epoch)
         self._publish(placement, generation)
         log.info(
@@ -197,16 +200,21 @@ class CoordinatorState:
         """How many ways the initial placement splits every expert (--expert-shards)."""
         if self.expert_shards or self.facts is None:
             return self.expert_shards or 1
-        f = self.facts
-        element = max((m.weight_bytes_per_element for m in members), default=0) or f.dtype_bytes
-        shards, fits = shards_to_fit(3 * f.hidden_size * f.expert_intermediate_size * element,
-                                     [m.memory_bytes for m in members], f.expert_intermediate_size,
-                                     self.num_experts, len(self.moe_layer_ids))
+        shards, fits = shards_to_fit(self._expert_bytes(members), [m.memory_bytes for m in members],
+                                     self.facts.expert_intermediate_size, self.num_experts, len(self.moe_layer_ids))
         if not fits:
             log.error("experts do not fit the workers' reported memory even split %d ways; placing them so", shards)
         elif shards > 1:
             log.info("experts split %d ways to fit the workers' reported memory", shards)
         return shards
+
+    def _expert_bytes(self, members: list[WorkerInfo]) -> int:
+        """One whole expert of one layer as the workers store it (0 without the model's shape)."""
+        if self.facts is None:
+            return 0
+        f = self.facts
+        element = max((m.weight_bytes_per_element for m in members), default=0) or f.dtype_bytes
+        return 3 * f.hidden_size * f.expert_intermediate_size * element
 
     def _validate(self, p: Placement) -> None:
         hidden = self.facts.expert_intermediate_size if self.facts is not None else None

@@ -33,6 +33,21 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _add_compute_options(p: argparse.ArgumentParser, e: Callable[[str, object], object]) -> None:
+    """How the worker computes its experts and what it tells the coordinator about them."""
+    p.add_argument("--micro-batches", type=int, default=int(e("micro_batches", 1)), choices=(1, 2, 3, 4),
+                   help="split each step so exchanges overlap compute (same on every worker)")
+    p.add_argument("--dtype", default=e("dtype", "auto"), choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype (auto: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--overflow", default=e("overflow", "dropless"), choices=("dropless", "reroute", "drop"),
+                   help="what happens to token copies beyond an expert's capacity")
+    p.add_argument("--capacity-factor", type=float, default=float(e("capacity_factor", 1.2)),
+                   help="expert capacity as a multiple of the average load (reroute/drop)")
+    p.add_argument("--expert-memory", type=_size, default=_size(e("expert_memory", "0")),
+                   help="memory for expert weights, e.g. 60GB or 12GiB, reported to the coordinator "
+                        "(bounds placement; --expert-shards 0 splits experts to fit); 0 = unknown")
+
+
 def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] | None = None) -> Callable:
     env = os.environ if env is None else env
     p = sub.add_parser("worker", help="run one expert worker (one per device)")
@@ -52,17 +67,7 @@ def add_worker_command(sub: argparse._SubParsersAction, env: Mapping[str, str] |
     p.add_argument("--max-new-tokens-limit", type=int, default=int(e("max_new_tokens_limit", 4096)))
     p.add_argument("--collective-timeout", type=float, default=float(e("collective_timeout", 60.0)))
     p.add_argument("--report-every-tokens", type=int, default=int(e("report_every_tokens", 100)))
-    p.add_argument("--micro-batches", type=int, default=int(e("micro_batches", 1)), choices=(1, 2, 3, 4),
-                   help="split each step so exchanges overlap compute (same on every worker)")
-    p.add_argument("--dtype", default=e("dtype", "auto"), choices=("auto", "float32", "bfloat16", "float16"),
-                   help="compute dtype (auto: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--overflow", default=e("overflow", "dropless"), choices=("dropless", "reroute", "drop"),
-                   help="what happens to token copies beyond an expert's capacity")
-    p.add_argument("--capacity-factor", type=float, default=float(e("capacity_factor", 1.2)),
-                   help="expert capacity as a multiple of the average load (reroute/drop)")
-    p.add_argument("--expert-memory", type=_size, default=_size(e("expert_memory", "0")),
-                   help="memory for expert weights, e.g. 60GB or 12GiB, reported to the coordinator "
-                        "(bounds placement; --expert-shards 0 splits experts to fit); 0 = unknown")
+    _add_compute_options(p, e)
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
     p.add_argument("--log-level", default=e("log_level", "INFO"))
 

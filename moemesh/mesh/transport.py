@@ -143,7 +143,7 @@ def _per_copy(returned: torch.Tensor, sent: _Sent, T: int, K: int, D: int) -> to
         parts = torch.zeros(sent.kept.numel(), sent.max_shards, D, dtype=returned.dtype,
                             device=returned.device)  # (T*K', S, D)
         parts[sent.copy, sent.slot] = pieces  # scatter each shard's partial output to its slot
-        pieces = parts.sum(dim=1)  # (T*K', D)
+        pieces = parts.sum(dim=1, dtype=torch.float32).to(returned.dtype)  # (T*K', D) one rounding in 16-bit
     if sent.kept.numel() == T * K:
         return pieces.view(T, K, D)  # nothing was dropped
     out = torch.zeros(T * K, D, dtype=returned.dtype, device=returned.device)
@@ -201,7 +201,7 @@ class AllToAllTransport:
         kept = torch.nonzero(flat_e >= 0).squeeze(1)  # (T*K',) copies that travel
         expert = flat_e[kept]  # (T*K',)
         copy, slot, dest = self._destinations(routes, expert, kept // K)  # (P',) each
-        self._links[self._row[layer]] += torch.bincount(dest, minlength=R)
+        self._links[self._row[layer]] += torch.bincount(dest, minlength=R)  # (R,) pieces per destination
         send_rows = self._send_rows(dest, C)  # (P',)
         send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
         ids = id_view(send)  # (R*C, W) same bytes, integer dtype
@@ -259,12 +259,12 @@ class AllToAllTransport:
 
     @staticmethod
     def _send_rows(dest: torch.Tensor, capacity: int) -> torch.Tensor:
-        """dest: (T*K,) -> the send-buffer row of each copy: block dest, next free row in it."""
-        order = torch.argsort(dest, stable=True)  # (T*K,)
-        sorted_dest = dest[order]  # (T*K,)
+        """dest: (P',) -> the send-buffer row of each piece: block dest, next free row in it."""
+        order = torch.argsort(dest, stable=True)  # (P',)
+        sorted_dest = dest[order]  # (P',)
         counts = torch.bincount(sorted_dest, minlength=1)  # copies per destination
         starts = torch.cumsum(counts, 0) - counts  # (R',) first sorted index of each destination
-        within = torch.arange(dest.numel(), device=dest.device) - starts[sorted_dest]  # (T*K,)
+        within = torch.arange(dest.numel(), device=dest.device) - starts[sorted_dest]  # (P',)
         assert dest.numel() == 0 or int(within.max()) < capacity, "capacity overflow"
         rows = torch.empty_like(dest)
         rows[order] = sorted_dest * capacity + within  # scatter back to copy order

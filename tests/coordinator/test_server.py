@@ -319,3 +319,18 @@ def test_start_fails_cleanly_without_a_checkpoint(tmp_path):
         return server.store
 
     assert asyncio.run(scenario()) is None
+
+
+def test_expert_shards_that_do_not_divide_the_expert_hidden_size_are_refused(tiny_model):
+    from moemesh.model.config import load_config
+
+    hidden = load_config(tiny_model).expert_intermediate_size
+    bad = next(n for n in range(2, hidden + 1) if hidden % n)
+
+    async def main():
+        server = CoordinatorServer(CoordinatorSettings(model_dir=tiny_model, workers=bad, port=0, expert_shards=bad))
+        with pytest.raises(ConfigError, match=f"does not split into {bad} equal shards"):
+            await server.start()
+        await server.stop()
+
+    asyncio.run(main())

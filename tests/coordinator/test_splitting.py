@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.splitting import SplitSettings, rank_loads, split_hot_experts, split_one
+from coordinator.splitting import Memory, SplitSettings, rank_loads, split_hot_experts, split_one
 from moemesh.mesh.placement import Placement, initial_placement, validate_placement
 from moemesh.model.shard import Shard
 
@@ -44,3 +44,12 @@ def test_each_layer_gets_at_most_one_split_per_cycle():
     assert new.shards == {1: {0: ((0, 3),)}}
     assert split_hot_experts(new, counts, (1, 3), F) is None  # rank 0 now holds only a shard
     assert split_hot_experts(p, torch.full((2, 4), 10), (1, 3), F) is None
+
+
+def test_partners_without_room_for_half_an_expert_are_passed_over():
+    p = initial_placement(8, (0,), world_size=4)  # two 100-byte experts per rank
+    counts = torch.tensor([10, 10, 10, 10, 60, 10, 10, 5])  # rank 3 is idlest, then ranks 1 and 2
+    full = Memory(per_rank=[0, 200, 1000, 200], expert_bytes=100)  # ranks 1 and 3 hold 200 of 200
+    assert split_one(p, 0, counts, F, memory=full).groups(0, 4) == ((0, 2),)
+    nobody = Memory(per_rank=[200, 200, 200, 200], expert_bytes=100)
+    assert split_one(p, 0, counts, F, memory=nobody) is None
