@@ -29,12 +29,17 @@ def _spec(arch: str) -> TinySpec:
                     vocab=512, seed=1)
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
-def family(request, tmp_path_factory):
-    model = write_tiny_model(tmp_path_factory.mktemp(request.param) / "model", _spec(request.param))
+def _model_and_expected(arch: str, tmp_path_factory) -> tuple:
+    """A tiny checkpoint of `arch` and the single-process engine's tokens for PROMPTS."""
+    model = write_tiny_model(tmp_path_factory.mktemp(arch) / "model", _spec(arch))
     engine = Engine(build_model(model, RuntimeShape(max_seqs=1, max_model_len=256)))
     expected = [generate(engine, [p], SamplingParams(max_new_tokens=n))[0] for p, n in zip(PROMPTS, NEW_TOKENS)]
     return model, expected
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def family(request, tmp_path_factory):
+    return _model_and_expected(request.param, tmp_path_factory)
 
 
 async def _staggered(target: str) -> list[list[int]]:
@@ -60,15 +65,13 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
 
 
 @pytest.mark.parametrize(
-    "workers, micro, shards", [(4, 1, 1), (2, 2, 1), (4, 1, 2)],
-    ids=["one-expert-per-worker", "colocated-two-per-worker-overlapped", "experts-split-over-two-workers"],
+    "workers, micro", [(4, 1), (2, 2)], ids=["one-expert-per-worker", "colocated-two-per-worker-overlapped"]
 )
-def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, micro, shards):
+def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, micro):
     """Then, with nothing in flight, the mesh stays idle; SIGINT to `up` leaves no process.
-    The colocated mesh also runs two micro-batches per step (two-batch overlap); the split mesh
-    holds every expert as two column/row-parallel shards on two workers (expert tensor parallelism)."""
+    The colocated mesh also runs two micro-batches per step (two-batch overlap)."""
     model, expected = family
-    mesh = mesh_factory(model, workers, "--micro-batches", str(micro), "--expert-shards", str(shards))
+    mesh = mesh_factory(model, workers, "--micro-batches", str(micro))
     assert asyncio.run(_staggered(mesh.gateway)) == expected
     procs = mesh.processes()
     assert len(procs) == 1 + 1 + workers + 1  # up, coordinator, workers, gateway
@@ -77,6 +80,16 @@ def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, 
     time.sleep(3.0)
     busy = (_cpu_seconds(procs) - before) / (time.monotonic() - start)
     assert busy < 0.05, f"idle mesh used {busy:.1%} of a core"
+    assert mesh.stop() == []
+
+
+def test_mesh_with_every_expert_split_is_token_identical_to_local(tmp_path_factory, mesh_factory):
+    """Expert tensor parallelism: every expert as two column/row-parallel shards on two of the
+    4 workers (`moemesh up --expert-shards 2`). The split is family-independent code (the
+    transport and the expert weights), so one family runs it."""
+    model, expected = _model_and_expected("mixtral", tmp_path_factory)
+    mesh = mesh_factory(model, 4, "--expert-shards", "2")
+    assert asyncio.run(_staggered(mesh.gateway)) == expected
     assert mesh.stop() == []
 
 
