@@ -85,12 +85,13 @@ def split_one(p: Placement, layer: int, counts: torch.Tensor, expert_hidden: int
     expert = _hottest_whole(p, layer, busy, counts)
     if expert is None:
         return None
-    # Step 4: its least busy partner, if the split lowers the maximum.
+    # Step 4: its least busy partner with room (memory checked in that order, lazily: counting a
+    # rank's weights walks the whole placement), if the split lowers the maximum.
     holders = set(p.layers[layer][expert])
-    partners = [r for r in range(p.world_size) if r not in holders and memory.has_room(p, r, memory.expert_bytes / 2)]
-    if not partners:
+    by_load = sorted((r for r in range(p.world_size) if r not in holders), key=lambda r: (loads[r], r))
+    partner = next((r for r in by_load if memory.has_room(p, r, memory.expert_bytes / 2)), None)
+    if partner is None:
         return None
-    partner = min(partners, key=lambda r: (loads[r], r))
     half = float(counts[expert]) / len(p.groups(layer, expert)) / 2
     if max(loads[busy] - half, loads[partner] + half) >= loads[busy]:
         return None

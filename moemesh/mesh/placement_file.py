@@ -79,9 +79,7 @@ def placement_from_dict(
     else:
         tables = _layers(data["layers"], source)
     layers = {layer: tuple(tuple(sorted(r for g in groups for r in g)) for groups in t) for layer, t in tables.items()}
-    shards = {layer: split for layer, t in tables.items()
-              if (split := {e: tuple(g for g in groups if len(g) > 1) for e, groups in enumerate(t)
-                            if any(len(g) > 1 for g in groups)})}
+    shards = {layer: split for layer, t in tables.items() if (split := _shard_groups(t))}
     world_size = _world_size(data.get("world_size"), layers, default_world_size, source)
     return Placement(epoch=0, world_size=world_size, layers=layers, origin=FILE_ORIGIN, shards=shards)
 
@@ -111,6 +109,12 @@ def _layers(raw: Any, source: str) -> dict[int, tuple[Groups, ...]]:
             raise InvalidRequestError(f"{source}: layers[{key!r}]: layer {layer} given twice")
         layers[layer] = _expert_table(table, f"{source}: layers[{key!r}]")
     return layers
+
+
+def _shard_groups(table: tuple[Groups, ...]) -> dict[int, Groups]:
+    """Expert -> its groups of two or more ranks, for the experts that have any."""
+    split = {e: tuple(g for g in groups if len(g) > 1) for e, groups in enumerate(table)}
+    return {e: groups for e, groups in split.items() if groups}
 
 
 def _layer_index(key: Any, source: str) -> int:

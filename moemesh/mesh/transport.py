@@ -22,7 +22,7 @@ when "experts a rank holds" counts shards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -67,14 +67,8 @@ def id_view(payload: torch.Tensor) -> torch.Tensor:
     return payload.view(_ID_DTYPE[payload.element_size()])
 
 
-def _to(routes: LayerRoutes, device: torch.device) -> LayerRoutes:
-    """The routing table's tensors on the device the tokens are on (built once per placement)."""
-    moved = {f: getattr(routes, f).to(device) for f in ("groups", "num_groups", "group_size", "own_group",
-                                                        "local_index")}
-    return replace(routes, **moved)
-
-
-def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
+def layer_routes(placement: Placement, layer: int, rank: int, device: torch.device | str = "cpu") -> LayerRoutes:
+    """Built once per placement (on the host), then kept on the device the tokens are on."""
     E = len(placement.layers[layer])
     per_expert = [placement.groups(layer, e) for e in range(E)]
     P = max(len(g) for g in per_expert)
@@ -89,12 +83,14 @@ def layer_routes(placement: Placement, layer: int, rank: int) -> LayerRoutes:
             if rank in group:
                 own[e] = p
     local = torch.full((E,), -1, dtype=torch.int64)  # (E,)
-    for i, e in enumerate(placement.experts_on(rank, layer)):
+    mine = placement.experts_on(rank, layer)
+    for i, e in enumerate(mine):
         local[e] = i
+    num_groups = torch.tensor([len(g) for g in per_expert], dtype=torch.int64)  # (E,)
     return LayerRoutes(
-        groups=groups, num_groups=torch.tensor([len(g) for g in per_expert], dtype=torch.int64), group_size=size,
-        own_group=own, local_index=local, max_local=max(placement.experts_per_rank(layer)),
-        num_local=len(placement.experts_on(rank, layer)), max_shards=S,
+        groups=groups.to(device), num_groups=num_groups.to(device), group_size=size.to(device),
+        own_group=own.to(device), local_index=local.to(device), max_local=max(placement.experts_per_rank(layer)),
+        num_local=len(mine), max_shards=S,
     )
 
 
@@ -167,7 +163,7 @@ class AllToAllTransport:
     def set_placement(self, placement: Placement) -> None:
         assert placement.world_size == self.world_size, "placement is for another world"
         self.placement = placement
-        self.routes = {layer: _to(layer_routes(placement, layer, self.rank), self.device) for layer in placement.layers}
+        self.routes = {layer: layer_routes(placement, layer, self.rank, self.device) for layer in placement.layers}
         self.layer_order = sorted(placement.layers)
         self._row = {layer: i for i, layer in enumerate(self.layer_order)}  # MoE layer -> statistics row
         E = len(next(iter(placement.layers.values())))
