@@ -127,8 +127,10 @@ def _gating(raw: Any, tables: Mapping[int, tuple[Groups, ...]], source: str) -> 
     gating = {}
     for key, factors in raw.items():
         layer = _layer_index(key, source)
-        if layer not in tables or layer in gating:
-            raise InvalidRequestError(f"{source}: gating[{key!r}]: layer {layer} is not placed or given twice")
+        if layer not in tables:
+            raise InvalidRequestError(f"{source}: gating[{key!r}]: layer {layer} is not placed")
+        if layer in gating:
+            raise InvalidRequestError(f"{source}: gating[{key!r}]: layer {layer} given twice")
         gating[layer] = _factors(factors, len(tables[layer]), f"{source}: gating[{key!r}]")
     return gating
 

@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moemesh.errors import InvalidRequestError
-from moemesh.mesh.placement import (Placement, PlacementFormError, initial_placement, shards_to_fit, split_placement,
-                                    validate_placement, whole_replicas, with_split)
+from moemesh.mesh.placement import (
+    Placement,
+    PlacementFormError,
+    initial_placement,
+    shards_to_fit,
+    split_placement,
+    validate_placement,
+    whole_replicas,
+    with_split,
+)
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
 from moemesh.model.shard import WHOLE, Shard
 from tests.moemesh.mesh.placement_strategies import num_experts, placements

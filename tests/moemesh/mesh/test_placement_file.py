@@ -10,7 +10,12 @@ from hypothesis import given, settings
 
 from moemesh.errors import InvalidRequestError
 from moemesh.mesh.placement import initial_placement, validate_placement
-from moemesh.mesh.placement_file import FILE_ORIGIN, dump_placement, load_placement, parse_placement
+from moemesh.mesh.placement_file import (
+    FILE_ORIGIN,
+    dump_placement,
+    load_placement,
+    parse_placement,
+)
 from tests.moemesh.mesh.placement_strategies import placements
 
 MOE_LAYERS = (0, 1)
@@ -75,6 +80,7 @@ def test_default_world_size_is_used_when_the_file_has_none():
     ("experts: [[0]]\ngating: [0]", "factors must be positive numbers"),
     ("experts: [[0]]\ngating: [true]", "factors must be positive numbers"),
     ("experts: [[0]]\ngating: {7: [1.0]}", r"gating\[7\]: layer 7 is not placed"),
+    ("experts: [[0]]\ngating: {0: [1.0], '0': [1.0]}", r"gating\['0'\]: layer 0 given twice"),
 ])
 def test_bad_files_name_the_field(text, message):
     with pytest.raises(InvalidRequestError, match=message):

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from moemesh.mesh.placement import PlacementFormError, initial_placement, split_placement, with_split
+from moemesh.mesh.placement import (
+    PlacementFormError,
+    initial_placement,
+    split_placement,
+    with_split,
+)
 from moemesh.planner.slots import EMPTY, from_placement, holds, to_placement
 from tests.moemesh.mesh.placement_strategies import num_experts, placements
 
