@@ -97,7 +97,7 @@ class Rebalancer:
         return replace(current, gating=gating, origin="gating")
 
     def _replan(self, current: Placement) -> Placement | None:
-        if current.shards:
+        if current.has_shard_groups:
             return None  # the planner places whole experts; it never undoes a split (docs/architecture.md)
         f = self.facts
         traffic = from_counts(sum(self._recent), top_k=f.top_k, sources=current.world_size, layer_ids=self.layers)
@@ -108,6 +108,6 @@ class Rebalancer:
         price = price_change(current, proposed, problem, self.s.price_window_tokens,
                              transfer_bandwidth_bytes_per_s=self.s.load_bandwidth_bytes_per_s)
         new = keep_paying(current, proposed, price)
-        if dict(new.layers) == dict(current.layers):
+        if new.replicas == current.replicas:
             return None
         return replace(new, epoch=current.epoch, gating=current.gating, origin="replicate")

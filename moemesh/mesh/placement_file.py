@@ -15,7 +15,12 @@ over those ranks (expert tensor parallelism; the i-th rank holds shard i):
     experts: [[0], [1], [[2, 3]], [4, [5, 6]]]   # expert 2 split over ranks 2 and 3; expert 3
                                                   # whole on rank 4 and split over ranks 5 and 6
 
-`epoch` and `origin` keys are accepted and ignored, so `dump_placement` output loads back.
+Optional gating factors (policy "gating"), one positive factor per expert: a list for every MoE
+layer, or per layer (`gating: {"0": [1.0, 0.5], "1": [1.0, 1.0]}`); none = exact routing.
+
+Each entry becomes one replica group of `Placement.replicas` as written (the placement puts them
+in its canonical order). `epoch` and `origin` keys are accepted and ignored: a loaded placement
+has epoch 0 and origin "file", and `dump_placement` output loads back equal up to those two.
 Loading checks the file's structure and names the offending field; whether the placement fits
 the model (layer ids, expert count) is `validate_placement`'s job, done by the caller.
 """
@@ -29,9 +34,9 @@ from typing import Any
 import yaml
 
 from moemesh.errors import InvalidRequestError
-from moemesh.mesh.placement import Placement
+from moemesh.mesh.placement import Groups, Placement
 
-_KNOWN_KEYS = {"experts", "layers", "world_size", "epoch", "origin"}
+_KNOWN_KEYS = {"experts", "layers", "world_size", "gating", "epoch", "origin"}
 FILE_ORIGIN = "file"
 
 
@@ -78,25 +83,24 @@ def placement_from_dict(
         tables = {int(layer): table for layer in moe_layer_ids}
     else:
         tables = _layers(data["layers"], source)
-    layers = {layer: tuple(tuple(sorted(r for g in groups for r in g)) for groups in t) for layer, t in tables.items()}
-    shards = {layer: split for layer, t in tables.items() if (split := _shard_groups(t))}
-    world_size = _world_size(data.get("world_size"), layers, default_world_size, source)
-    return Placement(epoch=0, world_size=world_size, layers=layers, origin=FILE_ORIGIN, shards=shards)
+    world_size = _world_size(data.get("world_size"), tables, default_world_size, source)
+    gating = _gating(data.get("gating"), tables, source)
+    return Placement(epoch=0, world_size=world_size, replicas=tables, origin=FILE_ORIGIN, gating=gating)
 
 
 def dump_placement(p: Placement) -> str:
-    """The placement as YAML in the `layers` shape (loads back with `load_placement`)."""
-    doc = {
+    """The placement as YAML in the `layers` shape; `load_placement` gives it back with epoch 0
+    and origin "file" (everything else exact)."""
+    doc: dict[str, Any] = {
         "epoch": p.epoch,
         "origin": p.origin,
         "world_size": p.world_size,
-        "layers": {int(layer): [[g[0] if len(g) == 1 else list(g) for g in p.groups(layer, e)]
-                                for e in range(len(p.layers[layer]))] for layer in sorted(p.layers)},
+        "layers": {layer: [[g[0] if len(g) == 1 else list(g) for g in groups] for groups in p.replicas[layer]]
+                   for layer in sorted(p.replicas)},
     }
+    if p.gating:
+        doc["gating"] = {layer: list(p.gating[layer]) for layer in sorted(p.gating)}
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
-
-
-Groups = tuple[tuple[int, ...], ...]  # one expert's replicas: (r,) whole, (r0, r1, ...) split
 
 
 def _layers(raw: Any, source: str) -> dict[int, tuple[Groups, ...]]:
@@ -111,10 +115,32 @@ def _layers(raw: Any, source: str) -> dict[int, tuple[Groups, ...]]:
     return layers
 
 
-def _shard_groups(table: tuple[Groups, ...]) -> dict[int, Groups]:
-    """Expert -> its groups of two or more ranks, for the experts that have any."""
-    split = {e: tuple(g for g in groups if len(g) > 1) for e, groups in enumerate(table)}
-    return {e: groups for e, groups in split.items() if groups}
+def _gating(raw: Any, tables: Mapping[int, tuple[Groups, ...]], source: str) -> dict[int, tuple[float, ...]]:
+    """`gating`: a list of factors (one per expert) for every layer, or layer -> such a list."""
+    if raw is None:
+        return {}
+    if isinstance(raw, list):
+        return {layer: _factors(raw, len(table), f"{source}: gating") for layer, table in tables.items()}
+    if not isinstance(raw, Mapping):
+        raise InvalidRequestError(f"{source}: gating must be a list of factors or a mapping layer -> factors, "
+                                  f"got {_kind(raw)}")
+    gating = {}
+    for key, factors in raw.items():
+        layer = _layer_index(key, source)
+        if layer not in tables:
+            raise InvalidRequestError(f"{source}: gating[{key!r}]: layer {layer} is not placed")
+        if layer in gating:
+            raise InvalidRequestError(f"{source}: gating[{key!r}]: layer {layer} given twice")
+        gating[layer] = _factors(factors, len(tables[layer]), f"{source}: gating[{key!r}]")
+    return gating
+
+
+def _factors(raw: Any, num_experts: int, where: str) -> tuple[float, ...]:
+    if not isinstance(raw, list) or len(raw) != num_experts:
+        raise InvalidRequestError(f"{where} must be a list of {num_experts} factors (one per expert), got {raw!r}")
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in raw):
+        raise InvalidRequestError(f"{where}: factors must be positive numbers, got {raw!r}")
+    return tuple(float(f) for f in raw)
 
 
 def _layer_index(key: Any, source: str) -> int:
@@ -155,10 +181,8 @@ def _group(entry: Any, where: str) -> tuple[int, ...]:
     return tuple(ranks)
 
 
-def _world_size(
-    raw: Any, layers: Mapping[int, tuple[tuple[int, ...], ...]], default: int | None, source: str
-) -> int:
-    highest = max((r for table in layers.values() for ranks in table for r in ranks), default=-1)
+def _world_size(raw: Any, tables: Mapping[int, tuple[Groups, ...]], default: int | None, source: str) -> int:
+    highest = max((r for table in tables.values() for groups in table for g in groups for r in g), default=-1)
     if raw is None:
         size = default if default is not None else highest + 1
         if size <= highest:

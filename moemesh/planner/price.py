@@ -86,9 +86,10 @@ def price_change(current: Placement, proposed: Placement, problem: Problem, wind
 
 
 def keep_paying(current: Placement, proposed: Placement, price: ChangePrice, epoch: int | None = None) -> Placement:
-    """`proposed` in the layers that pay, `current` elsewhere; the next epoch by default."""
+    """`proposed` in the layers that pay, `current` elsewhere (its gating factors too); the next
+    epoch by default."""
     pays = dict(zip(price.layer_ids, price.pays.tolist()))
-    layers = {layer: (proposed.layers[layer] if pays.get(layer, False) else table)
-              for layer, table in current.layers.items()}
+    replicas = {layer: (proposed.replicas[layer] if pays.get(layer, False) else table)
+                for layer, table in current.replicas.items()}
     return Placement(epoch=current.epoch + 1 if epoch is None else epoch, world_size=current.world_size,
-                     layers=layers, origin=f"{proposed.origin} (paying layers)")
+                     replicas=replicas, origin=f"{proposed.origin} (paying layers)", gating=current.gating)

@@ -22,7 +22,7 @@ from coordinator.membership import Membership, WorkerInfo
 from coordinator.rebalancer import ModelFacts
 from coordinator.state import CoordinatorState, DataPlane
 from moemesh.errors import CapacityError, ConfigError, InvalidRequestError, MoemeshError, UnavailableError
-from moemesh.mesh.placement import Placement, initial_placement
+from moemesh.mesh.placement import Placement, initial_placement, whole_replicas
 
 LAYERS = (0, 1)
 EXPERTS = 8
@@ -170,14 +170,14 @@ def test_wait_for_world_blocks_until_formed_and_honours_cancellation():
 def test_initial_placement_from_file_is_validated_against_model_and_workers():
     table = tuple((e % 2,) for e in range(EXPERTS))
     reversed_table = tuple(((e + 1) % 2,) for e in range(EXPERTS))
-    given = Placement(0, 2, {0: table, 1: reversed_table}, origin="file")
+    given = whole_replicas(0, 2, {0: table, 1: reversed_table}, origin="file")
     s = formed(2, initial=given)
     assert s.current().placement.layers == given.layers
     assert (s.current().placement.epoch, s.current().placement.origin) == (1, "file")
     with pytest.raises(ConfigError, match="3 workers"):
         state(3, initial=given)
     with pytest.raises(ConfigError, match="does not fit"):
-        state(2, initial=Placement(0, 2, {0: table}, origin="file"))
+        state(2, initial=whole_replicas(0, 2, {0: table}, origin="file"))
 
 
 # -- placements ------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_initial_placement_from_file_is_validated_against_model_and_workers():
 
 def swapped(world_size: int = 2) -> Placement:
     table = tuple(((e + 1) % world_size,) for e in range(EXPERTS))
-    return Placement(0, world_size, {layer: table for layer in LAYERS}, origin="operator")
+    return whole_replicas(0, world_size, {layer: table for layer in LAYERS}, origin="operator")
 
 
 def test_set_placement_publishes_next_epoch_as_manual():
@@ -203,10 +203,10 @@ def test_set_placement_rejections_change_nothing():
     with pytest.raises(GenerationMismatchError):
         s.set_placement(swapped(), world_generation=2)
     with pytest.raises(InvalidRequestError, match="epoch must be 0"):
-        s.set_placement(Placement(5, 2, swapped().layers), world_generation=1)
+        s.set_placement(Placement(5, 2, swapped().replicas), world_generation=1)
     with pytest.raises(InvalidRequestError, match="3 ranks"):
         s.set_placement(swapped(3), world_generation=1)
-    bad = Placement(0, 2, {0: swapped().layers[0], 1: swapped().layers[0][:-1]})
+    bad = Placement(0, 2, {0: swapped().replicas[0], 1: swapped().replicas[0][:-1]})
     with pytest.raises(InvalidRequestError, match="7 experts placed"):
         s.set_placement(bad, world_generation=1)
     with pytest.raises(EpochMismatchError, match="expected placement epoch 4") as info:
@@ -302,7 +302,7 @@ def test_auto_shards_split_experts_too_big_for_the_reported_memory():
     s = state(16, facts=FACTS, expert_shards=0)
     for i in range(16):  # 8 experts on 16 workers: one expert each fits only if whole experts fit
         s.register(WorkerInfo(f"w{i}", 1, f"h:{i}", memory_bytes=memory, weight_bytes_per_element=2))
-    assert not s.current().placement.shards  # bf16 experts (half the fp32 size) fit whole
+    assert not s.current().placement.has_shard_groups  # bf16 experts (half the fp32 size) fit whole
     small = state(16, facts=FACTS, expert_shards=0)
     for i in range(16):
         small.register(WorkerInfo(f"w{i}", 1, f"h:{i}", memory_bytes=memory, weight_bytes_per_element=4))
@@ -312,7 +312,7 @@ def test_auto_shards_split_experts_too_big_for_the_reported_memory():
 
 def test_set_placement_checks_that_shards_divide_the_expert_hidden_size():
     s = formed(3, facts=FACTS)
-    table = ((0, 1, 2),) + tuple(((e % 3),) for e in range(1, EXPERTS))
-    bad = Placement(0, 3, {layer: table for layer in LAYERS}, shards={LAYERS[0]: {0: ((0, 1, 2),)}})
+    table = tuple(((e % 3,),) for e in range(EXPERTS))
+    bad = Placement(0, 3, {LAYERS[0]: (((0, 1, 2),), *table[1:]), LAYERS[1]: (((0,), (1,), (2,)), *table[1:])})
     with pytest.raises(InvalidRequestError, match="hidden size 32 does not split into 3"):
         s.set_placement(bad, world_generation=1)

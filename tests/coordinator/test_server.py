@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.server import SERVICE_NAME, CoordinatorServer
 from coordinator.settings import CoordinatorSettings
 from moemesh.errors import ConfigError
-from moemesh.mesh.placement import Placement
+from moemesh.mesh.placement import whole_replicas
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
 from moemesh.rpc import channel
 from moemesh.tensor_wire import from_proto, to_proto
@@ -60,7 +60,7 @@ async def form(stub, workers: int) -> list[pb.RegisterWorkerResponse]:
 
 def swapped(world_size: int = 2, generation: int = 1) -> pb.Placement:
     table = tuple(((e + 1) % world_size,) for e in range(EXPERTS))
-    return placement_to_proto(Placement(0, world_size, {layer: table for layer in LAYERS}), generation)
+    return placement_to_proto(whole_replicas(0, world_size, {layer: table for layer in LAYERS}), generation)
 
 
 async def expect_code(code: grpc.StatusCode, call) -> str:

@@ -12,7 +12,7 @@ F = 64
 
 
 def test_rank_loads_count_replicas_and_shards_as_fractions():
-    p = Placement(1, 3, {0: ((0, 1), (1, 2))}, shards={0: {1: ((1, 2),)}})
+    p = Placement(1, 3, {0: (((0,), (1,)), ((1, 2),))})
     assert rank_loads(p, 0, torch.tensor([40, 30])) == [20.0, 20.0 + 15.0, 15.0]
 
 
@@ -41,7 +41,7 @@ def test_each_layer_gets_at_most_one_split_per_cycle():
     p = initial_placement(4, (1, 3), world_size=4)
     counts = torch.tensor([[80, 10, 10, 0], [10, 10, 10, 10]])  # (L, E): only layer 1 is skewed
     new = split_hot_experts(p, counts, (1, 3), F)
-    assert new.shards == {1: {0: ((0, 3),)}}
+    assert new.replicas[1] == (((0, 3),), *p.replicas[1][1:]) and new.replicas[3] == p.replicas[3]
     assert split_hot_experts(new, counts, (1, 3), F) is None  # rank 0 now holds only a shard
     assert split_hot_experts(p, torch.full((2, 4), 10), (1, 3), F) is None
 

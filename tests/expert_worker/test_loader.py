@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from expert_worker.loader import prepare_epoch
-from moemesh.mesh.placement import Placement, split_placement
+from moemesh.mesh.placement import split_placement, whole_replicas
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import load_config
 from moemesh.model.shard import Shard
@@ -20,7 +20,7 @@ def test_splitting_held_experts_reads_nothing_and_unsplitting_reads_them(tmp_pat
     ckpt = write_tiny_model(tmp_path / "model", SPEC)
     cfg = load_config(ckpt)
     layers = cfg.moe_layer_ids
-    whole = Placement(epoch=1, world_size=2, layers={layer: ((0,), (0,), (1,), (1,)) for layer in layers})
+    whole = whole_replicas(epoch=1, world_size=2, holders={layer: ((0,), (0,), (1,), (1,)) for layer in layers})
     reader = CheckpointReader(ckpt)
     held = {layer: load_layer_experts(reader, cfg, layer, [0, 1], torch.float32, "cpu") for layer in layers}
     reader.reads.clear()

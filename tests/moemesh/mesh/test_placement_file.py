@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
 
 from moemesh.errors import InvalidRequestError
 from moemesh.mesh.placement import initial_placement, validate_placement
-from moemesh.mesh.placement_file import dump_placement, load_placement, parse_placement
+from moemesh.mesh.placement_file import (
+    FILE_ORIGIN,
+    dump_placement,
+    load_placement,
+    parse_placement,
+)
+from tests.moemesh.mesh.placement_strategies import placements
 
 MOE_LAYERS = (0, 1)
 
@@ -67,6 +75,12 @@ def test_default_world_size_is_used_when_the_file_has_none():
     ("experts: [[[0]]]", r"experts\[0\]: shard group \[0\] needs at least 2 ranks"),
     ("experts: [[[0, x]]]", r"experts\[0\]: rank 'x' is not"),
     ("experts: [[0, [1, 0]]]", r"experts\[0\]: rank listed twice"),
+    ("experts: [[0]]\ngating: 2", "gating must be a list of factors or a mapping"),
+    ("experts: [[0], [1]]\ngating: [1.0]", r"gating must be a list of 2 factors"),
+    ("experts: [[0]]\ngating: [0]", "factors must be positive numbers"),
+    ("experts: [[0]]\ngating: [true]", "factors must be positive numbers"),
+    ("experts: [[0]]\ngating: {7: [1.0]}", r"gating\[7\]: layer 7 is not placed"),
+    ("experts: [[0]]\ngating: {0: [1.0], '0': [1.0]}", r"gating\['0'\]: layer 0 given twice"),
 ])
 def test_bad_files_name_the_field(text, message):
     with pytest.raises(InvalidRequestError, match=message):
@@ -94,7 +108,23 @@ def test_shard_groups_load_and_dump_back():
     validate_placement(p, num_experts=4, moe_layers=MOE_LAYERS, expert_hidden=64)
     assert p.world_size == 7
     assert p.layers[0] == ((0,), (1,), (2, 3), (4, 5, 6))  # every holder, sorted
-    assert p.shards[0] == {2: ((2, 3),), 3: ((6, 5),)}  # shard order as written
+    assert p.replicas[0] == (((0,),), ((1,),), ((2, 3),), ((4,), (6, 5)))  # shard order as written
     assert p.groups(0, 3) == ((4,), (6, 5))
     back = parse_placement(dump_placement(p), MOE_LAYERS)
-    assert (back.layers, back.shards) == (p.layers, p.shards)
+    assert back == p
+
+
+def test_gating_factors_load_for_every_layer_or_per_layer_and_dump_back():
+    every = parse_placement("experts: [[0], [1]]\ngating: [1, 0.5]", MOE_LAYERS)
+    assert every.gating == {0: (1.0, 0.5), 1: (1.0, 0.5)}
+    one = parse_placement("experts: [[0], [1]]\ngating: {'1': [2.0, 0.25]}", MOE_LAYERS)
+    assert one.gating == {1: (2.0, 0.25)}
+    validate_placement(one, 2, MOE_LAYERS)
+    assert parse_placement(dump_placement(one), MOE_LAYERS) == one
+
+
+@settings(max_examples=100, deadline=None)
+@given(placements())
+def test_file_round_trip_is_lossless_but_for_epoch_and_origin(p):
+    back = parse_placement(dump_placement(p), p.replicas)
+    assert back == replace(p, epoch=0, origin=FILE_ORIGIN)

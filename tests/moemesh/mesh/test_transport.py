@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from moemesh.mesh.gloo import init_gloo
-from moemesh.mesh.placement import Placement, initial_placement, split_placement
+from moemesh.mesh.placement import Placement, initial_placement, split_placement, whole_replicas
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter
 from moemesh.model.weights import LayerExperts, shard_weights
@@ -47,7 +47,7 @@ def _rank_main(rank: int, port: int, placement: Placement, overflow: str, out: m
     sample = transport.take_counts()
     assert sample.link_counts.shape == (1, len(TOKENS))
     pieces, copies = int(sample.link_counts.sum()), int(sample.expert_counts.sum())
-    assert pieces == copies if not placement.shards else pieces >= copies  # a split expert's copy fans out
+    assert pieces == copies if not placement.has_shard_groups else pieces >= copies  # a split expert's copy fans out
     out.put((rank, y.numpy(), sample.expert_counts.numpy(), sample.tokens))  # by value: the child may exit first
     collective.close()
 
@@ -76,11 +76,11 @@ def _run_mesh(placement: Placement, overflow: str) -> dict[int, tuple]:
     "placement, overflow",
     [
         (initial_placement(E, [0], world_size=3), "dropless"),  # 2 experts per rank
-        (Placement(epoch=2, world_size=3, layers={0: ((0, 2), (1,), (1, 2), (0,), (0, 1, 2), (2,))}), "dropless"),
+        (whole_replicas(epoch=2, world_size=3, holders={0: ((0, 2), (1,), (1, 2), (0,), (0, 1, 2), (2,))}), "dropless"),
         (initial_placement(E, [0], world_size=3), "drop"),  # dropped copies travel nowhere
         (split_placement(E, [0], world_size=3, shards=2), "dropless"),  # every expert over 2 ranks
-        (Placement(epoch=3, world_size=3, layers={0: ((0,), (0, 1, 2), (0, 1, 2), (2,), (0, 1), (1, 2))},
-                   shards={0: {1: ((1, 2),), 2: ((2, 0, 1),), 4: ((0, 1),)}}), "drop"),
+        (Placement(epoch=3, world_size=3, replicas={0: (((0,),), ((0,), (1, 2)), ((2, 0, 1),), ((2,),), ((0, 1),),
+                                                        ((1,), (2,)))}), "drop"),
     ],
     ids=["round-robin", "replicas", "drop-overflow", "split", "mixed-split-and-replica"],
 )
