@@ -169,7 +169,7 @@ def compute_dtype(requested: str, device: str) -> torch.dtype:
 async def _run(settings, server, servicer, node, collective, reader, coord, worker_id, stop) -> int:
     loop = asyncio.get_running_loop()
     runner = node.runner
-    runner.on_events = lambda events: loop.call_soon_threadsafe(servicer.deliver, events)
+    runner.on_events = lambda events: loop.call_soon_threadsafe(servicer.requests.deliver, events)
     runner.on_load = lambda sample: loop.call_soon_threadsafe(_report_load, coord, settings, node, worker_id, sample)
     thread = threading.Thread(target=runner.run, name="engine", daemon=True)
     thread.start()

@@ -1,7 +1,8 @@
 """The moemesh.v1.Gateway service: thin handlers over gateway.model, .generation and .workers.
 
 Typed moemesh errors raised here (InvalidRequestError, CapacityError, UnavailableError) become
-status codes in moemesh.rpc.ErrorInterceptor; a worker's rejection keeps the worker's own code.
+status codes in moemesh.rpc.ErrorInterceptor; a Generate that fails before its first token
+(gateway.generation: rejected by its worker, or the worker lost) ends with that failure's code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from gateway.workers import WorkerPool
 from gateway.world import CoordinatorClient
 from moemesh.errors import InvalidRequestError
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
-
 
 
 def _new_request_id() -> str:

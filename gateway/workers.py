@@ -3,11 +3,13 @@
 - `WorkerLink` is one worker's transport: channel, Serve call, a writer task draining an outbox
   (so sending a Submit or Cancel never awaits, and works from a `finally` during cancellation).
 - `WorkerPool` submits requests (admission limit, least-loaded worker from `gateway.balancer`),
-  routes each worker event to the queue ("sink") of the request it belongs to, and handles a
-  broken stream: every request on it gets a `Lost` event, the link reconnects with backoff.
+  converts each worker event ONCE into a `gateway.events` event and puts it on the queue ("sink")
+  of the request it belongs to, and handles a broken stream: every request on it gets
+  `Failed(UNAVAILABLE)`, the link reconnects with backoff.
 
-Events reach consumers as `(tag, event)` tuples on the sink they passed to `submit`, where event
-is a WorkerEvent.Tokens / Finished / Rejected message or `Lost`. A request's bookkeeping stays
+Events reach consumers as `(tag, event)` tuples on the sink they passed to `submit`. Each request's
+`Handle` owns its token record (`generated`, counted by `Handle.tokens`): the balancer, the
+generation and a future re-submission read it, nobody counts again. A request's bookkeeping stays
 until the consumer calls `release` (which sends Cancel if the request had not ended).
 """
 
@@ -22,8 +24,17 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway.balancer import LoadBook
+from gateway import balancer
 from gateway.errors import NoWorkerError
+from gateway.events import (
+    Event,
+    Failed,
+    Tokens,
+    from_worker,
+    lost,
+    request_id_of,
+    worker_events,
+)
 from gateway.model import Prepared
 from gateway.retry import backoff, sleep_unless_stopped
 from moemesh import rpc
@@ -33,20 +44,13 @@ from moemesh.v1 import coordinator_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Lost:
-    """The stream of the worker running a request broke; `message` names the worker and why."""
-
-    message: str
-
-
-Sink = asyncio.Queue  # of (tag, WorkerEvent.Tokens | WorkerEvent.Finished | WorkerEvent.Rejected | Lost)
+Sink = asyncio.Queue  # of (tag, gateway.events.Event)
 
 
 @dataclass(eq=False)
 class Handle:
-    """One submitted request: its worker-side id, where it runs, and where its events go."""
+    """One submitted request: its worker-side id, where it runs, where its events go, and the
+    tokens received for it (the request's one token count)."""
 
     worker_request_id: str
     tag: int
@@ -54,8 +58,22 @@ class Handle:
     worker: str  # the worker's name, for messages
     prepared: Prepared
     sink: Sink
-    generated: list[int] = field(default_factory=list)  # tokens received so far (for re-submission)
-    done: bool = False  # Finished, Rejected or Lost has been delivered
+    generated: list[int] = field(default_factory=list)  # every token received, in order
+    done: bool = False  # its last event (Finished or Failed) has been delivered, or it was released
+
+    @property
+    def tokens(self) -> int:
+        """Tokens received for this request so far."""
+        return len(self.generated)
+
+    def deliver(self, event: Event) -> None:
+        """Record `event` (tokens extend the count; Finished / Failed end it) and pass it on."""
+        assert not self.done, f"event {event!r} after the end of {self.worker_request_id}"
+        if isinstance(event, Tokens):
+            self.generated.extend(event.ids)
+        else:
+            self.done = True
+        self.sink.put_nowait((self.tag, event))
 
 
 class WorkerLink:
@@ -82,7 +100,7 @@ class WorkerLink:
             # The Serve stream lives as long as the gateway, so it has no deadline: a dead peer is
             # noticed by the stream failing (HTTP/2 keepalive is on in rpc.CHANNEL_OPTIONS).
             call = stub.Serve()
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError) as exc:
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
             await channel.close()
             raise UnavailableError(f"cannot reach {self.name}: {_describe(exc)}") from exc
         self._channel, self._call = channel, call
@@ -120,19 +138,18 @@ class WorkerLink:
             message = await outbox.get()
             try:
                 await call.write(message)
-            except Exception as exc:  # the stream ended: the reader reports why
+            except Exception as exc:  # noqa: BLE001 (the stream ended, whatever way: the reader reports why)
                 log.debug("%s: write failed: %s", self.name, exc)
                 return
 
 
 class WorkerPool:
-    """All worker links of the current world, the load book, and the requests in flight."""
+    """All worker links of the current world and the requests in flight (balanced by gateway.balancer)."""
 
     def __init__(self, max_inflight: int, call_timeout_s: float):
         self.max_inflight = max_inflight
         self.call_timeout_s = call_timeout_s
         self.world: coordinator_pb2.World | None = None
-        self.book = LoadBook()
         self._links: dict[int, WorkerLink] = {}
         self._handles: dict[str, Handle] = {}
         self._pumps: list[asyncio.Task] = []
@@ -149,6 +166,12 @@ class WorkerPool:
     def links(self) -> dict[int, WorkerLink]:
         """The current world's links by rank (a copy)."""
         return dict(self._links)
+
+    def outstanding(self, ranks: Sequence[int]) -> dict[int, int]:
+        """Tokens the running requests on each of `ranks` may still produce (see gateway.balancer)."""
+        booked = (balancer.Booked(h.rank, h.prepared.params.max_new_tokens, h.tokens)
+                  for h in self._handles.values() if not h.done)
+        return balancer.outstanding_by_rank(booked, ranks)
 
     async def connect(self, world: coordinator_pb2.World, stop: asyncio.Event) -> bool:
         """Open a stream to every member of `world`, retrying each; False if `stop` came first."""
@@ -170,18 +193,18 @@ class WorkerPool:
         ranks = [rank for rank, link in self._links.items() if link.up]
         if not ranks:
             raise NoWorkerError(f"no worker stream is open ({len(self._links)} workers known); retry later")
-        return [self._submit_one(tag, item, sink, ranks) for tag, item in enumerate(items)]
+        placed = balancer.assign([item.params.max_new_tokens for item in items], self.outstanding(ranks))
+        return [self._submit_one(tag, item, sink, rank) for tag, (item, rank) in enumerate(zip(items, placed))]
 
     def release(self, handle: Handle) -> None:
         """Forget the request; cancel it on its worker if it has not ended. Idempotent, never awaits."""
         if self._handles.pop(handle.worker_request_id, None) is None:
             return
-        self.book.remove(handle.worker_request_id)
         link = self._links.get(handle.rank)
         if not handle.done and link is not None:
             cancel = worker_pb2.WorkerRequest.Cancel(request_id=handle.worker_request_id)
             link.send(worker_pb2.WorkerRequest(cancel=cancel))
-            handle.done = True
+        handle.done = True
 
     async def close(self) -> None:
         """Stop pumping and close every stream (the workers cancel what was submitted on them)."""
@@ -191,12 +214,10 @@ class WorkerPool:
         await asyncio.gather(*self._pumps, return_exceptions=True)
         await asyncio.gather(*(link.close() for link in self._links.values()))
 
-    def _submit_one(self, tag: int, item: Prepared, sink: Sink, ranks: list[int]) -> Handle:
-        rank = self.book.pick(ranks)
+    def _submit_one(self, tag: int, item: Prepared, sink: Sink, rank: int) -> Handle:
         link = self._links[rank]
         handle = Handle(f"{self._prefix}-{next(self._ids)}", tag, rank, link.name, item, sink)
         self._handles[handle.worker_request_id] = handle
-        self.book.add(handle.worker_request_id, rank, item.params.max_new_tokens)
         submit = worker_pb2.WorkerRequest.Submit(
             request_id=handle.worker_request_id, prompt_token_ids=list(item.prompt),
             sampling=sampling_to_proto(item.params),
@@ -233,38 +254,25 @@ class WorkerPool:
                 return
             log.info("%s: Serve stream re-opened", link.name)
 
-    def _dispatch(self, link: WorkerLink, event: worker_pb2.WorkerEvent) -> None:
-        kind = event.WhichOneof("kind")
-        if kind is None:
-            return
-        if kind == "batch":  # one engine step's events for this stream
-            for inner in event.batch.events:
-                self._dispatch(link, inner)
-            return
-        body = getattr(event, kind)
-        handle = self._handles.get(body.request_id)
-        if handle is None or handle.rank != link.rank or handle.done:
-            return  # released already (cancelled by the client) or a stale id
-        if kind == "tokens":
-            handle.generated.extend(body.token_ids)
-            self.book.progress(handle.worker_request_id, len(body.token_ids))
-        else:
-            handle.done = True
-            self.book.remove(handle.worker_request_id)
-        handle.sink.put_nowait((handle.tag, body))
+    def _dispatch(self, link: WorkerLink, message: worker_pb2.WorkerEvent) -> None:
+        """The edge: each single event of `message`, converted once, to the request it is for."""
+        for single in worker_events(message):
+            handle = self._handles.get(request_id_of(single))
+            if handle is None or handle.rank != link.rank or handle.done:
+                continue  # released already (cancelled by the client) or a stale id
+            handle.deliver(from_worker(single, handle.tokens, link.name))
 
     def _orphaned(self, link: WorkerLink, reason: str) -> None:
         """Requests whose worker stream broke. Hook for re-submission (a later issue): submit each
         to a surviving worker with `generated_token_ids=handle.generated`; for now they fail."""
+        event: Failed = lost(reason)
         for handle in [h for h in self._handles.values() if h.rank == link.rank and not h.done]:
-            handle.done = True
-            self.book.remove(handle.worker_request_id)
-            handle.sink.put_nowait((handle.tag, Lost(reason)))
+            handle.deliver(event)
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.balancer import LoadBook, pick_least_loaded
+from gateway.balancer import Booked, assign, outstanding_by_rank, pick_least_loaded
 
 
 def test_pick_prefers_fewest_outstanding_then_lowest_rank():
@@ -18,46 +18,31 @@ def test_pick_prefers_fewest_outstanding_then_lowest_rank():
 
 
 def test_outstanding_is_budget_minus_tokens_received():
-    book = LoadBook()
-    book.add("a", rank=0, max_new_tokens=100)
-    book.add("b", rank=0, max_new_tokens=20)
-    book.add("c", rank=1, max_new_tokens=50)
-    assert (book.outstanding(0), book.outstanding(1), book.outstanding(7)) == (120, 50, 0)
-    book.progress("a", 30)
-    assert book.outstanding(0) == 90
-    book.progress("b", 25)  # more than its budget (cannot go negative)
-    assert book.outstanding(0) == 70
-    book.remove("a")
-    assert book.outstanding(0) == 0
-    assert book.requests_on(0) == ["b"] and book.requests_on(1) == ["c"]
-    book.remove("a")  # idempotent
-    book.progress("zzz", 3)  # unknown ids are ignored
-    assert len(book) == 2
+    a, b, c = Booked(rank=0, budget=100, received=0), Booked(0, 20, 0), Booked(1, 50, 0)
+    assert outstanding_by_rank([a, b, c], [0, 1, 7]) == {0: 120, 1: 50, 7: 0}
+    a = Booked(0, 100, received=30)
+    assert outstanding_by_rank([a, b, c], [0])[0] == 90
+    b = Booked(0, 20, received=25)  # more than its budget (cannot go negative)
+    assert b.outstanding == 0 and outstanding_by_rank([a, b, c], [0])[0] == 70
+    assert outstanding_by_rank([b, c], [0, 1]) == {0: 0, 1: 50}  # a ended: it is no longer booked
+    assert outstanding_by_rank([c], [0]) == {0: 0}  # ranks not asked for are left out
 
 
 def test_pick_levels_work_across_ranks():
     """Requests of equal size alternate; a big one makes its rank skipped until others catch up."""
-    book = LoadBook()
-    picks = []
-    for i in range(4):
-        rank = book.pick([0, 1])
-        picks.append(rank)
-        book.add(f"r{i}", rank, 10)
-    assert picks == [0, 1, 0, 1]
-    book.add("big", 0, 100)
-    assert [book.pick([0, 1]) for _ in range(2)] == [1, 1]
-    assert book.pick([0]) == 0  # only ranks that can take work are considered
+    assert assign([10, 10, 10, 10], {0: 0, 1: 0}) == [0, 1, 0, 1]
+    load = {0: 20 + 100, 1: 20}  # the four above, then a big one on rank 0
+    assert assign([10, 10], load) == [1, 1]
+    assert load == {0: 120, 1: 20}  # assign works on a copy
+    assert assign([10], {0: 120}) == [0]  # only ranks that can take work are considered
     with pytest.raises(ValueError):
-        book.pick([])
+        assign([10], {})
+    assert assign([], {}) == []
 
 
-def test_duplicate_and_negative_bookings_are_refused():
-    book = LoadBook()
-    book.add("a", 0, 5)
-    with pytest.raises(KeyError):
-        book.add("a", 1, 5)
-    with pytest.raises(ValueError):
-        book.add("b", 0, -1)
+def test_negative_budgets_are_refused_before_anything_is_placed():
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        assign([5, -1], {0: 0})
 
 
 ops = st.lists(st.tuples(st.sampled_from(["add", "progress", "remove"]), st.integers(0, 9),
@@ -65,24 +50,24 @@ ops = st.lists(st.tuples(st.sampled_from(["add", "progress", "remove"]), st.inte
 
 
 @given(ops)
-def test_incremental_totals_match_a_recount(operations):
-    book = LoadBook()
+def test_assign_matches_picking_one_by_one_on_a_recount(operations):
+    """Whatever was booked, received and ended: the load is a recount, and assign places each new
+    request where pick_least_loaded over that recount (plus the ones placed before) says."""
     model: dict[str, list[int]] = {}  # id -> [rank, budget, received]
     for op, key, rank, n in operations:
         rid = f"r{key}"
         if op == "add" and rid not in model:
-            book.add(rid, rank, n)
             model[rid] = [rank, n, 0]
-        elif op == "progress":
-            book.progress(rid, n)
-            if rid in model:
-                model[rid][2] += n
+        elif op == "progress" and rid in model:
+            model[rid][2] += n
         elif op == "remove":
-            book.remove(rid)
             model.pop(rid, None)
+    load = outstanding_by_rank([Booked(*entry) for entry in model.values()], range(4))
     for r in range(4):
-        expected = sum(max(0, b - got) for rank, b, got in model.values() if rank == r)
-        assert book.outstanding(r) == expected
-    if model:
-        expected_pick = min(range(4), key=lambda r: (book.outstanding(r), r))
-        assert book.pick(range(4)) == expected_pick
+        assert load[r] == sum(max(0, b - got) for rank, b, got in model.values() if rank == r)
+    budgets = [n for _, _, _, n in operations[:5]]
+    expected, running = [], dict(load)
+    for budget in budgets:
+        expected.append(min(range(4), key=lambda r: (running[r], r)))
+        running[expected[-1]] += budget
+    assert assign(budgets, load) == expected
