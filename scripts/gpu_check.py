@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moemesh.engine.engine import Engine, EngineSettings, generate  # noqa: E402
 from moemesh.engine.sampling import SamplingParams  # noqa: E402
 from moemesh.model.model import MoEModel, RuntimeShape, build_model  # noqa: E402
+from moemesh.model.moe import GroupedExperts  # noqa: E402
 from moemesh.model.tiny import TinySpec, write_tiny_model  # noqa: E402
 
 FP32_TOLERANCE = 1e-4  # relative logit error, fp32 on the device against fp32 on the CPU
@@ -93,7 +94,7 @@ def check_engine(device: str, quick: bool) -> dict:
                                                                       dtype=dtype, device=dev))
         ref = build(torch.float32, "cpu")
         want = generate(Engine(ref), PROMPTS, params)
-        out = {}
+        out: dict[str, dict] = {}
         for dtype in (torch.float32, torch.bfloat16):
             model = build(dtype, device)
             got = generate(Engine(model), PROMPTS, params)
@@ -104,7 +105,7 @@ def check_engine(device: str, quick: bool) -> dict:
                 "greedy_tokens_total": sum(len(p) for p in want),
                 "first_difference_per_prompt": first_divergence(want, got)}
             del model
-    rel = out["float32"]["relative_logit_error"]
+    rel = float(out["float32"]["relative_logit_error"])
     return {"verdict": "pass" if rel <= FP32_TOLERANCE else "FAIL", "tolerance": FP32_TOLERANCE,
             "verdict_compares": f"fp32 on {device} against fp32 on cpu"
             + (" (the CPU against itself: only shows the code runs)" if device == "cpu" else ""),
@@ -143,7 +144,7 @@ def machine_rates(device: str) -> dict:
 
 def check_grouped_matmul(device: str, quick: bool, rates: dict) -> list[dict]:
     """(c) one expert's SwiGLU (w13 then w2) at the paper's sizes, 128..8192 tokens."""
-    from moemesh.model.moe import ExpertBatch, GroupedExperts
+    from moemesh.model.moe import ExpertBatch
     from moemesh.model.weights import LayerExperts
 
     D, F = (256, 1024) if quick else (8192, 32768)
@@ -215,7 +216,7 @@ def check_paper_model(device: str, quick: bool) -> dict:
     from moemesh.model.random_init import paper_config, random_model
 
     cfg = paper_config()
-    batches = (64, 128, 256, 512, 1024)
+    batches: tuple[int, ...] = (64, 128, 256, 512, 1024)
     if quick:
         cfg = replace(cfg, hidden_size=64, expert_intermediate_size=128, head_dim=8, vocab_size=512)
         batches = (4, 8)
@@ -229,9 +230,10 @@ def check_paper_model(device: str, quick: bool) -> dict:
     for b in batches:
         tpot, steps = decode_tpot(model, b, prompt, new, device)
         rows.append({"batch": b, "decode_steps_timed": steps, "tpot_ms": tpot * 1e3, "decode_tps": b / tpot})
-    cuda = device.startswith("cuda")
-    return {"dtype": str(dtype), "weight_GB": weight_bytes(model.dense, model.moe.experts.layers) / 1e9,
-            "expert_weight_GB": model.moe.experts.nbytes / 1e9, "kv_cache_GB": model.cache.nbytes / 1e9,
+    cuda, experts = device.startswith("cuda"), model.moe.experts
+    assert isinstance(experts, GroupedExperts), "random_model keeps every expert local"
+    return {"dtype": str(dtype), "weight_GB": weight_bytes(model.dense, experts.layers) / 1e9,
+            "expert_weight_GB": experts.nbytes / 1e9, "kv_cache_GB": model.cache.nbytes / 1e9,
             "peak_allocated_GB": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
             "peak_reserved_GB": torch.cuda.max_memory_reserved() / 1e9 if cuda else None, "rows": rows}
 
@@ -366,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
              ("c_grouped_matmul_vs_roofline", lambda: check_grouped_matmul(device, args.quick, checks["machine_rates"])),
              ("d_paper_model_one_gpu", lambda: check_paper_model(device, args.quick)),
              ("b_nccl_subprocess", lambda: check_nccl(device, args.results))]  # last: a hang costs only itself
+    not_finished = [key for key, _ in steps]
+    seconds: dict[str, float] = {}
     results = {"device_name": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-               "not_finished": [key for key, _ in steps], "checks": checks}
+               "not_finished": not_finished, "seconds": seconds, "checks": checks}
     write(results, args.results)
     for key, fn in steps:
         print(f"gpu-check: {key} ...", flush=True)
@@ -377,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001  record and go on: one failing check must not hide the others
             checks[key] = {"error": repr(exc), "traceback": traceback.format_exc()}
         if not (isinstance(checks[key], dict) and "timed_out_after_s" in checks[key].get("subprocess", {})):
-            results["not_finished"].remove(key)
-        results["seconds"] = {**results.get("seconds", {}), key: round(time.perf_counter() - start, 1)}
+            not_finished.remove(key)
+        seconds[key] = round(time.perf_counter() - start, 1)
         print(json.dumps(checks[key])[:2000], flush=True)
         write(results, args.results)
     return 0

@@ -65,14 +65,17 @@ def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """logits: (R, V) on any device -> one token id per row (one host sync for the step)."""
-    tokens = torch.argmax(logits, dim=-1)  # (R,) greedy for every row first
+    greedy = torch.argmax(logits, dim=-1)  # (R,) greedy for every row first
     rows = [row for row, p in enumerate(params) if not p.greedy]
-    if rows:
-        probs = torch.stack([_filtered_probs(logits[row], params[row]) for row in rows])  # (S, V)
-        u = torch.cat([torch.rand(1, generator=_cpu(generators[row]), dtype=torch.float64) for row in rows])  # (S,)
-        picked = invert_cdf(probs, u)  # (S,)
-        tokens = tokens.index_copy(0, torch.tensor(rows, device=tokens.device), picked)  # (R,)
-    return tokens.tolist()
+    if not rows:
+        return greedy.tolist()
+    probs = torch.stack([_filtered_probs(logits[row], params[row]) for row in rows])  # (S, V)
+    u = torch.cat([torch.rand(1, generator=_cpu(generators[row]), dtype=torch.float64) for row in rows])  # (S,)
+    both = torch.cat([greedy, invert_cdf(probs, u)]).tolist()  # (R + S,) one device -> host copy
+    tokens = both[: len(params)]
+    for row, token in zip(rows, both[len(params) :]):
+        tokens[row] = token
+    return tokens
 
 
 def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
