@@ -46,8 +46,9 @@ bench-mesh: setup
 bench-balance: setup
 	$(PY) scripts/bench_balance.py
 
-# Runs on a GPU machine's own Python (torch + CuPy preinstalled there; no network, no venv):
-# make gpu-check RESULTS=$$OUT
+# Runs on a GPU machine's own Python (torch + CuPy preinstalled there; no network, no venv).
+# Where there is no make, run the command itself: PYTHONPATH=. python3 scripts/gpu_check.py OUT
+# (docs/gpu-check.md). make gpu-check RESULTS=$$OUT
 gpu-check:
 	PYTHONPATH=. python3 scripts/gpu_check.py $(or $(RESULTS),docs/gpu-check) --device $(or $(DEVICE),cuda:0)
 

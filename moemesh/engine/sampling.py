@@ -1,8 +1,12 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, seeded.
 
-Shape legend: R rows being sampled this step, V vocab.
-Greedy rows are decided together with one argmax; sampled rows each use their request's own
-torch.Generator so a seeded request gives the same tokens whatever else shares its batch.
+Shape legend: R rows this step, S of them sampled (not greedy), V vocab.
+Greedy rows are decided together with one argmax. A sampled row draws one uniform number per
+step from its request's own CPU torch.Generator (so a seeded request gives the same tokens
+whatever else shares its batch), and the token is found by inverting the row's cumulative
+distribution on the logits' device. The draw depends only on (seed, position, probabilities):
+the same on CPU and GPU, up to the rounding of the probabilities themselves; a CPU generator
+never meets CUDA probabilities (torch.multinomial would refuse the mix).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class SamplingParams:
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A CPU generator whatever the logits' device: it only draws each step's uniform number."""
     if params.greedy:
         return None
     gen = torch.Generator()
@@ -59,17 +64,39 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    """logits: (R, V) fp32 -> one token id per row."""
-    tokens = torch.argmax(logits, dim=-1).tolist()  # (R,) greedy for every row first
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, gen)
+    """logits: (R, V) on any device -> one token id per row (one host sync for the step)."""
+    greedy = torch.argmax(logits, dim=-1)  # (R,) greedy for every row first
+    rows = [row for row, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return greedy.tolist()
+    probs = torch.stack([_filtered_probs(logits[row], params[row]) for row in rows])  # (S, V)
+    u = torch.cat([torch.rand(1, generator=_cpu(generators[row]), dtype=torch.float64) for row in rows])  # (S,)
+    both = torch.cat([greedy, invert_cdf(probs, u)]).tolist()  # (R + S,) one device -> host copy
+    tokens = both[: len(params)]
+    for row, token in zip(rows, both[len(params) :]):
+        tokens[row] = token
     return tokens
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits: (V,) -> token id, after temperature, top-k then top-p filtering."""
-    scores = logits / p.temperature  # (V,)
+def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs: (S, V) on any device, rows summing to about 1; u: (S,) float64 uniform [0, 1) on the
+    CPU -> (S,) int64 token ids on probs' device: the first token whose cumulative probability
+    passes u x total. The draw depends only on u and probs (not on where they live), and a token
+    of probability 0 is never picked (u x total < total, and it adds nothing to the sum)."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # (S, V)
+    target = u.to(probs.device) * cdf[:, -1]  # (S,) the step's one host -> device copy
+    picked = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)  # (S,)
+    return picked.clamp_(max=probs.shape[1] - 1)
+
+
+def _cpu(gen: torch.Generator | None) -> torch.Generator:
+    assert gen is not None and gen.device.type == "cpu", "a sampled row needs its request's CPU generator"
+    return gen
+
+
+def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits: (V,) -> (V,) probabilities after temperature, top-k then top-p filtering."""
+    scores = logits.float() / p.temperature  # (V,)
     if 0 < p.top_k < scores.shape[0]:
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -77,6 +104,5 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
         sorted_scores, order = torch.sort(scores, descending=True)  # (V,)
         cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)  # (V,)
         drop = cum - torch.softmax(sorted_scores, dim=-1) >= p.top_p  # keep the head reaching top_p
-        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, dim=-1)  # (V,)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))  # (V,)
+    return torch.softmax(scores, dim=-1)  # (V,)

@@ -59,7 +59,9 @@ def choose_backend(requested: str, device: str) -> BackendChoice:
 def join_world(choice: BackendChoice, host: str, port: int, prefix: str, rank: int, world_size: int,
                device: str, timeout_s: float, micro_batches: int = 1):
     """Blocks until every rank has joined; returns the Collective. `micro_batches` per step sizes
-    NCCL's ring of receive buffers (2 per micro-batch; see moemesh.mesh.nccl.RecvRing)."""
+    NCCL's ring of receive buffers (2 per micro-batch; see moemesh.mesh.nccl.RecvRing).
+    `timeout_s` bounds the rendezvous and, for both backends, every collective afterwards (NCCL:
+    a wait past it aborts the communicator and raises CollectiveError)."""
     if choice.name == "gloo":
         from moemesh.mesh.gloo import init_gloo
 
@@ -72,4 +74,5 @@ def join_world(choice: BackendChoice, host: str, port: int, prefix: str, rank: i
     if rank == 0:
         store.set("nccl_unique_id", json.dumps(make_unique_id()))
     unique_id = tuple(json.loads(store.get("nccl_unique_id")))
-    return NcclCollective(rank, world_size, unique_id, torch.device(device), in_flight=2 * micro_batches)
+    return NcclCollective(rank, world_size, unique_id, torch.device(device), in_flight=2 * micro_batches,
+                          timeout_s=timeout_s)

@@ -9,6 +9,18 @@ stream; groupEnd. Both streams first wait on an event recorded on the compute st
 payload is ready) and record their own events when done; `wait()` makes the compute stream wait
 on those events. The host never synchronises in the middle of a layer.
 
+Device: every CuPy stream and event is made, recorded and waited on with the collective's own
+device current (`with cupy.cuda.Device(i)`), and the compute stream is that device's current
+stream, whatever device the calling thread has current: a worker on cuda:N, N >= 1, works.
+
+Deadlines (a dead peer must not hang the survivors): NCCL kernels wait for a peer forever, so
+the host never blocks on NCCL work without a deadline. Where the host must know an exchange is
+done (wait(), and the header all_gather it synchronises with), it polls the exchange's events
+against `timeout_s` and the communicator's asynchronous error; on either failure it aborts the
+communicator (ncclCommAbort ends its kernels) and raises CollectiveError, an UnavailableError.
+The price: wait() returns once the exchange is complete (as gloo's does), so the host enqueues
+no further work meanwhile; the device still runs what was enqueued before wait().
+
 torch tensors are handed to NCCL by device pointer (the DLPack-compatible view of the same
 memory: zero copy). 16-bit payloads travel as raw 16-bit words (NCCL_FLOAT16 is only a width to
 point-to-point calls, which never do arithmetic): bf16 needs no NCCL type of its own.
@@ -21,21 +33,59 @@ stream reached wait(), less the compute stream's stalls on other exchanges meanw
 events are read lazily, at the next step header's all_gather (which synchronises the host with
 the compute stream anyway), so the counters lag by up to one step.
 
-NOT YET RUN ON A GPU: see docs/gpu-check.md for what `make gpu-check` verifies. The overlap
-accounting and the receive-buffer ring are unverified on a device as well.
+NOT YET RUN ON A GPU: see docs/gpu-check.md for what scripts/gpu_check.py verifies (a world of
+one, the deadline on one GPU) and what stays unverified (cuda:N with N >= 1, a real dead peer,
+the overlap accounting, the receive-buffer ring).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, UnavailableError
 from moemesh.mesh.overlap import hidden_seconds
 
 _WORD_TYPE = {1: "NCCL_INT8", 2: "NCCL_FLOAT16", 4: "NCCL_FLOAT32", 8: "NCCL_FLOAT64"}
+
+
+class CollectiveError(UnavailableError):
+    """A collective did not finish by its deadline or NCCL reported an asynchronous error (a
+    peer is gone): the communicator was aborted and this world generation cannot be used again."""
+
+
+def await_done(done: Callable[[], bool], check: Callable[[], None], abort: Callable[[], None], timeout_s: float,
+               what: str, clock: Callable[[], float] = time.monotonic) -> None:
+    """Poll `done()` until it is true. `check()` raises on an asynchronous error. On that error,
+    or when `timeout_s` passes first, call `abort()` once and raise CollectiveError. Polls by
+    yielding the GIL for the first millisecond (a healthy exchange is usually done by then),
+    then sleeps up to 1 ms between polls."""
+    start = clock()
+    pause = 0.0
+    while not done():
+        try:
+            check()
+        except Exception as exc:  # CuPy's NcclError, or whatever the binding raises
+            abort()
+            raise CollectiveError(f"{what}: NCCL reported an asynchronous error: {exc}") from exc
+        waited = clock() - start
+        if waited > timeout_s:
+            abort()
+            raise CollectiveError(f"{what}: not done after {timeout_s:g} s (a peer is gone or stuck); "
+                                  "communicator aborted")
+        if waited > 1e-3:
+            pause = min(1e-3, max(5e-5, 2 * pause))
+        time.sleep(pause)
+
+
+def device_index(device: torch.device) -> int:
+    """The CUDA ordinal of `device`; a bare "cuda" means the device current now."""
+    assert device.type == "cuda", f"NCCL needs a CUDA device, got {device}"
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def raw_words(t: torch.Tensor) -> torch.Tensor:
@@ -48,11 +98,11 @@ def raw_words(t: torch.Tensor) -> torch.Tensor:
 class _Timing:
     """CUDA timing events of one exchange (cupy.cuda.Event, timing enabled)."""
 
-    begin: object  # receive stream, after its wait on `ready`: the exchange starts
-    sent: object  # send stream: every send done
-    received: object  # receive stream: every receive done
-    called: object | None = None  # compute stream, where wait() was called
-    resumed: object | None = None  # compute stream, after it waited for sent and received
+    begin: Any  # receive stream, after its wait on `ready`: the exchange starts
+    sent: Any  # send stream: every send done
+    received: Any  # receive stream: every receive done
+    called: Any = None  # compute stream, where wait() was called
+    resumed: Any = None  # compute stream, after it waited for sent and received
 
 
 class RecvRing:
@@ -97,20 +147,28 @@ class _NcclPending:
     def __init__(self, owner: NcclCollective, timing: _Timing, result: torch.Tensor, send: torch.Tensor):
         # `send` is held until wait(): freed earlier, torch's caching allocator could hand its
         # memory to a compute-stream op while the send stream still reads it.
-        self.owner, self.timing, self.result, self._send = owner, timing, result, send
+        self.owner, self.timing, self.result = owner, timing, result
+        self._send: torch.Tensor | None = send
 
     def wait(self) -> torch.Tensor:
+        """Order the compute stream after the exchange, then return once it is complete (or
+        raise CollectiveError at the deadline: the caller reads the result on the host soon)."""
         import cupy
 
-        compute = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        owner = self.owner
         if self.timing.called is None:
-            self.timing.called = cupy.cuda.Event()
-            self.timing.called.record(compute)
-            compute.wait_event(self.timing.sent)  # device-side ordering only: no host sync
-            compute.wait_event(self.timing.received)
-            self.timing.resumed = cupy.cuda.Event()
-            self.timing.resumed.record(compute)
-            self.owner._waited.append(self.timing)
+            with cupy.cuda.Device(owner.device_index):
+                compute = owner.compute_stream()
+                self.timing.called = cupy.cuda.Event()
+                self.timing.called.record(compute)
+                compute.wait_event(self.timing.sent)  # device-side ordering first: the accounting
+                compute.wait_event(self.timing.received)  # sees the compute stream's own timeline
+                self.timing.resumed = cupy.cuda.Event()
+                self.timing.resumed.record(compute)
+            owner._waited.append(self.timing)
+            start = time.perf_counter()
+            owner.await_events([self.timing.sent, self.timing.received], "all_to_all")
+            owner.seconds += time.perf_counter() - start
             self._send = None  # the compute stream now follows the send: its memory may be reused
         return self.result
 
@@ -123,59 +181,87 @@ class NcclCollective:
     """
 
     def __init__(self, rank: int, world_size: int, unique_id: tuple[int, ...], device: torch.device,
-                 in_flight: int = 2):
+                 in_flight: int = 2, timeout_s: float = 60.0):
         import cupy
         from cupy.cuda import nccl
 
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size = rank, world_size
+        self.device_index = device_index(device)
+        self.device = torch.device("cuda", self.device_index)
+        self.timeout_s = timeout_s
+        self.aborted = False
         self._nccl = nccl
-        with cupy.cuda.Device(device.index):
+        with cupy.cuda.Device(self.device_index):
             self.comm = nccl.NcclCommunicator(world_size, unique_id, rank)
             self.send_stream = cupy.cuda.Stream(non_blocking=True)
             self.recv_stream = cupy.cuda.Stream(non_blocking=True)
         self._recv = RecvRing(in_flight)
         self._waited: list[_Timing] = []  # exchanges waited for, not yet read into the counters
-        self.seconds = 0.0  # host time blocked on collectives (headers only: exchanges are async)
+        self.seconds = 0.0  # host time blocked on collectives: headers, and wait() until an exchange is done
         # all_to_all exchanges only, summed, seconds of device time (read at the next header):
         self.exchange_seconds = 0.0  # in flight on the send / receive streams
         self.exposed_seconds = 0.0  # the compute stream stalled in wait()
         self.hidden_seconds = 0.0  # in flight before the compute stream reached wait()
 
+    def compute_stream(self):
+        """This device's current torch stream (the engine's compute stream) as a CuPy stream."""
+        import cupy
+
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device_index)
+
+    def await_events(self, events: list, what: str) -> None:
+        """Return when every CuPy event is done; abort and raise CollectiveError at the deadline
+        or on NCCL's asynchronous error (see await_done)."""
+        self._usable(what)
+        await_done(lambda: all(e.done for e in events), self.comm.check_async_error, self.abort, self.timeout_s,
+                   f"rank {self.rank}: {what}")
+
     def all_to_all(self, send: torch.Tensor) -> _NcclPending:
         """Start the exchange of send: (R*C, W) on the send/receive streams; returns at once."""
         import cupy
 
+        self._usable("all_to_all")
         assert send.is_contiguous() and send.shape[0] % self.world_size == 0, "blocks must tile the buffer"
+        assert send.device == self.device, f"payload on {send.device}, collective on {self.device}"
         recv = self._recv.take(send)  # (R*C, W)
         words = raw_words(send)
         block = words.numel() // self.world_size
         kind = getattr(self._nccl, _WORD_TYPE[send.element_size()])
-        ready, begin = cupy.cuda.Event(disable_timing=True), cupy.cuda.Event()
-        ready.record(cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream))
-        self.send_stream.wait_event(ready)
-        self.recv_stream.wait_event(ready)
-        begin.record(self.recv_stream)
         step = block * send.element_size()
-        self._nccl.groupStart()
-        for peer in range(self.world_size):  # the same peer order on every rank
-            self.comm.send(send.data_ptr() + peer * step, block, kind, peer, self.send_stream.ptr)
-            self.comm.recv(recv.data_ptr() + peer * step, block, kind, peer, self.recv_stream.ptr)
-        self._nccl.groupEnd()
-        sent, received = cupy.cuda.Event(), cupy.cuda.Event()
-        sent.record(self.send_stream)
-        received.record(self.recv_stream)
+        with cupy.cuda.Device(self.device_index):  # events belong to the streams' device
+            ready, begin = cupy.cuda.Event(disable_timing=True), cupy.cuda.Event()
+            ready.record(self.compute_stream())
+            self.send_stream.wait_event(ready)
+            self.recv_stream.wait_event(ready)
+            begin.record(self.recv_stream)
+            self._nccl.groupStart()
+            for peer in range(self.world_size):  # the same peer order on every rank
+                self.comm.send(send.data_ptr() + peer * step, block, kind, peer, self.send_stream.ptr)
+                self.comm.recv(recv.data_ptr() + peer * step, block, kind, peer, self.recv_stream.ptr)
+            self._nccl.groupEnd()
+            sent, received = cupy.cuda.Event(), cupy.cuda.Event()
+            sent.record(self.send_stream)
+            received.record(self.recv_stream)
         return _NcclPending(self, _Timing(begin, sent, received), recv, send)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         """values: (n,) int64 on CPU -> (R, n); a small host-synchronous header exchange."""
+        import cupy
+
+        self._usable("all_gather")
         start = time.perf_counter()
-        dev = values.to(self.device, torch.float64)  # NCCL allGather on 8-byte words
-        out = torch.empty(self.world_size * dev.numel(), dtype=torch.float64, device=self.device)
-        stream = torch.cuda.current_stream().cuda_stream
-        self.comm.allGather(dev.data_ptr(), out.data_ptr(), dev.numel(), self._nccl.NCCL_FLOAT64, stream)
-        result = out.view(self.world_size, -1).to("cpu", torch.int64)  # host sync: the header is needed now
+        dev = values.to(self.device, torch.float64)  # (n,) NCCL allGather on 8-byte words
+        out = torch.empty(self.world_size * dev.numel(), dtype=torch.float64, device=self.device)  # (R*n,)
+        with cupy.cuda.Device(self.device_index):
+            stream = self.compute_stream()
+            self.comm.allGather(dev.data_ptr(), out.data_ptr(), dev.numel(), self._nccl.NCCL_FLOAT64, stream.ptr)
+            gathered = cupy.cuda.Event(disable_timing=True)
+            gathered.record(stream)
+        self.await_events([gathered], "header all_gather")  # the host sync below cannot hang now
+        result = out.view(self.world_size, -1).to("cpu", torch.int64)  # (R, n)
         self.seconds += time.perf_counter() - start
-        self._read_timings()
+        with cupy.cuda.Device(self.device_index):
+            self._read_timings()
         return result
 
     def _read_timings(self) -> None:
@@ -198,8 +284,19 @@ class NcclCollective:
             self.hidden_seconds += hidden_seconds(begin, min(end, at(t.called)), stalled) / 1e3
             self.exposed_seconds += max(0.0, at(t.resumed) - at(t.called)) / 1e3
 
+    def _usable(self, what: str) -> None:
+        if self.aborted:
+            raise CollectiveError(f"rank {self.rank}: {what} on an aborted communicator")
+
+    def abort(self) -> None:
+        """End the communicator's kernels and free it without waiting for peers (idempotent)."""
+        if not self.aborted:
+            self.aborted = True
+            self.comm.abort()
+
     def close(self) -> None:
-        self.comm.destroy()
+        if not self.aborted:  # destroy would wait for work an aborted world never finishes
+            self.comm.destroy()
 
 
 def make_unique_id() -> tuple[int, ...]:

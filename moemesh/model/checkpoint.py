@@ -45,7 +45,9 @@ class CheckpointReader:
         """Read the named tensors, checking each full shape; returns name -> tensor in `dtype`.
 
         `slices[name]`, when given, reads only that part of the tensor (one slice per leading
-        dimension): an expert shard never reads its siblings' bytes.
+        dimension): an expert shard never reads its siblings' bytes. Every tensor (whole or a
+        slice) is first materialised in host memory by safetensors (framework "pt" reads to the
+        CPU), then converted and copied to `device` (for a GPU: one host copy at a time).
         """
         slices = slices or {}
         out: dict[str, torch.Tensor] = {}

@@ -16,12 +16,14 @@ from moemesh.model.weights import AttentionWeights, DenseWeights, LayerExperts, 
 
 
 def random_model(cfg: ModelConfig, runtime: RuntimeShape, seed: int = 0, transport: Transport | None = None) -> MoEModel:
-    """Every expert local unless a transport is given; std 1/sqrt(fan_in) keeps activations O(1)."""
+    """Every expert local unless a transport is given; std 1/sqrt(fan_in) keeps activations O(1).
+    Fan-in is given per tensor: the (out, in) Linear weights read it from their last dimension, the
+    experts' w13 (E, D, 2F) is applied as x @ w13 (fan-in D) and w2 (E, D, F) as h @ w2.T (fan-in F)."""
     g = torch.Generator(device=runtime.device).manual_seed(seed)
 
-    def w(*shape: int) -> torch.Tensor:
+    def w(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=runtime.dtype, device=runtime.device)
-        return t.normal_(0.0, shape[-1] ** -0.5, generator=g)
+        return t.normal_(0.0, fan_in**-0.5, generator=g)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=runtime.dtype, device=runtime.device)
@@ -30,18 +32,18 @@ def random_model(cfg: ModelConfig, runtime: RuntimeShape, seed: int = 0, transpo
     layers = tuple(
         LayerWeights(
             input_norm=ones(D), post_norm=ones(D),
-            attn=AttentionWeights(wqkv=w((H + 2 * G) * Dh, D), bqkv=None, wo=w(D, H * Dh), bo=None,
+            attn=AttentionWeights(wqkv=w(((H + 2 * G) * Dh, D), D), bqkv=None, wo=w((D, H * Dh), H * Dh), bo=None,
                                   q_norm=ones(Dh) if cfg.qk_norm else None, k_norm=ones(Dh) if cfg.qk_norm else None),
-            router=w(cfg.num_experts, D), dense_w13=None, dense_w2=None,
+            router=w((cfg.num_experts, D), D), dense_w13=None, dense_w2=None,
         )
         for _ in range(cfg.num_layers)
     )
-    embed = w(cfg.vocab_size, D)
-    dense = DenseWeights(embed=embed, lm_head=w(cfg.vocab_size, D), final_norm=ones(D), layers=layers)
+    embed = w((cfg.vocab_size, D), D)
+    dense = DenseWeights(embed=embed, lm_head=w((cfg.vocab_size, D), D), final_norm=ones(D), layers=layers)
     F = cfg.expert_intermediate_size
     experts = {
-        layer: LayerExperts.stacked(tuple(range(cfg.num_experts)), w(cfg.num_experts, D, 2 * F),
-                                    w(cfg.num_experts, D, F))
+        layer: LayerExperts.stacked(tuple(range(cfg.num_experts)), w((cfg.num_experts, D, 2 * F), D),
+                                    w((cfg.num_experts, D, F), F))
         for layer in range(cfg.num_layers)
     }
     moe = MoELayer(SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob), transport or LocalTransport(cfg.num_experts),

@@ -63,3 +63,51 @@ def test_overflow_policies_in_the_engine(tmp_path):
         assert [len(o) for o in out] == [12, 12, 12]
         if policy == "dropless":
             assert out == exact
+
+
+def _reroute_one_copy_at_a_time(expert_ids, probs, capacity):
+    """The algorithm as it was: tensor writes and reads per overflowing copy (the reference)."""
+    T, K = expert_ids.shape
+    E = probs.shape[1]
+    flat = expert_ids.reshape(-1)
+    onehot = torch.nn.functional.one_hot(flat, E)
+    over = (onehot.cumsum(0) * onehot).sum(dim=1) - 1 >= capacity
+    out = flat.clone()
+    out[over] = -1
+    load = torch.bincount(out[out >= 0], minlength=E).tolist()
+    ranking = torch.argsort(probs, dim=1, descending=True).tolist()
+    for c in torch.nonzero(over).squeeze(1).tolist():
+        t = c // K
+        taken = set(out[t * K : (t + 1) * K].tolist())
+        for e in ranking[t]:
+            if e not in taken and load[e] < capacity:
+                out[c] = e
+                load[e] += 1
+                break
+    return out.view(T, K)
+
+
+def test_reroute_on_the_host_equals_the_copy_at_a_time_algorithm_with_one_transfer_each_way(monkeypatch):
+    from moemesh.model import overflow
+
+    copies = {"to_host": 0, "to_device": 0}
+    for name in copies:
+        real = getattr(overflow, name)
+
+        def counted(*args, _real=real, _name=name):
+            copies[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(overflow, name, counted)
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        T, E, K = 40, 8, 2
+        probs = torch.softmax(torch.randn(T, E, generator=g) * 3, dim=1)  # (T, E) skewed: overflow
+        ids = torch.topk(probs, K, dim=1).indices  # (T, K)
+        cap = expert_capacity(T, K, E, capacity_factor=0.5 + trial / 20)
+        before = dict(copies)
+        got = enforce_capacity(ids, probs, cap, "reroute")
+        assert torch.equal(got, _reroute_one_copy_at_a_time(ids, probs, cap))
+        overflowed = not torch.equal(got, ids)
+        assert copies["to_host"] - before["to_host"] == copies["to_device"] - before["to_device"] == int(overflowed)
+    assert copies["to_host"] > 0
