@@ -33,7 +33,9 @@ from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.model import RuntimeShape, build_model
+from moemesh.retry import Backoff, retry
 from moemesh.rpc import Server, channel, exit_with_parent, stop_event_on_signals, write_port_file
+from moemesh.status import is_not_yet
 from moemesh.tensor_wire import to_proto
 from moemesh.v1 import coordinator_pb2 as cpb
 from moemesh.v1 import coordinator_pb2_grpc, worker_pb2_grpc
@@ -118,19 +120,8 @@ async def _join(coord, settings: WorkerSettings, worker_id: str, address: str, s
 
 async def _retry_until_up(call, stop: asyncio.Event, what: str):
     """Retry while the peer is unavailable or slow (it may still be starting); None if stopped."""
-    delay = 0.1
-    while not stop.is_set():
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise
-            log.info("waiting for %s (%s)", what, exc.code().name)
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-        except TimeoutError:
-            delay = min(2.0, delay * 2)
-    return None
+    return await retry(call, is_not_yet, stop=stop, backoff=Backoff(first_s=0.1, cap_s=2.0),
+                       on_retry=lambda attempt, exc: log.info("waiting for %s (%s)", what, exc))
 
 
 def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):

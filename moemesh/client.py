@@ -22,7 +22,6 @@ cancels the call, and the gateway cancels the generation on its worker.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -34,6 +33,7 @@ from moemesh import rpc
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.retry import Backoff, retry
 from moemesh.status import error_for
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -217,18 +217,20 @@ class Client:
     async def wait_until_serving(self, timeout: float = 60.0, service: str = GATEWAY_SERVICE) -> None:
         """Poll the standard health service until `service` is SERVING; UnavailableError on timeout."""
         stub = health_pb2_grpc.HealthStub(self._channel)
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
+
+        async def check() -> None:
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"
-            await asyncio.sleep(0.1)
-        raise UnavailableError(f"gateway {self.target} not SERVING after {timeout:.0f} s ({last})")
+                raise UnavailableError(f"{exc.code().name}: {exc.details()}") from exc
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                raise UnavailableError(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+        try:
+            await retry(check, lambda exc: isinstance(exc, UnavailableError),
+                        backoff=Backoff(first_s=0.1, cap_s=0.5, deadline_s=timeout))
+        except UnavailableError as last:
+            raise UnavailableError(f"gateway {self.target} not SERVING after {timeout:.0f} s ({last})") from None
 
 
 def generate_remote(

@@ -70,3 +70,8 @@ def status_code_of(number: int) -> grpc.StatusCode:
         if code.value[0] == number:
             return code
     return grpc.StatusCode.UNKNOWN
+
+
+def is_not_yet(exc: Exception) -> bool:
+    """A retry predicate (moemesh.retry): a gRPC call failed with UNAVAILABLE or DEADLINE_EXCEEDED."""
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in NOT_YET
