@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,6 +25,7 @@ import torch
 from expert_worker.loader import prepare_epoch
 from expert_worker.runner import MeshRunner, PreparedEpoch
 from expert_worker.servicer import Node, WorkerServicer
+from expert_worker.settings import WorkerSettings
 from moemesh.engine.engine import Engine, EngineSettings
 from moemesh.mesh.backend import choose_backend, join_world
 from moemesh.mesh.gloo import StoreWaker
@@ -41,32 +41,6 @@ from moemesh.v1 import coordinator_pb2 as cpb
 from moemesh.v1 import coordinator_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("moemesh.worker")
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    coordinator: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise_host: str = "127.0.0.1"
-    port_file: Path | None = None
-    device: str = "cpu"
-    node: str = "local"
-    worker_id: str = ""  # empty = a fresh uuid
-    threads: int = 1
-    max_seqs: int = 32
-    max_model_len: int = 2048
-    max_new_tokens_limit: int = 4096
-    collective_timeout_s: float = 60.0
-    rpc_timeout_s: float = 10.0
-    report_every_tokens: int = 100
-    micro_batches: int = 1
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    overflow: str = "dropless"  # expert capacity overflow: dropless | reroute | drop (moemesh/model/overflow.py)
-    capacity_factor: float = 1.2  # expert capacity = factor x average copies per expert (reroute/drop)
-    expert_memory_bytes: int = 0  # reported to the coordinator: memory for expert weights (0 = unknown)
-    exit_with_parent: bool = False
-    gil_switch_interval_s: float = 0.0002
 
 
 async def serve(settings: WorkerSettings) -> int:
