@@ -25,11 +25,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moemesh.errors import MoemeshError
 from moemesh.launch import Mesh, MeshSpec
 
-DEFAULT_MODEL_SPEC = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
+DEFAULT_MODEL_SPEC: dict[str, Any] = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
                           heads=8, kv_heads=4, vocab=512, seed=0)
 
 
