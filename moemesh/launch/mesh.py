@@ -13,6 +13,7 @@ Processes are named "coordinator", "worker0".."workerN-1", "gateway" (then "gate
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,7 @@ class Mesh:
         return next(iter(self.gateways.values()))
 
     @property
-    def procs(self):
+    def procs(self) -> dict[str, subprocess.Popen]:
         return self.processes.procs
 
     def start(self) -> Mesh:

@@ -21,6 +21,7 @@ from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.retry import Backoff, retry_sync
 
 STOP_ORDER = ("gateway", "worker", "coordinator")  # roles, in the order `stop` ends them
+STDERR_FD = 2  # the launcher's stderr as a descriptor (works while sys.stderr is replaced)
 KILL_WAIT_S = 10.0  # a SIGKILLed process is reaped within this (a hang guard)
 
 
@@ -49,7 +50,7 @@ class Processes:
             raise MoemeshError(f"a process named {name!r} is already running")
         cmd = [sys.executable, "-m", "moemesh.cli", *argv, "--exit-with-parent"]
         if self.log_dir is None:  # stdout stays free for the launcher's own output
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=self.env,
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=STDERR_FD, env=self.env,
                                     start_new_session=True)
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
