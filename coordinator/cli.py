@@ -19,74 +19,20 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from coordinator.settings import TRANSPORTS, CoordinatorSettings
+from coordinator.settings import CoordinatorSettings
 from moemesh.commands import run
 from moemesh.errors import ConfigError
+from moemesh.settings import add_options, settings_from
 
 Runner = Callable[[argparse.Namespace], int]
 DEFAULT_TARGET = "127.0.0.1:50050"
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
-
-
-@dataclass(frozen=True)
-class _Option:
-    """One coordinator setting: its flag, settings field, type, default and environment variable."""
-
-    flag: str
-    field: str
-    kind: Callable[[str], Any]
-    default: Any
-    help: str
-
-    @property
-    def env(self) -> str:
-        return "MOEMESH_COORDINATOR_" + self.flag.removeprefix("--").replace("-", "_").upper()
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in _TRUE or value in _FALSE:
-        return value in _TRUE
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-OPTIONS = (
-    _Option("--model", "model_dir", Path, None, "checkpoint folder (config.json) the deployment serves"),
-    _Option("--workers", "workers", int, None, "number of workers the first world waits for"),
-    _Option("--host", "host", str, "127.0.0.1", "interface to bind"),
-    _Option("--port", "port", int, 50050, "gRPC port; 0 = any free port"),
-    _Option("--port-file", "port_file", Path, None, "write the bound gRPC port to this file"),
-    _Option("--transport", "transport", str, "gloo", f"data-plane transport: {', '.join(TRANSPORTS)}"),
-    _Option("--heartbeat-interval", "heartbeat_interval_s", float, 1.0, "seconds between worker heartbeats"),
-    _Option("--heartbeat-timeout", "heartbeat_timeout_s", float, 10.0, "silence (s) before a worker is reported"),
-    _Option("--placement", "placement_file", Path, None, "initial placement file (YAML or JSON)"),
-    _Option("--exit-with-parent", "exit_with_parent", _bool, False, "stop when the parent process exits"),
-    _Option("--advertise-host", "advertise_host", str, None, "host workers use to reach the TCPStore"),
-    _Option("--load-window", "load_window_reports", int, 32, "load reports kept per worker"),
-    _Option("--shutdown-grace", "shutdown_grace_s", float, 2.0, "seconds in-flight RPCs get on stop"),
-    _Option("--policy", "policy", str, "auto",
-            "balancing policy: auto (replicate when workers > experts, else none), none, gating, replicate, "
-            "split (hot experts split over two workers)"),
-    _Option("--rebalance-every", "rebalance_every_tokens", int, 100, "routed tokens between balancing updates"),
-    _Option("--topology", "topology", str, "local", "planner topology (preset or YAML) for policy replicate"),
-    _Option("--expert-shards", "expert_shards", int, 1,
-            "split every expert over this many ranks (expert tensor parallelism); 0 = the fewest that fit "
-            "the memory workers report"),
-)
 
 
 def add_coordinator_command(sub: argparse._SubParsersAction) -> Runner:
     """Register `coordinator`; returns its runner."""
     p = sub.add_parser("coordinator", help="run the coordinator (membership, placement, rendezvous)")
-    for opt in OPTIONS:
-        helptext = f"{opt.help} (env {opt.env}; default {opt.default})"
-        if opt.kind is _bool:
-            p.add_argument(opt.flag, dest=opt.field, action="store_true", default=None, help=helptext)
-        else:
-            p.add_argument(opt.flag, dest=opt.field, type=opt.kind, default=None, help=helptext)
+    add_options(p, CoordinatorSettings)
 
     def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args, os.environ)
@@ -103,21 +49,7 @@ def add_coordinator_command(sub: argparse._SubParsersAction) -> Runner:
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> CoordinatorSettings:
     """Flags win, then MOEMESH_COORDINATOR_* variables, then defaults; --model and --workers are required."""
-    values: dict[str, Any] = {}
-    for opt in OPTIONS:
-        value = getattr(args, opt.field, None)
-        if value is None and opt.env in environ:
-            try:
-                value = opt.kind(environ[opt.env])
-            except ValueError as exc:
-                raise ConfigError(f"{opt.env}={environ[opt.env]!r}: {exc}") from None
-        values[opt.field] = opt.default if value is None else value
-    for required in ("model_dir", "workers"):
-        if values[required] is None:
-            opt = next(o for o in OPTIONS if o.field == required)
-            raise ConfigError(f"{opt.flag} is required (or set {opt.env})")
-    values["model_dir"] = Path(values["model_dir"]).resolve()
-    return CoordinatorSettings(**values)
+    return settings_from(CoordinatorSettings, args, environ)
 
 
 @dataclass(frozen=True)

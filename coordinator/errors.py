@@ -1,17 +1,15 @@
 """Typed coordinator errors. Each subclasses a moemesh.errors class, so the shared
-ErrorInterceptor (moemesh.rpc) maps it to the status code the contract names:
+ErrorInterceptor (moemesh.rpc, table in moemesh.status) maps it to the status code the contract names:
 
+- NotFoundError       -> NOT_FOUND
 - CapacityError       -> RESOURCE_EXHAUSTED
 - UnavailableError    -> UNAVAILABLE
-- MoemeshError        -> FAILED_PRECONDITION (the interceptor's fallback)
-
-`UnknownWorkerError` is the exception: the contract wants NOT_FOUND, which the shared table has no
-class for, so the servicer catches it and aborts with NOT_FOUND itself.
+- MoemeshError        -> FAILED_PRECONDITION (the table's fallback)
 """
 
 from __future__ import annotations
 
-from moemesh.errors import CapacityError, MoemeshError, UnavailableError
+from moemesh.errors import CapacityError, MoemeshError, NotFoundError, UnavailableError
 
 
 class WorldFormedError(CapacityError):
@@ -22,7 +20,7 @@ class StaleIncarnationError(MoemeshError):
     """A registration carries an older incarnation than the one on record: FAILED_PRECONDITION."""
 
 
-class UnknownWorkerError(MoemeshError):
+class UnknownWorkerError(NotFoundError):
     """(worker_id, incarnation) is not registered (never, removed, or superseded): NOT_FOUND."""
 
 

@@ -1,7 +1,7 @@
 """The Coordinator gRPC service: proto in, one domain call, proto out.
 
-Typed errors become status codes in the shared ErrorInterceptor (moemesh.rpc); the one code it
-has no class for, NOT_FOUND (an unknown worker), is raised here.
+Typed errors (NOT_FOUND for an unknown worker included) become status codes in the shared
+ErrorInterceptor (moemesh.rpc, table in moemesh.status).
 """
 
 from __future__ import annotations
@@ -9,10 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
-
 from coordinator import wire
-from coordinator.errors import UnknownWorkerError
 from coordinator.state import CoordinatorState
 from moemesh.tensor_wire import from_proto, to_proto
 from moemesh.v1 import common_pb2
@@ -39,22 +36,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
-        try:
-            beat = self.state.heartbeat(request.worker_id, request.incarnation)
-        except UnknownWorkerError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        beat = self.state.heartbeat(request.worker_id, request.incarnation)
         return pb.HeartbeatResponse(world_generation=beat.world_generation, placement_epoch=beat.placement_epoch)
 
     async def ReportLoad(self, request: pb.ReportLoadRequest, context) -> pb.ReportLoadResponse:
         counts = from_proto(request.expert_counts)
         links = from_proto(request.link_counts) if request.HasField("link_counts") else None
-        try:
-            self.state.report_load(
-                request.worker_id, request.incarnation, request.world_generation, request.window_tokens, counts,
-                links,
-            )
-        except UnknownWorkerError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        self.state.report_load(
+            request.worker_id, request.incarnation, request.world_generation, request.window_tokens, counts, links,
+        )
         return pb.ReportLoadResponse()
 
     async def WatchPlacement(self, request: pb.WatchPlacementRequest, context) -> AsyncIterator[pb.Placement]:

@@ -1,7 +1,7 @@
 """CoordinatorSettings: every knob of one coordinator process, built once by the CLI.
 
 Nothing in the coordinator reads the environment; `coordinator.cli` resolves flags with their
-MOEMESH_COORDINATOR_* fallbacks into this dataclass and passes it down.
+MOEMESH_COORDINATOR_* fallbacks into this dataclass (moemesh.settings) and passes it down.
 """
 
 from __future__ import annotations
@@ -9,34 +9,53 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from moemesh.errors import ConfigError
+from moemesh.settings import option, parse_bool
 
 TRANSPORTS = ("gloo", "auto", "nccl")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
+def _absolute(text: str) -> Path:
+    return Path(text).resolve()
+
+
 @dataclass(frozen=True)
 class CoordinatorSettings:
-    """One coordinator's configuration; `__post_init__` rejects inconsistent values."""
+    """One coordinator's configuration; `__post_init__` rejects inconsistent values. Each field's
+    flag, help and MOEMESH_COORDINATOR_* variable are declared with it (moemesh.settings)."""
 
-    model_dir: Path  # checkpoint folder (absolute); its config.json names experts and MoE layers
-    workers: int  # workers the first world waits for
-    host: str = "127.0.0.1"  # interface the gRPC server binds
-    port: int = 50050  # gRPC port; 0 = any free port (see port_file)
-    port_file: Path | None = None  # where the bound gRPC port is written once serving
-    transport: str = "gloo"  # data-plane transport handed to workers in World.transport
-    heartbeat_interval_s: float = 1.0  # how often workers heartbeat
-    heartbeat_timeout_s: float = 10.0  # silence after which a worker is reported (later: removed)
-    placement_file: Path | None = None  # optional initial placement (YAML / JSON)
-    exit_with_parent: bool = False  # stop when the parent process goes away
-    advertise_host: str | None = None  # host workers use to reach the TCPStore; None = derived
-    load_window_reports: int = 32  # load reports kept per worker (the statistics window)
-    shutdown_grace_s: float = 2.0  # how long in-flight RPCs may finish on stop
-    policy: str = "auto"  # auto (replicate with spare workers, else none) | none | gating | replicate | split
-    rebalance_every_tokens: int = 100  # routed tokens between balancing updates (the paper: 100)
-    topology: str = "local"  # planner topology for policy replicate: preset name or YAML file
-    expert_shards: int = 1  # initial placement splits every expert over this many ranks; 0 = fit memory
+    ENV_PREFIX: ClassVar[str] = "MOEMESH_COORDINATOR_"
+
+    # checkpoint folder (absolute); its config.json names experts and MoE layers
+    model_dir: Path = option("--model", "checkpoint folder (config.json) the deployment serves", _absolute)
+    workers: int = option("--workers", "number of workers the first world waits for", int)
+    host: str = option("--host", "interface to bind", default="127.0.0.1")
+    port: int = option("--port", "gRPC port; 0 = any free port", int, default=50050)
+    port_file: Path | None = option("--port-file", "write the bound gRPC port to this file", Path, default=None)
+    transport: str = option("--transport", f"data-plane transport handed to workers: {', '.join(TRANSPORTS)}",
+                            default="gloo")
+    heartbeat_interval_s: float = option("--heartbeat-interval", "seconds between worker heartbeats", float,
+                                         default=1.0)
+    heartbeat_timeout_s: float = option("--heartbeat-timeout", "silence (s) before a worker is reported", float,
+                                        default=10.0)
+    placement_file: Path | None = option("--placement", "initial placement file (YAML or JSON)", Path, default=None)
+    exit_with_parent: bool = option("--exit-with-parent", "stop when the parent process exits", parse_bool,
+                                    default=False)
+    advertise_host: str | None = option("--advertise-host", "host workers use to reach the TCPStore (default: "
+                                        "--host unless it is a wildcard)", default=None)
+    load_window_reports: int = option("--load-window", "load reports kept per worker (the statistics window)", int,
+                                      default=32)
+    shutdown_grace_s: float = option("--shutdown-grace", "seconds in-flight RPCs get on stop", float, default=2.0)
+    policy: str = option("--policy", "balancing policy: auto (replicate when workers > experts, else none), none, "
+                         "gating, replicate, split (hot experts split over two workers)", default="auto")
+    rebalance_every_tokens: int = option("--rebalance-every", "routed tokens between balancing updates "
+                                         "(the paper: 100)", int, default=100)
+    topology: str = option("--topology", "planner topology (preset or YAML) for policy replicate", default="local")
+    expert_shards: int = option("--expert-shards", "split every expert over this many ranks (expert tensor "
+                                "parallelism); 0 = the fewest that fit the memory workers report", int, default=1)
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -15,6 +15,7 @@ from moemesh.errors import InvalidRequestError, MoemeshError, UnavailableError
 from moemesh.mesh.placement_file import dump_placement, load_placement
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
 from moemesh.rpc import channel
+from moemesh.status import NOT_YET, error_class_for
 from moemesh.tensor_wire import from_proto
 from moemesh.v1 import coordinator_pb2 as pb
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
@@ -51,11 +52,13 @@ async def set_placement(target: str, path: Path, expected_epoch: int, timeout_s:
 
 
 def rpc_error(exc: grpc.aio.AioRpcError, target: str, rpc: str) -> MoemeshError:
-    """A one-line moemesh error for a failed RPC to the coordinator at `target`."""
+    """A one-line typed error (the table in moemesh.status) for a failed RPC to the coordinator at
+    `target`; DEADLINE_EXCEEDED counts as unavailable, codes outside the table as MoemeshError."""
     code = exc.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return UnavailableError(f"coordinator {target}: {rpc} failed: {code.name}: {exc.details()}")
-    return MoemeshError(f"coordinator {target} rejected {rpc}: {code.name}: {exc.details()}")
+    kind = UnavailableError if code in NOT_YET else error_class_for(code) or MoemeshError
+    if issubclass(kind, UnavailableError):
+        return kind(f"coordinator {target}: {rpc} failed: {code.name}: {exc.details()}")
+    return kind(f"coordinator {target} rejected {rpc}: {code.name}: {exc.details()}")
 
 
 def format_placement(resp: pb.GetPlacementResponse) -> str:

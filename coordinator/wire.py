@@ -9,27 +9,15 @@ from coordinator.state import Published, World
 from moemesh.errors import InvalidRequestError
 from moemesh.mesh.placement import Placement
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
+from moemesh.model import spec
 from moemesh.model.config import ModelConfig
 from moemesh.v1 import common_pb2
 from moemesh.v1 import coordinator_pb2 as pb
 
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-
 
 def model_spec(cfg: ModelConfig, model_dir: Path) -> common_pb2.ModelSpec:
     """The ModelSpec every worker receives, read from the checkpoint's config."""
-    return common_pb2.ModelSpec(
-        architecture=ARCHITECTURES[cfg.family],
-        name=model_dir.name,
-        num_layers=cfg.num_layers,
-        moe_layer_ids=list(cfg.moe_layer_ids),
-        num_experts=cfg.num_experts,
-        top_k=cfg.top_k,
-        hidden_size=cfg.hidden_size,
-        vocab_size=cfg.vocab_size,
-        max_context=cfg.max_position_embeddings,
-        dtype=cfg.torch_dtype,
-    )
+    return spec.model_spec(cfg, model_dir.name)
 
 
 def worker_info(req: pb.RegisterWorkerRequest) -> WorkerInfo:

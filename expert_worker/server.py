@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,6 +25,7 @@ import torch
 from expert_worker.loader import prepare_epoch
 from expert_worker.runner import MeshRunner, PreparedEpoch
 from expert_worker.servicer import Node, WorkerServicer
+from expert_worker.settings import WorkerSettings
 from moemesh.engine.engine import Engine, EngineSettings
 from moemesh.mesh.backend import choose_backend, join_world
 from moemesh.mesh.gloo import StoreWaker
@@ -33,38 +33,14 @@ from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.model import RuntimeShape, build_model
+from moemesh.retry import Backoff, retry
 from moemesh.rpc import Server, channel, exit_with_parent, stop_event_on_signals, write_port_file
+from moemesh.status import is_not_yet
 from moemesh.tensor_wire import to_proto
 from moemesh.v1 import coordinator_pb2 as cpb
 from moemesh.v1 import coordinator_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("moemesh.worker")
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    coordinator: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    advertise_host: str = "127.0.0.1"
-    port_file: Path | None = None
-    device: str = "cpu"
-    node: str = "local"
-    worker_id: str = ""  # empty = a fresh uuid
-    threads: int = 1
-    max_seqs: int = 32
-    max_model_len: int = 2048
-    max_new_tokens_limit: int = 4096
-    collective_timeout_s: float = 60.0
-    rpc_timeout_s: float = 10.0
-    report_every_tokens: int = 100
-    micro_batches: int = 1
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    overflow: str = "dropless"  # expert capacity overflow: dropless | reroute | drop (moemesh/model/overflow.py)
-    capacity_factor: float = 1.2  # expert capacity = factor x average copies per expert (reroute/drop)
-    expert_memory_bytes: int = 0  # reported to the coordinator: memory for expert weights (0 = unknown)
-    exit_with_parent: bool = False
-    gil_switch_interval_s: float = 0.0002
 
 
 async def serve(settings: WorkerSettings) -> int:
@@ -118,19 +94,8 @@ async def _join(coord, settings: WorkerSettings, worker_id: str, address: str, s
 
 async def _retry_until_up(call, stop: asyncio.Event, what: str):
     """Retry while the peer is unavailable or slow (it may still be starting); None if stopped."""
-    delay = 0.1
-    while not stop.is_set():
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise
-            log.info("waiting for %s (%s)", what, exc.code().name)
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-        except TimeoutError:
-            delay = min(2.0, delay * 2)
-    return None
+    return await retry(call, is_not_yet, stop=stop, backoff=Backoff(first_s=0.1, cap_s=2.0),
+                       on_retry=lambda attempt, exc: log.info("waiting for %s (%s)", what, exc))
 
 
 def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):

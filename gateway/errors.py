@@ -1,22 +1,22 @@
 """Errors the gateway raises while relaying requests to workers.
 
-Typed moemesh errors become status codes in `moemesh.rpc.ErrorInterceptor`; `WorkerRejectedError`
-carries the worker's own status code, which the servicer passes through unchanged.
+Typed moemesh errors become status codes in `moemesh.rpc.ErrorInterceptor` (the table in
+moemesh.status); `WorkerRejectedError` carries the worker's own status code, which the interceptor
+passes through unchanged. `status_code_of` (google.rpc.Code number -> grpc.StatusCode) is
+re-exported from moemesh.status.
 """
 
 from __future__ import annotations
 
-import grpc
+from moemesh.errors import UnavailableError
+from moemesh.status import RelayedStatusError, status_code_of
 
-from moemesh.errors import MoemeshError, UnavailableError
+__all__ = ["NoWorkerError", "WorkerLostError", "WorkerRejectedError", "status_code_of"]
 
 
-class WorkerRejectedError(MoemeshError):
-    """A worker refused a request before generating anything (WorkerEvent.Rejected)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
+class WorkerRejectedError(RelayedStatusError):
+    """A worker refused a request before generating anything (WorkerEvent.Rejected); the gateway
+    answers with the worker's own status code."""
 
 
 class WorkerLostError(UnavailableError):
@@ -25,11 +25,3 @@ class WorkerLostError(UnavailableError):
 
 class NoWorkerError(UnavailableError):
     """No worker stream is open, so nothing can run (UNAVAILABLE)."""
-
-
-def status_code_of(number: int) -> grpc.StatusCode:
-    """grpc.StatusCode for a google.rpc.Code number; UNKNOWN for numbers gRPC does not define."""
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN

@@ -16,6 +16,7 @@ from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_from_proto
 from moemesh.errors import InvalidRequestError
 from moemesh.model.config import ModelConfig, load_config
+from moemesh.model.spec import model_spec
 from moemesh.text import StreamDecoder, TextCodec
 from moemesh.v1 import common_pb2, gateway_pb2
 
@@ -81,10 +82,4 @@ class ServedModel:
 
     def spec(self) -> common_pb2.ModelSpec:
         """ModelSpec for ModelInfo (max_context is the effective context the gateway enforces)."""
-        cfg = self.config
-        return common_pb2.ModelSpec(
-            architecture=ARCHITECTURES.get(cfg.family, cfg.family), name=self.model_dir.resolve().name,
-            num_layers=cfg.num_layers, moe_layer_ids=list(cfg.moe_layer_ids), num_experts=cfg.num_experts,
-            top_k=cfg.top_k, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-            max_context=self.context, dtype=cfg.torch_dtype,
-        )
+        return model_spec(self.config, self.model_dir.resolve().name, max_context=self.context)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gateway.errors import WorkerRejectedError
 from gateway.generation import generate_batch, generate_one
 from gateway.model import ServedModel
 from gateway.workers import WorkerPool
@@ -40,11 +39,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Validate, submit to the least-loaded worker, relay its tokens, then Finished."""
         received_at = time.monotonic()
         prepared = self.model.prepare(request, _new_request_id())
-        try:
-            async for response in generate_one(self.pool, self.model, prepared, received_at):
-                yield response
-        except WorkerRejectedError as exc:
-            await context.abort(exc.code, str(exc))
+        async for response in generate_one(self.pool, self.model, prepared, received_at):
+            yield response  # a WorkerRejectedError keeps the worker's code (moemesh.status)
 
     async def GenerateBatch(
         self, request: gateway_pb2.GenerateBatchRequest, context: grpc.aio.ServicerContext

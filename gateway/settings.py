@@ -1,11 +1,16 @@
-"""The gateway's settings: one frozen dataclass, built once by the CLI from flags and environment."""
+"""The gateway's settings: one frozen dataclass, built once by the CLI from flags and environment.
+
+Each field's flag, help and MOEMESH_GATEWAY_* variable are declared with it (moemesh.settings).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from moemesh.errors import MoemeshError
+from moemesh.settings import option, parse_bool
 
 ENV_PREFIX = "MOEMESH_GATEWAY_"
 
@@ -14,18 +19,27 @@ ENV_PREFIX = "MOEMESH_GATEWAY_"
 class GatewaySettings:
     """Everything `gateway.server.serve` needs; nothing downstream reads the environment."""
 
-    coordinator: str  # HOST:PORT of the coordinator
-    model_dir: Path  # checkpoint folder: tokenizer.json + config.json (no weights are read)
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 = any free port (see port_file)
-    port_file: Path | None = None  # where to publish the bound port
-    max_model_len: int = 2048  # the workers' context; effective = min(this, max_position_embeddings)
-    max_new_tokens_limit: int = 4096
-    default_max_new_tokens: int = 16  # when a request leaves `sampling` unset
-    max_inflight: int = 1024  # prompts in flight before RESOURCE_EXHAUSTED
-    exit_with_parent: bool = False  # stop when the parent process goes away
-    call_timeout_s: float = 10.0  # deadline of every unary call to the coordinator / workers
-    grace_s: float = 5.0  # how long in-flight calls may finish on SIGINT / SIGTERM
+    ENV_PREFIX: ClassVar[str] = ENV_PREFIX
+
+    coordinator: str = option("--coordinator", "coordinator HOST:PORT")
+    # checkpoint folder: tokenizer.json + config.json (no weights are read)
+    model_dir: Path = option("--model", "checkpoint folder with config.json and tokenizer.json", Path)
+    host: str = option("--host", "address to bind", default="127.0.0.1")
+    port: int = option("--port", "port to bind; 0 = any free port (see --port-file)", int, default=50051)
+    port_file: Path | None = option("--port-file", "write the bound port to this file", Path, default=None)
+    max_model_len: int = option("--max-model-len", "the workers' context in tokens; effective = min(this, "
+                                "max_position_embeddings)", int, default=2048)
+    max_new_tokens_limit: int = option("--max-new-tokens-limit", "largest max_new_tokens accepted", int,
+                                       default=4096)
+    default_max_new_tokens: int = option("--default-max-new-tokens", "max_new_tokens for requests that leave "
+                                         "sampling unset", int, default=16)
+    max_inflight: int = option("--max-inflight", "prompts in flight before RESOURCE_EXHAUSTED", int, default=1024)
+    exit_with_parent: bool = option("--exit-with-parent", "stop when the parent process exits (for launchers)",
+                                    parse_bool, default=False)
+    call_timeout_s: float = option("--call-timeout", "deadline of each coordinator / worker call, s", float,
+                                   default=10.0)
+    grace_s: float = option("--grace", "seconds in-flight calls may finish on SIGINT / SIGTERM", float, default=5.0)
+    log_level: str = option("--log-level", "logging level", default="INFO")
 
     def __post_init__(self) -> None:
         if not self.coordinator or ":" not in self.coordinator:

@@ -36,10 +36,10 @@ from gateway.events import (
     worker_events,
 )
 from gateway.model import Prepared
-from gateway.retry import backoff, sleep_unless_stopped
 from moemesh import rpc
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import CapacityError, UnavailableError
+from moemesh.retry import Backoff, retry
 from moemesh.v1 import coordinator_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -227,16 +227,21 @@ class WorkerPool:
         return handle
 
     async def _open_until_up(self, link: WorkerLink, stop: asyncio.Event) -> bool:
-        for attempt, delay in enumerate(backoff(cap_s=5.0), start=1):
-            try:
-                await link.open()
-                return True
-            except UnavailableError as exc:
-                if attempt == 1 or attempt % 10 == 0:
-                    log.info("%s (attempt %d; retrying)", exc, attempt)
-            if await sleep_unless_stopped(stop, delay) or self._closing.is_set():
+        """Open `link`, retrying while its worker is unavailable; False if `stop` or close() came first."""
+
+        async def attempt() -> bool:
+            if self._closing.is_set():
                 return False
-        raise AssertionError("unreachable: backoff() never ends")
+            await link.open()
+            return True
+
+        def note(attempt: int, exc: Exception) -> None:
+            if attempt == 1 or attempt % 10 == 0:
+                log.info("%s (attempt %d; retrying)", exc, attempt)
+
+        opened = await retry(attempt, lambda exc: isinstance(exc, UnavailableError), stop=stop,
+                             backoff=Backoff(first_s=0.2, cap_s=5.0), on_retry=note)
+        return bool(opened)
 
     async def _pump(self, link: WorkerLink) -> None:
         """Route the link's events to their requests; on a break fail them and reconnect."""

@@ -13,16 +13,13 @@ import time
 
 import grpc
 
-from gateway.retry import backoff, sleep_unless_stopped
 from moemesh import rpc
 from moemesh.errors import UnavailableError
+from moemesh.retry import Backoff, retry
+from moemesh.status import is_not_yet
 from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# Codes that mean "not yet": the coordinator is starting, or no world formed before the deadline.
-_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
 
 class CoordinatorClient:
     """A channel to the coordinator, made inside the running loop; close() when done."""
@@ -39,23 +36,23 @@ class CoordinatorClient:
         """The first world newer than `after_generation`; None if `stop` is set first."""
         started = time.monotonic()
         request = coordinator_pb2.WaitForWorldRequest(after_generation=after_generation)
-        for attempt, delay in enumerate(backoff(cap_s=2.0), start=1):
-            try:
-                world = await self._stub.WaitForWorld(request, timeout=self.call_timeout_s)
-                log.info("world %d from coordinator %s: %d workers, transport %s", world.generation,
-                         self.target, world.world_size, world.transport)
-                return world
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRY:
-                    raise UnavailableError(
-                        f"coordinator {self.target}: WaitForWorld failed: {exc.code().name}: {exc.details()}"
-                    ) from exc
-                if attempt == 1 or attempt % 10 == 0:
-                    log.info("waiting for a world from coordinator %s (%.0f s so far, %s: %s)", self.target,
-                             time.monotonic() - started, exc.code().name, exc.details())
-            if await sleep_unless_stopped(stop, delay):
-                return None
-        raise AssertionError("unreachable: backoff() never ends")
+
+        def note(attempt: int, exc: Exception) -> None:
+            if attempt == 1 or attempt % 10 == 0:
+                log.info("waiting for a world from coordinator %s (%.0f s so far, %s)", self.target,
+                         time.monotonic() - started, exc)
+
+        try:
+            world = await retry(lambda: self._stub.WaitForWorld(request, timeout=self.call_timeout_s), is_not_yet,
+                                stop=stop, backoff=Backoff(first_s=0.2, cap_s=2.0), on_retry=note)
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(
+                f"coordinator {self.target}: WaitForWorld failed: {exc.code().name}: {exc.details()}"
+            ) from exc
+        if world is not None:
+            log.info("world %d from coordinator %s: %d workers, transport %s", world.generation,
+                     self.target, world.world_size, world.transport)
+        return world
 
     async def placement_epoch(self, fallback: int) -> tuple[int, str]:
         """(epoch of the placement in force, balancing policy); (`fallback`, "unknown") when the

@@ -7,9 +7,10 @@
         done = await client.generate_text(prompt="Hello")      # Completion(token_ids, text, finished)
         info = await client.model_info()                        # moemesh.v1 ModelInfoResponse
 
-Errors: a call failing with INVALID_ARGUMENT, RESOURCE_EXHAUSTED or UNAVAILABLE raises
-InvalidRequestError, CapacityError or UnavailableError (moemesh.errors) with the server's message
-(the grpc.aio.AioRpcError is the __cause__); other codes raise the grpc.aio.AioRpcError itself.
+Errors: a call failing with a status code of moemesh.status's table (INVALID_ARGUMENT, NOT_FOUND,
+RESOURCE_EXHAUSTED, UNAVAILABLE, FAILED_PRECONDITION) raises its typed error (InvalidRequestError,
+NotFoundError, CapacityError, UnavailableError, MoemeshError) with the server's message (the
+grpc.aio.AioRpcError is the __cause__); other codes raise the grpc.aio.AioRpcError itself.
 A generation that ended with FINISH_REASON_ERROR is a `Finished(reason="error")` event from
 `generate` and a GenerationError from `generate_text`. `generate_remote` is the synchronous helper
 the `moemesh generate --target` command uses; it raises only MoemeshError.
@@ -21,7 +22,6 @@ cancels the call, and the gateway cancels the generation on its worker.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -32,16 +32,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moemesh import rpc
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
-from moemesh.errors import CapacityError, InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.errors import InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.retry import Backoff, retry
+from moemesh.status import error_for
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 GATEWAY_SERVICE = "moemesh.v1.Gateway"
 DEFAULT_TIMEOUT_S = 120.0
-_TYPED = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-}
 REASONS = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -116,12 +113,10 @@ def event_from_proto(msg: gateway_pb2.GenerateResponse) -> Event:
 
 
 def typed_error(exc: grpc.aio.AioRpcError) -> Exception:
-    """The moemesh error for a failed call (INVALID_ARGUMENT / RESOURCE_EXHAUSTED / UNAVAILABLE),
-    else the AioRpcError itself."""
-    kind = _TYPED.get(exc.code())
-    if kind is None:
+    """The moemesh error for a failed call's status code (moemesh.status), else the AioRpcError itself."""
+    error = error_for(exc.code(), exc.details() or "")
+    if error is None:
         return exc
-    error = kind(exc.details() or exc.code().name)
     error.__cause__ = exc
     return error
 
@@ -222,18 +217,20 @@ class Client:
     async def wait_until_serving(self, timeout: float = 60.0, service: str = GATEWAY_SERVICE) -> None:
         """Poll the standard health service until `service` is SERVING; UnavailableError on timeout."""
         stub = health_pb2_grpc.HealthStub(self._channel)
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
+
+        async def check() -> None:
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"
-            await asyncio.sleep(0.1)
-        raise UnavailableError(f"gateway {self.target} not SERVING after {timeout:.0f} s ({last})")
+                raise UnavailableError(f"{exc.code().name}: {exc.details()}") from exc
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                raise UnavailableError(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+        try:
+            await retry(check, lambda exc: isinstance(exc, UnavailableError),
+                        backoff=Backoff(first_s=0.1, cap_s=0.5, deadline_s=timeout))
+        except UnavailableError as last:
+            raise UnavailableError(f"gateway {self.target} not SERVING after {timeout:.0f} s ({last})") from None
 
 
 def generate_remote(

@@ -27,3 +27,7 @@ class CapacityError(MoemeshError):
 
 class UnavailableError(MoemeshError):
     """A peer process is gone or not ready: UNAVAILABLE."""
+
+
+class NotFoundError(MoemeshError):
+    """A named thing (a worker, a request) is not known here: NOT_FOUND."""

@@ -3,27 +3,34 @@
 Each service is the same `moemesh <service>` command a multi-node or compose deployment runs;
 `up` only picks free ports (services bind port 0 and publish it in a port file), splits this
 machine's cores between workers, prints one `ready` line once the gateway serves, and stops
-every process it started on Ctrl-C or SIGTERM (children also exit if `up` itself dies).
+every process it started on Ctrl-C or SIGTERM (children also exit if `up` itself dies). The
+processes are started by the one launcher, moemesh.launch.
+
+`UpProcess` runs `moemesh up` itself as a subprocess and reads its ready line: what tests of `up`
+and the measurements that drive a mesh from outside (moemesh.simulate.cpu_check, benchmarks) use.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moemesh.errors import MoemeshError
+from moemesh.launch import Mesh, MeshSpec
 
-DEFAULT_MODEL_SPEC = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
+DEFAULT_MODEL_SPEC: dict[str, Any] = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
                           heads=8, kv_heads=4, vocab=512, seed=0)
 
 
@@ -69,95 +76,28 @@ def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: i
     return math.ceil(num_experts * max(shards, 1) / k)
 
 
-class Mesh:
-    """The child processes of one `up`; `stop()` is idempotent and always reaps all of them."""
-
-    def __init__(self, settings: UpSettings):
-        self.s = settings
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def spawn(self, name: str, args: list[str]) -> None:
-        cmd = [sys.executable, "-m", "moemesh.cli", *args, "--exit-with-parent"]
-        # Children log to stderr; stdout carries only `up`'s own ready line (scripts parse it).
-        self.procs.append((name, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr)))
-
-    def wait_port(self, name: str, path: Path) -> int:
-        deadline = time.monotonic() + self.s.start_timeout_s
-        while time.monotonic() < deadline:
-            if path.is_file() and path.read_text().strip():
-                return int(path.read_text())
-            self.check_alive()
-            time.sleep(0.05)
-        raise MoemeshError(f"{name} did not start within {self.s.start_timeout_s:.0f} s")
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                raise MoemeshError(f"{name} exited with code {proc.returncode}")
-
-    def stop(self) -> None:
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.s.stop_timeout_s
-        for name, proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"moemesh up: {name} did not stop in time; killing it", file=sys.stderr)
-                proc.kill()
-                proc.wait()
-
-
-def start(mesh: Mesh) -> tuple[str, str]:
-    """Start every service; returns (gateway, coordinator) addresses once the gateway serves."""
-    s = mesh.s
-    common = ["--max-model-len", str(s.max_model_len)]
-    mesh.spawn("coordinator", ["coordinator", "--model", str(s.model), "--workers", str(s.workers),
-                               "--host", "127.0.0.1", "--port", "0", "--port-file", str(s.state_dir / "coordinator.port"),
-                               "--policy", s.policy, "--expert-shards", str(s.expert_shards),
-                               *(["--placement", str(s.placement)] if s.placement else [])])
-    coordinator = f"127.0.0.1:{mesh.wait_port('coordinator', s.state_dir / 'coordinator.port')}"
-    for i in range(s.workers):
-        mesh.spawn(f"worker {i}", ["worker", "--coordinator", coordinator, "--port", "0",
-                                   "--worker-id", f"worker-{i}", "--threads", str(s.threads_per_worker),
-                                   "--max-seqs", str(s.max_seqs), "--micro-batches", str(s.micro_batches), *common])
-    gateway_port_file = s.state_dir / "gateway.port"
-    mesh.spawn("gateway", ["gateway", "--coordinator", coordinator, "--model", str(s.model), "--host", s.host,
-                           "--port", str(s.port), "--port-file", str(gateway_port_file), *common])
-    port = mesh.wait_port("gateway", gateway_port_file)
-    address = f"{s.host}:{port}"
-    _wait_serving(mesh, address)
-    return address, coordinator
-
-
-def _wait_serving(mesh: Mesh, address: str) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + mesh.s.start_timeout_s
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            mesh.check_alive()
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service="moemesh.v1.Gateway"), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise MoemeshError(f"the gateway at {address} did not become ready within {mesh.s.start_timeout_s:.0f} s")
+def mesh_spec(s: UpSettings) -> MeshSpec:
+    """The mesh `up` starts: one gateway on the requested address; children log to stderr."""
+    common = ("--max-model-len", str(s.max_model_len))
+    return MeshSpec(
+        model=s.model, workers=s.workers, state_dir=s.state_dir, gateway_host=s.host, gateway_port=s.port,
+        coordinator_flags=("--policy", s.policy, "--expert-shards", str(s.expert_shards),
+                           *(("--placement", str(s.placement)) if s.placement else ())),
+        worker_flags=("--threads", str(s.threads_per_worker), "--max-seqs", str(s.max_seqs),
+                      "--micro-batches", str(s.micro_batches), *common),
+        gateway_flags=common, start_timeout_s=s.start_timeout_s, stop_timeout_s=s.stop_timeout_s,
+    )
 
 
 def run_up(s: UpSettings) -> int:
-    mesh = Mesh(s)
+    """Start the mesh, print the ready line, watch it until Ctrl-C / SIGTERM, stop it."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    mesh = Mesh(mesh_spec(s))
     try:
-        address, coordinator = start(mesh)
-        print(f"moemesh ready: gateway at {address}; coordinator at {coordinator}; {s.workers} workers; "
+        mesh.start()
+        print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
               f"model {s.model}", flush=True)
         while not stop.wait(0.5):
             mesh.check_alive()
@@ -200,3 +140,61 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
             return run_up(settings)
 
     return run
+
+
+READY = re.compile(r"gateway at (\S+); coordinator at (\S+);")
+
+
+class UpProcess:
+    """`moemesh up --port 0` as a subprocess, returned once its ready line is read.
+
+    `stop()` sends SIGINT (Ctrl-C), waits, and returns the processes of the mesh that outlived it
+    (killed then; should be none). `up`'s stderr (its children's logs too) goes to this process's
+    stderr, or with `quiet` to a temporary file whose tail is quoted if up does not become ready."""
+
+    def __init__(self, model: Path, workers: int, extra: Sequence[str] = (), *, max_model_len: int = 256,
+                 quiet: bool = False):
+        cmd = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--workers", str(workers),
+               "--port", "0", "--max-model-len", str(max_model_len), *extra]
+        with tempfile.TemporaryFile("w+") if quiet else contextlib.nullcontext() as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=err, text=True)
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()  # blocks until ready (or up dies)
+            match = READY.search(line)
+            if not match:
+                self.proc.kill()
+                self.proc.wait()
+                tail = "".join(_tail(err, 15)) if err is not None else ""
+                raise MoemeshError(f"moemesh up with {workers} workers did not become ready: {line!r}\n{tail}")
+        self.gateway, self.coordinator = match.group(1), match.group(2)
+        self.workers = workers
+
+    def processes(self) -> list:
+        """`up` and every process under it (psutil.Process)."""
+        import psutil
+
+        up = psutil.Process(self.proc.pid)
+        return [up, *up.children(recursive=True)]
+
+    def stop(self, timeout_s: float = 30.0) -> list:
+        """SIGINT, wait up to `timeout_s`; returns the processes that survived (then killed)."""
+        import psutil
+
+        if self.proc.poll() is not None:
+            return []
+        procs = self.processes()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            p.kill()
+        return alive
+
+
+def _tail(file, lines: int) -> list[str]:
+    file.seek(0)
+    return file.readlines()[-lines:]

@@ -1,7 +1,7 @@
 """gRPC plumbing shared by the three services: error mapping, server lifecycle, channels.
 
-- `ErrorInterceptor` turns typed moemesh errors into status codes (INVALID_ARGUMENT,
-  RESOURCE_EXHAUSTED, UNAVAILABLE) for every kind of handler, streaming ones included.
+- `ErrorInterceptor` turns typed moemesh errors into status codes (the one table in
+  moemesh.status) for every kind of handler, streaming ones included.
 - `Server` owns one grpc.aio server with health and reflection, made inside the running loop,
   and stops gracefully: health NOT_SERVING, then `stop(grace)`.
 Everything here must be called from inside a running event loop.
@@ -19,16 +19,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moemesh.errors import CapacityError, InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.errors import MoemeshError
+from moemesh.status import status_for
 
 log = logging.getLogger(__name__)
-
-STATUS_OF: tuple[tuple[type[MoemeshError], grpc.StatusCode], ...] = (
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (MoemeshError, grpc.StatusCode.FAILED_PRECONDITION),
-)
 
 # Big enough for a batch of long prompts; tensors never travel over gRPC.
 CHANNEL_OPTIONS = (
@@ -37,13 +31,6 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
 )
-
-
-def status_for(exc: MoemeshError) -> grpc.StatusCode:
-    for kind, code in STATUS_OF:
-        if isinstance(exc, kind):
-            return code
-    raise AssertionError("unreachable: MoemeshError is in the table")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -33,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from moemesh.engine.engine import Engine  # noqa: E402
 from moemesh.engine.sampling import SamplingParams  # noqa: E402
+from moemesh.launcher import UpProcess  # noqa: E402
 from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, summarize  # noqa: E402
 from moemesh.model.model import RuntimeShape, build_model  # noqa: E402
 from moemesh.model.tiny import TinySpec, write_tiny_model  # noqa: E402
-from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh, start_mesh, stop_mesh  # noqa: E402
+from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh  # noqa: E402
 from moemesh.simulate.measure import step_counters, worker_statuses  # noqa: E402
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
@@ -106,7 +107,8 @@ def run_engine(model: Path, s: BenchAllSettings, threads: int) -> dict[str, floa
 
 def run_mesh(model: Path, workers: int, s: BenchAllSettings) -> dict[str, float]:
     """`moemesh up` with `workers` workers, driven through its gateway by moemesh.loadgen."""
-    proc, gateway, coordinator = start_mesh(model, workers, ("--max-seqs", str(s.requests)))
+    mesh = UpProcess(model, workers, ("--max-seqs", str(s.requests)), quiet=True)
+    gateway, coordinator = mesh.gateway, mesh.coordinator
     reqs = tuple(BenchRequest(tuple(p), s.new_tokens) for p in _prompts(s))
     try:
         asyncio.run(run_load(gateway, LoadPlan(reqs[:4], concurrency=4, timeout_s=600)))  # warm-up
@@ -114,7 +116,7 @@ def run_mesh(model: Path, workers: int, s: BenchAllSettings) -> dict[str, float]
         timings, wall = asyncio.run(run_load(gateway, LoadPlan(reqs, concurrency=s.requests, timeout_s=600)))
         after = asyncio.run(worker_statuses(coordinator))
     finally:
-        stop_mesh(proc)
+        mesh.stop()
     return summarize(timings, wall) | step_counters(before, after)
 
 

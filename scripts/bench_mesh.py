@@ -21,10 +21,10 @@ import torch
 
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
+from moemesh.launcher import UpProcess
 from moemesh.loadgen import engine_timings, run_closed_loop, summarize
 from moemesh.model.model import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.simulate.cpu_check import start_mesh, stop_mesh
 from moemesh.simulate.measure import step_counters, worker_statuses
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
@@ -40,16 +40,16 @@ def run_local(model: Path, prompts: list[list[int]], params: SamplingParams, thr
 
 def run_mesh(model: Path, workers: int, prompts, params, concurrency: int, micro_batches: int = 1,
              expert_shards: int = 1) -> dict[str, float]:
-    proc, gateway, coordinator = start_mesh(model, workers, ("--max-seqs", str(len(prompts)),
-                                                             "--micro-batches", str(micro_batches),
-                                                             "--expert-shards", str(expert_shards)))
+    mesh = UpProcess(model, workers, ("--max-seqs", str(len(prompts)), "--micro-batches", str(micro_batches),
+                                      "--expert-shards", str(expert_shards)), quiet=True)
+    gateway, coordinator = mesh.gateway, mesh.coordinator
     try:
         asyncio.run(run_closed_loop(gateway, prompts[:4], params, concurrency))  # warm-up
         before = asyncio.run(worker_statuses(coordinator))
         timings, wall = asyncio.run(run_closed_loop(gateway, prompts, params, concurrency))
         after = asyncio.run(worker_statuses(coordinator))
     finally:
-        stop_mesh(proc)
+        mesh.stop()
     return summarize(timings, wall) | step_counters(before, after)
 
 

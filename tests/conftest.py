@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moemesh.launcher import UpProcess
+
 # One torch thread per test process: these machines have 2 cores and tests run beside workers.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,45 +79,9 @@ def hf_model(tmp_path: Path) -> Callable[..., tuple[Path, object]]:
     return make
 
 
-class RunningMesh:
-    """`moemesh up` as a real subprocess; `stop()` sends SIGINT and checks nothing is left."""
-
-    def __init__(self, model: Path, workers: int, extra: tuple[str, ...] = ()):
-        import re
-        import subprocess
-        import sys
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--workers", str(workers),
-             "--port", "0", "--max-model-len", "256", *extra],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        )
-        line = self.proc.stdout.readline()  # blocks until ready (or the launcher dies)
-        match = re.search(r"gateway at (\S+); coordinator at (\S+);", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"moemesh up did not become ready: {line!r}")
-        self.gateway, self.coordinator = match.group(1), match.group(2)
-        self.workers = workers
-
-    def processes(self):
-        import psutil
-
-        return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-
-    def stop(self, timeout: float = 30.0) -> list:
-        """SIGINT, wait; returns the processes that survived (should be none)."""
-        import signal
-
-        import psutil
-
-        procs = self.processes()
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=timeout)
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for p in alive:
-            p.kill()
-        return alive
+# `moemesh up` as a real subprocess, ready once its ready line is read; stop() sends SIGINT and
+# returns the processes that survived (should be none).
+RunningMesh = UpProcess
 
 
 @pytest.fixture(scope="module")

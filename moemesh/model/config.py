@@ -15,7 +15,11 @@ from typing import Any
 
 from moemesh.errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+# The one table of supported families: family -> Hugging Face architecture name. Everything else
+# (SUPPORTED_ARCHITECTURES, tiny.py's --arch choices, ModelSpec.architecture) is derived from it.
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+_FAMILY_OF = {arch: family for family, arch in ARCHITECTURES.items()}
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig:
     arch = _architecture(raw, source)
-    family = "mixtral" if arch == "MixtralForCausalLM" else "qwen3_moe"
+    family = _FAMILY_OF[arch]
     get = _Getter(raw, source)
     hidden = get.int("hidden_size")
     heads = get.int("num_attention_heads")

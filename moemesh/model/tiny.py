@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 
 from moemesh.errors import ConfigError
 from moemesh.model.checkpoint import INDEX_FILE
-from moemesh.model.config import ModelConfig, config_from_dict
+from moemesh.model.config import ARCHITECTURES, ModelConfig, config_from_dict
 from moemesh.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_VOCAB_SIZE, save_tokenizer
 from moemesh.model.weights import dense_tensor_shapes, expert_tensor_shapes
 
-ARCHS = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+ARCHS = ARCHITECTURES  # family -> architecture name (moemesh.model.config)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSFORMERS_VERSION = "5.23.0"  # the version whose save_pretrained output these files mirror
 _ROPE_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4}  # Hugging Face's per-family defaults

@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moemesh.errors import MoemeshError
+from moemesh.launcher import UpProcess
 from moemesh.model.config import load_config
 from moemesh.simulate.hardware import cpu_profile, cpu_topology
-from moemesh.simulate.measure import Calibrator, CpuRates, MeshDecode, Overheads, engine_step_s, measure_mesh_decode
+from moemesh.simulate.measure import (
+    Calibrator,
+    CpuRates,
+    MeshDecode,
+    Overheads,
+    engine_step_s,
+    measure_mesh_decode,
+)
 from moemesh.simulate.model import Prediction, parse_deployment, predict
 from moemesh.simulate.shapes import ModelShape, Workload
 
@@ -144,46 +146,17 @@ def predict_mesh_step(model_dir: Path, s: CheckSettings, rates: CpuRates, overhe
     return predict(shape, dep, work, cpu_topology(rates, s.workers), profile, method="round-robin")
 
 
-def start_mesh(model_dir: Path, workers: int, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, str]:
-    """`moemesh up` as a subprocess; returns (process, gateway, coordinator) once it is ready.
-    Its logs go to a temporary file, quoted in the error if it does not start."""
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--workers",
-                             str(workers), "--port", "0", "--max-model-len", "256", *extra],
-                            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"gateway at (\S+); coordinator at (\S+);", line)
-    if not match:
-        proc.kill()
-        proc.wait()
-        log.seek(0)
-        tail = "".join(log.readlines()[-15:])
-        raise MoemeshError(f"moemesh up with {workers} workers did not start: {line!r}\n{tail}")
-    log.close()  # the children keep their own handle; it disappears with them
-    return proc, match.group(1), match.group(2)
-
-
-def stop_mesh(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def check_cpu_mesh(model_dir: Path, s: CheckSettings = CheckSettings()) -> CheckResult:
     """Start the measured mesh and a one-worker mesh, then run `s.rounds` interleaved rounds
     (module docstring)."""
     cfg = load_config(model_dir)
     per_worker = s.batch // s.workers
     single_threads = max(1, os.cpu_count() or 1)  # what `moemesh up` gives a lone worker
-    meshes = [start_mesh(model_dir, s.workers)]
+    meshes = [UpProcess(model_dir, s.workers, quiet=True)]
     rounds = []
     try:
-        meshes.append(start_mesh(model_dir, 1))
-        (_, gateway, coordinator), (_, gateway1, coordinator1) = meshes
+        meshes.append(UpProcess(model_dir, 1, quiet=True))
+        (gateway, coordinator), (gateway1, coordinator1) = ((m.gateway, m.coordinator) for m in meshes)
         with Calibrator(s.workers) as cal:
             def decode(target: tuple[str, str], batch: int, n: int, window: tuple[int, int]) -> MeshDecode:
                 return asyncio.run(measure_mesh_decode(*target, batch, s.prompt_len, n, window, cfg.vocab_size))
@@ -208,8 +181,8 @@ def check_cpu_mesh(model_dir: Path, s: CheckSettings = CheckSettings()) -> Check
                                     predict_mesh_step(model_dir, s, loaded, overheads, serving)))
                 before = after
     finally:
-        for proc, _, _ in meshes:
-            stop_mesh(proc)
+        for mesh in meshes:
+            mesh.stop()
     pooled = predict_mesh_step(model_dir, s, pooled_rates([r.rates for r in rounds]),
                                pooled_overheads([r.overheads for r in rounds]),
                                statistics.fmean(r.serving_overhead_s for r in rounds))

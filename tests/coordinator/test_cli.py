@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.cli import add_coordinator_command, main, settings_from_args
 from moemesh.errors import ConfigError
+from moemesh.retry import Backoff, retry_sync
 from moemesh.v1 import coordinator_pb2 as pb
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -27,14 +28,15 @@ START_TIMEOUT_S = 30.0  # importing torch dominates start-up on a busy machine
 
 
 def wait_for_port(port_file: Path, proc: subprocess.Popen | None = None) -> int:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if port_file.exists():
-            return int(port_file.read_text())
+    def read() -> int:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"coordinator exited early with {proc.returncode}")
-        time.sleep(0.05)
-    raise AssertionError(f"no port file {port_file} after {START_TIMEOUT_S}s")
+        if not port_file.exists():
+            raise FileNotFoundError(f"no port file {port_file} after {START_TIMEOUT_S}s")
+        return int(port_file.read_text())
+
+    return retry_sync(read, lambda exc: isinstance(exc, FileNotFoundError),
+                      backoff=Backoff(first_s=0.05, cap_s=0.2, deadline_s=START_TIMEOUT_S))
 
 
 def coordinator_argv(model: Path, port_file: Path, *extra: str) -> list[str]:

@@ -24,6 +24,7 @@ from moemesh.engine.sampling import SamplingParams  # noqa: E402
 from moemesh.engine.sampling_wire import sampling_to_proto  # noqa: E402
 from moemesh.model.config import load_config  # noqa: E402
 from moemesh.model.model import RuntimeShape, build_model  # noqa: E402
+from moemesh.retry import Backoff, retry  # noqa: E402
 from moemesh.rpc import channel  # noqa: E402
 from moemesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from moemesh.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
@@ -292,14 +293,14 @@ async def _cancel_scenario(mesh, target: str) -> None:
 
 async def _retry_while_full(stub, request) -> list[gateway_pb2.GenerateResponse]:
     """Generate, retrying RESOURCE_EXHAUSTED for up to 5 s (the cancel is freed asynchronously)."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            return [m for _, m in await collect(stub.Generate(request, timeout=DEADLINE))]
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+
+    async def once() -> list[gateway_pb2.GenerateResponse]:
+        return [m for _, m in await collect(stub.Generate(request, timeout=DEADLINE))]
+
+    def full(exc: Exception) -> bool:
+        return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    return await retry(once, full, backoff=Backoff(first_s=0.05, cap_s=0.05, deadline_s=5.0))
 
 
 def test_a_client_deadline_cancels_the_generation_on_the_worker(mesh):

@@ -249,11 +249,12 @@ def test_bench_reports_table_and_json(tmp_path):
 # ---- one real run against a real mesh ----------------------------------------------------------------
 def test_moemesh_bench_against_a_real_mesh(tmp_path):
     from moemesh.model.tiny import TinySpec, write_tiny_model
-    from moemesh.simulate.cpu_check import start_mesh, stop_mesh
+    from moemesh.launcher import UpProcess
 
     model = write_tiny_model(tmp_path / "model", TinySpec(layers=2, experts=4, top_k=2, hidden=64, intermediate=64,
                                                           heads=4, kv_heads=2, vocab=512, seed=1))
-    proc, gateway, _ = start_mesh(model, workers=2)
+    mesh = UpProcess(model, workers=2, quiet=True)
+    gateway = mesh.gateway
     try:
         out = tmp_path / "bench.json"
         run = subprocess.run(
@@ -262,7 +263,7 @@ def test_moemesh_bench_against_a_real_mesh(tmp_path):
              "--timeout", "60", "--json", str(out), "--no-progress"],
             capture_output=True, text=True, timeout=180)
     finally:
-        stop_mesh(proc)
+        mesh.stop()
     assert run.returncode == 0, run.stderr
     assert "Output token throughput" in run.stdout and "Mean TPOT (ms):" in run.stdout
     report = json.loads(out.read_text())

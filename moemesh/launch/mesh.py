@@ -1,0 +1,173 @@
+"""A whole mesh on this machine: one coordinator, N workers and one or more gateways, as processes.
+
+`moemesh up`, the end-to-end tests and the benchmarks all start meshes through `Mesh`:
+
+    with running(MeshSpec(model=DIR, workers=2, state_dir=tmp, log_dir=tmp / "logs")) as mesh:
+        ...  # mesh.gateway / mesh.coordinator are HOST:PORT; mesh.kill("worker1") crashes one
+
+Every service binds port 0 and publishes its port in `state_dir/NAME.port`; `start()` returns once
+every gateway reports SERVING (a gateway started before the workers waits for the world itself).
+Processes are named "coordinator", "worker0".."workerN-1", "gateway" (then "gateway1", ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moemesh.errors import MoemeshError, UnavailableError
+from moemesh.launch.processes import Processes
+from moemesh.retry import Backoff, retry_sync
+
+GATEWAY_SERVICE = "moemesh.v1.Gateway"
+HEALTH_CALL_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """What to start. Flags are passed to every process of that kind; `per_worker_flags[i]` only
+    to worker i."""
+
+    model: Path
+    workers: int
+    state_dir: Path  # port files
+    log_dir: Path | None = None  # one NAME.log per process; None = the launcher's stderr
+    gateways: int = 1
+    gateway_first: bool = False  # start the gateways before any worker (they must wait for the world)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 0  # the first gateway's port (0 = any free port); others always take a free one
+    coordinator_flags: tuple[str, ...] = ()
+    worker_flags: tuple[str, ...] = ()
+    per_worker_flags: tuple[tuple[str, ...], ...] = ()
+    gateway_flags: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # added to every child's environment
+    start_timeout_s: float = 180.0
+    stop_timeout_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.gateways < 0:
+            raise MoemeshError(f"a mesh needs >= 1 worker and >= 0 gateways, got {self.workers}, {self.gateways}")
+        if len(self.per_worker_flags) > self.workers:
+            raise MoemeshError(f"per_worker_flags names {len(self.per_worker_flags)} workers; the mesh has "
+                               f"{self.workers}")
+
+
+class Mesh:
+    """The processes of one mesh and their addresses; `stop()` is idempotent and reaps them all."""
+
+    def __init__(self, spec: MeshSpec):
+        self.spec = spec
+        self.processes = Processes(spec.log_dir, spec.env)
+        self.coordinator = ""
+        self.gateways: dict[str, str] = {}  # name -> HOST:PORT
+
+    @property
+    def model_dir(self) -> Path:
+        return self.spec.model
+
+    @property
+    def gateway(self) -> str:
+        """The first gateway's address."""
+        return next(iter(self.gateways.values()))
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return self.processes.procs
+
+    def start(self) -> Mesh:
+        """Coordinator, then workers and gateways (in `gateway_first` order); returns once every
+        gateway serves. On failure the caller still owns `stop()` (`running` does that)."""
+        s = self.spec
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        port = self._start_and_wait("coordinator", ["coordinator", "--model", str(s.model), "--workers",
+                                                    str(s.workers), "--host", "127.0.0.1", "--port", "0",
+                                                    *s.coordinator_flags])
+        self.coordinator = f"127.0.0.1:{port}"
+        if s.gateway_first:
+            self._start_gateways()
+        for i in range(s.workers):
+            own = s.per_worker_flags[i] if i < len(s.per_worker_flags) else ()
+            self.processes.start(f"worker{i}", ["worker", "--coordinator", self.coordinator, "--port", "0",
+                                                "--worker-id", f"worker-{i}", *s.worker_flags, *own])
+        if not s.gateway_first:
+            self._start_gateways()
+        for address in self.gateways.values():
+            self.wait_serving(address)
+        return self
+
+    def add_gateway(self, name: str, flags: Sequence[str] = (), port: int = 0) -> str:
+        """Start gateway `name` in front of this mesh; its address once bound (not yet SERVING)."""
+        s = self.spec
+        port = self._start_and_wait(name, ["gateway", "--coordinator", self.coordinator, "--model", str(s.model),
+                                           "--host", s.gateway_host, "--port", str(port), *flags])
+        self.gateways[name] = f"{s.gateway_host}:{port}"
+        return self.gateways[name]
+
+    def wait_serving(self, address: str, timeout_s: float | None = None) -> None:
+        """Poll `address`'s health service until the Gateway service is SERVING; MoemeshError with
+        the logs if a process dies or the time runs out."""
+        timeout_s = self.spec.start_timeout_s if timeout_s is None else timeout_s
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def check() -> None:
+                self.processes.check_alive()
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=GATEWAY_SERVICE),
+                                       timeout=HEALTH_CALL_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    raise UnavailableError(f"{address} not SERVING within {timeout_s:.0f} s ({exc.code().name})")
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    raise UnavailableError(f"{address} not SERVING within {timeout_s:.0f} s")
+
+            try:
+                retry_sync(check, lambda exc: isinstance(exc, UnavailableError),
+                           backoff=Backoff(first_s=0.05, cap_s=0.5, deadline_s=timeout_s))
+            except UnavailableError as exc:
+                raise MoemeshError(f"{exc}\n{self.processes.log_tail()}") from None
+
+    def check_alive(self) -> None:
+        self.processes.check_alive()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return self.processes.log_tail(lines)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (a crash)."""
+        self.processes.kill(name)
+
+    def terminate(self, name: str, timeout_s: float = 15.0) -> int:
+        """SIGTERM one process, SIGKILL after `timeout_s`; its exit status."""
+        return self.processes.terminate(name, timeout_s)
+
+    def stop(self) -> None:
+        """Gateways, then workers, then the coordinator; SIGKILL whatever outlives the bound."""
+        self.processes.stop(self.spec.stop_timeout_s)
+
+    def _start_gateways(self) -> None:
+        s = self.spec
+        for i in range(s.gateways):
+            self.add_gateway("gateway" if i == 0 else f"gateway{i}", s.gateway_flags,
+                             port=s.gateway_port if i == 0 else 0)
+
+    def _start_and_wait(self, name: str, argv: list[str]) -> int:
+        port_file = self.spec.state_dir / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        self.processes.start(name, [*argv, "--port-file", str(port_file)])
+        return self.processes.wait_port(name, port_file, self.spec.start_timeout_s)
+
+
+@contextlib.contextmanager
+def running(spec: MeshSpec) -> Iterator[Mesh]:
+    """A started mesh; every process is stopped on exit, also when starting failed."""
+    mesh = Mesh(spec)
+    try:
+        yield mesh.start()
+    finally:
+        mesh.stop()

@@ -1,0 +1,128 @@
+"""Settings from flags and the environment: one mechanism for every moemesh service.
+
+Each service declares one frozen dataclass; every field that is a flag says so once, with
+`option(...)` (its flag, help, parser, default, choices) in the field's metadata. The class names
+its environment prefix in `ENV_PREFIX` (e.g. "MOEMESH_GATEWAY_"); a flag's variable is the prefix
+plus the flag in upper case with '_' for '-' (--max-inflight -> MOEMESH_GATEWAY_MAX_INFLIGHT).
+
+    @dataclass(frozen=True)
+    class GatewaySettings:
+        ENV_PREFIX: ClassVar[str] = "MOEMESH_GATEWAY_"
+        coordinator: str = option("--coordinator", "coordinator HOST:PORT")        # required
+        port: int = option("--port", "port to bind", int, default=50051)
+
+`add_options(parser, Settings)` adds the flags (all default to None, so the environment can fill
+what the command line leaves unset); `settings_from(Settings, args, environ)` resolves each field:
+flag > environment variable > default. A field without a default is required. Booleans are
+`--flag` switches, and `1/true/yes/on` or `0/false/no/off/""` in the environment. A bad variable,
+a value outside `choices` or a missing required field is a ConfigError naming the flag and the
+variable. Only a CLI (its main()/runner) passes `os.environ` in; nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, TypeVar
+
+from moemesh.errors import ConfigError
+
+S = TypeVar("S")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+_KEY = "moemesh.option"
+
+
+def parse_bool(text: str) -> bool:
+    """'1/true/yes/on' -> True, '0/false/no/off/' (empty) -> False, case-insensitive."""
+    value = text.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE[:-1])} (or empty)")
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one settings field is given: its flag, help, parser and allowed values."""
+
+    flag: str
+    help: str
+    parse: Callable[[str], Any]
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def is_switch(self) -> bool:
+        return self.parse is parse_bool
+
+    def env(self, prefix: str) -> str:
+        return prefix + self.flag.removeprefix("--").replace("-", "_").upper()
+
+
+def option(flag: str, help: str, parse: Callable[[str], Any] = str, *, default: Any = MISSING,
+           choices: Sequence[Any] | None = None) -> Any:
+    """A dataclass field that is also a flag (and an environment variable); no default = required."""
+    meta = {_KEY: Option(flag, help, parse, tuple(choices) if choices is not None else None)}
+    if default is MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def options(cls: type) -> Iterator[tuple[Field, Option]]:
+    """(field, option) for every field of `cls` declared with `option(...)`, in declaration order."""
+    for f in fields(cls):
+        opt = f.metadata.get(_KEY)
+        if opt is not None:
+            yield f, opt
+
+
+def env_prefix(cls: type) -> str:
+    prefix = getattr(cls, "ENV_PREFIX", None)
+    assert isinstance(prefix, str), f"{cls.__name__} must declare ENV_PREFIX"
+    return prefix
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per option of `cls`; each defaults to None (unset), the help names its variable."""
+    prefix = env_prefix(cls)
+    for f, opt in options(cls):
+        shown = "none" if f.default is MISSING or f.default is None else f.default
+        help_text = f"{opt.help} (env {opt.env(prefix)}; default {shown})"
+        if f.default is MISSING:
+            help_text = f"{opt.help} (required; env {opt.env(prefix)})"
+        if opt.is_switch:
+            parser.add_argument(opt.flag, dest=f.name, action="store_const", const=True, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(opt.flag, dest=f.name, type=opt.parse, default=None, choices=opt.choices,
+                                help=help_text)
+
+
+def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str]) -> S:
+    """`cls` from parsed flags, then `environ`'s variables, then the defaults (module docstring)."""
+    prefix = env_prefix(cls)
+    values: dict[str, Any] = {}
+    for f, opt in options(cls):
+        value = getattr(args, f.name, None)
+        if value is None:
+            value = _from_env(opt, opt.env(prefix), environ)
+        if value is None and f.default is MISSING:
+            raise ConfigError(f"{opt.flag} is required (or set {opt.env(prefix)})")
+        if value is not None:
+            values[f.name] = value
+    return cls(**values)
+
+
+def _from_env(opt: Option, name: str, environ: Mapping[str, str]) -> Any:
+    """The parsed value of variable `name`, None when unset; ConfigError naming it when bad."""
+    if name not in environ:
+        return None
+    text = environ[name]
+    try:
+        value = opt.parse(text)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"{name}={text!r} is not valid for {opt.flag}: {exc}") from None
+    if opt.choices is not None and value not in opt.choices:
+        choices = ", ".join(str(c) for c in opt.choices)
+        raise ConfigError(f"{name}={text!r} is not valid for {opt.flag}: choose one of {choices}")
+    return value

@@ -1,0 +1,83 @@
+"""moemesh.settings: one frozen dataclass per service, built from flags > environment > defaults."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import FrozenInstanceError, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from coordinator.settings import CoordinatorSettings
+from expert_worker.settings import WorkerSettings
+from gateway.settings import GatewaySettings
+from moemesh.errors import ConfigError
+from moemesh.settings import add_options, option, options, parse_bool, settings_from
+
+
+@dataclass(frozen=True)
+class Demo:
+    ENV_PREFIX: ClassVar[str] = "MOEMESH_DEMO_"
+
+    target: str = option("--target", "HOST:PORT to call")
+    retries: int = option("--max-retries", "attempts", int, default=3)
+    verbose: bool = option("--verbose", "say more", parse_bool, default=False)
+    out: Path | None = option("--out", "output file", Path, default=None)
+    mode: str = option("--mode", "how", default="fast", choices=("fast", "safe"))
+    internal: float = 0.5  # no flag
+
+
+def build(argv: list[str], env: dict[str, str] | None = None) -> Demo:
+    parser = argparse.ArgumentParser()
+    add_options(parser, Demo)
+    return settings_from(Demo, parser.parse_args(argv), env or {})
+
+
+def test_flag_beats_environment_beats_default():
+    env = {"MOEMESH_DEMO_TARGET": "e:1", "MOEMESH_DEMO_MAX_RETRIES": "7", "MOEMESH_DEMO_OUT": "/o"}
+    assert build(["--max-retries", "9"], env) == Demo(target="e:1", retries=9, out=Path("/o"))
+    assert build(["--target", "f:1"], env).target == "f:1"
+    assert build(["--target", "f:1"]) == Demo(target="f:1")
+
+
+@pytest.mark.parametrize("text, value", [("1", True), ("yes", True), ("ON", True), ("true", True),
+                                         ("0", False), ("no", False), ("off", False), ("", False)])
+def test_booleans_from_the_environment(text, value):
+    assert build(["--target", "t:1"], {"MOEMESH_DEMO_VERBOSE": text}).verbose is value
+
+
+def test_a_switch_flag_sets_true():
+    assert build(["--target", "t:1", "--verbose"], {"MOEMESH_DEMO_VERBOSE": "0"}).verbose is True
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MOEMESH_DEMO_MAX_RETRIES": "many"}, "MOEMESH_DEMO_MAX_RETRIES='many' is not valid for --max-retries"),
+    ({"MOEMESH_DEMO_VERBOSE": "maybe"}, "MOEMESH_DEMO_VERBOSE='maybe' is not valid for --verbose"),
+    ({"MOEMESH_DEMO_MODE": "slow"}, "MOEMESH_DEMO_MODE='slow' is not valid for --mode: choose one of fast, safe"),
+])
+def test_a_bad_variable_is_a_config_error_naming_it(env, message):
+    with pytest.raises(ConfigError, match=message):
+        build(["--target", "t:1"], env)
+
+
+def test_a_missing_required_field_names_flag_and_variable():
+    with pytest.raises(ConfigError, match=r"--target is required \(or set MOEMESH_DEMO_TARGET\)"):
+        build([])
+
+
+def test_settings_are_frozen_and_unflagged_fields_keep_their_default():
+    s = build(["--target", "t:1"])
+    assert s.internal == 0.5 and "internal" not in {f.name for f, _ in options(Demo)}
+    with pytest.raises(FrozenInstanceError):
+        s.target = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("cls, command", [(CoordinatorSettings, "coordinator"), (GatewaySettings, "gateway"),
+                                          (WorkerSettings, "worker")])
+def test_every_service_flag_names_its_variable_in_the_help(cls, command):
+    parser = argparse.ArgumentParser(prog=command)
+    add_options(parser, cls)
+    text = " ".join(parser.format_help().split())
+    for _, opt in options(cls):
+        assert opt.flag in text and opt.env(cls.ENV_PREFIX) in text
