@@ -21,7 +21,7 @@ from expert_worker.requests import (
 from expert_worker.runner import MeshRunner
 from moemesh.engine.engine import Engine, FinishReason
 from moemesh.engine.sampling_wire import sampling_from_proto
-from moemesh.rpc import status_for
+from moemesh.status import status_for
 from moemesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 _REASON = {

@@ -1,26 +1,20 @@
 """Errors the gateway raises while relaying requests to workers.
 
-Typed moemesh errors become status codes in `moemesh.rpc.ErrorInterceptor` (the table in
-moemesh.status); `WorkerRejectedError` carries the worker's own status code, which the interceptor
-passes through unchanged. `status_code_of` (google.rpc.Code number -> grpc.StatusCode) is
-re-exported from moemesh.status.
+Typed moemesh errors become status codes in `moemesh.rpc.ErrorInterceptor` (the one table in
+moemesh.status). `WorkerFailedError` carries the status code of a failure that reached a request
+before its first token (the worker's own code for a rejection, UNAVAILABLE for a lost stream): the
+interceptor answers with that code unchanged.
 """
 
 from __future__ import annotations
 
 from moemesh.errors import UnavailableError
-from moemesh.status import RelayedStatusError, status_code_of
-
-__all__ = ["NoWorkerError", "WorkerLostError", "WorkerRejectedError", "status_code_of"]
+from moemesh.status import RelayedStatusError
 
 
-class WorkerRejectedError(RelayedStatusError):
-    """A worker refused a request before generating anything (WorkerEvent.Rejected); the gateway
-    answers with the worker's own status code."""
-
-
-class WorkerLostError(UnavailableError):
-    """The Serve stream of the worker running a request broke or ended (UNAVAILABLE)."""
+class WorkerFailedError(RelayedStatusError):
+    """A request failed before its first token (rejected by its worker, or its worker's stream
+    broke); the gateway answers with the failure's own status code."""
 
 
 class NoWorkerError(UnavailableError):

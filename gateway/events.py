@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from gateway.errors import status_code_of
+from moemesh.status import status_code_of
 from moemesh.v1 import common_pb2, worker_pb2
 
 

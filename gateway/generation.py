@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from gateway.errors import WorkerRejectedError
+from gateway.errors import WorkerFailedError
 from gateway.events import Event, Failed, Finished, Tokens
 from gateway.model import Prepared, ServedModel
 from gateway.workers import Handle, WorkerPool
@@ -58,7 +58,7 @@ class Progress:
         """THE failure rule. `strict` (a single Generate) and no token yet: raise, so the call fails
         with the event's status code; otherwise end this generation with Finished{ERROR}."""
         if strict and self.handle.tokens == 0:
-            raise WorkerRejectedError(event.code, event.message)
+            raise WorkerFailedError(event.code, event.message)
         return self.finished(common_pb2.FINISH_REASON_ERROR, f"{event.code.name}: {event.message}")
 
     def finished(self, reason: common_pb2.FinishReason.ValueType, error: str = "") -> Response:

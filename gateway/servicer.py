@@ -40,7 +40,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         received_at = time.monotonic()
         prepared = self.model.prepare(request, _new_request_id())
         async for response in generate_one(self.pool, self.model, prepared, received_at):
-            yield response  # a WorkerRejectedError keeps the worker's code (moemesh.status)
+            yield response  # a WorkerFailedError keeps the worker's code (moemesh.status)
 
     async def GenerateBatch(
         self, request: gateway_pb2.GenerateBatchRequest, context: grpc.aio.ServicerContext

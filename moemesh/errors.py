@@ -21,6 +21,10 @@ class InvalidRequestError(MoemeshError):
     """A request is malformed (empty prompt, bad sampling value, too long): INVALID_ARGUMENT."""
 
 
+class AlreadyExistsError(MoemeshError):
+    """Something with this id exists already (a duplicate request id): ALREADY_EXISTS."""
+
+
 class CapacityError(MoemeshError):
     """No room for more work right now: RESOURCE_EXHAUSTED."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from moemesh.errors import (
+    AlreadyExistsError,
     CapacityError,
     InvalidRequestError,
     MoemeshError,
@@ -22,6 +23,7 @@ from moemesh.errors import (
 STATUS_OF: tuple[tuple[type[MoemeshError], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (MoemeshError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -145,4 +145,4 @@ def test_the_servicer_sends_one_message_per_list_with_the_errors_status_code():
     _, fin, rej = many.batch.events
     assert fin.finished.reason == common_pb2.FINISH_REASON_ERROR and fin.finished.error == "boom"
     assert (fin.finished.prompt_tokens, fin.finished.completion_tokens) == (3, 2)
-    assert rej.rejected.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and rej.rejected.message == "dup"
+    assert rej.rejected.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and rej.rejected.message == "dup"

@@ -7,7 +7,7 @@ import pytest
 
 from coordinator.errors import UnknownWorkerError, WorldFormedError
 from coordinator.tools import rpc_error
-from gateway.errors import NoWorkerError, WorkerRejectedError
+from gateway.errors import NoWorkerError, WorkerFailedError
 from moemesh.client import typed_error
 from moemesh.errors import (
     CapacityError,
@@ -41,7 +41,7 @@ def test_each_code_names_one_class():
     (UnknownWorkerError("w"), grpc.StatusCode.NOT_FOUND),
     (WorldFormedError("late"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoWorkerError("none"), grpc.StatusCode.UNAVAILABLE),
-    (WorkerRejectedError(grpc.StatusCode.OUT_OF_RANGE, "worker says no"), grpc.StatusCode.OUT_OF_RANGE),
+    (WorkerFailedError(grpc.StatusCode.OUT_OF_RANGE, "worker says no"), grpc.StatusCode.OUT_OF_RANGE),
 ])
 def test_subclasses_take_their_base_code_and_relayed_errors_keep_theirs(exc, code):
     assert status_for(exc) == code
