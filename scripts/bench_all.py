@@ -43,6 +43,10 @@ from moemesh.simulate.measure import step_counters, worker_statuses  # noqa: E40
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
                 vocab=512, seed=0)
 ENGINE = "single-process engine"
+# The cost model's 2-worker decode step against the live mesh (moemesh.simulate.cpu_check): a
+# benchmark, not a unit test (tests/moemesh/simulate/test_cpu_prediction.py checks the model's
+# arithmetic on recorded rates); `make bench` fails when the pooled error is outside this.
+PREDICTION_TOLERANCE = 0.25
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {s.out} and {chart} in {took / 60:.1f} min")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "check_error": check.error if check else None}, indent=2))
+    if check and abs(check.error) >= PREDICTION_TOLERANCE:
+        print(f"bench: the cost model missed the 2-worker mesh by {check.error:+.0%} "
+              f"(tolerance {PREDICTION_TOLERANCE:.0%}):\n{check.table()}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -232,8 +240,8 @@ def plot(rows: dict[str, dict[str, float]], out: Path) -> Path:
 def render(s: BenchAllSettings, rows, table: str, check, paper: str, chart: Path, took: float) -> str:
     spec = SPEC
     check_text = (f"```\n{check.table()}\n```\n\nPooled over rounds: predicted {check.predicted_step_s * 1e3:.1f} ms, "
-                  f"measured {check.measured_step_s * 1e3:.1f} ms: error {check.error:+.0%} (the test "
-                  f"`tests/moemesh/simulate/test_cpu_prediction.py` requires |error| < 25%)."
+                  f"measured {check.measured_step_s * 1e3:.1f} ms: error {check.error:+.0%} (`make bench` "
+                  f"requires |error| < {PREDICTION_TOLERANCE:.0%})."
                   if check else "(skipped: --check-rounds 0)")
     return TEMPLATE.format(
         machine=machine(), took=took / 60, table=table, chart=chart.name, check=check_text, paper=paper.rstrip(),

@@ -256,7 +256,8 @@ def test_wait_for_world_honours_the_deadline(tiny_model):
             return elapsed, regs
 
     elapsed, regs = asyncio.run(scenario())
-    assert elapsed < 2.0 and regs[1].world_generation == 1
+    # The deadline is the client's 0.3 s (DEADLINE_EXCEEDED above); this bound only catches a hang.
+    assert elapsed < 30.0 and regs[1].world_generation == 1  # hang bound
 
 
 def test_health_reports_serving(tiny_model):
@@ -273,7 +274,8 @@ def test_health_reports_serving(tiny_model):
 
 def test_stop_ends_open_watches_promptly(tiny_model):
     async def scenario():
-        settings = CoordinatorSettings(model_dir=tiny_model, workers=1, port=0, shutdown_grace_s=5.0)
+        # A 120 s grace: were the open watch to hold it, stop() would outlast the 30 s hang bound below.
+        settings = CoordinatorSettings(model_dir=tiny_model, workers=1, port=0, shutdown_grace_s=120.0)
         server = CoordinatorServer(settings)
         try:
             await server.start()
@@ -282,16 +284,14 @@ def test_stop_ends_open_watches_promptly(tiny_model):
                 stream = stub.WatchPlacement(pb.WatchPlacementRequest(), timeout=DEADLINE)
                 await form(stub, 1)
                 assert (await stream.read()).epoch == 1
-                t0 = time.monotonic()
-                await server.stop()
+                await asyncio.wait_for(server.stop(), timeout=30.0)  # hang bound
                 ended = await stream.read()
-                return time.monotonic() - t0, ended, await stream.code()
+                return ended, await stream.code()
         finally:
             await server.stop()
 
-    elapsed, ended, code = asyncio.run(scenario())
+    ended, code = asyncio.run(scenario())  # stop() returned: the open watch did not hold the grace
     assert ended is grpc.aio.EOF and code == grpc.StatusCode.OK
-    assert elapsed < 2.0  # the open watch did not hold the 5 s grace
 
 
 def test_initial_placement_file_is_published_as_epoch_1(tiny_model, tmp_path):

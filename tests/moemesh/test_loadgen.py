@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -138,6 +139,7 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
 
     def __init__(self, first_s: float = 0.02, gap_s: float = 0.01):
         self.first_s, self.gap_s, self.active, self.cancelled = first_s, gap_s, 0, 0
+        self.cancelled_changed = asyncio.Condition()
 
     async def Generate(self, request, context):
         self.active += 1
@@ -152,6 +154,8 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
                 reason=common_pb2.FINISH_REASON_LENGTH, prompt_tokens=len(request.token_ids.ids), completion_tokens=n))
         except asyncio.CancelledError:
             self.cancelled += 1
+            async with self.cancelled_changed:
+                self.cancelled_changed.notify_all()
             raise
         finally:
             self.active -= 1
@@ -185,7 +189,14 @@ def test_closed_loop_times_every_token():
     m = summarize(timings, wall)
     assert m["requests"] == 6 and m["output_tokens"] == 30
     assert all(t.ttft >= 0.02 for t in timings)
-    assert m["itl_median_s"] == pytest.approx(0.01, abs=0.02)
+    # Every token is timed when it arrives. Causality bounds it below: the server sends token i
+    # first_s + i x gap_s after the RPC reached it, which is after the client's clock started
+    # (1 ms for the event loop's clock resolution). Above, no token comes after the request ends.
+    # Not a speed check: a slow machine only makes the times larger.
+    for t in timings:
+        assert len(t.token_times) == 5 and len(t.itls) == 4  # one chunk per token
+        assert all(t.token_times[i] >= 0.02 + i * 0.01 - 1e-3 for i in range(5))
+        assert t.token_times == sorted(t.token_times) and t.token_times[-1] <= t.latency
     assert wall >= 3 * (0.02 + 4 * 0.01)  # 6 requests, 2 at a time
 
 
@@ -218,12 +229,15 @@ def test_stop_returns_partial_results_and_cancels_rpcs():
         asyncio.get_running_loop().call_later(0.25, stop.set)
         started = time.perf_counter()
         timings, wall = await run_load(target, LoadPlan(_requests(8, 100), concurrency=2, timeout_s=30), stop=stop)
-        await asyncio.sleep(0.1)  # let the server see the cancellations
+        async with servicer.cancelled_changed:  # the server sees both cancellations
+            await asyncio.wait_for(servicer.cancelled_changed.wait_for(lambda: servicer.cancelled >= 2),
+                                   timeout=30)  # hang bound
         return timings, wall, time.perf_counter() - started, servicer.cancelled
 
     timings, wall, took, cancelled = asyncio.run(_with_gateway(body, first_s=0.01, gap_s=0.01))
     # Stopped long before 8 requests x 100 tokens could finish (bounds loose: this is not a timing test).
-    assert wall >= 0.25 and took < 10.0
+    assert wall >= 0.25
+    assert took < 60.0  # hang bound
     assert all(t.error == "cancelled" for t in timings) and cancelled == 2
     m = summarize(timings, wall)
     assert m["requests"] == 0 and m["cancelled"] == 8
@@ -271,4 +285,11 @@ def test_moemesh_bench_against_a_real_mesh(tmp_path):
     assert (m["requests"], m["failed"], m["output_tokens"]) == (8, 0, 64)
     assert report["model"]["num_workers"] == 2 and report["model"]["transport"] == "gloo"
     assert 0 < m["ttft_mean_s"] < m["e2el_mean_s"] and m["tpot_mean_s"] > 0
-    assert m["output_tokens_per_s"] == pytest.approx(64 / m["wall_s"])
+    # summarize's arithmetic is checked by hand above (test_summarize_exact_values); here the report
+    # agrees with itself: every request lies inside the measured wall, the per-request tokens add
+    # up, and the table prints the JSON's throughput.
+    per_request = report["per_request"]
+    assert sum(r["output_tokens"] for r in per_request) == 64
+    assert all(r["sent_at_s"] + r["latency_s"] <= m["wall_s"] + 1e-6 for r in per_request)
+    printed = re.search(r"Output token throughput \(tok/s\):\s+([0-9.]+)", run.stdout)
+    assert printed and float(printed.group(1)) == pytest.approx(m["output_tokens_per_s"], abs=0.006)

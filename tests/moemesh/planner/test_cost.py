@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from moemesh.mesh.placement import initial_placement
 from moemesh.planner.cost import CostModel, CostOptions, ExpertShape, evaluate
-from moemesh.planner.topology import Topology, h100_cluster
-from moemesh.planner.traffic import synthetic
+from moemesh.planner.topology import LinkSpec, Topology, h100_cluster
+from moemesh.planner.traffic import Traffic, synthetic
 
 UNIT = ExpertShape(hidden_size=4, intermediate_size=4, dtype_bytes=1, matrices=1)  # 4 bytes per token
 
@@ -120,25 +120,59 @@ def test_send_once_per_node_by_hand():
     assert (links["ib-out:0"], links["ib-in:1"]) == (20, 20) and sum(links.values()) == 40
 
 
-def test_layer_time_formula():
-    topo = Topology.preset("paper-16xh100")
-    t = synthetic(16, 2, 16, top_k=2, skew=1.2, seed=0)
-    shape = ExpertShape.paper()
-    p = initial_placement(16, t.layer_ids, 16)
-    cost = evaluate(p, topo, t, shape)
-    links = cost.links
-    # link_s = latency + bytes / bandwidth; bytes = tokens x token_bytes
-    k = int(cost.link_s[0].argmax())
-    assert cost.link_s[0, k] == pytest.approx(links.latency_s[k] + cost.link_bytes[0, k] / links.bandwidth_bytes_per_s[k])
-    # dispatch_s[g] = the slowest of g's four ports; comm = dispatch + mirrored combine
-    dispatch = cost.link_s[:, links.device_links].max(axis=2)
-    np.testing.assert_allclose(cost.comm_s, 2 * dispatch)
-    np.testing.assert_allclose(cost.compute_s, cost.device_tokens * shape.flops_per_token / topo.device_flops_per_s)
-    np.testing.assert_allclose(cost.layer_s, (cost.compute_s + cost.comm_s).max(axis=1))
-    assert cost.total_layer_s == pytest.approx(cost.layer_s.sum())
-    # overlap hides communication behind compute, never more than the compute
-    hidden = CostModel(topo, shape, CostOptions(overlap=0.8)).evaluate(p, t)
-    np.testing.assert_allclose(hidden.device_s, cost.compute_s + cost.comm_s - np.minimum(0.8 * cost.comm_s, cost.compute_s))
+def _two_device_case(overlap: float):
+    """One node of 2 devices: NVLink ports 100 B/s with 0.5 s latency, 100 FLOP/s each; UNIT experts
+    (4 bytes per token, 2 x 1 x 4 x 4 = 32 FLOPs per copy). Device g holds expert g. Copies:
+    s0->e0 10 (stays), s0->e1 5, s1->e0 3, s1->e1 2 (stays)."""
+    topo = Topology(name="hand", nodes=1, devices_per_node=2, devices=2, device_memory_bytes=10**9,
+                    device_flops_per_s=100.0, intra=LinkSpec(100.0, 0.5), inter=LinkSpec(50.0, 0.25))
+    tokens = np.array([[[10.0, 5.0], [3.0, 2.0]]])  # [L=1, S=2, E=2]
+    traffic = Traffic(layer_ids=(0,), tokens=tokens, coactivation=np.zeros((1, 2, 2)), top_k=1)
+    slots = np.array([[[0], [1]]])  # [L, G, P]
+    model = CostModel(topo, UNIT, CostOptions(overlap=overlap))
+    return model.evaluate_slots(slots, traffic)
+
+
+def test_layer_time_formula_by_hand():
+    cost = _two_device_case(overlap=0.0)
+    links = dict(zip(cost.links.names, cost.link_bytes[0]))
+    # bytes = copies x 4: nvl-out:0 and nvl-in:1 carry s0->e1 (5 -> 20 B), nvl-out:1 / nvl-in:0 s1->e0 (3 -> 12 B)
+    assert links == {"nvl-out:0": 20, "nvl-out:1": 12, "nvl-in:0": 12, "nvl-in:1": 20, "ib-out:0": 0, "ib-in:0": 0}
+    # link_s = latency + bytes / bandwidth: 0.5 + 20/100 = 0.7, 0.5 + 12/100 = 0.62; no bytes -> 0 (no latency)
+    seconds = dict(zip(cost.links.names, cost.link_s[0]))
+    assert seconds == pytest.approx({"nvl-out:0": 0.7, "nvl-out:1": 0.62, "nvl-in:0": 0.62, "nvl-in:1": 0.7,
+                                     "ib-out:0": 0.0, "ib-in:0": 0.0})
+    # dispatch = slowest of the device's ports: 0.7 for both; comm = dispatch + mirrored combine = 1.4
+    np.testing.assert_allclose(cost.comm_s, [[1.4, 1.4]])
+    # device tokens: d0 computes 10 + 3 = 13 copies, d1 5 + 2 = 7; compute = copies x 32 / 100
+    np.testing.assert_allclose(cost.device_tokens, [[13, 7]])
+    np.testing.assert_allclose(cost.compute_s, [[4.16, 2.24]])
+    # no overlap: device = compute + comm = 5.56, 3.64; the layer is the slowest device
+    np.testing.assert_allclose(cost.device_s, [[5.56, 3.64]])
+    assert cost.layer_s[0] == pytest.approx(5.56) and cost.total_layer_s == pytest.approx(5.56)
+    assert cost.max_link_s[0] == pytest.approx(0.7) and cost.max_link_bytes[0] == 20
+
+
+def test_overlap_hides_communication_never_more_than_the_compute():
+    # overlap 0.8 hides 0.8 x 1.4 = 1.12 of both devices' comm: 4.16 + 1.4 - 1.12 = 4.44, 2.24 + 0.28 = 2.52
+    np.testing.assert_allclose(_two_device_case(overlap=0.8).device_s, [[4.44, 2.52]])
+    # overlap 1 hides min(1.4, compute): both devices compute longer than 1.4 s, so all comm is hidden
+    np.testing.assert_allclose(_two_device_case(overlap=1.0).device_s, [[4.16, 2.24]])
+
+
+def test_overlap_is_capped_by_the_compute():
+    """Device 1 computes 0.32 s (one copy) but sends 2 copies over a slow port (0.5 + 8/100 per
+    direction: comm 1.16 s): overlap 1 hides only its 0.32 s of compute, leaving 1.16 s."""
+    topo = Topology(name="hand", nodes=1, devices_per_node=2, devices=2, device_memory_bytes=10**9,
+                    device_flops_per_s=100.0, intra=LinkSpec(100.0, 0.5), inter=LinkSpec(50.0, 0.25))
+    tokens = np.array([[[0.0, 0.0], [2.0, 1.0]]])  # s1 sends 2 copies to e0, keeps 1 for e1
+    traffic = Traffic(layer_ids=(0,), tokens=tokens, coactivation=np.zeros((1, 2, 2)), top_k=1)
+    cost = CostModel(topo, UNIT, CostOptions(overlap=1.0)).evaluate_slots(np.array([[[0], [1]]]), traffic)
+    # d0: 2 copies = 0.64 s compute, comm 2 x 0.58 = 1.16, all hidden up to 0.64 -> 1.16
+    # d1: 1 copy = 0.32 s compute, comm 1.16 -> 0.32 + 1.16 - 0.32 = 1.16
+    np.testing.assert_allclose(cost.compute_s, [[0.64, 0.32]])
+    np.testing.assert_allclose(cost.comm_s, [[1.16, 1.16]])
+    np.testing.assert_allclose(cost.device_s, [[1.16, 1.16]])
 
 
 def test_shapes_and_units():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -115,13 +117,30 @@ def test_replicas_on_spare_devices_balance_devices():
 
 
 def _one_per_device_bound(problem: Problem) -> np.ndarray:
-    """[L] the least max/mean device load any one-expert-per-device placement reaches: every
-    device holds one replica; the best replica counts minimise max(load / replicas)."""
-    from moemesh.planner.replicas import replicate
+    """[L] the least max/mean device load any one-expert-per-device placement reaches."""
+    return _least_max_over_mean(problem.routed.expert_tokens, problem.topology.devices)
 
-    load = problem.routed.expert_tokens
-    counts = replicate(load, problem.topology.devices, problem.topology.devices)
-    return (load / counts).max(axis=1) / (load.sum(axis=1) / problem.topology.devices)
+
+def _least_max_over_mean(load: np.ndarray, devices: int) -> np.ndarray:
+    """load [L, E] -> [L], by brute force: every device holds one replica, so the G - E spare
+    devices take extra replicas; try every multiset of experts for them and keep the least
+    max(load / replicas). Independent of the planner's replica counting (moemesh.planner.replicas)."""
+    E = load.shape[1]
+    best = np.full(load.shape[0], np.inf)
+    for extra in itertools.combinations_with_replacement(range(E), devices - E):
+        counts = 1 + np.bincount(np.array(extra, dtype=int), minlength=E)  # (E,)
+        best = np.minimum(best, (load / counts).max(axis=1))
+    return best / (load.sum(axis=1) / devices)
+
+
+def test_brute_force_bound_by_hand():
+    """Experts loaded 6, 3, 3. On 4 devices the spare one replicates expert 0 (3, 3, 3): max 3,
+    mean 12 / 4 = 3, bound 1.0. On 5 devices the best of the two spares' 6 choices leaves max 3
+    (e.g. 0 twice: 2, 3, 3), mean 12 / 5 = 2.4: bound 1.25. On 3 devices nothing is spare: 6 / 4 = 1.5."""
+    load = np.array([[6.0, 3.0, 3.0]])
+    assert _least_max_over_mean(load, 4)[0] == pytest.approx(1.0)
+    assert _least_max_over_mean(load, 5)[0] == pytest.approx(1.25)
+    assert _least_max_over_mean(load, 3)[0] == pytest.approx(1.5)
 
 
 def test_uniform_routing_cannot_balance_16_experts_on_20_devices():
