@@ -63,7 +63,7 @@ def test_a_wait_past_its_deadline_aborts_once_and_raises_an_unavailable_error():
     start = time.monotonic()
     with pytest.raises(CollectiveError, match=r"all_to_all: not done after 0.2 s .*communicator aborted"):
         await_done(lambda: False, lambda: None, abort, timeout_s=0.2, what="all_to_all")
-    assert time.monotonic() - start < 30  # a bound that only catches a hang
+    assert time.monotonic() - start < 30  # hang bound
     assert abort.calls == 1
     assert issubclass(CollectiveError, UnavailableError)  # the interceptor maps it to UNAVAILABLE
 
