@@ -8,14 +8,22 @@ has posted the same exchange; `all_gather` blocks until every rank has contribut
 breaks the invariant (another collective at the same position, or a peer that never comes) gets
 an error instead of a hang: a mismatch raises at once, a missing peer after `timeout_s`, and a
 rank that fails can `abort()` the world so every peer raises too.
+
+`HostSyncCounter` counts the calls that make the host wait for the device (on CUDA), so tests
+can hold the step path to its budget of host read-backs without a GPU.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+Result = TypeVar("Result")
 
 
 class LoopbackError(RuntimeError):
@@ -151,3 +159,59 @@ class LoopbackWaker:
         with self._cond:
             self._woken.add(round_)
             self._cond.notify_all()
+
+
+def run_world(world: LoopbackWorld, rank_main: Callable[[LoopbackCollective], Result], timeout_s: float = 120.0) -> list[Result]:
+    """Run rank_main(collective) on one thread per rank; returns the results by rank. A rank that
+    raises aborts the world (its peers raise instead of hanging) and its error is re-raised
+    here; `timeout_s` only bounds a hang."""
+    results: dict[int, Result] = {}
+    errors: dict[int, BaseException] = {}
+
+    def main(rank: int) -> None:
+        try:
+            results[rank] = rank_main(world.collective(rank))
+        except BaseException as exc:  # noqa: BLE001  re-raised by run_world on the caller's thread
+            errors[rank] = exc
+            world.abort(f"rank {rank} failed: {exc!r}")
+
+    threads = [threading.Thread(target=main, args=(r,), name=f"rank-{r}", daemon=True) for r in range(world.world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    if any(t.is_alive() for t in threads):
+        world.abort("run_world: a rank hung")
+        raise LoopbackError(f"ranks still running after {timeout_s} s (a hang)")
+    if errors:
+        first = min(errors, key=lambda r: isinstance(errors[r], LoopbackError))  # the cause before its echoes
+        raise errors[first]
+    return [results[r] for r in range(world.world_size)]
+
+
+# Calls that read a device tensor back to the host (a stream sync on CUDA): read-backs, and ops
+# whose output size depends on the data. Boolean-mask indexing is counted in _bool_index.
+_SYNCING = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+                      "masked_select", "bincount", "unique", "unique_consecutive", "repeat_interleave",
+                      "argwhere", "cpu", "numpy"})
+
+
+def _bool_index(args: tuple) -> bool:
+    index = args[1] if len(args) > 1 else None
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """`with HostSyncCounter() as c:` -> c.calls: the host-syncing torch calls made on this
+    thread inside the block, by name (torch function modes are per thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _SYNCING or (name in ("__getitem__", "__setitem__") and _bool_index(args)):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from moemesh.mesh.gloo import init_gloo
-from moemesh.mesh.placement import Placement, initial_placement, split_placement
 from moemesh.mesh.load import LoadRecorder
+from moemesh.mesh.placement import Placement, initial_placement, split_placement
 from moemesh.mesh.transport import AllToAllTransport, send_rows
 from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter
 from moemesh.model.weights import LayerExperts, shard_weights
