@@ -157,7 +157,7 @@ class MeshRunner:
                 self._count_exchanges()
         except BaseException as exc:  # a peer died or a collective timed out: the world is broken
             self.failure = exc
-            log.exception("engine thread stopped: %s", exc)
+            log.exception("engine thread stopped")
         finally:
             self._finished = True
             self._fail_everything()

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig, load_config
 from moemesh.model.layers import AttentionPlan, KVCache, Rope, attention, rms_norm
-from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, RoutingObserver, SoftmaxTopKRouter, Transport, run_to_end
+from moemesh.model.moe import (
+    GroupedExperts,
+    LocalTransport,
+    MoELayer,
+    RoutingObserver,
+    SoftmaxTopKRouter,
+    Transport,
+    run_to_end,
+)
 from moemesh.model.shard import Shard
 from moemesh.model.weights import DenseWeights, LayerExperts, load_dense, load_layer_experts
 
