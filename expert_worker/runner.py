@@ -91,6 +91,7 @@ class MeshRunner:
         self.on_load = on_load
         self.report_every = report_every_tokens
         self.epoch = epoch
+        self.switches: list[tuple[int, int]] = []  # (epoch, steps executed before it): the same on every rank
         self._prepared: dict[int, PreparedEpoch] = {}
         self._loaded_epoch = self.epoch
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -218,6 +219,7 @@ class MeshRunner:
         if self.recorder is not None:
             self.recorder.reset()  # a load window never straddles two placements
         log.info("switched to placement epoch %d at step %d", header.epoch, self.steps)
+        self.switches.append((header.epoch, self.steps))
         self.epoch = header.epoch
 
     def _fail_everything(self) -> None:
