@@ -58,6 +58,9 @@ class Events:
         with self.cond:
             assert self.cond.wait_for(lambda: predicate(self.events), timeout=HANG_S), "hang"
 
+    def wait_finished(self, rid: str) -> None:
+        self.wait_for(lambda _: self.finished(rid))
+
     def tokens(self, rid: str) -> list[int]:
         return [e.token_id for e in self.events if isinstance(e, TokenEvent) and e.request_id == rid
                 and e.token_id is not None]
@@ -118,7 +121,7 @@ def submit_all(mesh: Mesh) -> dict[str, tuple[int, list[int]]]:
 
 def assert_same_tokens(mesh: Mesh, sent, local_tokens) -> None:
     for rid, (rank, prompt) in sent.items():
-        mesh.events[rank].wait_for(lambda _: mesh.events[rank].finished(rid))
+        mesh.events[rank].wait_finished(rid)
         assert mesh.events[rank].tokens(rid) == local_tokens[tuple(prompt)], rid
 
 
