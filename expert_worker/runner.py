@@ -13,16 +13,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from moemesh.engine.engine import Engine, FinishReason, TokenEvent
+from moemesh.engine.engine import Engine, FinishReason, StepBatch, TokenEvent
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import MoemeshError, UnavailableError
-from moemesh.mesh.lockstep import StepHeader, Waker, exchange_header
+from moemesh.mesh.load import LoadRecorder, LoadSample
+from moemesh.mesh.lockstep import HeaderCollective, StepHeader, Waker, exchange_header
 from moemesh.mesh.placement import Placement
-from moemesh.mesh.transport import AllToAllTransport, LoadSample
-from moemesh.model.moe import GroupedExperts
 from moemesh.model.weights import LayerExperts
 
 log = logging.getLogger(__name__)
@@ -57,29 +57,41 @@ class PreparedEpoch:
 Event = TokenEvent | Rejected
 
 
+class StepCollective(HeaderCollective, Protocol):
+    """What the engine thread needs of its collective besides the transport's exchanges."""
+
+    rank: int
+    seconds: float  # wall time blocked on collectives
+    exchange_seconds: float  # all_to_all exchanges in flight, summed
+    hidden_seconds: float  # the part of exchange_seconds overlapped with compute
+
+
 class MeshRunner:
+    """`epoch`: the placement epoch the engine's MoE layer was built for. `recorder`: the load
+    recorder the model's MoE layer and transport feed; its window goes to `on_load` every
+    `report_every_tokens` routed tokens."""
+
     def __init__(
         self,
         engine: Engine,
-        transport: AllToAllTransport,
-        experts: GroupedExperts,
-        collective,
+        collective: StepCollective,
         waker: Waker,
-        initial: PreparedEpoch,
+        epoch: int,
         on_events: Callable[[list[Event]], None],
         on_load: Callable[[LoadSample], None] | None = None,
+        recorder: LoadRecorder | None = None,
         report_every_tokens: int = 100,
     ):
         self.engine = engine
-        self.transport = transport
-        self.experts = experts
+        self.recorder = recorder
         self.collective = collective
         self.waker = waker
         self.idle_round = 0  # idle headers seen so far: the same count on every rank
         self.on_events = on_events
         self.on_load = on_load
         self.report_every = report_every_tokens
-        self.epoch = initial.placement.epoch
+        self.epoch = epoch
+        self.switches: list[tuple[int, int]] = []  # (epoch, steps executed before it): the same on every rank
         self._prepared: dict[int, PreparedEpoch] = {}
         self._loaded_epoch = self.epoch
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -125,6 +137,9 @@ class MeshRunner:
     # ---- the engine thread -----------------------------------------------------------------------
     def run(self) -> None:
         try:
+            device = torch.device(self.engine.model.runtime.device)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread: this one runs the model
             while True:
                 self._drain_inbox()
                 batch = self.engine.schedule()
@@ -143,7 +158,7 @@ class MeshRunner:
                 self._count_exchanges()
         except BaseException as exc:  # a peer died or a collective timed out: the world is broken
             self.failure = exc
-            log.exception("engine thread stopped: %s", exc)
+            log.exception("engine thread stopped")
         finally:
             self._finished = True
             self._fail_everything()
@@ -166,15 +181,14 @@ class MeshRunner:
         else:
             self.waker.wait(self.idle_round)
 
-    def _step(self, header: StepHeader, batch) -> None:
-        self.transport.begin_step(header.max_tokens)
-        events = self.engine.execute(batch)
+    def _step(self, header: StepHeader, batch: StepBatch) -> None:
+        events = self.engine.execute(batch, header.max_tokens)
         self.steps += 1
         self.tokens += batch.num_tokens
         if events:
             self.on_events(list(events))
-        if self.on_load is not None and self.transport.counted_tokens >= self.report_every:
-            self.on_load(self.transport.take_counts())
+        if self.on_load is not None and self.recorder is not None and self.recorder.tokens >= self.report_every:
+            self.on_load(self.recorder.take())
 
     def _drain_inbox(self) -> None:
         events: list[Event] = []
@@ -201,12 +215,11 @@ class MeshRunner:
             prepared = self._prepared[header.epoch]
             for old in [e for e in self._prepared if e <= header.epoch]:
                 del self._prepared[old]
-        self.experts.layers = dict(prepared.layers)
-        self.transport.set_placement(prepared.placement)
-        router = self.engine.model.moe.router
-        router.factors = {layer: torch.tensor(f, dtype=torch.float32, device=self.engine.model.runtime.device)
-                          for layer, f in prepared.placement.gating.items()}
+        self.engine.model.moe.apply_epoch(prepared.placement, prepared.layers)
+        if self.recorder is not None:
+            self.recorder.reset()  # a load window never straddles two placements
         log.info("switched to placement epoch %d at step %d", header.epoch, self.steps)
+        self.switches.append((header.epoch, self.steps))
         self.epoch = header.epoch
 
     def _fail_everything(self) -> None:

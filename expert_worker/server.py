@@ -23,12 +23,13 @@ import grpc
 import torch
 
 from expert_worker.loader import prepare_epoch
-from expert_worker.runner import MeshRunner, PreparedEpoch
+from expert_worker.runner import MeshRunner
 from expert_worker.servicer import Node, WorkerServicer
 from expert_worker.settings import WorkerSettings
 from moemesh.engine.engine import Engine, EngineSettings
 from moemesh.mesh.backend import choose_backend, join_world
 from moemesh.mesh.gloo import StoreWaker
+from moemesh.mesh.load import LoadRecorder
 from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
@@ -110,16 +111,17 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     log.info("rank %d: data plane %s (%s)", rank, choice.name, choice.reason)
     collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.device,
                             settings.collective_timeout_s, micro_batches=settings.micro_batches)
-    transport = AllToAllTransport(collective, placement, settings.device)
+    recorder = LoadRecorder.for_placement(placement, settings.device)
+    transport = AllToAllTransport(collective, placement, settings.device, observer=recorder)
     pieces = {layer: placement.pieces_on(rank, layer) for layer in placement.layers}
     model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader,
-                        shards=pieces, overflow=settings.overflow, capacity_factor=settings.capacity_factor)
+                        shards=pieces, overflow=settings.overflow, capacity_factor=settings.capacity_factor,
+                        recorder=recorder)
     engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
                                           micro_batches=settings.micro_batches))
-    initial = PreparedEpoch(placement=placement, layers=dict(model.moe.experts.layers))
     waker = StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/", timeout_s=3600.0)
-    runner = MeshRunner(engine, transport, model.moe.experts, collective, waker, initial,
-                        on_events=lambda ev: None, report_every_tokens=settings.report_every_tokens)
+    runner = MeshRunner(engine, collective, waker, placement.epoch, on_events=lambda ev: None, recorder=recorder,
+                        report_every_tokens=settings.report_every_tokens)
     node = Node(rank=rank, world_generation=world.generation, runner=runner, engine=engine, device=settings.device)
     return node, collective, reader
 

@@ -260,7 +260,6 @@ def nccl_exchange(device: str) -> dict:
             collective = NcclCollective(0, 1, make_unique_id(), torch.device(device), timeout_s=60.0)
             try:
                 transport = AllToAllTransport(collective, initial_placement(E, [0], 1), device)
-                transport.begin_step((T,))
                 got = MoELayer(SoftmaxTopKRouter(K, True), transport, experts)(0, x, router)  # (T, D)
                 want = MoELayer(SoftmaxTopKRouter(K, True), LocalTransport(E), experts)(0, x, router)  # (T, D)
                 header = collective.all_gather(torch.tensor([7, 8]))  # (1, 2)

@@ -205,13 +205,17 @@ class Engine:
             seqs=tuple(decode + prefill),
         )
 
-    def execute(self, batch: StepBatch) -> list[TokenEvent]:
-        """Run the step's forward pass, sample, and retire finished sequences."""
+    def execute(self, batch: StepBatch, max_tokens: tuple[int, ...] | None = None) -> list[TokenEvent]:
+        """Run the step's forward pass, sample, and retire finished sequences. `max_tokens`: (M,)
+        on a mesh, the most tokens any rank runs in each micro-batch (the step header's; it sizes
+        the exchanges); None in a single process."""
         if len(batch.micro) == 1:
             m = batch.micro[0]
-            logits = self.model.forward(m.token_ids, m.plan, m.logit_rows)  # (R, V)
+            t_max = max_tokens[0] if max_tokens is not None else None
+            logits = self.model.forward(m.token_ids, m.plan, m.logit_rows, t_max)  # (R, V)
         else:
-            parts = self.model.forward_overlapped([(m.token_ids, m.plan, m.logit_rows) for m in batch.micro])
+            parts = self.model.forward_overlapped([(m.token_ids, m.plan, m.logit_rows) for m in batch.micro],
+                                                  max_tokens)
             logits = torch.cat(parts)  # (R, V) in batch.seqs order
         seqs = batch.seqs
         if not seqs:

@@ -10,9 +10,17 @@ fp16/bf16) so the id is exact in any dtype. Folding the counts into the payload 
 of a count exchange followed by a payload exchange: on loopback gloo the latency of a
 collective, not its bytes, dominates a decode step.
 
-C is the same on every rank because it comes from the step header every rank already gathered:
+C is the same on every rank because T_max comes from the step header every rank already
+gathered, passed down the forward pass as an argument (`dispatch(..., t_max)`):
 C = T_max * min(K, most experts any rank holds in the layer) bounds the copies one rank can send
 to another. The collective itself lives behind `Collective`, so gloo and NCCL share this code.
+
+Host syncs: dispatch and combine count and place pieces with scatter/cumsum/argsort only (no
+nonzero, boolean masks or bincount); the one host read-back per layer is the received counts
+per local expert (ExpertBatch.counts, needed to launch the grouped matmuls), read together with
+two device-side flags (capacity overflow, a token for an expert not held) asserted there.
+Load statistics are not kept here: an optional `DestinationObserver` sees each layer's
+destinations (moemesh.mesh.load.LoadRecorder).
 
 Expert tensor parallelism: an expert split over a group of S ranks receives every one of its
 token copies on all S ranks (P' >= T*K' pieces sent); each returns a partial output and combine
@@ -22,13 +30,17 @@ when "experts a rank holds" counts shards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from moemesh.mesh.placement import Placement
-from moemesh.model.moe import ExpertBatch, Pending, Routing
+from moemesh.model.moe import ExpertBatch, Pending, Routing, group_by_expert
+
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 class Collective(Protocol):
@@ -94,174 +106,151 @@ def layer_routes(placement: Placement, layer: int, rank: int, device: torch.devi
     )
 
 
-@dataclass(frozen=True)
-class LoadSample:
-    """Load statistics of one rank over a window of routed tokens."""
+class DestinationObserver(Protocol):
+    """Sees where each layer's pieces go (the load recorder's link counts, moemesh.mesh.load)."""
 
-    expert_counts: torch.Tensor  # (L_moe, E) int64 token copies per (MoE layer, expert)
-    link_counts: torch.Tensor  # (L_moe, R) int64 token copies sent to each destination rank
-    tokens: int  # tokens routed in the window
-
-
-@dataclass(frozen=True)
-class _Sent:
-    """Where this rank's token copies went, for putting their results back together."""
-
-    kept: torch.Tensor  # (T*K',) the copies that travelled (not dropped by the router)
-    copy: torch.Tensor  # (P',) index into kept of each piece sent (a copy fans out to S shards)
-    slot: torch.Tensor  # (P',) shard index of each piece: 0 for a full replica
-    send_rows: torch.Tensor  # (P',) row of the send buffer holding each piece
-    max_shards: int  # S: 1 when no expert of the layer is split
+    def sent(self, layer: int, dest: torch.Tensor) -> None:
+        """dest: (P,) int64 destination rank of each piece, -1 = not sent (dropped, padding)."""
+        ...
 
 
 @dataclass(frozen=True)
-class _Handle:
-    sent: _Sent
+class AllToAllHandle:
+    """Where this rank's pieces went and where the received ones came from, for combine.
+
+    Pieces are laid out copy-major, shard-minor: piece (t*K + k)*S + s is shard s of token t's
+    k-th copy; padding pieces (dropped copies, slots past a group's size) went nowhere.
+    """
+
+    send_rows: torch.Tensor  # (T*K*S,) row of the send buffer of each piece; R*C = went nowhere
     recv_rows: torch.Tensor  # (N,) rows of the receive buffer, in ExpertBatch order
-    shape: tuple[int, int, int]  # (T, K, total rows R*C)
+    shape: tuple[int, int, int, int]  # (T, K, S, R*C)
 
 
-class _Then:
+class _Then(Generic[A, B]):
     """A pending exchange followed by local post-processing of its result."""
 
-    def __init__(self, pending: Pending, then):
+    def __init__(self, pending: Pending[A], then: Callable[[A], B]):
         self.pending, self.then = pending, then
 
-    def wait(self):
+    def wait(self) -> B:
         return self.then(self.pending.wait())
 
 
-def _per_copy(returned: torch.Tensor, sent: _Sent, T: int, K: int, D: int) -> torch.Tensor:
+def destinations(routes: LayerRoutes, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_ids: (T, K), -1 = dropped -> per piece (T*K*S,): its expert and its destination
+    rank (-1 = goes nowhere). No host sync.
+
+    A copy goes to the replica group this rank is part of (no traffic for a full replica
+    here), else to group token mod P (spreads a hot expert's tokens), and to every rank of
+    that group: one piece per shard.
+    """
+    T, K = expert_ids.shape
+    S = routes.max_shards
+    flat = expert_ids.reshape(-1)  # (T*K,)
+    expert = flat.clamp(min=0)  # (T*K,) dropped copies look up expert 0, then are masked
+    token = torch.arange(T * K, device=flat.device) // K  # (T*K,)
+    own = routes.own_group[expert]  # gather (T*K,)
+    group = torch.where(own >= 0, own, token % routes.num_groups[expert])  # (T*K,)
+    ranks = routes.groups[expert, group]  # gather (T*K, S), -1 = padding slot
+    slot = torch.arange(S, device=flat.device)  # (S,)
+    valid = (flat >= 0).unsqueeze(1) & (slot.unsqueeze(0) < routes.group_size[expert, group].unsqueeze(1))  # (T*K, S)
+    dest = torch.where(valid, ranks, -1).reshape(-1)  # (T*K*S,)
+    return torch.where(valid, flat.unsqueeze(1), -1).reshape(-1), dest  # (T*K*S,) each
+
+
+def send_rows(dest: torch.Tensor, world_size: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dest: (P,) destination rank of each piece, -1 = none -> (rows, overflow): the send-buffer
+    row of each piece (block dest, next free row in it; R*C = nowhere) and a device-side flag set
+    when some block had more than `capacity` pieces. No host sync."""
+    R, P = world_size, dest.numel()
+    target = torch.where(dest >= 0, dest, R)  # (P,) R = the "nowhere" column
+    onehot = torch.zeros(P, R + 1, dtype=torch.int64, device=dest.device)  # (P, R + 1)
+    onehot.scatter_(1, target.unsqueeze(1), 1)  # scatter (P, R + 1)
+    before = onehot.cumsum(0) - onehot  # (P, R + 1) earlier pieces to each destination
+    within = before.gather(1, target.unsqueeze(1)).squeeze(1)  # gather (P,)
+    fits = (dest >= 0) & (within < capacity)  # (P,)
+    overflow = ((dest >= 0) & ~fits).any()  # () checked at the layer's one read-back
+    return torch.where(fits, dest * capacity + within, R * capacity), overflow
+
+
+def _per_copy(returned: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
     """returned: (R*C, D) -> (T, K, D) outputs per token copy; zeros for dropped copies.
     A split expert's shard outputs are summed in shard order (deterministic on any device)."""
-    pieces = returned[sent.send_rows]  # gather (P', D)
-    if sent.max_shards > 1:
-        parts = torch.zeros(sent.kept.numel(), sent.max_shards, D, dtype=returned.dtype,
-                            device=returned.device)  # (T*K', S, D)
-        parts[sent.copy, sent.slot] = pieces  # scatter each shard's partial output to its slot
-        pieces = parts.sum(dim=1, dtype=torch.float32).to(returned.dtype)  # (T*K', D) one rounding in 16-bit
-    if sent.kept.numel() == T * K:
-        return pieces.view(T, K, D)  # nothing was dropped
-    out = torch.zeros(T * K, D, dtype=returned.dtype, device=returned.device)
-    out[sent.kept] = pieces  # scatter to copy order
-    return out.view(T, K, D)
+    T, K, S, _ = handle.shape
+    D = returned.shape[1]
+    padded = torch.cat([returned, returned.new_zeros(1, D)])  # (R*C + 1, D): the last row = nothing
+    pieces = padded[handle.send_rows]  # gather (T*K*S, D)
+    if S > 1:
+        pieces = pieces.view(T * K, S, D).sum(dim=1, dtype=torch.float32).to(returned.dtype)  # (T*K, D) one rounding
+    return pieces.view(T, K, D)  # (T, K, D)
 
 
 class AllToAllTransport:
     """Transport over a Collective. Every rank calls dispatch/combine for every MoE layer of
-    every step, in the same order, with the same `begin_step` T_max (cross-rank invariant)."""
+    every step, in the same order, with the same `t_max` per micro-batch (cross-rank invariant:
+    it comes from the step header). One host read-back per layer: the received counts."""
 
-    def __init__(self, collective: Collective, placement: Placement, device: str | torch.device = "cpu"):
+    def __init__(self, collective: Collective, placement: Placement, device: str | torch.device = "cpu",
+                 observer: DestinationObserver | None = None):
         self.collective = collective
-        self.device = torch.device(device)  # where tokens, routing tables and counters live
+        self.device = torch.device(device)  # where tokens and routing tables live
         self.rank = collective.rank
         self.world_size = collective.world_size
-        self.max_tokens: tuple[int, ...] = (0,)  # per micro-batch
+        self.observer = observer
         self.set_placement(placement)
-        self.counted_tokens = 0  # tokens routed since the last take_counts()
 
     def set_placement(self, placement: Placement) -> None:
         assert placement.world_size == self.world_size, "placement is for another world"
         self.placement = placement
         self.routes = {layer: layer_routes(placement, layer, self.rank, self.device) for layer in placement.layers}
-        self.layer_order = sorted(placement.layers)
-        self._row = {layer: i for i, layer in enumerate(self.layer_order)}  # MoE layer -> statistics row
-        E = len(next(iter(placement.layers.values())))
-        self._counts = torch.zeros(len(self.layer_order), E, dtype=torch.int64, device=self.device)  # (L_moe, E)
-        self._links = torch.zeros(len(self.layer_order), self.world_size, dtype=torch.int64,
-                                  device=self.device)  # (L_moe, R)
 
-    def take_counts(self) -> LoadSample:
-        """What this rank routed since the last call (rows follow `layer_order`); resets it."""
-        sample = LoadSample(self._counts.cpu(), self._links.cpu(), self.counted_tokens)
-        self._counts = torch.zeros_like(self._counts)
-        self._links = torch.zeros_like(self._links)
-        self.counted_tokens = 0
-        return sample
+    def capacity(self, layer: int, top_k: int, t_max: int) -> int:
+        """C: rows per (source, destination) block; the same on every rank for the same t_max."""
+        return t_max * min(top_k, self.routes[layer].max_local)
 
-    def begin_step(self, max_tokens: tuple[int, ...]) -> None:
-        """T_max per micro-batch: the most tokens any rank runs in it this step (from the
-        gathered step header, so every rank sizes its buffers the same)."""
-        self.max_tokens = tuple(max_tokens)
-
-    def capacity(self, layer: int, top_k: int, micro: int = 0) -> int:
-        return self.max_tokens[micro] * min(top_k, self.routes[layer].max_local)
-
-    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, micro: int = 0) -> Pending[tuple[ExpertBatch, Any]]:
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, t_max: int | None = None
+                 ) -> Pending[tuple[ExpertBatch, AllToAllHandle]]:
         routes = self.routes[layer]
         T, K = routing.expert_ids.shape
         R, D = self.world_size, x.shape[1]
-        C = self.capacity(layer, K, micro)
-        self._count(layer, routing.expert_ids)
-        flat_e = routing.expert_ids.reshape(-1)  # (T*K,) -1 = dropped by the router
-        kept = torch.nonzero(flat_e >= 0).squeeze(1)  # (T*K',) copies that travel
-        expert = flat_e[kept]  # (T*K',)
-        copy, slot, dest = self._destinations(routes, expert, kept // K)  # (P',) each
-        self._links[self._row[layer]] += torch.bincount(dest, minlength=R)  # (R,) pieces per destination
-        send_rows = self._send_rows(dest, C)  # (P',)
-        send = torch.zeros(R * C, D + 1, dtype=x.dtype, device=x.device)  # (R*C, W)
-        ids = id_view(send)  # (R*C, W) same bytes, integer dtype
+        if t_max is None:
+            assert R == 1, "a mesh step needs the step header's T_max"
+            t_max = T
+        C = self.capacity(layer, K, t_max)
+        expert, dest = destinations(routes, routing.expert_ids)  # (T*K*S,) each
+        if self.observer is not None:
+            self.observer.sent(layer, dest)
+        rows, overflow = send_rows(dest, R, C)  # (T*K*S,), ()
+        send = torch.zeros(R * C + 1, D + 1, dtype=x.dtype, device=x.device)  # (R*C + 1, W) last row: nowhere
+        ids = id_view(send)  # (R*C + 1, W) same bytes, integer dtype
         ids[:, D] = -1
-        send[send_rows, :D] = x[kept[copy] // K]  # gather + scatter (P', D)
-        ids[send_rows, D] = expert[copy].to(ids.dtype)
-        sent = _Sent(kept, copy, slot, send_rows, routes.max_shards)
-        return _Then(self.collective.all_to_all(send), lambda recv: self._received(routes, recv, sent, T, K))
+        S = routes.max_shards
+        token = torch.arange(T * K * S, device=x.device) // (K * S)  # (T*K*S,) token of each piece
+        send[rows, :D] = x[token]  # gather + scatter (T*K*S, D)
+        ids[rows, D] = expert.to(ids.dtype)  # scatter (T*K*S,)
+        pending = self.collective.all_to_all(send[: R * C])  # (R*C, W) contiguous
+        return _Then(pending, lambda recv: self._received(routes, recv, rows, overflow, (T, K, S)))
 
-    def _received(self, routes: LayerRoutes, recv: torch.Tensor, sent: _Sent, T: int, K: int):
+    def _received(self, routes: LayerRoutes, recv: torch.Tensor, rows: torch.Tensor, overflow: torch.Tensor,
+                  shape: tuple[int, int, int]) -> tuple[ExpertBatch, AllToAllHandle]:
         """recv: (R*C, W) -> the ExpertBatch for this rank's experts and the combine handle."""
         D = recv.shape[1] - 1
         expert = id_view(recv)[:, D].to(torch.int64)  # (R*C,) -1 = padding
-        valid = torch.nonzero(expert >= 0).squeeze(1)  # (N,)
-        local = routes.local_index[expert[valid]]  # (N,)
-        assert bool((local >= 0).all()), "received a token for an expert this rank does not hold"
-        order = torch.argsort(local, stable=True)  # (N,) group by local expert
-        recv_rows = valid[order]  # (N,)
-        counts = torch.bincount(local, minlength=routes.num_local).tolist()
-        batch = ExpertBatch(x=recv[recv_rows, :D], counts=counts)  # gather (N, D)
-        return batch, _Handle(sent, recv_rows, (T, K, recv.shape[0]))
+        local = torch.where(expert >= 0, routes.local_index[expert.clamp(min=0)], -1)  # gather (R*C,)
+        unheld = ((expert >= 0) & (local < 0)).any()  # () a token for an expert not held here
+        order, counts = group_by_expert(local, routes.num_local)  # (R*C,), (E_loc + 1,)
+        flags = torch.stack([unheld, overflow]).to(torch.int64)  # (2,)
+        host = torch.cat([counts, flags]).tolist()  # the layer's one host read-back
+        E_loc = routes.num_local
+        assert not host[E_loc + 2], "capacity overflow: a block had more pieces than the step's capacity"
+        assert not host[E_loc + 1], "received a token for an expert this rank does not hold"
+        per_local = host[:E_loc]
+        recv_rows = order[: sum(per_local)]  # (N,) padding sorts last
+        batch = ExpertBatch(x=recv[recv_rows, :D], counts=per_local)  # gather (N, D)
+        return batch, AllToAllHandle(rows, recv_rows, (*shape, recv.shape[0]))
 
-    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Pending[torch.Tensor]:
-        T, K, rows = handle.shape
-        D = y.shape[1]
-        back = torch.zeros(rows, D, dtype=y.dtype, device=y.device)  # (R*C, D)
+    def combine(self, layer: int, y: torch.Tensor, handle: AllToAllHandle) -> Pending[torch.Tensor]:
+        back = torch.zeros(handle.shape[3], y.shape[1], dtype=y.dtype, device=y.device)  # (R*C, D)
         back[handle.recv_rows] = y  # scatter to the rows the copies arrived in
-        return _Then(self.collective.all_to_all(back), lambda returned: _per_copy(returned, handle.sent, T, K, D))
-
-    def _count(self, layer: int, expert_ids: torch.Tensor) -> None:
-        row = self._row[layer]
-        flat = expert_ids.reshape(-1)  # (T*K,) -1 = dropped
-        self._counts[row] += torch.bincount(flat[flat >= 0], minlength=self._counts.shape[1])
-        if row == 0:
-            self.counted_tokens += expert_ids.shape[0]
-
-    def _destinations(self, routes: LayerRoutes, expert: torch.Tensor, token: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """expert: (C',) expert of each copy, token: (C',) its token -> per piece sent (P',):
-        the copy it belongs to, its shard slot and its destination rank.
-
-        A copy goes to the replica group this rank is part of (no traffic for a full replica
-        here), else to group token mod P (spreads a hot expert's tokens), and to every rank
-        of that group: P' = C' unless some expert is split.
-        """
-        own = routes.own_group[expert]  # (C',)
-        group = torch.where(own >= 0, own, token % routes.num_groups[expert])  # (C',)
-        if routes.max_shards == 1:
-            copy = torch.arange(expert.numel(), device=expert.device)  # (C',)
-            return copy, torch.zeros_like(copy), routes.groups[expert, group, 0]  # gather (C',)
-        size = routes.group_size[expert, group]  # (C',) shards of the chosen group
-        copy = torch.repeat_interleave(torch.arange(expert.numel(), device=expert.device), size)  # (P',)
-        slot = torch.arange(copy.numel(), device=expert.device) - (torch.cumsum(size, 0) - size)[copy]  # (P',)
-        return copy, slot, routes.groups[expert[copy], group[copy], slot]  # gather (P',)
-
-    @staticmethod
-    def _send_rows(dest: torch.Tensor, capacity: int) -> torch.Tensor:
-        """dest: (P',) -> the send-buffer row of each piece: block dest, next free row in it."""
-        order = torch.argsort(dest, stable=True)  # (P',)
-        sorted_dest = dest[order]  # (P',)
-        counts = torch.bincount(sorted_dest, minlength=1)  # copies per destination
-        starts = torch.cumsum(counts, 0) - counts  # (R',) first sorted index of each destination
-        within = torch.arange(dest.numel(), device=dest.device) - starts[sorted_dest]  # (P',)
-        assert dest.numel() == 0 or int(within.max()) < capacity, "capacity overflow"
-        rows = torch.empty_like(dest)
-        rows[order] = sorted_dest * capacity + within  # scatter back to copy order
-        return rows
+        return _Then(self.collective.all_to_all(back), lambda returned: _per_copy(returned, handle))

@@ -9,7 +9,7 @@ decides whether experts are local or spread over the mesh.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig, load_config
 from moemesh.model.layers import AttentionPlan, KVCache, Rope, attention, rms_norm
-from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter, Transport, run_to_end
+from moemesh.model.moe import (
+    GroupedExperts,
+    LocalTransport,
+    MoELayer,
+    RoutingObserver,
+    SoftmaxTopKRouter,
+    Transport,
+    run_to_end,
+)
 from moemesh.model.shard import Shard
 from moemesh.model.weights import DenseWeights, LayerExperts, load_dense, load_layer_experts
 
@@ -48,19 +56,26 @@ class MoEModel:
         self._attn_shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor,
+                t_max: int | None = None) -> torch.Tensor:
         """token_ids: (T,) int64; logit_rows: (R,) int64 rows of T to project -> logits (R, V) fp32.
 
         T may be 0 on a mesh rank with nothing to run: it still joins every MoE exchange.
+        `t_max`: on a mesh, the most tokens any rank runs in this step (the step header's); it
+        sizes every exchange. None in a single process.
         """
-        return run_to_end(self._stages(token_ids, plan, logit_rows, micro=0))
+        return run_to_end(self._stages(token_ids, plan, logit_rows, t_max))
 
     @torch.inference_mode()
-    def forward_overlapped(self, micro: list[tuple[torch.Tensor, AttentionPlan, torch.Tensor]]) -> list[torch.Tensor]:
+    def forward_overlapped(self, micro: list[tuple[torch.Tensor, AttentionPlan, torch.Tensor]],
+                           t_max: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Several micro-batches at once, interleaved so one computes while another's dispatch or
         combine is in flight. The interleaving is the same on every rank (cross-rank invariant):
-        round robin, each micro-batch advancing to its next exchange."""
-        stages = [self._stages(t, p, r, micro=i) for i, (t, p, r) in enumerate(micro)]
+        round robin, each micro-batch advancing to its next exchange. `t_max`: (M,) per
+        micro-batch, as in `forward`."""
+        sizes = list(t_max) if t_max is not None else [None] * len(micro)
+        assert len(sizes) == len(micro), "one T_max per micro-batch"
+        stages = [self._stages(t, p, r, n) for (t, p, r), n in zip(micro, sizes)]
         results: list[torch.Tensor | None] = [None] * len(stages)
         live = list(range(len(stages)))
         while live:
@@ -73,7 +88,7 @@ class MoEModel:
         return results  # type: ignore[return-value]
 
     def _stages(
-        self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor, micro: int
+        self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor, t_max: int | None
     ) -> Generator[None, None, torch.Tensor]:
         cfg = self.cfg
         h = F.embedding(token_ids, self.dense.embed)  # (T, D)
@@ -84,7 +99,7 @@ class MoEModel:
                                   cfg.rms_norm_eps, cfg.sliding_window)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
             if lw.router is not None:
-                h = h + (yield from self.moe.stages(i, x, lw.router, micro))
+                h = h + (yield from self.moe.stages(i, x, lw.router, t_max))
             else:
                 gate, up = F.linear(x, lw.dense_w13).chunk(2, dim=-1)  # (T, Fd) each
                 h = h + F.linear(F.silu(gate) * up, lw.dense_w2)
@@ -114,10 +129,12 @@ def build_model(
     shards: dict[int, tuple[Shard, ...]] | None = None,
     overflow: str = "dropless",
     capacity_factor: float = 1.2,
+    recorder: RoutingObserver | None = None,
 ) -> MoEModel:
     """Load a checkpoint. Defaults: every expert local (the reference and `--local` mode).
 
-    A mesh worker passes its transport and the experts placed on it (and which shard of each).
+    A mesh worker passes its transport and the experts placed on it (and which shard of each),
+    and a load recorder that sees every layer's routing.
     """
     cfg = load_config(model_dir)
     reader = reader or CheckpointReader(model_dir)
@@ -125,9 +142,11 @@ def build_model(
         assignment = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
     dense = load_dense(reader, cfg, runtime.dtype, runtime.device)
     experts = GroupedExperts(load_experts(reader, cfg, assignment, runtime, shards))
-    moe = MoELayer(
+    moe: MoELayer = MoELayer(
         router=SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob, overflow, capacity_factor),
         transport=transport or LocalTransport(cfg.num_experts),
         experts=experts,
+        recorder=recorder,
+        device=runtime.device,
     )
     return MoEModel(cfg, dense, moe, runtime)

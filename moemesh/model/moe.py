@@ -16,15 +16,18 @@ micro-batch's compute meanwhile (two-batch overlap). Run to completion it is the
 
 from __future__ import annotations
 
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from collections.abc import Generator
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from moemesh.model.overflow import OVERFLOW_POLICIES, enforce_capacity, expert_capacity
 from moemesh.model.weights import LayerExperts
+
+if TYPE_CHECKING:
+    from moemesh.mesh.placement import Placement
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ExpertBatch:
 
 
 T_co = TypeVar("T_co", covariant=True)
+H = TypeVar("H")  # a transport's dispatch handle: what its combine needs to put results back
 
 
 class Pending(Protocol[T_co]):
@@ -67,24 +71,40 @@ class Done(Generic[T_co]):
 
 
 class Router(Protocol):
+    factors: dict[int, torch.Tensor]
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing: ...
 
 
-class Transport(Protocol):
+class Transport(Protocol[H]):
     """Dispatch and Combine: moves token copies to the ranks holding their experts and back."""
 
-    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, micro: int = 0) -> Pending[tuple[ExpertBatch, Any]]:
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, t_max: int | None = None
+                 ) -> Pending[tuple[ExpertBatch, H]]:
         """x: (T, D) -> the copies this rank's experts must compute, plus a handle for combine.
-        `micro` is the micro-batch (its exchange buffers are sized for it)."""
+        `t_max`: the most tokens any rank runs in this micro-batch (from the step header; sizes
+        the exchange buffers the same on every rank). None in a single process: T."""
         ...
 
-    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Pending[torch.Tensor]:
+    def combine(self, layer: int, y: torch.Tensor, handle: H) -> Pending[torch.Tensor]:
         """y: (N, D) expert outputs in ExpertBatch order -> (T, K, D) outputs per token copy."""
+        ...
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch routing tables to `placement` (between steps only)."""
         ...
 
 
 class Experts(Protocol):
+    layers: dict[int, LayerExperts]
+
     def __call__(self, layer: int, batch: ExpertBatch) -> torch.Tensor: ...
+
+
+class RoutingObserver(Protocol):
+    """Sees every layer's routing (the load recorder, moemesh.mesh.load)."""
+
+    def routed(self, layer: int, routing: Routing) -> None: ...
 
 
 class SoftmaxTopKRouter:
@@ -148,47 +168,84 @@ class GroupedExperts:
         return out
 
 
+def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_ids: (N,) int64 in [-1, E), -1 = nothing -> (order, counts) with no host sync:
+    order (N,) stably sorts the ids with -1 last; counts (E + 1,) per expert, the last for -1."""
+    key = torch.where(expert_ids >= 0, expert_ids, num_experts)  # (N,) -1 -> bucket E
+    order = torch.argsort(key, stable=True)  # (N,)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_ids.device)  # (E + 1,)
+    counts.scatter_add_(0, key, torch.ones_like(key))  # (E + 1,)
+    return order, counts
+
+
+@dataclass(frozen=True)
+class LocalHandle:
+    order: torch.Tensor  # (N,) token copy (row of T*K) of each ExpertBatch row
+    shape: tuple[int, int]  # (T, K)
+
+
 class LocalTransport:
     """Every expert lives in this process (world size 1): dispatch is a sort, combine an unsort.
 
-    Local expert i is global expert i.
+    Local expert i is global expert i. One host read-back per layer: the counts.
     """
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, micro: int = 0) -> Done[tuple[ExpertBatch, Any]]:
-        T, K = routing.expert_ids.shape
-        flat = routing.expert_ids.reshape(-1)  # (T*K,) -1 = dropped by the router
-        kept = torch.nonzero(flat >= 0).squeeze(1)  # (T*K',)
-        order = kept[torch.argsort(flat[kept], stable=True)]  # (T*K',) copies grouped by expert
-        counts = torch.bincount(flat[kept], minlength=self.num_experts).tolist()  # (E,)
-        rows = x[order // K]  # gather (T*K', D)
-        return Done((ExpertBatch(x=rows, counts=counts), (order, T, K)))
+    def set_placement(self, placement: Placement) -> None:
+        assert placement.world_size == 1, "a local transport holds every expert in one process"
 
-    def combine(self, layer: int, y: torch.Tensor, handle: Any) -> Done[torch.Tensor]:
-        order, T, K = handle
+    def dispatch(self, layer: int, x: torch.Tensor, routing: Routing, t_max: int | None = None
+                 ) -> Done[tuple[ExpertBatch, LocalHandle]]:
+        T, K = routing.expert_ids.shape
+        order, counts = group_by_expert(routing.expert_ids.reshape(-1), self.num_experts)  # (T*K,), (E + 1,)
+        per_expert = counts.tolist()  # the one host read-back
+        order = order[: T * K - per_expert[-1]]  # (N,) dropped copies sort last: cut them
+        rows = x[order // K]  # gather (N, D)
+        return Done((ExpertBatch(x=rows, counts=per_expert[:-1]), LocalHandle(order, (T, K))))
+
+    def combine(self, layer: int, y: torch.Tensor, handle: LocalHandle) -> Done[torch.Tensor]:
+        T, K = handle.shape
+        order = handle.order
         out = (torch.empty if order.numel() == T * K else torch.zeros)(T * K, y.shape[1], dtype=y.dtype,
                                                                         device=y.device)  # (T*K, D)
         out[order] = y  # scatter back to copy order (dropped copies stay zero)
         return Done(out.view(T, K, y.shape[1]))  # (T, K, D)
 
 
-class MoELayer:
-    """Router -> Dispatch -> Experts -> Combine for one step of tokens on this rank."""
+class MoELayer(Generic[H]):
+    """Router -> Dispatch -> Experts -> Combine for one step of tokens on this rank.
 
-    def __init__(self, router: Router, transport: Transport, experts: Experts):
+    `recorder` (optional) sees every layer's routing: load statistics live outside the transport.
+    """
+
+    def __init__(self, router: Router, transport: Transport[H], experts: Experts,
+                 recorder: RoutingObserver | None = None, device: str | torch.device = "cpu"):
         self.router = router
         self.transport = transport
         self.experts = experts
+        self.recorder = recorder
+        self.device = torch.device(device)  # where gating factors live (the tokens' device)
+
+    def apply_epoch(self, placement: Placement, layers: Mapping[int, LayerExperts]) -> None:
+        """Switch to a placement epoch, between steps: the experts held, the routing tables and
+        the gating factors change together (a half-switched layer would route to the old ranks)."""
+        self.experts.layers = dict(layers)
+        self.transport.set_placement(placement)
+        self.router.factors = {layer: torch.tensor(f, dtype=torch.float32, device=self.device)
+                               for layer, f in placement.gating.items()}
 
     def stages(
-        self, layer: int, x: torch.Tensor, router_weight: torch.Tensor, micro: int = 0
+        self, layer: int, x: torch.Tensor, router_weight: torch.Tensor, t_max: int | None = None
     ) -> Generator[None, None, torch.Tensor]:
         """x: (T, D) -> (T, D), yielding while dispatch and while combine are in flight.
-        T may be 0 on a mesh rank with no tokens: it still joins both exchanges."""
+        T may be 0 on a mesh rank with no tokens: it still joins both exchanges. `t_max`: the
+        micro-batch's most tokens on any rank (the step header's); None in a single process."""
         routing = self.router(x, router_weight, layer)
-        pending = self.transport.dispatch(layer, x, routing, micro)
+        if self.recorder is not None:
+            self.recorder.routed(layer, routing)
+        pending = self.transport.dispatch(layer, x, routing, t_max)
         yield
         batch, handle = pending.wait()
         y = self.experts(layer, batch)  # (N, D)
@@ -198,8 +255,9 @@ class MoELayer:
         # Sum over K in a fixed order (not scatter-add order): identical on every deployment.
         return (per_copy * routing.weights.unsqueeze(-1)).sum(dim=1)  # (T, D)
 
-    def __call__(self, layer: int, x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-        return run_to_end(self.stages(layer, x, router_weight))
+    def __call__(self, layer: int, x: torch.Tensor, router_weight: torch.Tensor,
+                 t_max: int | None = None) -> torch.Tensor:
+        return run_to_end(self.stages(layer, x, router_weight, t_max))
 
 
 def run_to_end(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:

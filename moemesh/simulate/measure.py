@@ -298,9 +298,7 @@ def _decode_step_s(model_dir: Path, batch: int, context: int, steps: int, spread
     gen = torch.Generator().manual_seed(0)
     for i in range(batch):
         engine.add_request(str(i), torch.randint(3, cfg.vocab_size, (context,), generator=gen).tolist(), params)
-    transport.begin_step((batch * context,))
     engine.step()  # prefill
-    transport.begin_step((batch,))
     for _ in range(5):
         engine.step()
     times = []

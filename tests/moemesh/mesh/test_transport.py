@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 
 from moemesh.mesh.gloo import init_gloo
+from moemesh.mesh.load import LoadRecorder
 from moemesh.mesh.placement import Placement, initial_placement, split_placement, whole_replicas
-from moemesh.mesh.transport import AllToAllTransport
+from moemesh.mesh.transport import AllToAllTransport, send_rows
 from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter
 from moemesh.model.weights import LayerExperts, shard_weights
 
@@ -39,12 +40,12 @@ def _rank_main(rank: int, port: int, placement: Placement, overflow: str, out: m
     torch.set_num_threads(1)
     w13, w2, router, xs = _weights()
     collective = init_gloo("127.0.0.1", port, "test/", rank, len(TOKENS), timeout_s=30)
-    transport = AllToAllTransport(collective, placement)
-    transport.begin_step((max(TOKENS),))
+    recorder = LoadRecorder.for_placement(placement)
+    transport = AllToAllTransport(collective, placement, observer=recorder)
     experts = GroupedExperts({0: _layer(placement, rank, w13, w2)})
-    layer = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), transport, experts)
-    y = layer(0, xs[rank], router)
-    sample = transport.take_counts()
+    layer = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), transport, experts, recorder)
+    y = layer(0, xs[rank], router, t_max=max(TOKENS))
+    sample = recorder.take()
     assert sample.link_counts.shape == (1, len(TOKENS))
     pieces, copies = int(sample.link_counts.sum()), int(sample.expert_counts.sum())
     assert pieces == copies if not placement.has_shard_groups else pieces >= copies  # a split expert's copy fans out
@@ -103,5 +104,13 @@ def test_mesh_moe_layer_equals_local(placement, overflow):
 
 def test_send_rows_pack_each_destination_block():
     dest = torch.tensor([2, 0, 2, 1, 0, 2])  # (T*K,)
-    rows = AllToAllTransport._send_rows(dest, capacity=4)
+    rows, overflow = send_rows(dest, world_size=3, capacity=4)
     assert rows.tolist() == [8, 0, 9, 4, 1, 10]
+    assert not bool(overflow)
+
+
+def test_send_rows_send_padding_nowhere_and_flag_an_overflow():
+    dest = torch.tensor([1, -1, 1, 0, 1])  # (P,) -1 = not sent
+    rows, overflow = send_rows(dest, world_size=2, capacity=2)
+    assert rows.tolist() == [2, 4, 3, 0, 4]  # 4 = R*C: nowhere (padding, and the third piece for rank 1)
+    assert bool(overflow)

@@ -1,0 +1,121 @@
+"""The MoE layer, Router -> Dispatch -> Experts -> Combine, over the loopback all-to-all (ranks
+as threads) equals the local layer; load counts; host read-backs per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moemesh.mesh.load import LoadRecorder
+from moemesh.mesh.loopback import HostSyncCounter, LoopbackWorld, run_world
+from moemesh.mesh.placement import Placement, initial_placement, split_placement, whole_replicas
+from moemesh.mesh.transport import AllToAllTransport, destinations, layer_routes
+from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, Routing, SoftmaxTopKRouter
+from moemesh.model.weights import LayerExperts, shard_weights
+
+E, D, F, K = 6, 16, 24, 2
+TOKENS = ((5, 2), (0, 0), (3, 4))  # (R, M) tokens per rank per micro-batch; rank 1 has none
+
+
+def _weights():
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(E, D, 2 * F, generator=g)  # (E, D, 2F)
+    w2 = torch.randn(E, D, F, generator=g)  # (E, D, F)
+    router = torch.randn(E, D, generator=g)  # (E, D)
+    xs = [[torch.randn(t, D, generator=g) for t in row] for row in TOKENS]  # (T, D) per rank, micro-batch
+    return w13, w2, router, xs
+
+
+def _held(placement: Placement, rank: int, w13, w2) -> LayerExperts:
+    ids, shards = placement.experts_on(rank, 0), placement.pieces_on(rank, 0)
+    pieces = [shard_weights(w13[e], w2[e], shard) for e, shard in zip(ids, shards)]  # (D, 2F/S), (D, F/S)
+    return LayerExperts(ids, tuple(a for a, _ in pieces), tuple(b for _, b in pieces), shards)
+
+
+def _run_micro_batches(layer: MoELayer, router: torch.Tensor, xs: list[torch.Tensor], t_max: list[int]):
+    """Round robin over the micro-batches' stages, as MoEModel.forward_overlapped does."""
+    stages = [layer.stages(0, x, router, n) for x, n in zip(xs, t_max)]
+    out: list[torch.Tensor | None] = [None] * len(stages)
+    live = list(range(len(stages)))
+    while live:
+        for i in list(live):
+            try:
+                next(stages[i])
+            except StopIteration as done:
+                out[i] = done.value
+                live.remove(i)
+    return out
+
+
+PLACEMENTS = {
+    "round-robin": initial_placement(E, [0], world_size=3),
+    "replicas": whole_replicas(epoch=2, world_size=3, holders={0: ((0, 2), (1,), (1, 2), (0,), (0, 1, 2), (2,))}),
+    "split": split_placement(E, [0], world_size=3, shards=2),
+    "mixed-split-and-replica": Placement(epoch=3, world_size=3, replicas={0: (
+        ((0,),), ((0,), (1, 2)), ((2, 0, 1),), ((2,),), ((0, 1),), ((1,), (2,)))}),
+}
+
+
+@pytest.mark.parametrize("overflow", ["dropless", "drop"])
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_loopback_mesh_layer_equals_local_with_micro_batches(name, overflow):
+    placement = PLACEMENTS[name]
+    w13, w2, router, xs = _weights()
+
+    def make_router() -> SoftmaxTopKRouter:
+        return SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6)
+
+    local = MoELayer(make_router(), LocalTransport(E), GroupedExperts({0: LayerExperts.stacked(tuple(range(E)), w13, w2)}))
+    expected = [[local(0, x, router) for x in row] for row in xs]
+    t_max = [max(col) for col in zip(*TOKENS)]  # (M,) the step header's
+
+    def rank_main(collective):
+        recorder = LoadRecorder.for_placement(placement)
+        transport = AllToAllTransport(collective, placement, observer=recorder)
+        layer = MoELayer(make_router(), transport, GroupedExperts({0: _held(placement, collective.rank, w13, w2)}),
+                         recorder)
+        with HostSyncCounter() as syncs:
+            out = _run_micro_batches(layer, router, xs[collective.rank], t_max)
+        return out, recorder.take(), syncs.calls
+
+    results = run_world(LoopbackWorld(3), rank_main)
+    routed = torch.zeros(E, dtype=torch.int64)
+    for rank, (out, sample, syncs) in enumerate(results):
+        for y, want in zip(out, expected[rank]):
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        assert sample.tokens == sum(TOKENS[rank])
+        routed += sample.expert_counts[0]
+        pieces, copies = int(sample.link_counts.sum()), int(sample.expert_counts.sum())
+        assert pieces == copies if not placement.has_shard_groups else pieces >= copies
+        if overflow == "dropless":  # the drop policy's capacity check syncs in the router (overflow.py)
+            assert syncs == ["tolist"] * len(t_max)  # one read-back per MoE layer per micro-batch
+    kept = sum(int((local.router(x, router, 0).expert_ids >= 0).sum()) for row in xs for x in row)
+    assert int(routed.sum()) == kept
+
+
+def test_local_layer_reads_back_once():
+    w13, w2, router, xs = _weights()
+    local = MoELayer(SoftmaxTopKRouter(K, True), LocalTransport(E),
+                     GroupedExperts({0: LayerExperts.stacked(tuple(range(E)), w13, w2)}))
+    with HostSyncCounter() as syncs:
+        local(0, xs[0][0], router)
+    assert syncs.calls == ["tolist"]
+
+
+def test_load_recorder_counts_equal_hand_computed():
+    # Rank 0 of 2; expert 2 has a full replica on rank 0, expert 1 is split over ranks (0, 1).
+    placement = Placement(epoch=1, world_size=2, replicas={0: (((0,),), ((0, 1),), ((0,), (1,))),
+                                                           3: (((0,),), ((1,),), ((0,), (1,)))})
+    recorder = LoadRecorder.for_placement(placement)
+    ids = torch.tensor([[0, 1], [2, -1], [1, 2]])  # (T, K) -1 = dropped
+    for layer in (0, 3):
+        routing = Routing(expert_ids=ids, weights=torch.ones(3, 2))
+        recorder.routed(layer, routing)
+        recorder.sent(layer, destinations(layer_routes(placement, layer, rank=0), ids)[1])
+    sample = recorder.take()
+    assert sample.tokens == 3
+    assert sample.expert_counts.tolist() == [[1, 2, 2], [1, 2, 2]]
+    # layer 0: e0 -> 0; e1 (split) -> 0 and 1, twice; e2 -> 0 (its own replica), twice
+    # layer 3: e0 -> 0; e1 -> 1, twice; e2 -> 0 (its own replica), twice
+    assert sample.link_counts.tolist() == [[5, 2], [3, 2]]
+    assert recorder.take().expert_counts.sum() == 0  # the window starts again
