@@ -96,18 +96,18 @@ def add_placement_command(sub: argparse._SubParsersAction) -> Runner:
 
 
 async def _placement(cmd: PlacementCommand) -> str:
-    from coordinator import tools
+    from coordinator import placement_admin
 
     if cmd.action == "set":
         assert cmd.file is not None
-        published = await tools.set_placement(cmd.target, cmd.file, cmd.expected_epoch, cmd.timeout_s)
+        published = await placement_admin.set_placement(cmd.target, cmd.file, cmd.expected_epoch, cmd.timeout_s)
         return f"published placement epoch {published.epoch} ({published.origin}) from {cmd.file}"
-    resp = await tools.get_placement(cmd.target, cmd.timeout_s)
+    resp = await placement_admin.get_placement(cmd.target, cmd.timeout_s)
     if cmd.action == "trace":
         assert cmd.file is not None
-        cmd.file.write_text(tools.trace_json(resp))
+        cmd.file.write_text(placement_admin.trace_json(resp))
         return f"wrote the routing of {resp.window_tokens} measured tokens to {cmd.file}"
-    return tools.placement_yaml(resp).rstrip("\n") if cmd.yaml else tools.format_placement(resp)
+    return placement_admin.placement_yaml(resp).rstrip("\n") if cmd.yaml else placement_admin.format_placement(resp)
 
 
 def _configure_logging() -> None:

@@ -21,7 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.errors import StaleIncarnationError, UnknownWorkerError, WorldFormedError
+from coordinator.errors import (
+    StaleIncarnationError,
+    UnknownWorkerError,
+    WorldFormedError,
+)
 from moemesh.errors import InvalidRequestError
 
 

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from coordinator.gating import resolve_policy
+from coordinator.policies import ModelFacts, RebalanceSettings
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
-from coordinator.balancing import resolve_policy
-from coordinator.rebalancer import ModelFacts, RebalanceSettings
 from coordinator.state import CoordinatorState, DataPlane
 from coordinator.wire import model_spec
 from moemesh.errors import ConfigError

@@ -27,12 +27,17 @@ from coordinator.errors import (
     ShuttingDownError,
     WorldNotFormedError,
 )
-from coordinator.load import LoadSnapshot, LoadWindow, check_counts
 from coordinator.membership import Membership, Silence, WorkerInfo
-from coordinator.rebalancer import ModelFacts, RebalanceSettings, Rebalancer
+from coordinator.policies import ModelFacts, Rebalancer, RebalanceSettings
+from coordinator.routing_window import LoadSnapshot, LoadWindow, check_counts
 from coordinator.splitting import Memory
 from moemesh.errors import ConfigError, InvalidRequestError
-from moemesh.mesh.placement import Placement, initial_placement, shards_to_fit, validate_placement
+from moemesh.mesh.placement import (
+    Placement,
+    initial_placement,
+    shards_to_fit,
+    validate_placement,
+)
 
 log = logging.getLogger(__name__)
 

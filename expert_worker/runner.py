@@ -20,9 +20,9 @@ import torch
 from moemesh.engine.engine import Engine, FinishReason, StepBatch, TokenEvent
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import MoemeshError, UnavailableError
-from moemesh.mesh.load import LoadRecorder, LoadSample
 from moemesh.mesh.lockstep import HeaderCollective, StepHeader, Waker, exchange_header
 from moemesh.mesh.placement import Placement
+from moemesh.mesh.routing_counts import LoadRecorder, LoadSample
 from moemesh.model.weights import LayerExperts
 
 log = logging.getLogger(__name__)

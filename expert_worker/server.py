@@ -22,20 +22,26 @@ from pathlib import Path
 import grpc
 import torch
 
-from expert_worker.loader import prepare_epoch
+from expert_worker.epochs import prepare_epoch
 from expert_worker.runner import MeshRunner
-from expert_worker.servicer import Node, WorkerServicer
+from expert_worker.servicer import MeshMember, WorkerServicer
 from expert_worker.settings import WorkerSettings
 from moemesh.engine.engine import Engine, EngineSettings
 from moemesh.mesh.backend import choose_backend, join_world
 from moemesh.mesh.gloo import StoreWaker
-from moemesh.mesh.load import LoadRecorder
 from moemesh.mesh.placement_wire import placement_from_proto
+from moemesh.mesh.routing_counts import LoadRecorder
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.retry import Backoff, retry
-from moemesh.rpc import Server, channel, exit_with_parent, stop_event_on_signals, write_port_file
+from moemesh.rpc import (
+    Server,
+    channel,
+    exit_with_parent,
+    stop_event_on_signals,
+    write_port_file,
+)
 from moemesh.status import is_not_yet
 from moemesh.tensor_wire import to_proto
 from moemesh.v1 import coordinator_pb2 as cpb
@@ -122,7 +128,7 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     waker = StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/", timeout_s=3600.0)
     runner = MeshRunner(engine, collective, waker, placement.epoch, on_events=lambda ev: None, recorder=recorder,
                         report_every_tokens=settings.report_every_tokens)
-    node = Node(rank=rank, world_generation=world.generation, runner=runner, engine=engine, device=settings.device)
+    node = MeshMember(rank=rank, world_generation=world.generation, runner=runner, engine=engine, device=settings.device)
     return node, collective, reader
 
 
@@ -159,7 +165,7 @@ async def _run(settings, server, servicer, node, collective, reader, coord, work
     return 1 if runner.failure is not None else 0
 
 
-async def _follow_placements(coord, settings: WorkerSettings, node: Node, reader) -> None:
+async def _follow_placements(coord, settings: WorkerSettings, node: MeshMember, reader) -> None:
     """Prepare every new epoch, in order, off the loop; the engine thread switches at a step."""
     loop = asyncio.get_running_loop()
     cfg = node.engine.model.cfg
@@ -175,7 +181,7 @@ async def _follow_placements(coord, settings: WorkerSettings, node: Node, reader
         log.info("rank %d: placement epoch %d loaded", node.rank, placement.epoch)
 
 
-async def _heartbeat(coord, settings: WorkerSettings, node: Node, worker_id: str) -> None:
+async def _heartbeat(coord, settings: WorkerSettings, node: MeshMember, worker_id: str) -> None:
     while True:
         try:
             await coord.Heartbeat(cpb.HeartbeatRequest(
@@ -186,7 +192,7 @@ async def _heartbeat(coord, settings: WorkerSettings, node: Node, worker_id: str
         await asyncio.sleep(1.0)
 
 
-def _report_load(coord, settings, node: Node, worker_id: str, sample) -> None:
+def _report_load(coord, settings, node: MeshMember, worker_id: str, sample) -> None:
     async def send():
         try:
             await coord.ReportLoad(cpb.ReportLoadRequest(

@@ -33,7 +33,7 @@ _REASON = {
 
 
 @dataclass
-class Node:
+class MeshMember:
     """What the servicer needs once the worker has joined its world."""
 
     rank: int
@@ -45,15 +45,15 @@ class Node:
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self) -> None:
-        self.node: Node | None = None
+        self.node: MeshMember | None = None
         self.requests: RequestTable | None = None
 
-    def attach(self, node: Node) -> None:
+    def attach(self, node: MeshMember) -> None:
         """The worker joined its world: serve requests on its engine thread."""
         self.node = node
         self.requests = RequestTable(node.runner.submit, lambda: node.runner.accepting, node.engine.validate)
 
-    def _require_node(self) -> tuple[Node, RequestTable]:
+    def _require_node(self) -> tuple[MeshMember, RequestTable]:
         if self.node is None or self.requests is None:
             raise NotReadyError("worker has not joined its mesh yet")
         return self.node, self.requests

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from gateway.errors import WorkerFailedError
 from gateway.events import Event, Failed, Finished, Tokens
-from gateway.model import Prepared, ServedModel
+from gateway.served_model import Prepared, ServedModel
 from gateway.workers import Handle, WorkerPool
 from moemesh.v1 import common_pb2, gateway_pb2
 

@@ -14,11 +14,11 @@ import logging
 
 import uvloop
 
-from gateway.model import ServedModel
+from gateway.coordinator_client import CoordinatorClient
+from gateway.served_model import ServedModel
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkerPool
-from gateway.world import CoordinatorClient
 from moemesh import rpc
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 

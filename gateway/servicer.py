@@ -1,4 +1,4 @@
-"""The moemesh.v1.Gateway service: thin handlers over gateway.model, .generation and .workers.
+"""The moemesh.v1.Gateway service: thin handlers over gateway.served_model, .generation and .workers.
 
 Typed moemesh errors raised here (InvalidRequestError, CapacityError, UnavailableError) become
 status codes in moemesh.rpc.ErrorInterceptor; a Generate that fails before its first token
@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway.coordinator_client import CoordinatorClient
 from gateway.generation import generate_batch, generate_one
-from gateway.model import ServedModel
+from gateway.served_model import ServedModel
 from gateway.workers import WorkerPool
-from gateway.world import CoordinatorClient
 from moemesh.errors import InvalidRequestError
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 

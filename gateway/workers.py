@@ -2,7 +2,7 @@
 
 - `WorkerLink` is one worker's transport: channel, Serve call, a writer task draining an outbox
   (so sending a Submit or Cancel never awaits, and works from a `finally` during cancellation).
-- `WorkerPool` submits requests (admission limit, least-loaded worker from `gateway.balancer`),
+- `WorkerPool` submits requests (admission limit, least-loaded worker from `gateway.least_loaded`),
   converts each worker event ONCE into a `gateway.events` event and puts it on the queue ("sink")
   of the request it belongs to, and handles a broken stream: every request on it gets
   `Failed(UNAVAILABLE)`, the link reconnects with backoff.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway import balancer
+from gateway import least_loaded
 from gateway.errors import NoWorkerError
 from gateway.events import (
     Event,
@@ -35,7 +35,7 @@ from gateway.events import (
     request_id_of,
     worker_events,
 )
-from gateway.model import Prepared
+from gateway.served_model import Prepared
 from moemesh import rpc
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import CapacityError, UnavailableError
@@ -138,13 +138,13 @@ class WorkerLink:
             message = await outbox.get()
             try:
                 await call.write(message)
-            except Exception as exc:  # noqa: BLE001 (the stream ended, whatever way: the reader reports why)
+            except Exception as exc:
                 log.debug("%s: write failed: %s", self.name, exc)
                 return
 
 
 class WorkerPool:
-    """All worker links of the current world and the requests in flight (balanced by gateway.balancer)."""
+    """All worker links of the current world and the requests in flight (balanced by gateway.least_loaded)."""
 
     def __init__(self, max_inflight: int, call_timeout_s: float):
         self.max_inflight = max_inflight
@@ -168,10 +168,10 @@ class WorkerPool:
         return dict(self._links)
 
     def outstanding(self, ranks: Sequence[int]) -> dict[int, int]:
-        """Tokens the running requests on each of `ranks` may still produce (see gateway.balancer)."""
-        booked = (balancer.Booked(h.rank, h.prepared.params.max_new_tokens, h.tokens)
+        """Tokens the running requests on each of `ranks` may still produce (see gateway.least_loaded)."""
+        booked = (least_loaded.Booked(h.rank, h.prepared.params.max_new_tokens, h.tokens)
                   for h in self._handles.values() if not h.done)
-        return balancer.outstanding_by_rank(booked, ranks)
+        return least_loaded.outstanding_by_rank(booked, ranks)
 
     async def connect(self, world: coordinator_pb2.World, stop: asyncio.Event) -> bool:
         """Open a stream to every member of `world`, retrying each; False if `stop` came first."""
@@ -193,7 +193,7 @@ class WorkerPool:
         ranks = [rank for rank, link in self._links.items() if link.up]
         if not ranks:
             raise NoWorkerError(f"no worker stream is open ({len(self._links)} workers known); retry later")
-        placed = balancer.assign([item.params.max_new_tokens for item in items], self.outstanding(ranks))
+        placed = least_loaded.assign([item.params.max_new_tokens for item in items], self.outstanding(ranks))
         return [self._submit_one(tag, item, sink, rank) for tag, (item, rank) in enumerate(zip(items, placed))]
 
     def release(self, handle: Handle) -> None:

@@ -27,7 +27,14 @@ from pathlib import Path
 from moemesh.commands import run
 from moemesh.errors import MoemeshError
 from moemesh.loadgen import (
-    LengthDist, LoadPlan, RequestTiming, format_table, make_requests, poisson_arrivals, run_load, summarize,
+    LengthDist,
+    LoadPlan,
+    RequestTiming,
+    format_table,
+    make_requests,
+    poisson_arrivals,
+    run_load,
+    summarize,
 )
 
 EXIT_OK, EXIT_FAILED_REQUESTS, EXIT_INTERRUPTED = 0, 1, 130

@@ -105,7 +105,7 @@ def _generate_local(s: GenerateSettings, params) -> tuple[list[int], str]:
 
     from moemesh.engine.engine import Engine, generate
     from moemesh.model.config import load_config
-    from moemesh.model.model import RuntimeShape, build_model
+    from moemesh.model.decoder import RuntimeShape, build_model
     from moemesh.text import TextCodec
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -121,8 +121,8 @@ def _commands() -> tuple:
     from coordinator.cli import add_coordinator_command, add_placement_command
     from expert_worker.cli import add_worker_command
     from gateway.cli import add_gateway_command
-    from moemesh.launcher import add_up_command
     from moemesh.bench_cli import add_bench_command
+    from moemesh.launcher import add_up_command
     from moemesh.planner.cli import add_plan_command
     from moemesh.simulate.cli import add_simulate_command
 

@@ -79,7 +79,7 @@ async def retry(call: Callable[[], Awaitable[T]], retryable: Retryable, *, stop:
         attempt += 1
         try:
             return await call()
-        except Exception as exc:  # noqa: BLE001 (the predicate decides; others are re-raised)
+        except Exception as exc:
             wait = _next_wait(exc, attempt, schedule, retryable, on_retry)
         if stop is None:
             await asyncio.sleep(wait)
@@ -106,7 +106,7 @@ def retry_sync(call: Callable[[], T], retryable: Retryable, *, stop: threading.E
         attempt += 1
         try:
             return call()
-        except Exception as exc:  # noqa: BLE001 (the predicate decides; others are re-raised)
+        except Exception as exc:
             wait = _next_wait(exc, attempt, schedule, retryable, on_retry)
         if stop is None:
             time.sleep(wait)

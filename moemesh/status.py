@@ -1,7 +1,7 @@
 """The one table between typed moemesh errors and gRPC status codes, both directions.
 
 Servers: `moemesh.rpc.ErrorInterceptor` aborts a call with `status_for(exc)`. Clients (moemesh.client,
-coordinator.tools, the gateway relaying a worker's rejection) turn a code back into the typed error
+coordinator.placement_admin, the gateway relaying a worker's rejection) turn a code back into the typed error
 with `error_for` / `error_class_for`; every class in the table round-trips (class -> code -> class).
 `RelayedStatusError` carries a code that another process chose (the gateway passes a worker's on).
 """

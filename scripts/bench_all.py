@@ -31,14 +31,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moemesh.engine.engine import Engine  # noqa: E402
-from moemesh.engine.sampling import SamplingParams  # noqa: E402
-from moemesh.launcher import UpProcess  # noqa: E402
-from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, summarize  # noqa: E402
-from moemesh.model.model import RuntimeShape, build_model  # noqa: E402
-from moemesh.model.tiny import TinySpec, write_tiny_model  # noqa: E402
-from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh  # noqa: E402
-from moemesh.simulate.measure import step_counters, worker_statuses  # noqa: E402
+from moemesh.engine.engine import Engine
+from moemesh.engine.sampling import SamplingParams
+from moemesh.launcher import UpProcess
+from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, summarize
+from moemesh.model.decoder import RuntimeShape, build_model
+from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh
+from moemesh.simulate.measure import step_counters, worker_statuses
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
                 vocab=512, seed=0)

@@ -23,20 +23,20 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: BLAS threads only contend
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moemesh.planner.cost import ExpertShape  # noqa: E402
-from moemesh.planner.price import price_change  # noqa: E402
-from moemesh.planner.problem import Plan, Problem  # noqa: E402
-from moemesh.planner.search import SwapBudget, plan  # noqa: E402
-from moemesh.planner.topology import h100_cluster  # noqa: E402
-from moemesh.planner.traffic import shifted, synthetic  # noqa: E402
+from moemesh.planner.cost import ExpertShape
+from moemesh.planner.price import price_change
+from moemesh.planner.problem import Plan, Problem
+from moemesh.planner.search import SwapBudget, plan
+from moemesh.planner.topology import h100_cluster
+from moemesh.planner.traffic import shifted, synthetic
 
 SHAPE = ExpertShape(hidden_size=7168, intermediate_size=2048, dtype_bytes=2, matrices=3)
 SKEWS = (0.8, 1.2, 1.6)

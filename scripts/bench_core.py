@@ -18,7 +18,7 @@ import torch
 
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8,

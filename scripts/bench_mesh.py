@@ -23,7 +23,7 @@ from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
 from moemesh.launcher import UpProcess
 from moemesh.loadgen import engine_timings, run_closed_loop, summarize
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.simulate.measure import step_counters, worker_statuses
 

@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moemesh.engine.engine import Engine, EngineSettings, generate  # noqa: E402
-from moemesh.engine.sampling import SamplingParams  # noqa: E402
-from moemesh.model.model import MoEModel, RuntimeShape, build_model  # noqa: E402
-from moemesh.model.moe import GroupedExperts  # noqa: E402
-from moemesh.model.tiny import TinySpec, write_tiny_model  # noqa: E402
+from moemesh.engine.engine import Engine, EngineSettings, generate
+from moemesh.engine.sampling import SamplingParams
+from moemesh.model.decoder import MoEModel, RuntimeShape, build_model
+from moemesh.model.moe import GroupedExperts
+from moemesh.model.tiny import TinySpec, write_tiny_model
 
 FP32_TOLERANCE = 1e-4  # relative logit error, fp32 on the device against fp32 on the CPU
 NCCL_TIMEOUT_S = 180  # the nccl subprocess; a hang past it is reported, not waited for
@@ -90,7 +90,7 @@ def check_engine(device: str, quick: bool) -> dict:
     params = SamplingParams(max_new_tokens=8 if quick else 32, ignore_eos=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_tiny_model(Path(tmp) / "m", spec)
-        build = lambda dtype, dev: build_model(model_dir, RuntimeShape(max_seqs=4, max_model_len=128,  # noqa: E731
+        build = lambda dtype, dev: build_model(model_dir, RuntimeShape(max_seqs=4, max_model_len=128,
                                                                       dtype=dtype, device=dev))
         ref = build(torch.float32, "cpu")
         want = generate(Engine(ref), PROMPTS, params)
@@ -245,12 +245,17 @@ def nccl_exchange(device: str) -> dict:
     from moemesh.mesh.nccl import NcclCollective, make_unique_id
     from moemesh.mesh.placement import initial_placement
     from moemesh.mesh.transport import AllToAllTransport
-    from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter
+    from moemesh.model.moe import (
+        GroupedExperts,
+        LocalTransport,
+        MoELayer,
+        SoftmaxTopKRouter,
+    )
     from moemesh.model.weights import LayerExperts
 
     E, D, F, T, K = 8, 256, 512, 64, 2
     g = torch.Generator(device=device).manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.bfloat16) * s[-1] ** -0.5  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.bfloat16) * s[-1] ** -0.5
     experts = GroupedExperts({0: LayerExperts.stacked(tuple(range(E)), mk(E, D, 2 * F), mk(E, D, F))})
     router, x = mk(E, D), mk(T, D)
     out: dict = {}
@@ -268,7 +273,7 @@ def nccl_exchange(device: str) -> dict:
                            thread_current_device=torch.cuda.current_device())
             finally:
                 collective.close()
-        except Exception as exc:  # noqa: BLE001  reported in the results, like every check's failure
+        except Exception as exc:
             out.update(error=repr(exc), traceback=traceback.format_exc())
 
     worker = threading.Thread(target=run)  # torch.cuda.current_device() starts at 0 in a new thread
@@ -311,7 +316,7 @@ def nccl_child(device: str, out: Path) -> None:
     for key, fn in parts:
         try:
             results[key] = fn()
-        except Exception as exc:  # noqa: BLE001  reported; the next part still runs
+        except Exception as exc:
             results[key] = {"error": repr(exc), "traceback": traceback.format_exc()}
         out.write_text(json.dumps(results))
     out.write_text(json.dumps(results))
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             checks[key] = fn()
-        except Exception as exc:  # noqa: BLE001  record and go on: one failing check must not hide the others
+        except Exception as exc:
             checks[key] = {"error": repr(exc), "traceback": traceback.format_exc()}
         if not (isinstance(checks[key], dict) and "timed_out_after_s" in checks[key].get("subprocess", {})):
             not_finished.remove(key)

@@ -18,8 +18,8 @@ import torch
 
 from moemesh.engine.sampling import SamplingParams, make_generator, sample
 from moemesh.errors import CapacityError, InvalidRequestError
+from moemesh.model.decoder import MoEModel
 from moemesh.model.layers import AttentionPlan, Segment, build_attention_plan
-from moemesh.model.model import MoEModel
 
 
 def validate_request(

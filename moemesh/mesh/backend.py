@@ -33,7 +33,7 @@ def nccl_unavailable_reason(device: str) -> str | None:
         return "torch sees no CUDA device"
     try:
         import cupy
-        import cupy.cuda.nccl  # noqa: F401  (the binding is what the data plane needs)
+        import cupy.cuda.nccl
     except ImportError as exc:
         return f"CuPy with NCCL is not installed ({exc}); install the `gpu` extra"
     if not cupy.is_available():

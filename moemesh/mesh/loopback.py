@@ -171,7 +171,7 @@ def run_world(world: LoopbackWorld, rank_main: Callable[[LoopbackCollective], Re
     def main(rank: int) -> None:
         try:
             results[rank] = rank_main(world.collective(rank))
-        except BaseException as exc:  # noqa: BLE001  re-raised by run_world on the caller's thread
+        except BaseException as exc:
             errors[rank] = exc
             world.abort(f"rank {rank} failed: {exc!r}")
 

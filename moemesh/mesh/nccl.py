@@ -276,7 +276,7 @@ class NcclCollective:
         self._waited = [t for t in self._waited if not t.resumed.done]
         if not ready:
             return
-        at = lambda event: cupy.cuda.get_elapsed_time(ready[0].begin, event)  # noqa: E731  ms
+        at = lambda event: cupy.cuda.get_elapsed_time(ready[0].begin, event)
         stalled = [(at(t.called), at(t.resumed)) for t in ready]
         for t in ready:
             begin, end = at(t.begin), max(at(t.sent), at(t.received))

@@ -20,7 +20,7 @@ nonzero, boolean masks or bincount); the one host read-back per layer is the rec
 per local expert (ExpertBatch.counts, needed to launch the grouped matmuls), read together with
 two device-side flags (capacity overflow, a token for an expert not held) asserted there.
 Load statistics are not kept here: an optional `DestinationObserver` sees each layer's
-destinations (moemesh.mesh.load.LoadRecorder).
+destinations (moemesh.mesh.routing_counts.LoadRecorder).
 
 Expert tensor parallelism: an expert split over a group of S ranks receives every one of its
 token copies on all S ranks (P' >= T*K' pieces sent); each returns a partial output and combine
@@ -107,7 +107,7 @@ def layer_routes(placement: Placement, layer: int, rank: int, device: torch.devi
 
 
 class DestinationObserver(Protocol):
-    """Sees where each layer's pieces go (the load recorder's link counts, moemesh.mesh.load)."""
+    """Sees where each layer's pieces go (the load recorder's link counts, moemesh.mesh.routing_counts)."""
 
     def sent(self, layer: int, dest: torch.Tensor) -> None:
         """dest: (P,) int64 destination rank of each piece, -1 = not sent (dropped, padding)."""

@@ -102,7 +102,7 @@ class Experts(Protocol):
 
 
 class RoutingObserver(Protocol):
-    """Sees every layer's routing (the load recorder, moemesh.mesh.load)."""
+    """Sees every layer's routing (the load recorder, moemesh.mesh.routing_counts)."""
 
     def routed(self, layer: int, routing: Routing) -> None: ...
 

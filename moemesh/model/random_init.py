@@ -10,9 +10,20 @@ from __future__ import annotations
 import torch
 
 from moemesh.model.config import ModelConfig
-from moemesh.model.model import MoEModel, RuntimeShape
-from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter, Transport
-from moemesh.model.weights import AttentionWeights, DenseWeights, LayerExperts, LayerWeights
+from moemesh.model.decoder import MoEModel, RuntimeShape
+from moemesh.model.moe import (
+    GroupedExperts,
+    LocalTransport,
+    MoELayer,
+    SoftmaxTopKRouter,
+    Transport,
+)
+from moemesh.model.weights import (
+    AttentionWeights,
+    DenseWeights,
+    LayerExperts,
+    LayerWeights,
+)
 
 
 def random_model(cfg: ModelConfig, runtime: RuntimeShape, seed: int = 0, transport: Transport | None = None) -> MoEModel:

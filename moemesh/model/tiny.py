@@ -27,7 +27,13 @@ from safetensors.torch import save_file
 from moemesh.errors import ConfigError
 from moemesh.model.checkpoint import INDEX_FILE
 from moemesh.model.config import ARCHITECTURES, ModelConfig, config_from_dict
-from moemesh.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_VOCAB_SIZE, save_tokenizer
+from moemesh.model.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    TOKENIZER_VOCAB_SIZE,
+    save_tokenizer,
+)
 from moemesh.model.weights import dense_tensor_shapes, expert_tensor_shapes
 
 ARCHS = ARCHITECTURES  # family -> architecture name (moemesh.model.config)

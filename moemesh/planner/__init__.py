@@ -17,13 +17,33 @@ Typical use:
     result.report.link_gain            # round-robin's max link load / ours
 """
 
-from moemesh.planner.cost import CostModel, CostOptions, ExpertShape, PlacementCost, evaluate
+from moemesh.planner.cost import (
+    CostModel,
+    CostOptions,
+    ExpertShape,
+    PlacementCost,
+    evaluate,
+)
 from moemesh.planner.price import ChangePrice, keep_paying, price_change
 from moemesh.planner.problem import Plan, PlanReport, Problem
-from moemesh.planner.search import METHODS, plan, round_robin, swap_search, topology_aware
+from moemesh.planner.search import (
+    METHODS,
+    plan,
+    round_robin,
+    swap_search,
+    topology_aware,
+)
 from moemesh.planner.swap import SwapBudget
 from moemesh.planner.topology import LinkSpec, Topology, load_topology, resolve_topology
-from moemesh.planner.traffic import Skew, Traffic, from_counts, load_trace, parse_skew, save_trace, synthetic
+from moemesh.planner.traffic import (
+    Skew,
+    Traffic,
+    from_counts,
+    load_trace,
+    parse_skew,
+    save_trace,
+    synthetic,
+)
 
 __all__ = [
     "METHODS", "ChangePrice", "CostModel", "CostOptions", "ExpertShape", "LinkSpec", "Plan", "PlanReport",

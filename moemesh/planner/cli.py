@@ -20,7 +20,7 @@ from pathlib import Path
 # machine). Effective only when numpy is not loaded yet (python -m moemesh.planner.cli).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from moemesh.errors import InvalidRequestError, MoemeshError  # noqa: E402
+from moemesh.errors import InvalidRequestError, MoemeshError
 
 Runner = Callable[[argparse.Namespace], int]
 PAPER_EXPERT = (8192, 32768, 2, 2)  # hidden, intermediate, dtype bytes, matrices (two linears)
@@ -95,7 +95,13 @@ def settings_from_args(args: argparse.Namespace) -> PlanSettings:
 
 
 def run_plan(s: PlanSettings) -> int:
-    from moemesh.planner.render import device_table, link_table, placement_table, summary_table, write_png
+    from moemesh.planner.render import (
+        device_table,
+        link_table,
+        placement_table,
+        summary_table,
+        write_png,
+    )
     from moemesh.planner.search import plan
 
     problem = build_problem(s)

@@ -7,7 +7,7 @@ comparison, run time, accepted swaps). All keep the constraints listed in moemes
 - `round_robin`: expert e on device e mod G; with spare devices, device r >= E holds a replica of
   expert r mod E (moemesh.mesh.placement.initial_placement). The paper's starting point.
 - `swap_search`: the paper's loop (moemesh.planner.swap).
-- `topology_aware`: ours (moemesh.planner.ours).
+- `topology_aware`: ours (moemesh.planner.topology_aware).
 - `price_change`: what moving from one placement to another costs and whether it pays
   (moemesh.planner.price).
 """
@@ -17,10 +17,17 @@ from __future__ import annotations
 import time
 
 from moemesh.mesh.placement import Placement
-from moemesh.planner.ours import topology_aware
 from moemesh.planner.price import ChangePrice, keep_paying, price_change
-from moemesh.planner.problem import Plan, PlanReport, Problem, SwapStep, make_plan, round_robin_slots
+from moemesh.planner.problem import (
+    Plan,
+    PlanReport,
+    Problem,
+    SwapStep,
+    make_plan,
+    round_robin_slots,
+)
 from moemesh.planner.swap import SwapBudget, swap_layer, swap_search
+from moemesh.planner.topology_aware import topology_aware
 
 METHODS = ("round-robin", "swap", "ours")
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moemesh.planner.problem import Plan, Problem, SwapStep, make_plan, round_robin_slots
+from moemesh.planner.problem import (
+    Plan,
+    Problem,
+    SwapStep,
+    make_plan,
+    round_robin_slots,
+)
 
 _RELATIVE_GAIN = 1e-9  # a swap must lower the max link load by more than float noise
 

@@ -112,7 +112,7 @@ def _measured(s: SimulateSettings, shape, dep, work):
     from moemesh.simulate.cpu_check import duty_cycle
     from moemesh.simulate.hardware import cpu_profile, cpu_topology
     from moemesh.simulate.measure import Calibrator
-    from moemesh.simulate.model import predict
+    from moemesh.simulate.step_cost import predict
 
     if s.model == "paper":
         raise MoemeshError("--measure measures this CPU: give --model DIR (a checkpoint the CPU mesh serves)")
@@ -129,9 +129,15 @@ def _measured(s: SimulateSettings, shape, dep, work):
 
 def simulate(s: SimulateSettings) -> int:
     from moemesh.planner.traffic import parse_skew
-    from moemesh.simulate.model import parse_deployment, predict
-    from moemesh.simulate.paper import PAPER_BATCH, PAPER_SEQ, findings, paper_predictions, paper_table
+    from moemesh.simulate.paper import (
+        PAPER_BATCH,
+        PAPER_SEQ,
+        findings,
+        paper_predictions,
+        paper_table,
+    )
     from moemesh.simulate.shapes import Workload
+    from moemesh.simulate.step_cost import parse_deployment, predict
     from moemesh.simulate.sweep import ep_scaling, plot_scaling, scaling_table
 
     shape, topo, profile = _inputs(s)

@@ -38,8 +38,8 @@ from moemesh.simulate.measure import (
     engine_step_s,
     measure_mesh_decode,
 )
-from moemesh.simulate.model import Prediction, parse_deployment, predict
 from moemesh.simulate.shapes import ModelShape, Workload
+from moemesh.simulate.step_cost import Prediction, parse_deployment, predict
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,7 @@ def _decode_step_s(model_dir: Path, batch: int, context: int, steps: int, spread
     from moemesh.mesh.placement import initial_placement
     from moemesh.mesh.transport import AllToAllTransport
     from moemesh.model.config import load_config
-    from moemesh.model.model import RuntimeShape, build_model
+    from moemesh.model.decoder import RuntimeShape, build_model
 
     cfg = load_config(model_dir)
     placement = initial_placement(cfg.num_experts, cfg.moe_layer_ids, 1)
@@ -325,7 +325,12 @@ async def worker_statuses(coordinator: str, timeout_s: float = 10.0) -> list:
     """Every worker's Status (moemesh.v1 WorkerStatus), by rank, via the coordinator's world."""
     import grpc
 
-    from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+    from moemesh.v1 import (
+        coordinator_pb2,
+        coordinator_pb2_grpc,
+        worker_pb2,
+        worker_pb2_grpc,
+    )
 
     async with grpc.aio.insecure_channel(coordinator) as ch:
         world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from moemesh.planner.topology import Topology
 from moemesh.simulate.hardware import DeviceProfile
-from moemesh.simulate.model import Prediction, parse_deployment, predict
 from moemesh.simulate.shapes import ModelShape, Workload
+from moemesh.simulate.step_cost import Prediction, parse_deployment, predict
 
 # paper.md, "Performance Comparison" and the setup it states
 PAPER_TABLE = (

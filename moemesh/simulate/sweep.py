@@ -14,8 +14,8 @@ from pathlib import Path
 
 from moemesh.planner.topology import Topology
 from moemesh.simulate.hardware import DeviceProfile
-from moemesh.simulate.model import Prediction, parse_deployment, predict
 from moemesh.simulate.shapes import ModelShape, Workload
+from moemesh.simulate.step_cost import Prediction, parse_deployment, predict
 
 DEFAULT_DEVICES = (16, 32, 64, 128, 256, 512, 1024)
 

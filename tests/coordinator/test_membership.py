@@ -17,11 +17,17 @@ from coordinator.errors import (
     WorldFormedError,
     WorldNotFormedError,
 )
-from coordinator.load import LoadWindow
 from coordinator.membership import Membership, WorkerInfo
-from coordinator.rebalancer import ModelFacts
+from coordinator.policies import ModelFacts
+from coordinator.routing_window import LoadWindow
 from coordinator.state import CoordinatorState, DataPlane
-from moemesh.errors import CapacityError, ConfigError, InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.errors import (
+    CapacityError,
+    ConfigError,
+    InvalidRequestError,
+    MoemeshError,
+    UnavailableError,
+)
 from moemesh.mesh.placement import Placement, initial_placement, whole_replicas
 
 LAYERS = (0, 1)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.splitting import Memory, SplitSettings, rank_loads, split_hot_experts, split_one
+from coordinator.splitting import (
+    Memory,
+    SplitSettings,
+    rank_loads,
+    split_hot_experts,
+    split_one,
+)
 from moemesh.mesh.placement import Placement, initial_placement, validate_placement
 from moemesh.model.shard import Shard
 

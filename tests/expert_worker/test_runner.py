@@ -10,17 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from expert_worker.loader import prepare_epoch
+from expert_worker.epochs import prepare_epoch
 from expert_worker.runner import Cancel, MeshRunner, Rejected, Submit
-from moemesh.engine.engine import Engine, EngineSettings, FinishReason, TokenEvent, generate
+from moemesh.engine.engine import (
+    Engine,
+    EngineSettings,
+    FinishReason,
+    TokenEvent,
+    generate,
+)
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import InvalidRequestError
-from moemesh.mesh.load import LoadRecorder, LoadSample
 from moemesh.mesh.loopback import LoopbackWaker, LoopbackWorld
 from moemesh.mesh.placement import Placement, initial_placement, whole_replicas
+from moemesh.mesh.routing_counts import LoadRecorder, LoadSample
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 
 SPEC = TinySpec(layers=2, experts=4, hidden=32, intermediate=48, heads=4, kv_heads=2, vocab=300)

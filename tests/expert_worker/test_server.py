@@ -11,9 +11,14 @@ import pytest
 from moemesh.client import Client, TokenChunk
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from moemesh.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 SPEC = TinySpec(arch="mixtral", layers=2, experts=16, top_k=2, hidden=128, intermediate=1024, heads=4, kv_heads=2,
                 vocab=512, seed=3)

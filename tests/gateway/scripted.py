@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
-from gateway.model import Prepared
+from gateway.served_model import Prepared
 from gateway.workers import WorkerPool
 from moemesh.engine.sampling import SamplingParams
 from moemesh.v1 import common_pb2, coordinator_pb2, worker_pb2, worker_pb2_grpc

@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gateway.coordinator_client import CoordinatorClient
 from gateway.events import Tokens
 from gateway.generation import coalesce
-from gateway.model import ServedModel
+from gateway.served_model import ServedModel
 from gateway.servicer import GatewayServicer
-from gateway.world import CoordinatorClient
 from moemesh import rpc
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto

@@ -19,15 +19,22 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 pytest.importorskip("expert_worker.server")
 
-from moemesh.engine.engine import Engine, generate  # noqa: E402
-from moemesh.engine.sampling import SamplingParams  # noqa: E402
-from moemesh.engine.sampling_wire import sampling_to_proto  # noqa: E402
-from moemesh.model.config import load_config  # noqa: E402
-from moemesh.model.model import RuntimeShape, build_model  # noqa: E402
-from moemesh.retry import Backoff, retry  # noqa: E402
-from moemesh.rpc import channel  # noqa: E402
-from moemesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from moemesh.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
+from moemesh.engine.engine import Engine, generate
+from moemesh.engine.sampling import SamplingParams
+from moemesh.engine.sampling_wire import sampling_to_proto
+from moemesh.model.config import load_config
+from moemesh.model.decoder import RuntimeShape, build_model
+from moemesh.retry import Backoff, retry
+from moemesh.rpc import channel
+from moemesh.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 
 def _harness():

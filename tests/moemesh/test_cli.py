@@ -19,7 +19,7 @@ import pytest
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.model.config import load_config
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 
 TIMEOUT_S = 300  # hang bound for every subprocess (the machine is shared and slow to import torch)
 

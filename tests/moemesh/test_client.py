@@ -15,10 +15,22 @@ import grpc
 import pytest
 
 from moemesh.client import (
-    Client, Completion, Finished, TokenChunk, build_request, event_from_proto, generate_remote, typed_error,
+    Client,
+    Completion,
+    Finished,
+    TokenChunk,
+    build_request,
+    event_from_proto,
+    generate_remote,
+    typed_error,
 )
 from moemesh.engine.sampling import SamplingParams
-from moemesh.errors import CapacityError, InvalidRequestError, MoemeshError, UnavailableError
+from moemesh.errors import (
+    CapacityError,
+    InvalidRequestError,
+    MoemeshError,
+    UnavailableError,
+)
 from moemesh.v1 import common_pb2, gateway_pb2
 
 GATEWAY_TESTS = Path(__file__).resolve().parents[1] / "gateway"

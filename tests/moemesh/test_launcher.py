@@ -15,7 +15,7 @@ from moemesh.client import Client
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.launcher import resolve_workers
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 
 # 8 requests of different lengths, arriving at different times.

@@ -20,8 +20,16 @@ import pytest
 
 from moemesh.errors import MoemeshError
 from moemesh.loadgen import (
-    BenchRequest, LengthDist, LoadPlan, RequestTiming, format_table, make_requests, percentile, poisson_arrivals,
-    run_load, summarize,
+    BenchRequest,
+    LengthDist,
+    LoadPlan,
+    RequestTiming,
+    format_table,
+    make_requests,
+    percentile,
+    poisson_arrivals,
+    run_load,
+    summarize,
 )
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -262,8 +270,8 @@ def test_bench_reports_table_and_json(tmp_path):
 
 # ---- one real run against a real mesh ----------------------------------------------------------------
 def test_moemesh_bench_against_a_real_mesh(tmp_path):
-    from moemesh.model.tiny import TinySpec, write_tiny_model
     from moemesh.launcher import UpProcess
+    from moemesh.model.tiny import TinySpec, write_tiny_model
 
     model = write_tiny_model(tmp_path / "model", TinySpec(layers=2, experts=4, top_k=2, hidden=64, intermediate=64,
                                                           heads=4, kv_heads=2, vocab=512, seed=1))

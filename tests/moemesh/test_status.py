@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from coordinator.errors import UnknownWorkerError, WorldFormedError
-from coordinator.tools import rpc_error
+from coordinator.placement_admin import rpc_error
 from gateway.errors import NoWorkerError, WorkerFailedError
 from moemesh.client import typed_error
 from moemesh.errors import (

@@ -15,7 +15,7 @@ import torch
 
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
-from moemesh.model.model import RuntimeShape
+from moemesh.model.decoder import RuntimeShape
 from moemesh.model.random_init import paper_config, random_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"

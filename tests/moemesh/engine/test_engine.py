@@ -7,7 +7,7 @@ import pytest
 from moemesh.engine.engine import Engine, EngineSettings, FinishReason, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import CapacityError, InvalidRequestError
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [100, 200, 250, 3, 4, 5, 6, 7], [42], [7, 7, 7, 7]]
 

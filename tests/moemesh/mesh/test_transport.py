@@ -10,10 +10,20 @@ import torch
 import torch.distributed as dist
 
 from moemesh.mesh.gloo import init_gloo
-from moemesh.mesh.load import LoadRecorder
-from moemesh.mesh.placement import Placement, initial_placement, split_placement, whole_replicas
+from moemesh.mesh.placement import (
+    Placement,
+    initial_placement,
+    split_placement,
+    whole_replicas,
+)
+from moemesh.mesh.routing_counts import LoadRecorder
 from moemesh.mesh.transport import AllToAllTransport, send_rows
-from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter
+from moemesh.model.moe import (
+    GroupedExperts,
+    LocalTransport,
+    MoELayer,
+    SoftmaxTopKRouter,
+)
 from moemesh.model.weights import LayerExperts, shard_weights
 
 E, D, F, K = 6, 16, 24, 2

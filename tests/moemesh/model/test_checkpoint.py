@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from moemesh.errors import CheckpointError, ConfigError
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import load_config
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.model.weights import dense_tensor_shapes, expert_tensor_shapes
 

@@ -6,11 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.mesh.load import LoadRecorder
 from moemesh.mesh.loopback import HostSyncCounter, LoopbackWorld, run_world
-from moemesh.mesh.placement import Placement, initial_placement, split_placement, whole_replicas
+from moemesh.mesh.placement import (
+    Placement,
+    initial_placement,
+    split_placement,
+    whole_replicas,
+)
+from moemesh.mesh.routing_counts import LoadRecorder
 from moemesh.mesh.transport import AllToAllTransport, destinations, layer_routes
-from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, Routing, SoftmaxTopKRouter
+from moemesh.model.moe import (
+    GroupedExperts,
+    LocalTransport,
+    MoELayer,
+    Routing,
+    SoftmaxTopKRouter,
+)
 from moemesh.model.weights import LayerExperts, shard_weights
 
 E, D, F, K = 6, 16, 24, 2

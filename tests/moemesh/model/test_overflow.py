@@ -6,8 +6,13 @@ import torch
 
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
-from moemesh.model.model import RuntimeShape, build_model
-from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer, SoftmaxTopKRouter
+from moemesh.model.decoder import RuntimeShape, build_model
+from moemesh.model.moe import (
+    GroupedExperts,
+    LocalTransport,
+    MoELayer,
+    SoftmaxTopKRouter,
+)
 from moemesh.model.overflow import enforce_capacity, expert_capacity
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.model.weights import LayerExperts
@@ -40,7 +45,7 @@ def test_dropped_copies_cost_nothing_and_contribute_nothing():
                                                       torch.randn(E, D, F, generator=g))})
     x, router = torch.randn(16, D, generator=g), torch.randn(E, D, generator=g)
     seen = []
-    counting = lambda layer, batch: seen.append(sum(batch.counts)) or experts(layer, batch)  # noqa: E731
+    counting = lambda layer, batch: seen.append(sum(batch.counts)) or experts(layer, batch)
     drop = MoELayer(SoftmaxTopKRouter(2, True, overflow="drop", capacity_factor=0.5), LocalTransport(E), counting)
     y = drop(0, x, router)
     routing = drop.router(x, router, 0)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from moemesh.model.model import RuntimeShape
+from moemesh.model.decoder import RuntimeShape
 from moemesh.model.random_init import paper_config, random_model
 
 

@@ -14,7 +14,13 @@ from safetensors import safe_open
 from moemesh.errors import ConfigError
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import load_config
-from moemesh.model.tiny import TinySpec, add_tiny_model_args, spec_from_args, tensor_shapes, write_tiny_model
+from moemesh.model.tiny import (
+    TinySpec,
+    add_tiny_model_args,
+    spec_from_args,
+    tensor_shapes,
+    write_tiny_model,
+)
 from moemesh.model.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,13 @@ from moemesh.errors import ConfigError
 from moemesh.mesh.placement import validate_placement
 from moemesh.planner.cost import CostOptions, ExpertShape
 from moemesh.planner.problem import Problem, round_robin_slots
-from moemesh.planner.search import SwapBudget, plan, round_robin, swap_search, topology_aware
+from moemesh.planner.search import (
+    SwapBudget,
+    plan,
+    round_robin,
+    swap_search,
+    topology_aware,
+)
 from moemesh.planner.slots import to_placement
 from moemesh.planner.topology import Topology, h100_cluster
 from moemesh.planner.traffic import Skew, synthetic

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from moemesh.errors import ConfigError
-from moemesh.planner.topology import Topology, h100_cluster, load_topology, parse_topology, resolve_topology
+from moemesh.planner.topology import (
+    Topology,
+    h100_cluster,
+    load_topology,
+    parse_topology,
+    resolve_topology,
+)
 
 GOOD = """
 name: two-nodes

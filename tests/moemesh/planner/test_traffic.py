@@ -10,7 +10,15 @@ import torch
 
 from moemesh.errors import InvalidRequestError
 from moemesh.planner.traffic import (
-    Skew, dump_trace, from_counts, independent_coactivation, load_trace, parse_skew, parse_trace, save_trace, shifted,
+    Skew,
+    dump_trace,
+    from_counts,
+    independent_coactivation,
+    load_trace,
+    parse_skew,
+    parse_trace,
+    save_trace,
+    shifted,
     synthetic,
 )
 

@@ -7,8 +7,8 @@ import torch
 
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.layers import Segment, build_attention_plan
-from moemesh.model.model import RuntimeShape, build_model
 
 CONFIGS = {
     "mixtral-top1-gqa-untied-single": dict(arch="mixtral", top_k=1, heads=4, kv_heads=2),

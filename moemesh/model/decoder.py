@@ -29,7 +29,12 @@ from moemesh.model.moe import (
     run_to_end,
 )
 from moemesh.model.shard import Shard
-from moemesh.model.weights import DenseWeights, LayerExperts, load_dense, load_layer_experts
+from moemesh.model.weights import (
+    DenseWeights,
+    LayerExperts,
+    load_dense,
+    load_layer_experts,
+)
 
 
 @dataclass(frozen=True)

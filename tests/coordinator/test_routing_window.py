@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.load import LoadWindow
+from coordinator.routing_window import LoadWindow
 from moemesh.errors import InvalidRequestError
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.balancing import GatingSettings, gating_update, imbalance, paper_literal_update
+from coordinator.gating import (
+    GatingSettings,
+    gating_update,
+    imbalance,
+    paper_literal_update,
+)
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
-from moemesh.model.model import RuntimeShape, build_model
+from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.moe import SoftmaxTopKRouter
 from moemesh.model.tiny import TinySpec, write_tiny_model
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.model import ServedModel
+from gateway.served_model import ServedModel
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import InvalidRequestError

@@ -1,8 +1,8 @@
-"""coordinator.tools: what `moemesh placement show` prints, shard groups included."""
+"""coordinator.placement_admin: what `moemesh placement show` prints, shard groups included."""
 
 from __future__ import annotations
 
-from coordinator.tools import format_placement, placement_yaml
+from coordinator.placement_admin import format_placement, placement_yaml
 from moemesh.mesh.placement import Placement
 from moemesh.mesh.placement_file import parse_placement
 from moemesh.mesh.placement_wire import placement_to_proto

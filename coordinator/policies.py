@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from coordinator.balancing import POLICIES, GatingSettings, gating_update
+from coordinator.gating import POLICIES, GatingSettings, gating_update
 from coordinator.splitting import Memory, SplitSettings, split_hot_experts
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement

@@ -1,11 +1,11 @@
-"""expert_worker.loader: preparing an epoch reuses held experts, cuts shards from whole experts it
+"""expert_worker.epochs: preparing an epoch reuses held experts, cuts shards from whole experts it
 holds and reads from the checkpoint only what it cannot derive."""
 
 from __future__ import annotations
 
 import torch
 
-from expert_worker.loader import prepare_epoch
+from expert_worker.epochs import prepare_epoch
 from moemesh.mesh.placement import split_placement, whole_replicas
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import load_config

@@ -6,7 +6,7 @@ Policies (chosen per deployment, shown in ModelInfo):
 - "gating": the paper's load-aware gating (../shared/paper.md, section 2). Per MoE layer and expert
   a factor f_e multiplies the gate probability when experts are selected (the combine weights stay
   the model's probabilities, so only *which* experts run changes: outputs differ from the exact
-  model, by how much is measured in tests/coordinator/test_balancing.py).
+  model, by how much is measured in tests/coordinator/test_gating.py).
 - "replicate": placement and replicas only (moemesh.planner); outputs stay exactly the model's.
 - "split": hot experts split over two ranks (tensor parallelism inside an expert;
   coordinator/splitting.py); outputs are the model's up to float rounding.
@@ -49,7 +49,7 @@ def gating_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings
     max(0.1, 1 - 0.5 load_e) (moved +-10% per cycle); that target depends on the load alone, so
     once the factors balance the load they drift back and the load with them: the literal rule
     has no balanced fixed point (measured on the same skewed router: it hovers at max/mean ~1.5
-    where this one settles under 1.2 within 11 cycles; tests/coordinator/test_balancing.py). Here the same target is read as a
+    where this one settles under 1.2 within 11 cycles; tests/coordinator/test_gating.py). Here the same target is read as a
     correction relative to a balanced expert's and *multiplies* f_e, so a correction persists.
     """
     counts = counts.double()

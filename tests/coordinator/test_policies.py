@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.rebalancer import RebalanceSettings, Rebalancer
+from coordinator.policies import Rebalancer, RebalanceSettings
 from moemesh.mesh.placement import initial_placement
 
 
@@ -27,7 +27,7 @@ def test_policy_none_never_moves_anything():
 
 
 def test_replicate_moves_spare_replicas_to_the_hot_experts():
-    from coordinator.rebalancer import ModelFacts
+    from coordinator.policies import ModelFacts
 
     current = initial_placement(4, [0], world_size=6)  # spare ranks 4, 5 replicate experts 0, 1
     assert current.layers[0] == ((0, 4), (1, 5), (2,), (3,))
@@ -40,7 +40,7 @@ def test_replicate_moves_spare_replicas_to_the_hot_experts():
 
 
 def test_replicate_leaves_a_balanced_placement_alone():
-    from coordinator.rebalancer import ModelFacts
+    from coordinator.policies import ModelFacts
 
     current = initial_placement(4, [0], world_size=4)
     reb = Rebalancer(RebalanceSettings(policy="replicate"), (0,), 4, ModelFacts(2, 64, 64, 4))
@@ -48,7 +48,7 @@ def test_replicate_leaves_a_balanced_placement_alone():
 
 
 def test_auto_policy_replicates_only_where_spare_workers_exist():
-    from coordinator.balancing import resolve_policy
+    from coordinator.gating import resolve_policy
 
     assert resolve_policy("auto", workers=10, num_experts=8) == "replicate"
     assert resolve_policy("auto", workers=8, num_experts=8) == "none"

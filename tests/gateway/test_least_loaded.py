@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.balancer import Booked, assign, outstanding_by_rank, pick_least_loaded
+from gateway.least_loaded import Booked, assign, outstanding_by_rank, pick_least_loaded
 
 
 def test_pick_prefers_fewest_outstanding_then_lowest_rank():

@@ -32,7 +32,13 @@ import time
 import numpy as np
 
 from moemesh.mesh.placement import Placement
-from moemesh.planner.problem import Plan, Problem, SwapStep, make_plan, round_robin_slots
+from moemesh.planner.problem import (
+    Plan,
+    Problem,
+    SwapStep,
+    make_plan,
+    round_robin_slots,
+)
 from moemesh.planner.replicas import improve_pack, pack, replicate, units
 from moemesh.planner.slots import from_placement
 from moemesh.planner.swap import SwapBudget, swap_layer

@@ -10,9 +10,9 @@ import pytest
 from moemesh.errors import ConfigError
 from moemesh.planner.topology import LinkSpec, Topology, local_topology
 from moemesh.simulate.hardware import H100_SXM, DeviceProfile
-from moemesh.simulate.model import parse_deployment, predict
 from moemesh.simulate.paper import PAPER_TABLE, findings, paper_predictions
 from moemesh.simulate.shapes import ModelShape, Workload
+from moemesh.simulate.step_cost import parse_deployment, predict
 from moemesh.simulate.sweep import ep_scaling, scaled_topology
 from moemesh.simulate.timeline import StageTimes, schedule
 
