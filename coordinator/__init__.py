@@ -1,6 +1,7 @@
 """moemesh coordinator: membership, rendezvous, placement epochs and load statistics.
 
-Layout: `settings` (one frozen dataclass), `membership` + `load` + `state` (the domain: pure
-Python/asyncio, no gRPC), `wire` (domain <-> protos), `servicer` (thin gRPC adapter), `server`
-(lifecycle), `cli` (the `coordinator` and `placement` commands).
+Layout: `settings` (one frozen dataclass), `membership` + `routing_window` + `state` (the domain:
+pure Python/asyncio, no gRPC), the balancing policies (`policies`, `gating`, `splitting`: pure),
+`wire` (domain <-> protos), `servicer` (thin gRPC adapter), `server` (lifecycle), `placement_admin`
+(the operator's client behind `moemesh placement`), `cli` (the `coordinator` and `placement` commands).
 """

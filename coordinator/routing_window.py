@@ -1,7 +1,7 @@
-"""Load statistics: per-(MoE layer, expert) token counts over a sliding window of reports.
+"""Routing statistics: per-(MoE layer, expert) token counts over a sliding window of reports.
 
-Each worker's last `window` reports are kept; the totals are their sum over all workers. This is
-the input a later balancer (policies "gating" / "replicate") reads; nothing acts on it yet.
+Each worker's last `window` reports are kept; the totals are their sum over all workers. The
+balancing policies (coordinator/policies.py) read them, and `moemesh placement show|trace` prints them.
 """
 
 from __future__ import annotations

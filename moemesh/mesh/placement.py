@@ -3,7 +3,7 @@
 A placement is the one thing every rank must agree on to route tokens (see docs/architecture.md,
 "cross-rank invariants"): ranks switch to a new epoch at the same step, so routing tables always
 match. `initial_placement` is the paper's starting point (expert e -> rank e mod R); the
-coordinator's balancer (a later module) produces better ones.
+coordinator's balancing policies (coordinator/policies.py) publish better ones.
 
 One representation, like DeepSeek EPLB's single index map: `replicas[layer][expert]` = the
 expert's replica groups. A group `(r,)` is a whole replica on rank r; a group `(r0, r1, ...)` is

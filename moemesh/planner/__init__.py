@@ -5,7 +5,8 @@
     cost      CostModel: per-port bytes and seconds, per-device tokens, predicted layer time
     replicas  EPLB-style replica counts and balanced packing
     swap      the paper's swap search
-    ours      topology-aware placement with replicas (the default)
+    topology_aware  topology-aware placement with replicas (the default)
+    slots     a placement as a [L, G, P] slot table (whole experts only)
     price     what a placement change moves, and whether it pays
     search    Problem -> Plan (Placement + PlanReport) for each method
     cli       `moemesh plan`

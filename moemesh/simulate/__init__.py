@@ -4,12 +4,12 @@
 - `hardware`: DeviceProfile (rates and host overheads of one device), `H100_SXM`, the CPU profile
   built from measurements, `profile_from_gpu_check` (a GPU check's measured rates).
 - `timeline`: the per-layer schedule of compute and exchanges over micro-batches (overlap).
-- `model`: `parse_deployment` (ep<N>, colocated<k>, tp<T>pp<P>) and `predict` -> Prediction
+- `step_cost`: `parse_deployment` (ep<N>, colocated<k>, tp<T>pp<P>) and `predict` -> Prediction
   (per-layer timeline, step time, TPOT, TPS), using moemesh.planner's placement and link loads.
 - `paper`: the paper's table beside our predictions, and where its numbers disagree.
 - `sweep`: EP scaling from 16 to 1024 devices, and its chart.
 - `measure`, `cpu_check` (not pure): this machine's rates, and the prediction of a real CPU mesh's
   decode step against its measurement.
 - `cli`: `moemesh simulate` (add_simulate_command).
-Pure modules (shapes, hardware, timeline, model, paper, sweep) import neither torch nor gRPC.
+Pure modules (shapes, hardware, timeline, step_cost, paper, sweep) import neither torch nor gRPC.
 """
