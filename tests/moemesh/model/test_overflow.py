@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
+from moemesh.mesh.loopback import HostSyncCounter
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.moe import (
     GroupedExperts,
@@ -13,7 +15,7 @@ from moemesh.model.moe import (
     MoELayer,
     SoftmaxTopKRouter,
 )
-from moemesh.model.overflow import enforce_capacity, expert_capacity
+from moemesh.model.overflow import OVERFLOW_POLICIES, enforce_capacity, expert_capacity
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.model.weights import LayerExperts
 
@@ -92,27 +94,108 @@ def _reroute_one_copy_at_a_time(expert_ids, probs, capacity):
     return out.view(T, K)
 
 
-def test_reroute_on_the_host_equals_the_copy_at_a_time_algorithm_with_one_transfer_each_way(monkeypatch):
-    from moemesh.model import overflow
+def _on_the_host(expert_ids, probs, capacity, policy):
+    """enforce_capacity as it was before it moved to the device: positions by one-hot cumsum, a
+    read-back to learn whether anything overflows, and reroute's greedy on host lists (the reference)."""
+    T, K = expert_ids.shape
+    E = probs.shape[1]
+    flat = expert_ids.reshape(-1)  # (T*K,)
+    onehot = torch.nn.functional.one_hot(flat, E)  # (T*K, E)
+    over = (onehot.cumsum(0) * onehot).sum(dim=1) - 1 >= capacity  # (T*K,)
+    if not bool(over.any()):
+        return expert_ids
+    if policy == "drop":
+        return flat.masked_fill(over, -1).view(T, K)  # (T, K)
+    ranking = torch.argsort(probs, dim=1, descending=True).tolist()  # T lists of E
+    ids, overflowing = flat.tolist(), over.tolist()
+    out = [-1 if o else e for e, o in zip(ids, overflowing)]
+    load = [0] * E
+    for e in out:
+        if e >= 0:
+            load[e] += 1
+    for c in (c for c, o in enumerate(overflowing) if o):
+        t = c // K
+        taken = set(out[t * K : (t + 1) * K])
+        for e in ranking[t]:
+            if e not in taken and load[e] < capacity:
+                out[c] = e
+                load[e] += 1
+                break
+    return torch.tensor(out, dtype=torch.int64).view(T, K)  # (T, K)
 
-    copies = {"to_host": 0, "to_device": 0}
-    for name in copies:
-        real = getattr(overflow, name)
 
-        def counted(*args, _real=real, _name=name):
-            copies[_name] += 1
-            return _real(*args)
+def _random_case(g: torch.Generator, T: int, E: int, K: int, skew: float, gated: bool, ties: bool):
+    """(T, K) ids and (T, E) probs; gated: ids chosen by probs x factors, so not each token's
+    top of probs (as with load-aware gating); ties: probs rounded so rankings hold ties."""
+    probs = torch.softmax(torch.randn(T, E, generator=g) * skew, dim=1)  # (T, E)
+    if ties:
+        probs = (probs * 4).round() / 4  # (T, E)
+    factors = torch.rand(E, generator=g) * 2 if gated else torch.ones(E)  # (E,)
+    return torch.topk(probs * factors, K, dim=1).indices, probs  # (T, K), (T, E)
 
-        monkeypatch.setattr(overflow, name, counted)
+
+def test_device_policies_equal_the_host_algorithm_with_no_sync():
     g = torch.Generator().manual_seed(3)
+    cases, overflowed = 0, 0
+    for T in (1, 2, 5, 17, 40, 64):
+        for E in (1, 2, 3, 4, 8, 16):
+            for K in sorted({1, 2, min(4, E), E}):
+                if K > E:
+                    continue
+                for trial in range(6):
+                    ids, probs = _random_case(g, T, E, K, skew=1 + trial, gated=trial % 2 == 1, ties=trial == 4)
+                    cap = expert_capacity(T, K, E, capacity_factor=0.3 + trial / 5)
+                    with HostSyncCounter() as syncs:
+                        dropped = enforce_capacity(ids, probs, cap, "drop")
+                        rerouted = enforce_capacity(ids, probs, cap, "reroute")
+                    assert syncs.calls == []
+                    assert torch.equal(dropped, _on_the_host(ids, probs, cap, "drop"))
+                    assert torch.equal(rerouted, _on_the_host(ids, probs, cap, "reroute"))
+                    assert torch.equal(rerouted, _reroute_one_copy_at_a_time(ids, probs, cap))
+                    cases += 1
+                    overflowed += int(not torch.equal(dropped, ids))
+    assert overflowed > cases // 3  # the cases exercise the policies, not just the no-overflow path
+
+
+def test_reroute_on_the_device_equals_the_copy_at_a_time_algorithm_with_no_sync():
+    g = torch.Generator().manual_seed(3)
+    overflowed = False
     for trial in range(20):
         T, E, K = 40, 8, 2
         probs = torch.softmax(torch.randn(T, E, generator=g) * 3, dim=1)  # (T, E) skewed: overflow
         ids = torch.topk(probs, K, dim=1).indices  # (T, K)
         cap = expert_capacity(T, K, E, capacity_factor=0.5 + trial / 20)
-        before = dict(copies)
-        got = enforce_capacity(ids, probs, cap, "reroute")
+        with HostSyncCounter() as syncs:
+            got = enforce_capacity(ids, probs, cap, "reroute")
+        assert syncs.calls == []
         assert torch.equal(got, _reroute_one_copy_at_a_time(ids, probs, cap))
-        overflowed = not torch.equal(got, ids)
-        assert copies["to_host"] - before["to_host"] == copies["to_device"] - before["to_device"] == int(overflowed)
-    assert copies["to_host"] > 0
+        overflowed = overflowed or not torch.equal(got, ids)
+    assert overflowed
+
+
+def test_reroute_follows_a_chain_of_filling_experts_to_its_end():
+    """Each token's next-best expert is filled by the token before it: the greedy's longest chain
+    (E - 1 experts fill one after another), so every one of reroute's rounds is needed."""
+    E = 8
+    probs = torch.softmax(-torch.arange(E, dtype=torch.float32), dim=0).expand(E + 1, E)  # (T, E) 0 best, then 1, ...
+    ids = torch.zeros(E + 1, 1, dtype=torch.int64)  # (T, K) every token picks expert 0
+    got = enforce_capacity(ids, probs, capacity=1, policy="reroute")
+    assert got.view(-1).tolist() == [*range(E), -1]  # the last token finds every expert full
+    assert torch.equal(got, _on_the_host(ids, probs, 1, "reroute"))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["model-gating", "load-aware-gating"])
+@pytest.mark.parametrize("policy", OVERFLOW_POLICIES)
+def test_the_router_makes_no_host_sync(policy, gated):
+    g = torch.Generator().manual_seed(1)
+    T, E, D, K = 24, 6, 16, 2
+    x, weight = torch.randn(T, D, generator=g), torch.randn(E, D, generator=g)  # (T, D), (E, D)
+    router = SoftmaxTopKRouter(K, True, overflow=policy, capacity_factor=0.5)
+    if gated:
+        router.factors[0] = torch.rand(E, generator=g) * 2  # (E,)
+    with HostSyncCounter() as syncs:
+        routing = router(x, weight, 0)
+    assert syncs.calls == []
+    assert (routing.expert_ids < 0).any() == (policy != "dropless")  # capacity 0.5 x average: it overflows
+    if policy == "reroute":
+        assert bool((routing.expert_ids >= 0).all(dim=1).any())  # some overflowing copies found room
