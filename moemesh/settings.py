@@ -124,8 +124,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(opt.flag, dest=f.name, action="store_const", const=True, default=None,
                                 help=help_text)
         else:
+            metavar = opt.metavar or (None if opt.choices else opt.flag.removeprefix("--").replace("-", "_").upper())
             parser.add_argument(opt.flag, dest=f.name, type=opt.parse, default=None, choices=opt.choices,
-                                metavar=opt.metavar, help=help_text)
+                                metavar=metavar, help=help_text)
 
 
 def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str]) -> S:
