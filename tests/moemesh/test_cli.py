@@ -18,13 +18,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from moemesh.cli import GenerateSettings
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import ConfigError
 from moemesh.launcher import UpSettings, add_up_command, mesh_spec, resolved
 from moemesh.model.config import load_config
 from moemesh.model.decoder import RuntimeShape, build_model
-from moemesh.settings import settings_from
+from moemesh.settings import add_options, settings_from
 
 TIMEOUT_S = 300  # hang bound for every subprocess (the machine is shared and slow to import torch)
 
@@ -74,6 +75,30 @@ def test_generate_local_seeded_sampling_matches_the_engine(tiny):
 def test_generate_local_without_a_model_is_refused():
     run = moemesh("generate", "--local", "--token-ids", "1")
     assert run.returncode != 0 and "--local needs --model" in run.stderr
+
+
+def generate_settings(*argv: str) -> GenerateSettings:
+    parser = argparse.ArgumentParser()
+    add_options(parser, GenerateSettings)
+    return settings_from(GenerateSettings, parser.parse_args(argv), {"MOEMESH_GENERATE_TARGET": "ignored:1"})
+
+
+def test_generate_settings_are_flags_only_with_their_defaults():
+    s = generate_settings("--target", "g:1", "--token-ids", "1,2")
+    assert s == GenerateSettings(target="g:1", token_ids=(1, 2))
+    assert (s.local, s.model, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.timeout_s, s.json) == (
+        False, None, 32, 0.0, 1.0, 0, None, 120.0, False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ((), "give one of --local or --target"),
+    (("--local", "--model", "m", "--target", "g:1", "--prompt", "x"), "give one of --local or --target"),
+    (("--target", "g:1"), "give one of --prompt or --token-ids"),
+    (("--target", "g:1", "--prompt", "x", "--token-ids", "1"), "give one of --prompt or --token-ids"),
+])
+def test_generate_settings_refuse_an_ambiguous_command(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        generate_settings(*argv)
 
 
 def test_simulate_reports_the_paper_deployment(tmp_path):
