@@ -1,9 +1,10 @@
-"""`moemesh coordinator` and `moemesh placement set|show`.
+"""`moemesh coordinator` and `moemesh placement set|show|trace`.
 
 `add_coordinator_command(sub)` and `add_placement_command(sub)` follow moemesh.cli's protocol:
 each adds one subcommand to `sub` and returns the function that runs it. Settings are built once,
-in that function, from flags with MOEMESH_COORDINATOR_* environment fallbacks; nothing else in
-the coordinator reads the environment.
+in that function (moemesh.settings): the coordinator's from flags with MOEMESH_COORDINATOR_*
+environment fallbacks, each placement action's from flags with only MOEMESH_COORDINATOR_ADDRESS
+as a fallback; nothing else in the coordinator reads the environment.
 
 `main(argv)` is a stand-alone entry point with just these commands:
 `python -m coordinator.cli coordinator --model DIR --workers 2`.
@@ -19,11 +20,12 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from coordinator.settings import CoordinatorSettings
 from moemesh.commands import run
 from moemesh.errors import ConfigError
-from moemesh.settings import add_options, settings_from
+from moemesh.settings import add_options, option, parse_bool, settings_from
 
 Runner = Callable[[argparse.Namespace], int]
 DEFAULT_TARGET = "127.0.0.1:50050"
@@ -52,61 +54,84 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     return settings_from(CoordinatorSettings, args, environ)
 
 
-@dataclass(frozen=True)
-class PlacementCommand:
-    """`placement set|show` settings."""
+@dataclass(frozen=True, kw_only=True)
+class PlacementTarget:
+    """What every `placement` action takes: the coordinator and a deadline. A one-shot tool: no
+    MOEMESH_* variables but the coordinator's address, which shells and scripts share."""
 
-    action: str  # "set" | "show" | "trace"
-    target: str  # coordinator host:port
-    timeout_s: float
-    file: Path | None = None
-    expected_epoch: int = 0
-    yaml: bool = False
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    target: str = option("--coordinator", "coordinator address", default=DEFAULT_TARGET,
+                         env="MOEMESH_COORDINATOR_ADDRESS", metavar="HOST:PORT")
+    timeout_s: float = option("--timeout", "deadline of each RPC in seconds", float, default=10.0)
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ConfigError("--coordinator (or MOEMESH_COORDINATOR_ADDRESS) must be HOST:PORT, got ''")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"--timeout must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementSet(PlacementTarget):
+    """`placement set FILE`: publish a placement file as the next epoch."""
+
+    file: Path = option("file", "placement file: {experts: [[ranks]...]} or {layers: {...}}", Path)
+    expected_epoch: int = option("--expected-epoch", "apply only if this is the current epoch (0: any)", int,
+                                 default=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementShow(PlacementTarget):
+    """`placement show`: the placement in force and the load statistics."""
+
+    yaml: bool = option("--yaml", "print a placement file instead of the table", parse_bool, default=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementTrace(PlacementTarget):
+    """`placement trace FILE`: the measured routing as a trace file `moemesh plan` reads."""
+
+    file: Path = option("file", "trace file to write (JSON)", Path)
+
+
+PLACEMENT_ACTIONS: dict[str, tuple[type[PlacementTarget], str]] = {
+    "set": (PlacementSet, "publish a placement file (YAML / JSON) as the next epoch"),
+    "show": (PlacementShow, "print the placement in force and the load statistics"),
+    "trace": (PlacementTrace, "write the measured routing as a trace file `moemesh plan` reads"),
+}
 
 
 def add_placement_command(sub: argparse._SubParsersAction) -> Runner:
-    """Register `placement set FILE` and `placement show`; returns the runner."""
+    """Register `placement set FILE`, `placement show` and `placement trace FILE`; returns the runner."""
     p = sub.add_parser("placement", help="show or set the expert placement of a running coordinator")
     actions = p.add_subparsers(dest="placement_action", required=True)
-    set_p = actions.add_parser("set", help="publish a placement file (YAML / JSON) as the next epoch")
-    set_p.add_argument("file", type=Path, help="placement file: {experts: [[ranks]...]} or {layers: {...}}")
-    set_p.add_argument("--expected-epoch", type=int, default=0, help="apply only if this is the current epoch")
-    show_p = actions.add_parser("show", help="print the placement in force and the load statistics")
-    show_p.add_argument("--yaml", action="store_true", help="print a placement file instead of the table")
-    trace_p = actions.add_parser("trace", help="write the measured routing as a trace file `moemesh plan` reads")
-    trace_p.add_argument("file", type=Path, help="trace file to write (JSON)")
-    for q in (set_p, show_p, trace_p):
-        q.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                       help=f"coordinator address (env MOEMESH_COORDINATOR_ADDRESS; default {DEFAULT_TARGET})")
-        q.add_argument("--timeout", type=float, default=10.0, help="deadline of each RPC in seconds")
+    for name, (cls, help_text) in PLACEMENT_ACTIONS.items():
+        add_options(actions.add_parser(name, help=help_text), cls)
 
     def run(args: argparse.Namespace) -> int:
-        cmd = PlacementCommand(
-            action=args.placement_action,
-            target=args.coordinator or os.environ.get("MOEMESH_COORDINATOR_ADDRESS") or DEFAULT_TARGET,
-            timeout_s=args.timeout, file=getattr(args, "file", None),
-            expected_epoch=getattr(args, "expected_epoch", 0), yaml=getattr(args, "yaml", False),
-        )
-        if cmd.timeout_s <= 0:
-            raise ConfigError(f"--timeout must be positive, got {cmd.timeout_s}")
-        print(asyncio.run(_placement(cmd)))
+        print(asyncio.run(_placement(placement_from_args(args, os.environ))))
         return 0
 
     return run
 
 
-async def _placement(cmd: PlacementCommand) -> str:
+def placement_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> PlacementTarget:
+    """The parsed action's settings: flags, then MOEMESH_COORDINATOR_ADDRESS, then defaults."""
+    return settings_from(PLACEMENT_ACTIONS[args.placement_action][0], args, environ)
+
+
+async def _placement(cmd: PlacementTarget) -> str:
     from coordinator import placement_admin
 
-    if cmd.action == "set":
-        assert cmd.file is not None
+    if isinstance(cmd, PlacementSet):
         published = await placement_admin.set_placement(cmd.target, cmd.file, cmd.expected_epoch, cmd.timeout_s)
         return f"published placement epoch {published.epoch} ({published.origin}) from {cmd.file}"
     resp = await placement_admin.get_placement(cmd.target, cmd.timeout_s)
-    if cmd.action == "trace":
-        assert cmd.file is not None
+    if isinstance(cmd, PlacementTrace):
         cmd.file.write_text(placement_admin.trace_json(resp))
         return f"wrote the routing of {resp.window_tokens} measured tokens to {cmd.file}"
+    assert isinstance(cmd, PlacementShow), cmd
     return placement_admin.placement_yaml(resp).rstrip("\n") if cmd.yaml else placement_admin.format_placement(resp)
 
 

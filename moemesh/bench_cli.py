@@ -23,9 +23,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from moemesh.commands import run
-from moemesh.errors import MoemeshError
+from moemesh.errors import ConfigError, MoemeshError
 from moemesh.loadgen import (
     LengthDist,
     LoadPlan,
@@ -36,26 +37,49 @@ from moemesh.loadgen import (
     run_load,
     summarize,
 )
+from moemesh.settings import add_options, option, parse_bool, settings_from
 
 EXIT_OK, EXIT_FAILED_REQUESTS, EXIT_INTERRUPTED = 0, 1, 130
 
 
+def _concurrency(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--concurrency must be >= 1, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class BenchSettings:
-    """One benchmark run; built once from the command line."""
+    """One benchmark run; built once from the command line. Flags only (no MOEMESH_* variables): the
+    report's settings are the whole story of a run."""
 
-    target: str
-    requests: int
-    concurrency: int | None  # most requests in flight; None = no cap (open loop only)
-    request_rate: float  # requests/s; inf = closed loop (all queued at once, capped by concurrency)
-    burstiness: float  # Gamma shape of the arrival gaps; 1 = Poisson
-    prompt_len: LengthDist
-    output_len: LengthDist
-    warmup: int  # requests run (closed loop) before measuring; not reported
-    seed: int
-    timeout_s: float  # deadline of every request RPC, in seconds
-    json_path: Path | None
-    progress: bool
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    target: str = option("--target", "a running gateway", metavar="HOST:PORT")
+    requests: int = option("--requests", "measured requests", int, default=64)
+    # most requests in flight; None = no cap (open loop only; the closed loop's default is 8)
+    concurrency: int | None = option("--concurrency", "requests in flight (closed loop: 8 when unset); with "
+                                     "--request-rate: a cap", _concurrency, default=None)
+    # requests/s; inf = closed loop (all queued at once, capped by concurrency)
+    request_rate: float = option("--request-rate", "open loop: Poisson arrivals, requests/s (inf: closed loop)",
+                                 float, default=math.inf)
+    burstiness: float = option("--burstiness", "Gamma shape of arrival gaps (1 = Poisson)", float, default=1.0)
+    prompt_len: LengthDist = option("--prompt-len", "N, uniform:A:B or normal:MEAN:STD tokens", LengthDist.parse,
+                                    default=LengthDist("fixed", 32))
+    output_len: LengthDist = option("--output-len", "N, uniform:A:B or normal:MEAN:STD tokens", LengthDist.parse,
+                                    default=LengthDist("fixed", 32))
+    warmup: int = option("--warmup", "unmeasured requests first", int, default=4)  # closed loop, not reported
+    seed: int = option("--seed", "seed of the prompts and arrivals", int, default=0)
+    timeout_s: float = option("--timeout", "deadline of each request, seconds", float, default=600.0)
+    json_path: Path | None = option("--json", "also write the report here", Path, default=None, metavar="FILE")
+    progress: bool = option("--no-progress", "no progress bar on stderr", parse_bool, default=True)
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.warmup < 0:
+            raise ConfigError("--requests must be >= 1 and --warmup >= 0")
+        if self.concurrency is None and self.mode == "closed":
+            object.__setattr__(self, "concurrency", 8)
 
     @property
     def mode(self) -> str:
@@ -171,43 +195,12 @@ def bench(s: BenchSettings) -> tuple[dict, int]:
     return report, EXIT_FAILED_REQUESTS if metrics["failed"] else EXIT_OK
 
 
-def _concurrency(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--concurrency must be >= 1, got {value}")
-    return value
-
-
 def add_bench_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p = sub.add_parser("bench", help="load-test a gateway: TPS, TTFT, TPOT, ITL, latency (vLLM's metrics)")
-    p.add_argument("--target", required=True, metavar="HOST:PORT", help="a running gateway")
-    p.add_argument("--requests", type=int, default=64, help="measured requests (default 64)")
-    p.add_argument("--concurrency", type=_concurrency, default=None,
-                   help="requests in flight (closed loop, default 8); with --request-rate: a cap")
-    p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="open loop: Poisson arrivals, requests/s (default: closed loop)")
-    p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of arrival gaps (1 = Poisson)")
-    p.add_argument("--prompt-len", type=LengthDist.parse, default=LengthDist("fixed", 32),
-                   help="N, uniform:A:B or normal:MEAN:STD tokens (default 32)")
-    p.add_argument("--output-len", type=LengthDist.parse, default=LengthDist("fixed", 32),
-                   help="N, uniform:A:B or normal:MEAN:STD tokens (default 32)")
-    p.add_argument("--warmup", type=int, default=4, help="unmeasured requests first (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="deadline of each request, seconds")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_options(p, BenchSettings)
 
     def run(args: argparse.Namespace) -> int:
-        if args.requests < 1 or args.warmup < 0:
-            raise MoemeshError("--requests must be >= 1 and --warmup >= 0")
-        closed = math.isinf(args.request_rate)
-        settings = BenchSettings(
-            target=args.target, requests=args.requests,
-            concurrency=args.concurrency if args.concurrency or not closed else 8,
-            request_rate=args.request_rate, burstiness=args.burstiness, prompt_len=args.prompt_len,
-            output_len=args.output_len, warmup=args.warmup, seed=args.seed, timeout_s=args.timeout,
-            json_path=args.json, progress=not args.no_progress,
-        )
+        settings = settings_from(BenchSettings, args, {})
         report, code = bench(settings)
         title = "Serving Benchmark Result" + (" (interrupted: partial)" if report["interrupted"] else "")
         print(_header(settings, report["model"]))

@@ -12,24 +12,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from moemesh.commands import run
-from moemesh.errors import MoemeshError
-
-
-@dataclass(frozen=True)
-class GenerateSettings:
-    model: Path | None
-    target: str | None
-    prompt: str | None
-    token_ids: tuple[int, ...] | None
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    json: bool
-    timeout_s: float
+from moemesh.errors import ConfigError
+from moemesh.settings import add_options, option, parse_bool, settings_from
 
 
 def _add_tiny_model(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
@@ -55,32 +42,42 @@ def _token_ids(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--token-ids wants comma-separated integers: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class GenerateSettings:
+    """`moemesh generate`: where (--local with --model, or --target) and what (--prompt or --token-ids).
+    A one-shot tool: flags only (no MOEMESH_* variables), so its command line says what ran."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    local: bool = option("--local", "run the engine in this process (needs --model)", parse_bool, default=False)
+    target: str | None = option("--target", "a running gateway", default=None, metavar="HOST:PORT")
+    model: Path | None = option("--model", "checkpoint folder (for --local)", Path, default=None)
+    prompt: str | None = option("--prompt", "prompt text", default=None)
+    token_ids: tuple[int, ...] | None = option("--token-ids", "prompt as comma-separated token ids", _token_ids,
+                                               default=None)
+    max_new_tokens: int = option("--max-new-tokens", "tokens to generate", int, default=32)
+    temperature: float = option("--temperature", "0 = greedy", float, default=0.0)
+    top_p: float = option("--top-p", "nucleus sampling mass (1 = off)", float, default=1.0)
+    top_k: int = option("--top-k", "sample among the k likeliest tokens (0 = off)", int, default=0)
+    seed: int | None = option("--seed", "sampling seed (none: unseeded)", int, default=None)
+    timeout_s: float = option("--timeout", "deadline in seconds (--target)", float, default=120.0)
+    json: bool = option("--json", 'print only {"token_ids": [...], "text": "..."}', parse_bool, default=False)
+
+    def __post_init__(self) -> None:
+        if self.local == (self.target is not None):
+            raise ConfigError("give one of --local or --target HOST:PORT")
+        if self.local and self.model is None:
+            raise ConfigError("--local needs --model DIR")
+        if (self.prompt is None) == (self.token_ids is None):
+            raise ConfigError("give one of --prompt or --token-ids")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p = sub.add_parser("generate", help="generate text, in this process (--local) or through a gateway")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--local", action="store_true", help="run the engine in this process (needs --model)")
-    where.add_argument("--target", metavar="HOST:PORT", help="a running gateway")
-    p.add_argument("--model", type=Path, help="checkpoint folder (for --local)")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="prompt text")
-    what.add_argument("--token-ids", type=_token_ids, help="prompt as comma-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (--target)")
-    p.add_argument("--json", action="store_true", help='print only {"token_ids": [...], "text": "..."}')
+    add_options(p, GenerateSettings)
 
     def run(args: argparse.Namespace) -> int:
-        if args.local and args.model is None:
-            raise MoemeshError("--local needs --model DIR")
-        settings = GenerateSettings(
-            model=args.model, target=args.target, prompt=args.prompt, token_ids=args.token_ids,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, seed=args.seed, json=args.json, timeout_s=args.timeout,
-        )
-        return _generate(settings)
+        return _generate(settings_from(GenerateSettings, args, {}))
 
     return run
 
@@ -108,6 +105,7 @@ def _generate_local(s: GenerateSettings, params) -> tuple[list[int], str]:
     from moemesh.model.decoder import RuntimeShape, build_model
     from moemesh.text import TextCodec
 
+    assert s.model is not None, "GenerateSettings requires --model with --local"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(s.model)
     codec = TextCodec(s.model, cfg)

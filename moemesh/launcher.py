@@ -23,33 +23,75 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from moemesh.errors import MoemeshError
+from expert_worker.settings import WorkerSettings
+from moemesh.errors import ConfigError, MoemeshError
 from moemesh.launch import Mesh, MeshSpec
+from moemesh.settings import add_options, option, options, settings_from
 
 DEFAULT_MODEL_SPEC: dict[str, Any] = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
                           heads=8, kv_heads=4, vocab=512, seed=0)
 
 
+POLICIES = ("auto", "none", "gating", "replicate", "split")
+_WORKER = {f.name: opt for f, opt in options(WorkerSettings)}
+_TO_WORKERS = ("overflow", "capacity_factor", "dtype")  # worker flags `up` passes on when given
+
+
+def _absolute(text: str) -> Path:
+    return Path(text).resolve()
+
+
+def _worker_option(name: str) -> Any:
+    """An `up` flag that is the worker's own (flag, help, parser, choices: WorkerSettings), passed to
+    every worker when given; unset, each worker keeps its default (or its MOEMESH_WORKER_* variable)."""
+    opt = _WORKER[name]
+    return option(opt.flag, f"{opt.help}; passed to every worker (unset: the worker's default)", opt.parse,
+                  default=None, choices=opt.choices)
+
+
 @dataclass(frozen=True)
 class UpSettings:
-    model: Path
-    workers: int
-    host: str
-    port: int
-    max_seqs: int
-    max_model_len: int
-    threads_per_worker: int
-    state_dir: Path
-    micro_batches: int = 1
-    policy: str = "auto"
-    placement: Path | None = None
-    expert_shards: int = 1  # split every expert over this many workers (expert tensor parallelism)
-    start_timeout_s: float = 180.0
-    stop_timeout_s: float = 15.0
+    """`moemesh up`: flags > MOEMESH_UP_* variables > defaults (moemesh.settings). `model` and
+    `workers` may be unset here; `resolved()` fills them from the disk before the mesh starts."""
+
+    ENV_PREFIX: ClassVar[str] = "MOEMESH_UP_"
+
+    model: Path | None = option("--model", "checkpoint folder (unset: the tiny default model, in --cache-dir)",
+                                _absolute, default=None)
+    workers: int | None = option("--workers", "worker processes (unset: enough for --experts-per-worker, "
+                                 "else one per expert)", int, default=None)
+    experts_per_worker: int | None = option("--experts-per-worker", "experts each worker holds", int, default=None)
+    host: str = option("--host", "gateway bind address", default="127.0.0.1")
+    port: int = option("--port", "gateway port (0 = any free port)", int, default=50051)
+    max_seqs: int = option("--max-seqs", "sequences each worker runs at once", int, default=32)
+    max_model_len: int = option("--max-model-len", "context length in tokens (workers and gateway)", int,
+                                default=2048)
+    micro_batches: int = option("--micro-batches", "micro-batches per step on every worker (2 = two-batch overlap)",
+                                int, default=1, choices=_WORKER["micro_batches"].choices)
+    policy: str = option("--policy", "balancing policy (gating changes outputs; see docs/architecture.md)",
+                         default="auto", choices=POLICIES)
+    placement: Path | None = option("--placement", "initial placement file (YAML or JSON)", _absolute, default=None)
+    expert_shards: int = option("--expert-shards", "split every expert over this many workers (tensor parallelism "
+                                "inside an expert)", int, default=1)
+    cache_dir: Path = option("--cache-dir", "where the default model is written", Path,
+                             default=Path.home() / ".cache" / "moemesh")
+    overflow: str | None = _worker_option("overflow")
+    capacity_factor: float | None = _worker_option("capacity_factor")
+    dtype: str | None = _worker_option("dtype")
+    start_timeout_s: float = 180.0  # no flag
+    stop_timeout_s: float = 15.0  # no flag
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers <= 0:
+            raise ConfigError(f"--workers must be > 0, got {self.workers}")
+        if self.experts_per_worker is not None and self.experts_per_worker <= 0:
+            raise ConfigError(f"--experts-per-worker must be > 0, got {self.experts_per_worker}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
 
 
 def default_model_dir(cache: Path) -> Path:
@@ -76,25 +118,39 @@ def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: i
     return math.ceil(num_experts * max(shards, 1) / k)
 
 
-def mesh_spec(s: UpSettings) -> MeshSpec:
-    """The mesh `up` starts: one gateway on the requested address; children log to stderr."""
+def resolved(s: UpSettings) -> UpSettings:
+    """`s` with the defaults that need the disk filled in: the model (the tiny default, written
+    once) and the worker count (from the model's experts)."""
+    from moemesh.model.config import load_config
+
+    model = s.model or default_model_dir(s.cache_dir).resolve()
+    workers = resolve_workers(load_config(model).num_experts, s.workers, s.experts_per_worker, s.expert_shards)
+    return replace(s, model=model, workers=workers)
+
+
+def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
+    """The mesh `up` starts (`s` resolved): one gateway on the requested address, this machine's
+    `cpus` split between the workers; children log to stderr."""
+    assert s.model is not None and s.workers is not None, "mesh_spec needs resolved() settings"
     common = ("--max-model-len", str(s.max_model_len))
+    to_workers = tuple(arg for name in _TO_WORKERS if getattr(s, name) is not None
+                       for arg in (_WORKER[name].flag, str(getattr(s, name))))
     return MeshSpec(
-        model=s.model, workers=s.workers, state_dir=s.state_dir, gateway_host=s.host, gateway_port=s.port,
+        model=s.model, workers=s.workers, state_dir=state_dir, gateway_host=s.host, gateway_port=s.port,
         coordinator_flags=("--policy", s.policy, "--expert-shards", str(s.expert_shards),
                            *(("--placement", str(s.placement)) if s.placement else ())),
-        worker_flags=("--threads", str(s.threads_per_worker), "--max-seqs", str(s.max_seqs),
-                      "--micro-batches", str(s.micro_batches), *common),
+        worker_flags=("--threads", str(max(1, cpus // s.workers)), "--max-seqs", str(s.max_seqs),
+                      "--micro-batches", str(s.micro_batches), *common, *to_workers),
         gateway_flags=common, start_timeout_s=s.start_timeout_s, stop_timeout_s=s.stop_timeout_s,
     )
 
 
-def run_up(s: UpSettings) -> int:
-    """Start the mesh, print the ready line, watch it until Ctrl-C / SIGTERM, stop it."""
+def run_up(s: UpSettings, state_dir: Path) -> int:
+    """Start the mesh (`s` resolved), print the ready line, watch it until Ctrl-C / SIGTERM, stop it."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    mesh = Mesh(mesh_spec(s))
+    mesh = Mesh(mesh_spec(s, state_dir, os.cpu_count() or 1))
     try:
         mesh.start()
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
@@ -107,37 +163,14 @@ def run_up(s: UpSettings) -> int:
 
 
 def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    """Register `up`; its runner builds UpSettings once (flags > MOEMESH_UP_* > defaults)."""
     p = sub.add_parser("up", help="start a whole mesh here: coordinator, workers, gateway")
-    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny default model)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per expert)")
-    p.add_argument("--experts-per-worker", type=int, default=None, help="experts each worker holds")
-    p.add_argument("--host", default="127.0.0.1", help="gateway bind address")
-    p.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
-    p.add_argument("--max-seqs", type=int, default=32, help="sequences each worker runs at once")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--micro-batches", type=int, default=1, choices=(1, 2, 3, 4),
-                   help="micro-batches per step on every worker (2 = two-batch overlap)")
-    p.add_argument("--policy", default="auto", choices=("auto", "none", "gating", "replicate", "split"),
-                   help="balancing policy (gating changes outputs; see docs/architecture.md)")
-    p.add_argument("--placement", type=Path, default=None, help="initial placement file (YAML or JSON)")
-    p.add_argument("--expert-shards", type=int, default=1,
-                   help="split every expert over this many workers (tensor parallelism inside an expert)")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "moemesh")
+    add_options(p, UpSettings)
 
     def run(args: argparse.Namespace) -> int:
-        from moemesh.model.config import load_config
-
-        model = args.model or default_model_dir(args.cache_dir)
-        cfg = load_config(model)
-        workers = resolve_workers(cfg.num_experts, args.workers, args.experts_per_worker, args.expert_shards)
+        settings = resolved(settings_from(UpSettings, args, os.environ))
         with tempfile.TemporaryDirectory(prefix="moemesh-up-") as state:
-            settings = UpSettings(
-                model=model.resolve(), workers=workers, host=args.host, port=args.port, max_seqs=args.max_seqs,
-                max_model_len=args.max_model_len, threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
-                state_dir=Path(state), micro_batches=args.micro_batches, policy=args.policy,
-                placement=args.placement.resolve() if args.placement else None, expert_shards=args.expert_shards,
-            )
-            return run_up(settings)
+            return run_up(settings, Path(state))
 
     return run
 

@@ -14,9 +14,16 @@ plus the flag in upper case with '_' for '-' (--max-inflight -> MOEMESH_GATEWAY_
 `add_options(parser, Settings)` adds the flags (all default to None, so the environment can fill
 what the command line leaves unset); `settings_from(Settings, args, environ)` resolves each field:
 flag > environment variable > default. A field without a default is required. Booleans are
-`--flag` switches, and `1/true/yes/on` or `0/false/no/off/""` in the environment. A bad variable,
-a value outside `choices` or a missing required field is a ConfigError naming the flag and the
-variable. Only a CLI (its main()/runner) passes `os.environ` in; nothing else reads it.
+switches: giving `--flag` (or `1/true/yes/on` in its variable; `0/false/no/off/""` = not given)
+turns the field from its default to the opposite, so `--verbose` sets a False default True and
+`--no-progress` sets a True default False. A bad variable, a value outside `choices` or a missing
+required field is a ConfigError naming the flag and the variable. Only a CLI (its main()/runner)
+passes `os.environ` in; nothing else reads it.
+
+One-shot tools (`moemesh plan`, `bench`, ...) declare `ENV_PREFIX = None`: their flags have no
+variables, so a command line alone says what ran. A field may still name its variable with
+`env="..."` (e.g. one several commands share), and a flag without leading dashes ("file") is a
+positional argument (never from the environment).
 """
 
 from __future__ import annotations
@@ -46,23 +53,36 @@ def parse_bool(text: str) -> bool:
 class Option:
     """How one settings field is given: its flag, help, parser and allowed values."""
 
-    flag: str
+    flag: str  # "--name", or a positional argument's name ("file")
     help: str
     parse: Callable[[str], Any]
     choices: tuple[Any, ...] | None = None
+    variable: str | None = None  # its environment variable when not ENV_PREFIX + flag
+    metavar: str | None = None
 
     @property
     def is_switch(self) -> bool:
         return self.parse is parse_bool
 
-    def env(self, prefix: str) -> str:
+    @property
+    def is_positional(self) -> bool:
+        return not self.flag.startswith("-")
+
+    def env(self, prefix: str | None) -> str | None:
+        """Its environment variable: `variable`, else prefix + FLAG_NAME; None when it has none."""
+        if self.variable is not None:
+            return self.variable
+        if prefix is None or self.is_positional:
+            return None
         return prefix + self.flag.removeprefix("--").replace("-", "_").upper()
 
 
 def option(flag: str, help: str, parse: Callable[[str], Any] = str, *, default: Any = MISSING,
-           choices: Sequence[Any] | None = None) -> Any:
-    """A dataclass field that is also a flag (and an environment variable); no default = required."""
-    meta = {_KEY: Option(flag, help, parse, tuple(choices) if choices is not None else None)}
+           choices: Sequence[Any] | None = None, env: str | None = None, metavar: str | None = None) -> Any:
+    """A dataclass field that is also a flag (and an environment variable); no default = required.
+    A switch (parse=parse_bool) needs a bool default: giving it turns the field to the opposite."""
+    assert parse is not parse_bool or isinstance(default, bool), f"switch {flag} needs a bool default"
+    meta = {_KEY: Option(flag, help, parse, tuple(choices) if choices is not None else None, env, metavar)}
     if default is MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -76,26 +96,37 @@ def options(cls: type) -> Iterator[tuple[Field, Option]]:
             yield f, opt
 
 
-def env_prefix(cls: type) -> str:
-    prefix = getattr(cls, "ENV_PREFIX", None)
-    assert isinstance(prefix, str), f"{cls.__name__} must declare ENV_PREFIX"
+def env_prefix(cls: type) -> str | None:
+    """`cls.ENV_PREFIX`: "MOEMESH_<SERVICE>_", or None for a tool whose flags have no variables."""
+    prefix = getattr(cls, "ENV_PREFIX", MISSING)
+    assert prefix is None or isinstance(prefix, str), f"{cls.__name__} must declare ENV_PREFIX (a str, or None)"
     return prefix
+
+
+def _help(f: Field, opt: Option, variable: str | None) -> str:
+    """The help line: the option's text, then (required / env VARIABLE / default VALUE)."""
+    notes = ["required"] if f.default is MISSING and not opt.is_positional else []
+    notes += [f"env {variable}"] if variable else []
+    if f.default is not MISSING and not opt.is_switch:
+        notes.append(f"default {'none' if f.default is None else f.default}")
+    return f"{opt.help} ({'; '.join(notes)})" if notes else opt.help
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per option of `cls`; each defaults to None (unset), the help names its variable."""
     prefix = env_prefix(cls)
     for f, opt in options(cls):
-        shown = "none" if f.default is MISSING or f.default is None else f.default
-        help_text = f"{opt.help} (env {opt.env(prefix)}; default {shown})"
-        if f.default is MISSING:
-            help_text = f"{opt.help} (required; env {opt.env(prefix)})"
-        if opt.is_switch:
+        help_text = _help(f, opt, opt.env(prefix))
+        if opt.is_positional:
+            parser.add_argument(f.name, metavar=opt.metavar or opt.flag, type=opt.parse, choices=opt.choices,
+                                nargs=None if f.default is MISSING else "?", default=None, help=help_text)
+        elif opt.is_switch:
             parser.add_argument(opt.flag, dest=f.name, action="store_const", const=True, default=None,
                                 help=help_text)
         else:
+            metavar = opt.metavar or (None if opt.choices else opt.flag.removeprefix("--").replace("-", "_").upper())
             parser.add_argument(opt.flag, dest=f.name, type=opt.parse, default=None, choices=opt.choices,
-                                help=help_text)
+                                metavar=metavar, help=help_text)
 
 
 def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str]) -> S:
@@ -103,19 +134,22 @@ def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, 
     prefix = env_prefix(cls)
     values: dict[str, Any] = {}
     for f, opt in options(cls):
+        variable = opt.env(prefix)
         value = getattr(args, f.name, None)
         if value is None:
-            value = _from_env(opt, opt.env(prefix), environ)
+            value = _from_env(opt, variable, environ)
         if value is None and f.default is MISSING:
-            raise ConfigError(f"{opt.flag} is required (or set {opt.env(prefix)})")
+            raise ConfigError(f"{opt.flag} is required" + (f" (or set {variable})" if variable else ""))
+        if opt.is_switch and value is not None:
+            value = f.default if not value else not f.default  # given: the opposite of the default
         if value is not None:
             values[f.name] = value
     return cls(**values)
 
 
-def _from_env(opt: Option, name: str, environ: Mapping[str, str]) -> Any:
-    """The parsed value of variable `name`, None when unset; ConfigError naming it when bad."""
-    if name not in environ:
+def _from_env(opt: Option, name: str | None, environ: Mapping[str, str]) -> Any:
+    """The parsed value of variable `name`, None when unset (or no variable); ConfigError when bad."""
+    if name is None or name not in environ:
         return None
     text = environ[name]
     try:

@@ -15,12 +15,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 # This package's matrices are small: BLAS threads only contend (10x slower on a busy 2-core
 # machine). Effective only when numpy is not loaded yet (python -m moemesh.planner.cli).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from moemesh.errors import InvalidRequestError, MoemeshError
+from moemesh.errors import ConfigError, InvalidRequestError, MoemeshError
+from moemesh.settings import add_options, option, parse_bool, settings_from
 
 Runner = Callable[[argparse.Namespace], int]
 PAPER_EXPERT = (8192, 32768, 2, 2)  # hidden, intermediate, dtype bytes, matrices (two linears)
@@ -28,70 +30,58 @@ PAPER_EXPERT = (8192, 32768, 2, 2)  # hidden, intermediate, dtype bytes, matrice
 
 @dataclass(frozen=True)
 class PlanSettings:
-    topology: str
-    devices: int | None
-    model: Path | None
-    experts: int | None
-    layers: int | None
-    top_k: int
-    trace: Path | None
-    skew: str
-    seed: int
-    method: str
-    slots: int | None
-    tokens_per_device: float
-    dedupe: bool
-    hidden: int
-    intermediate: int
-    dtype_bytes: int
-    matrices: int
-    out: Path | None
-    write_placement: Path | None
+    """`moemesh plan`: the topology, the experts (--model, or --experts with --layers), the routing
+    (--trace or --skew) and the outputs. Flags only (no MOEMESH_* variables): a command line says
+    what was planned."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    topology: str = option("--topology", "a YAML file or a preset: paper-16xh100, h100x64, h100x256, h100x1024, "
+                           "local")
+    devices: int | None = option("--devices", "resize a preset to G devices (8 per node; local: one node)", int,
+                                 default=None)
+    model: Path | None = option("--model", "checkpoint folder: experts, MoE layers, top-k and expert size", Path,
+                                default=None)
+    experts: int | None = option("--experts", "experts per MoE layer (with --layers)", int, default=None)
+    layers: int | None = option("--layers", "MoE layers (with --experts)", int, default=None)
+    top_k: int | None = option("--top-k", "experts per token (unset: 2; --model: the model's)", int, default=None)
+    trace: Path | None = option("--trace", "measured routing (a moemesh trace file) instead of --skew", Path,
+                                default=None)
+    skew: str = option("--skew", "synthetic routing: zipf:S[,groups:N][,affinity:A] or uniform", default="zipf:1.2")
+    seed: int = option("--seed", "seed of the synthetic routing", int, default=0)
+    method: str = option("--method", "placement method", default="ours", choices=("ours", "swap", "round-robin"))
+    slots: int | None = option("--slots", "experts per device per layer (> ceil(E/G) adds replica slots)", int,
+                               default=None)
+    tokens_per_device: float = option("--tokens-per-device", "batch each device routes per layer", float,
+                                      default=256.0)
+    dedupe: bool = option("--no-dedupe", "price every cross-node copy (no send-once-per-node)", parse_bool,
+                          default=True)
+    hidden: int = option("--hidden", "expert hidden size (no --model)", int, default=PAPER_EXPERT[0])
+    intermediate: int = option("--intermediate", "expert MLP size (no --model)", int, default=PAPER_EXPERT[1])
+    dtype_bytes: int = option("--dtype-bytes", "bytes per weight / activation", int, default=PAPER_EXPERT[2])
+    matrices: int = option("--matrices", "weight matrices per expert (SwiGLU: 3)", int, default=PAPER_EXPERT[3])
+    out: Path | None = option("--out", "write the heat map PNG here", Path, default=None)
+    write_placement: Path | None = option("--write-placement", "write the placement (YAML, coordinator --placement)",
+                                          Path, default=None)
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.experts is None):
+            raise ConfigError("give one of --model DIR or --experts N (with --layers)")
+        if self.experts is not None and self.layers is None:
+            raise ConfigError("--experts needs --layers")
+        if self.model is not None and self.layers is not None:
+            raise ConfigError("--layers comes from --model; give one of them")
 
 
 def add_plan_command(sub: argparse._SubParsersAction) -> Runner:
     """Register `plan`; returns its runner."""
     p = sub.add_parser("plan", help="place experts on a topology for a routing; print loads, draw a PNG")
-    p.add_argument("--topology", required=True, help="a YAML file or a preset: paper-16xh100, h100x64, "
-                   "h100x256, h100x1024, local")
-    p.add_argument("--devices", type=int, help="resize a preset to G devices (8 per node; local: one node)")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", type=Path, help="checkpoint folder: experts, MoE layers, top-k and expert size")
-    what.add_argument("--experts", type=int, help="experts per MoE layer (with --layers)")
-    p.add_argument("--layers", type=int, help="MoE layers (with --experts)")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token (default 2; --model: the model's)")
-    p.add_argument("--trace", type=Path, help="measured routing (a moemesh trace file) instead of --skew")
-    p.add_argument("--skew", default="zipf:1.2", help="synthetic routing: zipf:S[,groups:N][,affinity:A] or uniform")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic routing")
-    p.add_argument("--method", default="ours", choices=("ours", "swap", "round-robin"))
-    p.add_argument("--slots", type=int, help="experts per device per layer (> ceil(E/G) adds replica slots)")
-    p.add_argument("--tokens-per-device", type=float, default=256.0, help="batch each device routes per layer")
-    p.add_argument("--no-dedupe", action="store_true", help="price every cross-node copy (no send-once-per-node)")
-    p.add_argument("--hidden", type=int, default=PAPER_EXPERT[0], help="expert hidden size (no --model)")
-    p.add_argument("--intermediate", type=int, default=PAPER_EXPERT[1], help="expert MLP size (no --model)")
-    p.add_argument("--dtype-bytes", type=int, default=PAPER_EXPERT[2], help="bytes per weight / activation")
-    p.add_argument("--matrices", type=int, default=PAPER_EXPERT[3], help="weight matrices per expert (SwiGLU: 3)")
-    p.add_argument("--out", type=Path, help="write the heat map PNG here")
-    p.add_argument("--write-placement", type=Path, help="write the placement (YAML, coordinator --placement)")
+    add_options(p, PlanSettings)
 
     def run(args: argparse.Namespace) -> int:
-        return run_plan(settings_from_args(args))
+        return run_plan(settings_from(PlanSettings, args, {}))
 
     return run
-
-
-def settings_from_args(args: argparse.Namespace) -> PlanSettings:
-    if args.experts is not None and args.layers is None:
-        raise InvalidRequestError("--experts needs --layers")
-    if args.model is not None and args.layers is not None:
-        raise InvalidRequestError("--layers comes from --model; give one of them")
-    return PlanSettings(
-        topology=args.topology, devices=args.devices, model=args.model, experts=args.experts, layers=args.layers,
-        top_k=args.top_k, trace=args.trace, skew=args.skew, seed=args.seed, method=args.method, slots=args.slots,
-        tokens_per_device=args.tokens_per_device, dedupe=not args.no_dedupe, hidden=args.hidden,
-        intermediate=args.intermediate, dtype_bytes=args.dtype_bytes, matrices=args.matrices, out=args.out,
-        write_placement=args.write_placement,
-    )
 
 
 def run_plan(s: PlanSettings) -> int:

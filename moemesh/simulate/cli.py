@@ -18,30 +18,13 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 from moemesh.errors import MoemeshError
+from moemesh.settings import add_options, option, parse_bool, settings_from
 
 PLACEMENTS = ("round-robin", "swap", "ours")
 SHORT_CONTEXT = 128  # the scaling sweep also runs at this context, where weights and links dominate
-
-
-@dataclass(frozen=True)
-class SimulateSettings:
-    topology: str  # preset name or YAML file
-    model: str  # checkpoint folder or "paper"
-    deployment: str
-    batch: int | None  # sequences, whole deployment (None: the paper's 1024, else 64 per device)
-    seq: int | None  # context (decode) or prompt length (prefill); None: 10000 for paper, else 1024
-    phase: str
-    micro_batches: int  # 0 = the faster of 1 and 2
-    placement: str
-    skew: str
-    top_k: int | None
-    measure: bool
-    rates: Path | None  # a GPU check's gpu-check.json: its measured matmul rate and bandwidth
-    sweep: tuple[int, ...]
-    out: Path | None
-    json_path: Path | None
 
 
 def _sweep(text: str) -> tuple[int, ...]:
@@ -54,34 +37,49 @@ def _sweep(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def _micro_batches(text: str) -> int:
+    """"auto" -> 0 (the faster of 1 and 2), else the count."""
+    return 0 if text == "auto" else int(text)
+
+
+@dataclass(frozen=True)
+class SimulateSettings:
+    """`moemesh simulate`: what to predict. Flags only (no MOEMESH_* variables): the JSON report
+    records these settings, and they are the whole input."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    topology: str = option("--topology", "preset (paper-16xh100, h100x64, local, ...) or YAML",
+                           default="paper-16xh100")
+    model: str = option("--model", 'checkpoint folder or "paper"', default="paper")
+    deployment: str = option("--deployment", "ep<N>, colocated<k> or tp<T>pp<P>", default="ep16")
+    # sequences, whole deployment (None: the paper's 1024, else 64 per device)
+    batch: int | None = option("--batch", "sequences in flight, whole deployment", int, default=None)
+    # context (decode) or prompt length (prefill); None: 10000 for paper, else 1024
+    seq: int | None = option("--seq", "context tokens (decode) / prompt tokens (prefill)", int, default=None)
+    phase: str = option("--phase", "decode or prefill", default="decode", choices=("decode", "prefill"))
+    micro_batches: int = option("--micro-batches", "1, 2, ... or auto (0: the faster of 1 and 2)", _micro_batches,
+                                default=0)
+    placement: str = option("--placement", "the planner's method", default="ours", choices=PLACEMENTS)
+    skew: str = option("--skew", "routing skew for the planner's traffic, e.g. zipf:1.2", default="uniform")
+    top_k: int | None = option("--top-k", "override the model's top-k", int, default=None)
+    measure: bool = option("--measure", "measure this CPU first (one process per device; --model DIR; no serving "
+                           "overhead)", parse_bool, default=False)
+    # a GPU check's gpu-check.json: its measured matmul rate and bandwidth
+    rates: Path | None = option("--rates", "use the rates a GPU check measured (docs/gpu-check/gpu-check.json)",
+                                Path, default=None, metavar="GPU_CHECK_JSON")
+    sweep: tuple[int, ...] = option("--sweep", "EP scaling devices: 16:1024 (powers of two), 16,64,256, or empty",
+                                    _sweep, default=_sweep("16:1024"))
+    out: Path | None = option("--out", "write the EP scaling chart (PNG) here", Path, default=None)
+    json_path: Path | None = option("--json", "also write the results here", Path, default=None, metavar="FILE")
+
+
 def add_simulate_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p = sub.add_parser("simulate", help="predict TPS / TPOT of a deployment from FLOPs, bytes and links")
-    p.add_argument("--topology", default="paper-16xh100", help="preset (paper-16xh100, h100x64, local, ...) or YAML")
-    p.add_argument("--model", default="paper", help='checkpoint folder or "paper"')
-    p.add_argument("--deployment", default="ep16", help="ep<N>, colocated<k> or tp<T>pp<P>")
-    p.add_argument("--batch", type=int, default=None, help="sequences in flight, whole deployment")
-    p.add_argument("--seq", type=int, default=None, help="context tokens (decode) / prompt tokens (prefill)")
-    p.add_argument("--phase", choices=("decode", "prefill"), default="decode")
-    p.add_argument("--micro-batches", default="auto", help="1, 2, ... or auto (the faster of 1 and 2)")
-    p.add_argument("--placement", choices=PLACEMENTS, default="ours", help="the planner's method")
-    p.add_argument("--skew", default="uniform", help="routing skew for the planner's traffic, e.g. zipf:1.2")
-    p.add_argument("--top-k", type=int, default=None, help="override the model's top-k")
-    p.add_argument("--measure", action="store_true",
-                   help="measure this CPU first (one process per device; --model DIR; no serving overhead)")
-    p.add_argument("--rates", type=Path, default=None, metavar="GPU_CHECK_JSON",
-                   help="use the rates a GPU check measured (docs/gpu-check/gpu-check.json)")
-    p.add_argument("--sweep", type=_sweep, default=_sweep("16:1024"), help="EP scaling devices, e.g. 16:1024")
-    p.add_argument("--out", type=Path, default=None, help="write the EP scaling chart (PNG) here")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
+    add_options(p, SimulateSettings)
 
     def run(args: argparse.Namespace) -> int:
-        mb = 0 if args.micro_batches == "auto" else int(args.micro_batches)
-        settings = SimulateSettings(
-            topology=args.topology, model=args.model, deployment=args.deployment, batch=args.batch, seq=args.seq,
-            phase=args.phase, micro_batches=mb, placement=args.placement, skew=args.skew, top_k=args.top_k,
-            measure=args.measure, rates=args.rates, sweep=args.sweep, out=args.out, json_path=args.json,
-        )
-        return simulate(settings)
+        return simulate(settings_from(SimulateSettings, args, {}))
 
     return run
 

@@ -17,7 +17,16 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.cli import add_coordinator_command, main, settings_from_args
+from coordinator.cli import (
+    PlacementSet,
+    PlacementShow,
+    PlacementTrace,
+    add_coordinator_command,
+    add_placement_command,
+    main,
+    placement_from_args,
+    settings_from_args,
+)
 from moemesh.errors import ConfigError
 from moemesh.retry import Backoff, retry_sync
 from moemesh.v1 import coordinator_pb2 as pb
@@ -180,3 +189,27 @@ def test_bad_settings_are_config_errors(argv, env, message):
 def test_main_prints_errors_and_exits_2(capsys):
     assert main(["coordinator", "--model", "m", "--workers", "0"]) == 2
     assert "moemesh coordinator: error: --workers must be at least 1" in capsys.readouterr().err
+
+
+def placement(*argv: str, env: dict[str, str] | None = None):
+    parser = argparse.ArgumentParser()
+    add_placement_command(parser.add_subparsers())
+    return placement_from_args(parser.parse_args(["placement", *argv]), env or {})
+
+
+def test_placement_settings_take_the_address_from_flag_then_variable_then_default(tmp_path):
+    env = {"MOEMESH_COORDINATOR_ADDRESS": "c:7", "MOEMESH_COORDINATOR_TIMEOUT": "99"}  # only the address counts
+    assert placement("show", env=env) == PlacementShow(target="c:7", timeout_s=10.0, yaml=False)
+    assert placement("show", "--yaml", "--coordinator", "f:1", env=env) == PlacementShow(target="f:1", yaml=True)
+    assert placement("set", str(tmp_path / "p.yaml"), "--expected-epoch", "3", "--timeout", "2") == PlacementSet(
+        target="127.0.0.1:50050", timeout_s=2.0, file=tmp_path / "p.yaml", expected_epoch=3)
+    assert placement("trace", "t.json") == PlacementTrace(file=Path("t.json"))
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (("show", "--timeout", "0"), {}, "--timeout must be positive"),
+    (("show",), {"MOEMESH_COORDINATOR_ADDRESS": ""}, "must be HOST:PORT"),
+])
+def test_bad_placement_settings_are_config_errors(argv, env, message):
+    with pytest.raises(ConfigError, match=message):
+        placement(*argv, env=env)

@@ -5,21 +5,27 @@ process behind. Kept short: one `up`, small models."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import psutil
 import pytest
 
+from moemesh.cli import GenerateSettings
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
+from moemesh.errors import ConfigError
+from moemesh.launcher import UpSettings, add_up_command, mesh_spec, resolved
 from moemesh.model.config import load_config
 from moemesh.model.decoder import RuntimeShape, build_model
+from moemesh.settings import add_options, settings_from
 
 TIMEOUT_S = 300  # hang bound for every subprocess (the machine is shared and slow to import torch)
 
@@ -71,6 +77,30 @@ def test_generate_local_without_a_model_is_refused():
     assert run.returncode != 0 and "--local needs --model" in run.stderr
 
 
+def generate_settings(*argv: str) -> GenerateSettings:
+    parser = argparse.ArgumentParser()
+    add_options(parser, GenerateSettings)
+    return settings_from(GenerateSettings, parser.parse_args(argv), {"MOEMESH_GENERATE_TARGET": "ignored:1"})
+
+
+def test_generate_settings_are_flags_only_with_their_defaults():
+    s = generate_settings("--target", "g:1", "--token-ids", "1,2")
+    assert s == GenerateSettings(target="g:1", token_ids=(1, 2))
+    assert (s.local, s.model, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.timeout_s, s.json) == (
+        False, None, 32, 0.0, 1.0, 0, None, 120.0, False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ((), "give one of --local or --target"),
+    (("--local", "--model", "m", "--target", "g:1", "--prompt", "x"), "give one of --local or --target"),
+    (("--target", "g:1"), "give one of --prompt or --token-ids"),
+    (("--target", "g:1", "--prompt", "x", "--token-ids", "1"), "give one of --prompt or --token-ids"),
+])
+def test_generate_settings_refuse_an_ambiguous_command(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        generate_settings(*argv)
+
+
 def test_simulate_reports_the_paper_deployment(tmp_path):
     out = tmp_path / "sim.json"
     run = moemesh("simulate", "--sweep", "16", "--json", str(out))
@@ -84,28 +114,66 @@ def test_simulate_reports_the_paper_deployment(tmp_path):
 
 
 def test_worker_overflow_flags_parse_and_refuse_bad_values():
-    """`up` does not pass --overflow / --capacity-factor (they are `moemesh worker` flags, read by a
-    worker the launcher starts with defaults): the worker's parser lists them with their choices
-    and refuses what they do not accept."""
-    helped = moemesh("worker", "--help")
-    assert helped.returncode == 0, helped.stderr
-    assert "--overflow {dropless,reroute,drop}" in helped.stdout and "--capacity-factor" in helped.stdout
-    bad = moemesh("worker", "--overflow", "spill")
-    assert bad.returncode == 2 and "invalid choice: 'spill'" in bad.stderr
-    bad = moemesh("worker", "--capacity-factor", "lots")
-    assert bad.returncode == 2 and "--capacity-factor" in bad.stderr
+    """--overflow / --capacity-factor / --dtype are `moemesh worker` flags that `up` also takes (and
+    passes on, below): both parsers list them with their choices and refuse what they do not accept."""
+    for command in ("worker", "up"):
+        helped = moemesh(command, "--help")
+        assert helped.returncode == 0, helped.stderr
+        assert "--overflow {dropless,reroute,drop}" in helped.stdout and "--capacity-factor" in helped.stdout
+        assert "--dtype {auto,float32,bfloat16,float16}" in helped.stdout
+        bad = moemesh(command, "--overflow", "spill")
+        assert bad.returncode == 2 and "invalid choice: 'spill'" in bad.stderr
+        bad = moemesh(command, "--capacity-factor", "lots")
+        assert bad.returncode == 2 and "--capacity-factor" in bad.stderr
+
+
+def up_settings(*argv: str, env: dict[str, str] | None = None) -> UpSettings:
+    parser = argparse.ArgumentParser()
+    add_up_command(parser.add_subparsers())
+    return settings_from(UpSettings, parser.parse_args(["up", *argv]), env or {})
+
+
+def test_up_settings_flags_override_the_environment_which_overrides_defaults(tmp_path):
+    env = {"MOEMESH_UP_PORT": "0", "MOEMESH_UP_POLICY": "gating", "MOEMESH_UP_WORKERS": "3"}
+    s = up_settings("--workers", "2", "--placement", "p.yaml", env=env)
+    assert (s.port, s.policy, s.workers, s.model, s.host, s.max_seqs, s.micro_batches) == (
+        0, "gating", 2, None, "127.0.0.1", 32, 1)
+    assert s.placement == Path("p.yaml").resolve() and (s.overflow, s.capacity_factor, s.dtype) == (None,) * 3
+    with pytest.raises(ConfigError, match="MOEMESH_UP_POLICY='best' is not valid for --policy"):
+        up_settings(env={"MOEMESH_UP_POLICY": "best"})
+    with pytest.raises(ConfigError, match="--experts-per-worker must be > 0"):
+        up_settings("--experts-per-worker", "0")
+
+
+def test_up_resolves_its_workers_from_the_model(tiny):
+    assert resolved(up_settings("--model", str(tiny))).workers == 4  # one per expert
+    assert resolved(up_settings("--model", str(tiny), "--experts-per-worker", "2")).workers == 2
+    assert resolved(up_settings("--model", str(tiny), "--workers", "3")).model == tiny.resolve()
+
+
+def test_up_passes_worker_flags_on_only_when_given(tmp_path):
+    """Unset, a worker keeps its own default (or its MOEMESH_WORKER_* variable): no flag is passed."""
+    given = up_settings("--model", str(tmp_path), "--workers", "2", "--overflow", "drop", "--dtype", "float32",
+                        env={"MOEMESH_UP_CAPACITY_FACTOR": "1.5"})
+    flags = mesh_spec(given, tmp_path, cpus=8).worker_flags
+    pairs = set(pairwise(flags))
+    assert {("--overflow", "drop"), ("--capacity-factor", "1.5"), ("--dtype", "float32"), ("--threads", "4")} <= pairs
+    plain = mesh_spec(up_settings("--model", str(tmp_path), "--workers", "2"), tmp_path, cpus=8).worker_flags
+    assert not {"--overflow", "--capacity-factor", "--dtype"} & set(plain)
 
 
 def test_up_without_a_model_serves_the_default_and_stops_on_ctrl_c(tmp_path):
-    """`up` with no --model writes the default tiny model into --cache-dir and serves it; a token
-    stream through its gateway equals the in-process engine's; SIGINT stops every process."""
+    """`up` with no --model writes the default tiny model into --cache-dir and serves it; its workers
+    run with the worker flags given to `up`; a token stream through its gateway equals the in-process
+    engine's; SIGINT stops every process."""
     from moemesh.client import generate_remote
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     log = tmp_path / "up.log"  # a file, not a pipe: the mesh's logs must never block on a full pipe
     with log.open("w") as err:
         up = subprocess.Popen([sys.executable, "-m", "moemesh.cli", "up", "--cache-dir", str(tmp_path), "--port", "0",
-                               "--workers", "2", "--max-model-len", "256"],
+                               "--workers", "2", "--max-model-len", "256", "--overflow", "dropless", "--dtype",
+                               "float32", "--capacity-factor", "1.5"],
                               stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
     children: list[psutil.Process] = []
     try:
@@ -114,6 +182,10 @@ def test_up_without_a_model_serves_the_default_and_stops_on_ctrl_c(tmp_path):
         assert match, (line, log.read_text()[-3000:])
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 4  # coordinator, 2 workers, gateway
+        workers = [c.cmdline() for c in children if "worker" in c.cmdline()]
+        assert len(workers) == 2 and all(
+            {("--overflow", "dropless"), ("--dtype", "float32"), ("--capacity-factor", "1.5")} <= set(pairwise(w))
+            for w in workers)
         model_dir = tmp_path / "tiny-mixtral-8x"
         assert load_config(model_dir).num_experts == 8
         params = SamplingParams(max_new_tokens=5)

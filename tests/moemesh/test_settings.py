@@ -81,3 +81,49 @@ def test_every_service_flag_names_its_variable_in_the_help(cls, command):
     text = " ".join(parser.format_help().split())
     for _, opt in options(cls):
         assert opt.flag in text and opt.env(cls.ENV_PREFIX) in text
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A one-shot tool: no variables but the one it names; a positional; a switch that turns off."""
+
+    ENV_PREFIX: ClassVar[None] = None
+
+    file: Path = option("file", "input file", Path)
+    target: str = option("--target", "HOST:PORT", default="h:1", env="MOEMESH_SHARED_ADDRESS")
+    count: int = option("--count", "how many", int, default=2, metavar="N")
+    progress: bool = option("--no-progress", "no progress bar", parse_bool, default=True)
+
+
+def build_tool(argv: list[str], env: dict[str, str] | None = None) -> Tool:
+    parser = argparse.ArgumentParser()
+    add_options(parser, Tool)
+    return settings_from(Tool, parser.parse_args(argv), env or {})
+
+
+def test_a_tool_without_prefix_reads_only_the_variables_it_names():
+    env = {"MOEMESH_SHARED_ADDRESS": "e:2", "COUNT": "7", "MOEMESH_COUNT": "7", "NO_PROGRESS": "1"}
+    assert build_tool(["in.txt"], env) == Tool(file=Path("in.txt"), target="e:2", count=2, progress=True)
+    assert build_tool(["in.txt", "--target", "f:3", "--count", "5"], env) == Tool(Path("in.txt"), "f:3", 5)
+
+
+def test_a_switch_with_a_true_default_turns_it_off():
+    assert build_tool(["f", "--no-progress"]).progress is False
+    assert build(["--target", "t:1"], {"MOEMESH_DEMO_VERBOSE": "0"}).verbose is False
+
+
+def test_a_positional_is_required_by_the_parser_and_never_from_the_environment():
+    parser = argparse.ArgumentParser()
+    add_options(parser, Tool)
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    with pytest.raises(ConfigError, match=r"^file is required$"):
+        settings_from(Tool, argparse.Namespace(), {"FILE": "x"})
+
+
+def test_a_tool_help_names_only_its_variables():
+    parser = argparse.ArgumentParser()
+    add_options(parser, Tool)
+    text = " ".join(parser.format_help().split())
+    assert "--target TARGET HOST:PORT (env MOEMESH_SHARED_ADDRESS; default h:1)" in text
+    assert "--count N how many (default 2)" in text and "--no-progress no progress bar" in text

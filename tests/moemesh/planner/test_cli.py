@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from moemesh.mesh.placement_file import load_placement
-from moemesh.planner.cli import main
+from moemesh.planner.cli import PlanSettings, add_plan_command, main
 from moemesh.planner.traffic import save_trace, synthetic
+from moemesh.settings import settings_from
 
 
 def test_plan_prints_the_tables_and_writes_the_png(tmp_path, capsys):
@@ -55,3 +57,27 @@ def test_plan_takes_experts_layers_and_sizes_from_a_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "8 experts x 3 MoE layers, top-2, 2 slot(s)" in out
     assert f"{64 * 4} B per token" in out  # float32 hidden states
+
+
+def plan_settings(*argv: str) -> PlanSettings:
+    parser = argparse.ArgumentParser()
+    add_plan_command(parser.add_subparsers())
+    return settings_from(PlanSettings, parser.parse_args(["plan", *argv]), {"MOEMESH_PLAN_SEED": "5"})
+
+
+def test_plan_settings_are_flags_only_with_their_defaults():
+    s = plan_settings("--topology", "local", "--experts", "8", "--layers", "2")
+    assert (s.topology, s.experts, s.layers, s.model, s.top_k, s.skew, s.seed, s.method) == (
+        "local", 8, 2, None, None, "zipf:1.2", 0, "ours")
+    assert (s.tokens_per_device, s.dedupe, s.hidden, s.intermediate, s.dtype_bytes, s.matrices) == (
+        256.0, True, 8192, 32768, 2, 2)
+    assert plan_settings("--topology", "local", "--model", "m", "--no-dedupe").dedupe is False
+
+
+def test_plan_wants_exactly_one_of_model_and_experts(tmp_path, capsys):
+    assert main(["plan", "--topology", "local"]) == 2
+    assert "give one of --model DIR or --experts N" in capsys.readouterr().err
+    assert main(["plan", "--topology", "local", "--model", str(tmp_path), "--experts", "4"]) == 2
+    assert "give one of --model DIR or --experts N" in capsys.readouterr().err
+    assert main(["plan", "--topology", "local", "--model", str(tmp_path), "--layers", "4"]) == 2
+    assert "--layers comes from --model" in capsys.readouterr().err
