@@ -49,8 +49,9 @@ def gating_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings
     max(0.1, 1 - 0.5 load_e) (moved +-10% per cycle); that target depends on the load alone, so
     once the factors balance the load they drift back and the load with them: the literal rule
     has no balanced fixed point (measured on the same skewed router: it hovers at max/mean ~1.5
-    where this one settles under 1.2 within 11 cycles; tests/coordinator/test_gating.py). Here the same target is read as a
-    correction relative to a balanced expert's and *multiplies* f_e, so a correction persists.
+    where this one settles under 1.2 within 11 cycles; tests/coordinator/test_gating.py). Here the
+    same target is read as a correction relative to a balanced expert's and *multiplies* f_e, so a
+    correction persists.
     """
     counts = counts.double()
     mean = counts.mean(dim=1, keepdim=True).clamp(min=1e-9)  # (L, 1)
@@ -68,7 +69,9 @@ def gating_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings
     return new.float()
 
 
-def paper_literal_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings = GatingSettings()) -> torch.Tensor:
+def paper_literal_update(
+    factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings = GatingSettings()
+) -> torch.Tensor:
     """The paper's rule as written (for comparison): f_e moves <= 0.1 toward
     max(0.1, 1 - 0.5 load_e) while imbalanced, else toward 1."""
     counts = counts.double()

@@ -123,7 +123,8 @@ INFINIBAND = LinkSpec(bandwidth_bytes_per_s=200 * GB, latency_s=3e-6)
 def h100_cluster(devices: int, devices_per_node: int = 8, name: str | None = None) -> Topology:
     """`devices` H100s, `devices_per_node` per node (last node partial), with the paper's links."""
     if devices < 1 or devices_per_node < 1:
-        raise ConfigError(f"an H100 cluster needs devices >= 1 and devices_per_node >= 1, got {devices}, {devices_per_node}")
+        raise ConfigError(
+            f"an H100 cluster needs devices >= 1 and devices_per_node >= 1, got {devices}, {devices_per_node}")
     return Topology(
         name=name or f"h100x{devices}", nodes=math.ceil(devices / devices_per_node),
         devices_per_node=devices_per_node, devices=devices, device_memory_bytes=H100_MEMORY_BYTES,

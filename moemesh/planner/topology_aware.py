@@ -134,7 +134,7 @@ def _bin_loads(bins: np.ndarray, per_replica: np.ndarray) -> np.ndarray:
 
 def _bins(unit_expert: np.ndarray, unit_load: np.ndarray, G: int, P: int, rounds: int) -> np.ndarray:
     """Units [L, U] (heaviest first, U <= G x P) -> bins [L, G, P]: experts, balanced by load."""
-    L, U = unit_expert.shape
+    L = unit_expert.shape[0]
     if P == 1:
         return unit_expert[:, :, None].copy()
     bin_of = pack(unit_expert, unit_load, G, P)  # [L, U]
@@ -205,7 +205,6 @@ def _bin_traffic(problem: Problem, bins: np.ndarray, counts: np.ndarray) -> tupl
     """
     t = problem.routed
     L, G, P = bins.shape
-    E = counts.shape[1]
     bin_load = _bin_loads(bins, t.expert_tokens / counts)  # [L, G]
     if not problem.options.dedupe_per_node or problem.topology.nodes == 1:
         return bin_load, np.zeros((L, G)), np.zeros((L, G, G))
@@ -354,7 +353,7 @@ def _align(slots: np.ndarray, now: np.ndarray, topo: Topology, num_experts: int)
 def _rotate(slots: np.ndarray, topo: Topology) -> np.ndarray:
     """Layer l: full node n's contents move to full node (n + l) mod N_full, and inside every
     node device i's to device (i + l) mod size. Loads move with the contents."""
-    L, G, _ = slots.shape
+    L = slots.shape[0]
     sizes, first = topo.node_sizes, np.concatenate([[0], np.cumsum(topo.node_sizes)])
     full = int((sizes == topo.devices_per_node).sum())
     out = np.empty_like(slots)
@@ -370,7 +369,8 @@ def _device_counts(slots_layer: np.ndarray, num_experts: int) -> np.ndarray:
     """[G, P] -> [G, E] copies of each expert on each device (0 or 1)."""
     G = slots_layer.shape[0]
     out = np.zeros((G, num_experts + 1), dtype=np.int64)
-    np.add.at(out, (np.repeat(np.arange(G), slots_layer.shape[1]), np.where(slots_layer >= 0, slots_layer, num_experts).ravel()), 1)
+    experts = np.where(slots_layer >= 0, slots_layer, num_experts).ravel()  # empty slots count in a spare column
+    np.add.at(out, (np.repeat(np.arange(G), slots_layer.shape[1]), experts), 1)
     return out[:, :num_experts]
 
 

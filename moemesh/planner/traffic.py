@@ -51,7 +51,7 @@ class Traffic:
     origin: str = "synthetic"
 
     def __post_init__(self) -> None:
-        L, S, E = self.tokens.shape
+        L, _, E = self.tokens.shape  # (L, S, E)
         assert len(self.layer_ids) == L and self.coactivation.shape == (L, E, E) and self.top_k >= 1
 
     @property
@@ -235,7 +235,8 @@ def from_counts(
     elif c.ndim == 3:
         tokens = c.transpose(1, 0, 2).copy()  # [S, L, E] -> [L, S, E]
     else:
-        raise InvalidRequestError(f"counts must be [layers, experts] or [sources, layers, experts], got {list(c.shape)}")
+        raise InvalidRequestError(
+            f"counts must be [layers, experts] or [sources, layers, experts], got {list(c.shape)}")
     if c.size and c.min() < 0:
         raise InvalidRequestError("counts must be non-negative")
     L, _, E = tokens.shape

@@ -157,7 +157,8 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
             for i in range(n):
                 if i:
                     await asyncio.sleep(self.gap_s)
-                yield gateway_pb2.GenerateResponse(chunk=gateway_pb2.GenerateResponse.TokenChunk(token_ids=[5], offset=i))
+                chunk = gateway_pb2.GenerateResponse.TokenChunk(token_ids=[5], offset=i)
+                yield gateway_pb2.GenerateResponse(chunk=chunk)
             yield gateway_pb2.GenerateResponse(finished=gateway_pb2.GenerateResponse.Finished(
                 reason=common_pb2.FINISH_REASON_LENGTH, prompt_tokens=len(request.token_ids.ids), completion_tokens=n))
         except asyncio.CancelledError:
@@ -169,8 +170,8 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
             self.active -= 1
 
     async def ModelInfo(self, request, context):
-        return gateway_pb2.ModelInfoResponse(model=common_pb2.ModelSpec(name="scripted", vocab_size=300, max_context=256),
-                                             num_workers=1, transport="local")
+        spec = common_pb2.ModelSpec(name="scripted", vocab_size=300, max_context=256)
+        return gateway_pb2.ModelInfoResponse(model=spec, num_workers=1, transport="local")
 
 
 async def _with_gateway(body, **kw):
@@ -221,7 +222,8 @@ def test_open_loop_follows_arrivals_and_caps_concurrency():
 
         watcher = asyncio.create_task(watch())
         try:
-            return await run_load(target, LoadPlan(_requests(4, 3), arrivals=arrivals, concurrency=1, timeout_s=30)), seen
+            plan = LoadPlan(_requests(4, 3), arrivals=arrivals, concurrency=1, timeout_s=30)
+            return await run_load(target, plan), seen
         finally:
             watcher.cancel()
 
