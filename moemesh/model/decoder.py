@@ -26,6 +26,7 @@ from moemesh.model.moe import (
     RoutingObserver,
     SoftmaxTopKRouter,
     Transport,
+    run_interleaved,
     run_to_end,
 )
 from moemesh.model.shard import Shard
@@ -80,17 +81,7 @@ class MoEModel:
         micro-batch, as in `forward`."""
         sizes = list(t_max) if t_max is not None else [None] * len(micro)
         assert len(sizes) == len(micro), "one T_max per micro-batch"
-        stages = [self._stages(t, p, r, n) for (t, p, r), n in zip(micro, sizes)]
-        results: list[torch.Tensor | None] = [None] * len(stages)
-        live = list(range(len(stages)))
-        while live:
-            for i in list(live):
-                try:
-                    next(stages[i])
-                except StopIteration as done:
-                    results[i] = done.value
-                    live.remove(i)
-        return results  # type: ignore[return-value]
+        return run_interleaved([self._stages(t, p, r, n) for (t, p, r), n in zip(micro, sizes)])
 
     def _stages(
         self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor, t_max: int | None
