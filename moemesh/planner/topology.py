@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, read_text
 
 GB = 1e9
 GiB = 2**30
@@ -179,12 +179,7 @@ def resolve_topology(spec: str | Path, devices: int | None = None) -> Topology:
 
 def load_topology(path: str | Path) -> Topology:
     """Read a topology YAML file; ConfigError names the file and the field."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read topology {path}: {exc.strerror or exc}") from exc
-    return parse_topology(text, source=str(path))
+    return parse_topology(read_text(path, "topology", ConfigError), source=str(path))
 
 
 def parse_topology(text: str, source: str = "topology") -> Topology:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from moemesh.errors import InvalidRequestError
+from moemesh.errors import InvalidRequestError, read_text
 
 TRACE_FORMAT = "moemesh-trace"
 TRACE_VERSION = 1
@@ -297,12 +297,7 @@ def save_trace(traffic: Traffic, path: str | Path, per_source: bool = True) -> P
 
 def load_trace(path: str | Path) -> Traffic:
     """Read a trace file; InvalidRequestError names the field that is wrong."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
-    return parse_trace(text, source=str(path))
+    return parse_trace(read_text(path, "trace"), source=str(path))
 
 
 def parse_trace(text: str, source: str = "trace") -> Traffic:
