@@ -1,15 +1,10 @@
-"""Balancing policies: what the coordinator does with the load statistics. Pure: no gRPC, no
-torch.distributed; inputs in, new values out.
+"""The "gating" balancing policy: the paper's load-aware gating (../shared/paper.md, section 2).
+Pure: no gRPC, no torch.distributed; inputs in, new values out.
 
-Policies (chosen per deployment, shown in ModelInfo):
-- "none": nothing moves.
-- "gating": the paper's load-aware gating (../shared/paper.md, section 2). Per MoE layer and expert
-  a factor f_e multiplies the gate probability when experts are selected (the combine weights stay
-  the model's probabilities, so only *which* experts run changes: outputs differ from the exact
-  model, by how much is measured in tests/coordinator/test_gating.py).
-- "replicate": placement and replicas only (moemesh.planner); outputs stay exactly the model's.
-- "split": hot experts split over two ranks (tensor parallelism inside an expert;
-  coordinator/splitting.py); outputs are the model's up to float rounding.
+Per MoE layer and expert a factor f_e multiplies the gate probability when experts are selected
+(the combine weights stay the model's probabilities, so only *which* experts run changes: outputs
+differ from the exact model, by how much is measured in tests/coordinator/test_gating.py). The
+policies and how one is chosen: coordinator/policies.py.
 
 Shape legend: L MoE layers, E experts.
 """
@@ -19,17 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-POLICIES = ("none", "gating", "replicate", "split")
-
-
-def resolve_policy(requested: str, workers: int, num_experts: int, expert_shards: int = 1) -> str:
-    """"auto" (the default): replicate where spare devices exist (more workers than experts: the
-    spares hold replicas of hot experts), else none. Explicit policies pass through.
-    Split experts (expert_shards != 1) resolve auto to none: the planner places whole experts."""
-    if requested != "auto":
-        return requested
-    return "replicate" if workers > num_experts and expert_shards == 1 else "none"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,13 @@
 """Turning load reports into new placement epochs, per balancing policy. Pure: no gRPC.
 
+Policies (chosen per deployment by `resolve_policy`, shown in ModelInfo):
+- "none": nothing moves.
+- "gating": the paper's load-aware gating (coordinator/gating.py); outputs differ from the exact
+  model's by how much tests/coordinator/test_gating.py measures.
+- "replicate": placement and replicas only (moemesh.planner); outputs stay exactly the model's.
+- "split": hot experts split over two ranks (tensor parallelism inside an expert;
+  coordinator/splitting.py); outputs are the model's up to float rounding.
+
 The coordinator calls `observe` for every load report; a returned placement is published as the
 next epoch (workers prepare it in the background and switch at one step). Every
 `update_every_tokens` routed tokens (100, the paper's period) one cycle ends:
@@ -19,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from coordinator.gating import POLICIES, GatingSettings, gating_update
+from coordinator.gating import GatingSettings, gating_update
 from coordinator.splitting import Memory, SplitSettings, split_hot_experts
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement
@@ -28,6 +36,17 @@ from moemesh.planner.problem import Problem
 from moemesh.planner.search import keep_paying, plan, price_change
 from moemesh.planner.topology import resolve_topology
 from moemesh.planner.traffic import from_counts
+
+POLICIES = ("none", "gating", "replicate", "split")
+
+
+def resolve_policy(requested: str, workers: int, num_experts: int, expert_shards: int = 1) -> str:
+    """"auto" (the default): replicate where spare devices exist (more workers than experts: the
+    spares hold replicas of hot experts), else none. Explicit policies pass through.
+    Split experts (expert_shards != 1) resolve auto to none: the planner places whole experts."""
+    if requested != "auto":
+        return requested
+    return "replicate" if workers > num_experts and expert_shards == 1 else "none"
 
 
 @dataclass(frozen=True)
