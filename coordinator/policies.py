@@ -105,21 +105,29 @@ class Rebalancer:
         if self.s.policy == "replicate":
             return self._replan(current)
         if self.s.policy == "split":
-            new = split_hot_experts(current, sum(self._recent), self.layers, self.facts.expert_intermediate_size,
-                                    self.s.split, self.memory)
-            return replace(new, origin="split") if new is not None else None
+            split = split_hot_experts(current, self._window(), self.layers, self._facts().expert_intermediate_size,
+                                      self.s.split, self.memory)
+            return replace(split, origin="split") if split is not None else None
         factors = torch.tensor([current.gating.get(layer, (1.0,) * self.num_experts) for layer in self.layers])
-        new = gating_update(factors, sum(self._recent), self.s.gating)  # (L, E)
+        new = gating_update(factors, self._window(), self.s.gating)  # (L, E)
         if torch.allclose(new, factors):
             return None
         gating = {layer: tuple(float(f) for f in new[i]) for i, layer in enumerate(self.layers)}
         return replace(current, gating=gating, origin="gating")
 
+    def _window(self) -> torch.Tensor:
+        """(L, E) the counts of the last `window_cycles` cycles."""
+        return torch.stack(tuple(self._recent)).sum(dim=0)  # (L, E)
+
+    def _facts(self) -> ModelFacts:
+        assert self.facts is not None, "checked in __init__ for the policies that plan"
+        return self.facts
+
     def _replan(self, current: Placement) -> Placement | None:
         if current.has_shard_groups:
             return None  # the planner places whole experts; it never undoes a split (docs/architecture.md)
-        f = self.facts
-        traffic = from_counts(sum(self._recent), top_k=f.top_k, sources=current.world_size, layer_ids=self.layers)
+        f = self._facts()
+        traffic = from_counts(self._window(), top_k=f.top_k, sources=current.world_size, layer_ids=self.layers)
         shape = ExpertShape(hidden_size=f.hidden_size, intermediate_size=f.expert_intermediate_size,
                             dtype_bytes=f.dtype_bytes)
         problem = Problem(resolve_topology(self.s.topology, current.world_size), traffic, shape)

@@ -108,6 +108,7 @@ def _generate_local(s: GenerateSettings, params) -> tuple[list[int], str]:
     from moemesh.model.decoder import RuntimeShape, build_model
     from moemesh.text import TextCodec
 
+    assert s.model is not None, "--local needs --model (checked when the flags are read)"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(s.model)
     codec = TextCodec(s.model, cfg)

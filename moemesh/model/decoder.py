@@ -97,6 +97,7 @@ class MoEModel:
             if lw.router is not None:
                 h = h + (yield from self.moe.stages(i, x, lw.router, t_max))
             else:
+                assert lw.dense_w13 is not None and lw.dense_w2 is not None, "a layer without a router is dense"
                 gate, up = F.linear(x, lw.dense_w13).chunk(2, dim=-1)  # (T, Fd) each
                 h = h + F.linear(F.silu(gate) * up, lw.dense_w2)
         last = rms_norm(h[logit_rows], self.dense.final_norm, cfg.rms_norm_eps)  # (R, D)

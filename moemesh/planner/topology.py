@@ -269,7 +269,7 @@ def _quantity(data: Mapping, keys: tuple[str, str], units: dict[str, float], sou
         return default
     key = given[0]
     value = data[key]
-    allowed = units if key == keys[0] else {"": 1}
+    allowed: dict[str, float] = units if key == keys[0] else {"": 1}
     number = _parse_quantity(value, allowed)
     if number is None:
         hint = ", ".join(u for u in allowed if u) or "none (base units)"

@@ -58,8 +58,9 @@ def topology_aware(problem: Problem, current: Placement | None = None, node_roun
     t, topo = problem.routed, problem.topology
     G, P = topo.devices, problem.slots_per_device
     load = t.expert_tokens  # [L, E]
-    same_world = current is not None and current.world_size == G and set(problem.layer_ids) <= set(current.layers)
-    now = from_placement(current, problem.layer_ids) if same_world else None  # [L, G, P'] or None
+    now = None  # [L, G, P'] the current slots when the current placement is of this world
+    if current is not None and current.world_size == G and set(problem.layer_ids) <= set(current.layers):
+        now = from_placement(current, problem.layer_ids)
     # Step 1: replicas of hot experts on the spare slots (EPLB), as many as pack best
     counts = _replica_counts(load, G, P, pack_rounds)  # [L, E]
     unit_expert, unit_load = units(load, counts)  # [L, U] heaviest first
@@ -116,12 +117,13 @@ def _replica_counts(load: np.ndarray, G: int, P: int, rounds: int) -> np.ndarray
         unit_expert, unit_load = units(load, counts)
         bins = _bins(unit_expert, unit_load, G, P, rounds)
         worst = _bin_loads(bins, load / counts).max(axis=1)  # [L]
-        if best_counts is None:
+        if best_counts is None or best_max is None:
             best_counts, best_max = counts, worst
             continue
         better = worst < best_max * (1 - 1e-6)  # ties keep fewer replicas (fewer bytes to load)
         best_counts = np.where(better[:, None], counts, best_counts)
         best_max = np.where(better, worst, best_max)
+    assert best_counts is not None, "at least one k is tried"
     return best_counts
 
 
@@ -173,7 +175,7 @@ def _warm_bins(unit_expert: np.ndarray, unit_load: np.ndarray, now: np.ndarray, 
                 load[g] += unit_load[l, u]
                 has[g].add(e)
         # Step 2: the rest, heaviest first, into the lightest bin with room and without the expert
-        for u in np.nonzero((bin_of < 0) & (unit_expert[l] >= 0))[0]:
+        for u in np.nonzero((bin_of < 0) & (unit_expert[l] >= 0))[0].tolist():
             e = int(unit_expert[l, u])
             allowed = [g for g in range(G) if fill[g] < P and e not in has[g]]
             g = min(allowed, key=load.__getitem__)

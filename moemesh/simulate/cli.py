@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from moemesh.errors import MoemeshError
 
@@ -156,7 +157,8 @@ def simulate(s: SimulateSettings) -> int:
     print(f"topology: {topo.describe()}")
     print(f"device: {profile.name} ({profile.source})")
     print(timeline_table(pred))
-    report = {"settings": {k: str(v) for k, v in asdict(s).items()}, "prediction": prediction_dict(pred)}
+    report: dict[str, Any] = {"settings": {k: str(v) for k, v in asdict(s).items()},
+                              "prediction": prediction_dict(pred)}
     if paper:
         preds = paper_predictions(shape, topo, profile, batch, seq, s.placement)
         print()

@@ -138,10 +138,10 @@ def paper_table(preds: list[tuple[str, str, Prediction]]) -> str:
     lines.append(f"  {'deployment':<9} {'workload':<22} {'TPS':>11} {'TPOT ms':>8} {'comm ms':>8} {'hidden':>7} "
                  f"{'mb':>3} {'GB/GPU':>7}")
     for dep, label, p in preds:
-        tpot = f"{p.tpot_s * 1e3:.2f}" if p.tpot_s else "-"
+        tpot_ms = f"{p.tpot_s * 1e3:.2f}" if p.tpot_s else "-"
         hidden = f"{p.hidden_share:.0%}" if p.hidden_share is not None else "-"
         mb = p.parts.get("micro_batches", p.workload.micro_batches)
         fit = "" if p.memory_ok else " (does not fit)"
-        lines.append(f"  {dep:<9} {label:<22} {p.tps:>11,.0f} {tpot:>8} {p.comm_s * 1e3:>8.2f} {hidden:>7} {mb:>3} "
+        lines.append(f"  {dep:<9} {label:<22} {p.tps:>11,.0f} {tpot_ms:>8} {p.comm_s * 1e3:>8.2f} {hidden:>7} {mb:>3} "
                      f"{p.memory_bytes / 1e9:>7.1f}{fit}")
     return "\n".join(lines)

@@ -163,8 +163,9 @@ def _kv_bytes(shape: ModelShape, seqs: float, work: Workload, layers: int, shard
 
 
 def _rows(tl: Timeline, layer_ids: list[int]) -> tuple[LayerRow, ...]:
-    return tuple(LayerRow(layer_ids[l], *(tl.stage_s(l, s) for s in ("attention", "dispatch", "experts", "combine")),
-                          tl.layer_span_s(l), tl.layer_hidden_share(l)) for l in range(tl.layers))
+    return tuple(LayerRow(layer_ids[l], attention_s=tl.stage_s(l, "attention"), dispatch_s=tl.stage_s(l, "dispatch"),
+                          experts_s=tl.stage_s(l, "experts"), combine_s=tl.stage_s(l, "combine"),
+                          span_s=tl.layer_span_s(l), hidden_share=tl.layer_hidden_share(l)) for l in range(tl.layers))
 
 
 # ---- expert parallel ------------------------------------------------------------------------
