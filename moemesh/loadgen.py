@@ -146,8 +146,8 @@ def format_table(m: dict[str, float], title: str = "Serving Benchmark Result") -
             continue
         lines.append(f"{' ' + label + ' ':-^60}")
         for stat in ("mean", "median", "p99"):
-            label = stat.capitalize() if stat != "p99" else "P99"
-            row(f"{label} {key.upper()} (ms):", f"{m[f'{key}_{stat}_s'] * 1e3:.2f}")
+            stat_name = stat.capitalize() if stat != "p99" else "P99"
+            row(f"{stat_name} {key.upper()} (ms):", f"{m[f'{key}_{stat}_s'] * 1e3:.2f}")
     lines.append("=" * 60)
     return "\n".join(lines)
 
