@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # protoc finds its mypy plugin in the virtualenv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup stubs test run bench bench-core bench-mesh bench-balance clean gpu-check
+.PHONY: setup stubs lint test run bench bench-core bench-mesh bench-balance clean gpu-check
 
 setup: $(STAMP) stubs
 
@@ -27,7 +27,13 @@ stubs: $(STUBS)
 moemesh/v1/%_pb2.py: protos/moemesh/v1/%.proto $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --mypy_out=. $<
 
-test: setup
+# ruff (pyproject [tool.ruff]) and mypy (pyproject [tool.mypy]; the stubs' .pyi from mypy-protobuf type
+# the gRPC messages), both clean; `make test` runs it first.
+lint: setup
+	$(VENV)/bin/ruff check moemesh coordinator expert_worker gateway scripts tests
+	$(VENV)/bin/mypy
+
+test: setup lint
 	$(PY) -m pytest -q tests
 
 # The paper's deployment on the embedded tiny model: one expert per worker (8 workers).

@@ -1,15 +1,10 @@
-"""Balancing policies: what the coordinator does with the load statistics. Pure: no gRPC, no
-torch.distributed; inputs in, new values out.
+"""The "gating" balancing policy: the paper's load-aware gating (../shared/paper.md, section 2).
+Pure: no gRPC, no torch.distributed; inputs in, new values out.
 
-Policies (chosen per deployment, shown in ModelInfo):
-- "none": nothing moves.
-- "gating": the paper's load-aware gating (../shared/paper.md, section 2). Per MoE layer and expert
-  a factor f_e multiplies the gate probability when experts are selected (the combine weights stay
-  the model's probabilities, so only *which* experts run changes: outputs differ from the exact
-  model, by how much is measured in tests/coordinator/test_gating.py).
-- "replicate": placement and replicas only (moemesh.planner); outputs stay exactly the model's.
-- "split": hot experts split over two ranks (tensor parallelism inside an expert;
-  coordinator/splitting.py); outputs are the model's up to float rounding.
+Per MoE layer and expert a factor f_e multiplies the gate probability when experts are selected
+(the combine weights stay the model's probabilities, so only *which* experts run changes: outputs
+differ from the exact model, by how much is measured in tests/coordinator/test_gating.py). The
+policies and how one is chosen: coordinator/policies.py.
 
 Shape legend: L MoE layers, E experts.
 """
@@ -19,17 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-POLICIES = ("none", "gating", "replicate", "split")
-
-
-def resolve_policy(requested: str, workers: int, num_experts: int, expert_shards: int = 1) -> str:
-    """"auto" (the default): replicate where spare devices exist (more workers than experts: the
-    spares hold replicas of hot experts), else none. Explicit policies pass through.
-    Split experts (expert_shards != 1) resolve auto to none: the planner places whole experts."""
-    if requested != "auto":
-        return requested
-    return "replicate" if workers > num_experts and expert_shards == 1 else "none"
 
 
 @dataclass(frozen=True)
@@ -49,8 +33,9 @@ def gating_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings
     max(0.1, 1 - 0.5 load_e) (moved +-10% per cycle); that target depends on the load alone, so
     once the factors balance the load they drift back and the load with them: the literal rule
     has no balanced fixed point (measured on the same skewed router: it hovers at max/mean ~1.5
-    where this one settles under 1.2 within 11 cycles; tests/coordinator/test_gating.py). Here the same target is read as a
-    correction relative to a balanced expert's and *multiplies* f_e, so a correction persists.
+    where this one settles under 1.2 within 11 cycles; tests/coordinator/test_gating.py). Here the
+    same target is read as a correction relative to a balanced expert's and *multiplies* f_e, so a
+    correction persists.
     """
     counts = counts.double()
     mean = counts.mean(dim=1, keepdim=True).clamp(min=1e-9)  # (L, 1)
@@ -68,7 +53,9 @@ def gating_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings
     return new.float()
 
 
-def paper_literal_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings = GatingSettings()) -> torch.Tensor:
+def paper_literal_update(
+    factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings = GatingSettings()
+) -> torch.Tensor:
     """The paper's rule as written (for comparison): f_e moves <= 0.1 toward
     max(0.1, 1 - 0.5 load_e) while imbalanced, else toward 1."""
     counts = counts.double()

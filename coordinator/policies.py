@@ -1,5 +1,13 @@
 """Turning load reports into new placement epochs, per balancing policy. Pure: no gRPC.
 
+Policies (chosen per deployment by `resolve_policy`, shown in ModelInfo):
+- "none": nothing moves.
+- "gating": the paper's load-aware gating (coordinator/gating.py); outputs differ from the exact
+  model's by how much tests/coordinator/test_gating.py measures.
+- "replicate": placement and replicas only (moemesh.planner); outputs stay exactly the model's.
+- "split": hot experts split over two ranks (tensor parallelism inside an expert;
+  coordinator/splitting.py); outputs are the model's up to float rounding.
+
 The coordinator calls `observe` for every load report; a returned placement is published as the
 next epoch (workers prepare it in the background and switch at one step). Every
 `update_every_tokens` routed tokens (100, the paper's period) one cycle ends:
@@ -19,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from coordinator.gating import POLICIES, GatingSettings, gating_update
+from coordinator.gating import GatingSettings, gating_update
 from coordinator.splitting import Memory, SplitSettings, split_hot_experts
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement
@@ -28,6 +36,17 @@ from moemesh.planner.problem import Problem
 from moemesh.planner.search import keep_paying, plan, price_change
 from moemesh.planner.topology import resolve_topology
 from moemesh.planner.traffic import from_counts
+
+POLICIES = ("none", "gating", "replicate", "split")
+
+
+def resolve_policy(requested: str, workers: int, num_experts: int, expert_shards: int = 1) -> str:
+    """"auto" (the default): replicate where spare devices exist (more workers than experts: the
+    spares hold replicas of hot experts), else none. Explicit policies pass through.
+    Split experts (expert_shards != 1) resolve auto to none: the planner places whole experts."""
+    if requested != "auto":
+        return requested
+    return "replicate" if workers > num_experts and expert_shards == 1 else "none"
 
 
 @dataclass(frozen=True)
@@ -86,21 +105,29 @@ class Rebalancer:
         if self.s.policy == "replicate":
             return self._replan(current)
         if self.s.policy == "split":
-            new = split_hot_experts(current, sum(self._recent), self.layers, self.facts.expert_intermediate_size,
-                                    self.s.split, self.memory)
-            return replace(new, origin="split") if new is not None else None
+            split = split_hot_experts(current, self._window(), self.layers, self._facts().expert_intermediate_size,
+                                      self.s.split, self.memory)
+            return replace(split, origin="split") if split is not None else None
         factors = torch.tensor([current.gating.get(layer, (1.0,) * self.num_experts) for layer in self.layers])
-        new = gating_update(factors, sum(self._recent), self.s.gating)  # (L, E)
+        new = gating_update(factors, self._window(), self.s.gating)  # (L, E)
         if torch.allclose(new, factors):
             return None
         gating = {layer: tuple(float(f) for f in new[i]) for i, layer in enumerate(self.layers)}
         return replace(current, gating=gating, origin="gating")
 
+    def _window(self) -> torch.Tensor:
+        """(L, E) the counts of the last `window_cycles` cycles."""
+        return torch.stack(tuple(self._recent)).sum(dim=0)  # (L, E)
+
+    def _facts(self) -> ModelFacts:
+        assert self.facts is not None, "checked in __init__ for the policies that plan"
+        return self.facts
+
     def _replan(self, current: Placement) -> Placement | None:
         if current.has_shard_groups:
             return None  # the planner places whole experts; it never undoes a split (docs/architecture.md)
-        f = self.facts
-        traffic = from_counts(sum(self._recent), top_k=f.top_k, sources=current.world_size, layer_ids=self.layers)
+        f = self._facts()
+        traffic = from_counts(self._window(), top_k=f.top_k, sources=current.world_size, layer_ids=self.layers)
         shape = ExpertShape(hidden_size=f.hidden_size, intermediate_size=f.expert_intermediate_size,
                             dtype_bytes=f.dtype_bytes)
         problem = Problem(resolve_topology(self.s.topology, current.world_size), traffic, shape)

@@ -17,8 +17,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from coordinator.gating import resolve_policy
-from coordinator.policies import ModelFacts, RebalanceSettings
+from coordinator.policies import ModelFacts, RebalanceSettings, resolve_policy
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import CoordinatorState, DataPlane

@@ -60,6 +60,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
         if load.link_counts is not None:
             reply.link_counts.CopyFrom(to_proto(load.link_counts))
+        if load.source_expert_counts is not None:
             reply.source_expert_counts.CopyFrom(to_proto(load.source_expert_counts))
         return reply
 

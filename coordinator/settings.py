@@ -78,7 +78,8 @@ class CoordinatorSettings:
         if self.expert_shards > 1 and self.policy == "replicate":
             raise ConfigError("--policy replicate places whole experts; it cannot be combined with --expert-shards > 1")
         if self.expert_shards > self.workers:
-            raise ConfigError(f"--expert-shards {self.expert_shards} needs at least as many workers, got {self.workers}")
+            raise ConfigError(
+                f"--expert-shards {self.expert_shards} needs at least as many workers, got {self.workers}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"--shutdown-grace must not be negative, got {self.shutdown_grace_s}")
 

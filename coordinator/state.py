@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -201,7 +201,7 @@ class CoordinatorState:
             placement.epoch, placement.origin,
         )
 
-    def _shards_for(self, members: list[WorkerInfo]) -> int:
+    def _shards_for(self, members: Sequence[WorkerInfo]) -> int:
         """How many ways the initial placement splits every expert (--expert-shards)."""
         if self.expert_shards or self.facts is None:
             return self.expert_shards or 1
@@ -213,7 +213,7 @@ class CoordinatorState:
             log.info("experts split %d ways to fit the workers' reported memory", shards)
         return shards
 
-    def _expert_bytes(self, members: list[WorkerInfo]) -> int:
+    def _expert_bytes(self, members: Sequence[WorkerInfo]) -> int:
         """One whole expert of one layer as the workers store it (0 without the model's shape)."""
         if self.facts is None:
             return 0

@@ -229,6 +229,7 @@ class MeshRunner:
         for rid in leftover:
             self.engine.cancel(rid)
         rank = self.collective.rank
-        why = f"worker rank {rank} lost its mesh: {self.failure}" if self.failure else f"worker rank {rank} is shutting down"
+        why = (f"worker rank {rank} lost its mesh: {self.failure}" if self.failure
+               else f"worker rank {rank} is shutting down")
         if leftover:
             self.on_events([Rejected(rid, UnavailableError(why)) for rid in leftover])

@@ -57,8 +57,15 @@ async def serve(settings: WorkerSettings) -> int:
     # steps ~2x slower). A short interval hands the GIL back quickly.
     sys.setswitchinterval(settings.gil_switch_interval_s)
     stop = stop_event_on_signals()
-    if settings.exit_with_parent:
-        asyncio.create_task(exit_with_parent(stop))
+    parent_watch = asyncio.create_task(exit_with_parent(stop)) if settings.exit_with_parent else None
+    try:
+        return await _serve(settings, stop)
+    finally:
+        if parent_watch is not None:
+            parent_watch.cancel()
+
+
+async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
     servicer = WorkerServicer()
     server = Server(["moemesh.v1.Worker"])
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server.grpc)
@@ -128,7 +135,8 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     waker = StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/", timeout_s=3600.0)
     runner = MeshRunner(engine, collective, waker, placement.epoch, on_events=lambda ev: None, recorder=recorder,
                         report_every_tokens=settings.report_every_tokens)
-    node = MeshMember(rank=rank, world_generation=world.generation, runner=runner, engine=engine, device=settings.device)
+    node = MeshMember(rank=rank, world_generation=world.generation, runner=runner, engine=engine,
+                      device=settings.device)
     return node, collective, reader
 
 
@@ -143,7 +151,9 @@ async def _run(settings, server, servicer, node, collective, reader, coord, work
     loop = asyncio.get_running_loop()
     runner = node.runner
     runner.on_events = lambda events: loop.call_soon_threadsafe(servicer.requests.deliver, events)
-    runner.on_load = lambda sample: loop.call_soon_threadsafe(_report_load, coord, settings, node, worker_id, sample)
+    reports: set[asyncio.Task[None]] = set()  # load reports in flight (the loop keeps only weak references)
+    runner.on_load = lambda sample: loop.call_soon_threadsafe(
+        _report_load, coord, settings, node, worker_id, sample, reports)
     thread = threading.Thread(target=runner.run, name="engine", daemon=True)
     thread.start()
     finished = asyncio.Event()
@@ -157,8 +167,8 @@ async def _run(settings, server, servicer, node, collective, reader, coord, work
                        return_when=asyncio.FIRST_COMPLETED)
     runner.request_stop()
     await thread_done
-    watcher.cancel()
-    beats.cancel()
+    for task in (watcher, beats, *reports):
+        task.cancel()
     collective.close()
     await server.stop(2.0)
     log.info("rank %d stopped after %d steps", node.rank, runner.steps)
@@ -192,7 +202,7 @@ async def _heartbeat(coord, settings: WorkerSettings, node: MeshMember, worker_i
         await asyncio.sleep(1.0)
 
 
-def _report_load(coord, settings, node: MeshMember, worker_id: str, sample) -> None:
+def _report_load(coord, settings, node: MeshMember, worker_id: str, sample, reports: set[asyncio.Task[None]]) -> None:
     async def send():
         try:
             await coord.ReportLoad(cpb.ReportLoadRequest(
@@ -203,4 +213,6 @@ def _report_load(coord, settings, node: MeshMember, worker_id: str, sample) -> N
         except grpc.aio.AioRpcError as exc:
             log.warning("load report failed: %s", exc.code().name)
 
-    asyncio.create_task(send())
+    task = asyncio.create_task(send())
+    reports.add(task)
+    task.add_done_callback(reports.discard)

@@ -74,7 +74,8 @@ def from_worker(message: worker_pb2.WorkerEvent, received: int, worker: str) -> 
         return Tokens(tuple(message.tokens.token_ids), offset=received)
     if kind == "finished":
         reason = message.finished.reason or common_pb2.FINISH_REASON_ERROR
-        error = (message.finished.error or f"{worker} gave no reason") if reason == common_pb2.FINISH_REASON_ERROR else ""
+        failed = reason == common_pb2.FINISH_REASON_ERROR
+        error = (message.finished.error or f"{worker} gave no reason") if failed else ""
         return Finished(reason, error)
     assert kind == "rejected", f"not a single event: {kind}"
     return Failed(status_code_of(message.rejected.code), f"{worker} rejected the request: {message.rejected.message}")

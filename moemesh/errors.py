@@ -4,6 +4,10 @@ Each service's interceptor maps these to gRPC status codes; the CLI prints their
 Raise them for bad input or bad files; use `assert` only for internal invariants.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class MoemeshError(Exception):
     """Base class: a clear, user-facing message."""
@@ -35,3 +39,12 @@ class UnavailableError(MoemeshError):
 
 class NotFoundError(MoemeshError):
     """A named thing (a worker, a request) is not known here: NOT_FOUND."""
+
+
+def read_text(path: str | Path, what: str, error: type[MoemeshError] = InvalidRequestError) -> str:
+    """The text of a file a user named; one it cannot read raises `error` naming what it is and where
+    ("cannot read topology t.yaml: No such file or directory")."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc

@@ -16,6 +16,7 @@ returns per-request timings; a `stop` event ends it early with the requests fini
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import statistics
@@ -73,7 +74,7 @@ class RequestTiming:
     def itls(self) -> list[float]:
         """Gaps between consecutive chunk arrivals (token arrivals when no chunks were recorded)."""
         times = self.chunk_times or self.token_times
-        return [b - a for a, b in zip(times, times[1:])]
+        return [b - a for a, b in itertools.pairwise(times)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -145,7 +146,8 @@ def format_table(m: dict[str, float], title: str = "Serving Benchmark Result") -
             continue
         lines.append(f"{' ' + label + ' ':-^60}")
         for stat in ("mean", "median", "p99"):
-            row(f"{stat.capitalize() if stat != 'p99' else 'P99'} {key.upper()} (ms):", f"{m[f'{key}_{stat}_s'] * 1e3:.2f}")
+            stat_name = stat.capitalize() if stat != "p99" else "P99"
+            row(f"{stat_name} {key.upper()} (ms):", f"{m[f'{key}_{stat}_s'] * 1e3:.2f}")
     lines.append("=" * 60)
     return "\n".join(lines)
 
@@ -339,7 +341,9 @@ async def run_closed_loop(
     return await run_load(target, LoadPlan(reqs, concurrency=concurrency, timeout_s=timeout_s))
 
 
-def engine_timings(engine, prompts: Sequence[Sequence[int]], params: SamplingParams) -> tuple[list[RequestTiming], float]:
+def engine_timings(
+    engine, prompts: Sequence[Sequence[int]], params: SamplingParams
+) -> tuple[list[RequestTiming], float]:
     """The single-process engine under the same load as `run_closed_loop` (every prompt at once),
     timed per token as it is made; returns timings and wall time."""
     timings: dict[str, RequestTiming] = {}

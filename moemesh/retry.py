@@ -13,6 +13,7 @@ retryable exception when the overall deadline (`Backoff.deadline_s`, None = none
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -84,10 +85,8 @@ async def retry(call: Callable[[], Awaitable[T]], retryable: Retryable, *, stop:
         if stop is None:
             await asyncio.sleep(wait)
             continue
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=wait)
-        except TimeoutError:
-            pass
     return None
 
 

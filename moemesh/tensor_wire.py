@@ -31,7 +31,7 @@ if sys.byteorder != "little":  # pragma: no cover - every supported host (x86-64
     raise ImportError("moemesh.tensor_wire encodes tensors as little-endian bytes; this host is big-endian")
 
 #: torch dtype -> wire enum value, for every dtype the wire format carries.
-DTYPE_TO_PROTO: dict[torch.dtype, int] = {
+DTYPE_TO_PROTO: dict[torch.dtype, common_pb2.DType.ValueType] = {
     torch.float32: common_pb2.DTYPE_FLOAT32,
     torch.float16: common_pb2.DTYPE_FLOAT16,
     torch.bfloat16: common_pb2.DTYPE_BFLOAT16,
@@ -45,7 +45,7 @@ DTYPE_TO_PROTO: dict[torch.dtype, int] = {
 }
 
 #: wire enum value -> torch dtype (the inverse of DTYPE_TO_PROTO).
-PROTO_TO_DTYPE: dict[int, torch.dtype] = {wire: dtype for dtype, wire in DTYPE_TO_PROTO.items()}
+PROTO_TO_DTYPE: dict[common_pb2.DType.ValueType, torch.dtype] = {wire: dtype for dtype, wire in DTYPE_TO_PROTO.items()}
 
 
 def to_proto(t: torch.Tensor) -> common_pb2.Tensor:
@@ -96,7 +96,7 @@ def from_proto(msg: common_pb2.Tensor) -> torch.Tensor:
     return raw.view(dtype).reshape(shape)
 
 
-def _dtype_name(value: int) -> str:
+def _dtype_name(value: common_pb2.DType.ValueType) -> str:
     try:
         return common_pb2.DType.Name(value)
     except ValueError:

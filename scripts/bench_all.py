@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import os
@@ -28,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
@@ -39,6 +39,8 @@ from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh
 from moemesh.simulate.measure import step_counters, worker_statuses
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
                 vocab=512, seed=0)
@@ -103,7 +105,7 @@ def run_engine(model: Path, s: BenchAllSettings, threads: int) -> dict[str, floa
     """The engine in this process, every request arriving at once (the mesh rows' load)."""
     torch.set_num_threads(threads)
     params = SamplingParams(max_new_tokens=s.new_tokens, ignore_eos=True)
-    for rep in range(2):  # the first pass warms up
+    for _ in range(2):  # the first pass warms up
         engine = Engine(build_model(model, RuntimeShape(max_seqs=s.requests, max_model_len=256)))
         timings, wall = engine_timings(engine, _prompts(s), params)
     return summarize(timings, wall)
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["transformers generate()"] = _step("transformers", lambda: best_threads(run_transformers, model, s))
         rows[ENGINE] = _step("engine", lambda: best_threads(run_engine, model, s))
         for workers, label in s.meshes:
-            rows[label] = _step(label, lambda: run_mesh(model, workers, s))
+            rows[label] = _step(label, functools.partial(run_mesh, model, workers, s))
         check = _step("prediction check", lambda: check_cpu_mesh(model, CheckSettings(rounds=s.check_rounds))) \
             if s.check_rounds else None
     paper = _step("simulate --model paper", lambda: simulate_paper(s.gpu_check))
@@ -268,10 +270,12 @@ Load: {requests} requests sent at once (closed loop, {requests} in flight), {pro
 exactly {new} new tokens each (ignore_eos), greedy. Metrics as vLLM defines them (moemesh.loadgen):
 output tokens/s over the run's wall time, TTFT, TPOT = (latency - TTFT) / (tokens - 1), means over
 requests. transformers and the single-process engine run with 1 and with {threads} torch threads and
-keep the faster (shown); `moemesh up` gives each worker max(1, cores / workers) threads. "step ms" and "in collectives" come from the workers'
-Status counters (step_seconds, collective_seconds: time blocked in all_gather / all_to_all, waiting
-for peers included) over the measured run; "hidden" is hidden_seconds / exchange_seconds: the share of
-the dispatch/combine exchanges' flight time the worker spent computing rather than blocked in a collective (its own wait or another's).
+keep the faster (shown); `moemesh up` gives each worker max(1, cores / workers) threads. "step ms" and
+"in collectives" come from the workers' Status counters (step_seconds, collective_seconds: time blocked
+in all_gather / all_to_all, waiting for peers included) over the measured run; "hidden" is
+hidden_seconds / exchange_seconds: the share of
+the dispatch/combine exchanges' flight time the worker spent computing rather than blocked in a
+collective (its own wait or another's).
 
 {table}
 

@@ -11,8 +11,8 @@ Per row: max/mean device load (worst layer), the busiest link's time summed over
 gain over round-robin), predicted MoE time of one batch, planner run time, and the bytes one
 rebalance moves after a drift (25% of each layer's experts trade popularity): ours replans from
 its current placement; "paying" keeps only the layers whose gain over the next 1000 batches pays
-for their transfer; then max/mean device load and run time of that replan. Experts: hidden 7168, intermediate 2048, BF16, SwiGLU (88 MB); top-k 8
-(top-2 for 16 experts); 256 tokens per device per batch.
+for their transfer; then max/mean device load and run time of that replan. Experts: hidden 7168,
+intermediate 2048, BF16, SwiGLU (88 MB); top-k 8 (top-2 for 16 experts); 256 tokens per device per batch.
 
     python scripts/bench_balance.py [--quick] [--layers 64]
 """

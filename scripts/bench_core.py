@@ -75,7 +75,8 @@ def run_engine(model_dir: Path, prompts: torch.Tensor, new_tokens: int) -> dict[
             steps += 1
         t2 = time.perf_counter()
         model.moe.experts = hits.inner
-        best = {"prefill_s": t1 - t0, "decode_step_s": (t2 - t1) / steps, "experts_hit_per_layer": hits.hit / hits.calls}
+        best = {"prefill_s": t1 - t0, "decode_step_s": (t2 - t1) / steps,
+                "experts_hit_per_layer": hits.hit / hits.calls}
     best["model"] = model
     return best
 
@@ -121,16 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_tiny_model(Path(tmp) / "model", SPEC)
-        prompts = torch.randint(3, SPEC.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, SPEC.vocab, (args.batch, args.prompt_len), generator=g)
         machine = measure_machine(args.threads)
         ours = run_engine(model_dir, prompts, args.new_tokens)
         theirs = run_transformers(model_dir, prompts, args.new_tokens)
         machine2 = measure_machine(args.threads)
     machine = {k: max(machine[k], machine2[k]) for k in machine}
-    roof = roofline(ours.pop("model"), args.batch, args.prompt_len + args.new_tokens // 2, ours["experts_hit_per_layer"], machine)
+    context = args.prompt_len + args.new_tokens // 2  # the mean context over the decode steps
+    roof = roofline(ours.pop("model"), args.batch, context, ours["experts_hit_per_layer"], machine)
     report(args, machine, ours, theirs, roof)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "engine": ours, "transformers": theirs, "roofline": roof}, indent=2))
+        report_json = {"machine": machine, "engine": ours, "transformers": theirs, "roofline": roof}
+        args.json.write_text(json.dumps(report_json, indent=2))
     return 0
 
 
@@ -147,9 +151,11 @@ def report(args, machine, ours, theirs, roof) -> None:
     for name, a, b in rows:
         print(f"{name:18} {a:10.0f} {b:13.0f} {a / b:6.2f}x")
     step_ms = ours["decode_step_s"] * 1e3
-    print(f"decode step: {step_ms:.1f} ms; reads {roof['bytes_MB']:.0f} MB ({ours['experts_hit_per_layer']:.1f} experts/layer hit) "
-          f"-> {roof['t_mem_ms']:.1f} ms at copy bandwidth; {roof['GFLOP']:.2f} GFLOP -> {roof['t_flop_ms']:.1f} ms")
-    print(f"roofline (the larger): {roof['roofline_ms']:.1f} ms; achieved {roof['roofline_ms'] / step_ms:.0%} of roofline")
+    print(f"decode step: {step_ms:.1f} ms; reads {roof['bytes_MB']:.0f} MB "
+          f"({ours['experts_hit_per_layer']:.1f} experts/layer hit) -> {roof['t_mem_ms']:.1f} ms at copy bandwidth; "
+          f"{roof['GFLOP']:.2f} GFLOP -> {roof['t_flop_ms']:.1f} ms")
+    print(f"roofline (the larger): {roof['roofline_ms']:.1f} ms; "
+          f"achieved {roof['roofline_ms'] / step_ms:.0%} of roofline")
 
 
 if __name__ == "__main__":

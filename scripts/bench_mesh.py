@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
-    prompts = [[0] + torch.randint(3, SPEC.vocab, (args.prompt_len - 1,), generator=g).tolist()
+    prompts = [[0, *torch.randint(3, SPEC.vocab, (args.prompt_len - 1,), generator=g).tolist()]
                for _ in range(args.requests)]
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     rows: dict[str, dict[str, float]] = {}

@@ -62,7 +62,7 @@ def timed(fn, device: str, repeat: int = 5) -> float:
 
 
 # ---- (a) engine ------------------------------------------------------------------------------
-PROMPTS = [[0, 5, 6, 7, 8], [0, 300, 301], [0] + list(range(10, 40))]
+PROMPTS = [[0, 5, 6, 7, 8], [0, 300, 301], [0, *range(10, 40)]]
 
 
 def relative_logit_error(model: MoEModel, ref: MoEModel, device: str) -> float:
@@ -139,7 +139,8 @@ def machine_rates(device: str) -> dict:
     src = torch.empty(2**30 if device.startswith("cuda") else 2**25, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t_copy = timed(lambda: dst.copy_(src), device)
-    return {"matmul_TFLOPs": 2 * n**3 / t_mm / 1e12, "copy_read_plus_write_GBps": copy_bandwidth(src.numel(), t_copy) / 1e9}
+    return {"matmul_TFLOPs": 2 * n**3 / t_mm / 1e12,
+            "copy_read_plus_write_GBps": copy_bandwidth(src.numel(), t_copy) / 1e9}
 
 
 def check_grouped_matmul(device: str, quick: bool, rates: dict) -> list[dict]:
@@ -149,8 +150,9 @@ def check_grouped_matmul(device: str, quick: bool, rates: dict) -> list[dict]:
 
     D, F = (256, 1024) if quick else (8192, 32768)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    experts = GroupedExperts({0: LayerExperts.stacked((0,), torch.randn(1, D, 2 * F, dtype=dtype, device=device) * D**-0.5,
-                                                      torch.randn(1, D, F, dtype=dtype, device=device) * F**-0.5)})
+    w13 = torch.randn(1, D, 2 * F, dtype=dtype, device=device) * D**-0.5  # (E, D, 2F)
+    w2 = torch.randn(1, D, F, dtype=dtype, device=device) * F**-0.5  # (E, D, F)
+    experts = GroupedExperts({0: LayerExperts.stacked((0,), w13, w2)})
     rows = []
     for n in (128, 512, 2048, 8192)[: 2 if quick else 4]:
         batch = ExpertBatch(x=torch.randn(n, D, dtype=dtype, device=device), counts=[n])
@@ -196,8 +198,9 @@ def decode_tpot(model: MoEModel, batch: int, prompt: int, new: int, device: str)
     timed step; the prefill step is not timed."""
     vocab = model.cfg.vocab_size
     engine = Engine(model, EngineSettings(max_batched_tokens=prefill_budget(batch, prompt), max_waiting=batch))
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(str(i), [(i + j) % vocab for j in range(prompt)], SamplingParams(max_new_tokens=new, ignore_eos=True))
+        engine.add_request(str(i), [(i + j) % vocab for j in range(prompt)], params)
     engine.step()  # every prompt prefilled, and its first token out
     assert engine.num_running == batch and engine.num_waiting == 0, "the batch was not prefilled in one step"
     sync(device)
@@ -225,7 +228,8 @@ def check_paper_model(device: str, quick: bool) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = random_model(cfg, RuntimeShape(max_seqs=max(batches), max_model_len=prompt + new, dtype=dtype, device=device))
+    runtime = RuntimeShape(max_seqs=max(batches), max_model_len=prompt + new, dtype=dtype, device=device)
+    model = random_model(cfg, runtime)
     rows = []
     for b in batches:
         tpot, steps = decode_tpot(model, b, prompt, new, device)
@@ -308,7 +312,8 @@ def nccl_child(device: str, out: Path) -> None:
     results: dict = {}
     why_not = nccl_unavailable_reason(device)
     parts = [] if why_not else [("world_of_one", lambda: nccl_exchange(device)),
-                                ("world_of_one_on_cuda_1", lambda: nccl_exchange("cuda:1") if torch.cuda.device_count() > 1
+                                ("world_of_one_on_cuda_1",
+                                 lambda: nccl_exchange("cuda:1") if torch.cuda.device_count() > 1
                                  else {"skipped": "one GPU: cuda:N with N >= 1 cannot be exercised"}),
                                 ("deadline", lambda: nccl_deadline(device))]  # last: it aborts a communicator
     if why_not:
@@ -329,7 +334,8 @@ def check_nccl(device: str, results_dir: Path, timeout_s: float = NCCL_TIMEOUT_S
     out = results_dir / "nccl-check.json"
     out.unlink(missing_ok=True)
     env = dict(os.environ, NCCL_DEBUG="WARN", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), str(results_dir), "--device", device, "--nccl-child", str(out)]
+    script = str(Path(__file__).resolve())
+    cmd = [sys.executable, script, str(results_dir), "--device", device, "--nccl-child", str(out)]
     try:
         proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout_s)
         status: dict = {"exit_code": proc.returncode, "output_tail": (proc.stdout + proc.stderr)[-3000:]}
@@ -369,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict = {}
     steps = [("a_engine_fp32_verdict_bf16_information", lambda: check_engine(device, args.quick)),
              ("machine_rates", lambda: machine_rates(device)),
-             ("c_grouped_matmul_vs_roofline", lambda: check_grouped_matmul(device, args.quick, checks["machine_rates"])),
+             ("c_grouped_matmul_vs_roofline",
+              lambda: check_grouped_matmul(device, args.quick, checks["machine_rates"])),
              ("d_paper_model_one_gpu", lambda: check_paper_model(device, args.quick)),
              ("b_nccl_subprocess", lambda: check_nccl(device, args.results))]  # last: a hang costs only itself
     not_finished = [key for key, _ in steps]

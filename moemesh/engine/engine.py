@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -47,7 +47,7 @@ class EngineSettings:
     micro_batches: int = 1  # >1: split each step so exchanges overlap compute (mesh only)
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     LENGTH = "length"
     STOP = "stop"
     CANCELLED = "cancelled"

@@ -122,7 +122,8 @@ class Mesh:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=GATEWAY_SERVICE),
                                        timeout=HEALTH_CALL_TIMEOUT_S)
                 except grpc.RpcError as exc:
-                    raise UnavailableError(f"{address} not SERVING within {timeout_s:.0f} s ({exc.code().name})")
+                    raise UnavailableError(
+                        f"{address} not SERVING within {timeout_s:.0f} s ({exc.code().name})") from exc
                 if reply.status != health_pb2.HealthCheckResponse.SERVING:
                     raise UnavailableError(f"{address} not SERVING within {timeout_s:.0f} s")
 

@@ -12,6 +12,7 @@ collective (moemesh.mesh.overlap; GlooCollective.count_exchange).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 
@@ -130,10 +131,8 @@ class StoreWaker:
         self._waking = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False))
 
     def wait(self, round_: int) -> None:
-        try:
+        with contextlib.suppress(dist.DistStoreError):  # nothing happened for a long while: look again
             self._waiting.wait([str(round_)], timedelta(seconds=self._timeout))
-        except dist.DistStoreError:
-            pass  # nothing happened for a long while: look again
 
     def wake(self, round_: int) -> None:
         self._waking.set(str(round_), "1")

@@ -161,7 +161,9 @@ class LoopbackWaker:
             self._cond.notify_all()
 
 
-def run_world(world: LoopbackWorld, rank_main: Callable[[LoopbackCollective], Result], timeout_s: float = 120.0) -> list[Result]:
+def run_world(
+    world: LoopbackWorld, rank_main: Callable[[LoopbackCollective], Result], timeout_s: float = 120.0
+) -> list[Result]:
     """Run rank_main(collective) on one thread per rank; returns the results by rank. A rank that
     raises aborts the world (its peers raise instead of hanging) and its error is re-raised
     here; `timeout_s` only bounds a hang."""

@@ -175,7 +175,7 @@ def with_split(p: Placement, layer: int, expert: int, group: Group) -> Placement
     assert groups.count((group[0],)) == 1, "group[0] must hold the expert whole"
     assert not set(group[1:]) & set(p.layers[layer][expert]), "the other ranks must not hold the expert yet"
     table = list(p.replicas[layer])
-    table[expert] = tuple(g for g in groups if g != (group[0],)) + (tuple(group),)
+    table[expert] = (*(g for g in groups if g != (group[0],)), tuple(group))
     return replace(p, replicas={**p.replicas, layer: tuple(table)})
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from moemesh.errors import InvalidRequestError
+from moemesh.errors import InvalidRequestError, read_text
 from moemesh.mesh.placement import Groups, Placement
 
 _KNOWN_KEYS = {"experts", "layers", "world_size", "gating", "epoch", "origin"}
@@ -48,11 +48,7 @@ def load_placement(
     `moe_layer_ids` are the model's MoE layers (the `experts` shape applies to each of them);
     `default_world_size` is used when the file has no `world_size` (else max rank + 1).
     """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read placement file {path}: {exc.strerror or exc}") from exc
+    text = read_text(path, "placement file")
     return parse_placement(text, moe_layer_ids, default_world_size, source=str(path))
 
 

@@ -6,8 +6,8 @@ Shape legend: T tokens on this rank, K top-k, E experts per layer, R ranks, C ro
 Wire format of one all-to-all: a (R * C, W) buffer; block r (rows [r*C, (r+1)*C)) goes to rank r.
 Each row is a token's hidden state plus, in its last column, the global expert id it is for
 (-1 = padding), written through an integer view of the same width (int32 under fp32, int16 under
-fp16/bf16) so the id is exact in any dtype. Folding the counts into the payload means one collective per direction instead
-of a count exchange followed by a payload exchange: on loopback gloo the latency of a
+fp16/bf16) so the id is exact in any dtype. Folding the counts into the payload means one
+collective per direction instead of a count exchange followed by a payload exchange: on loopback gloo the latency of a
 collective, not its bytes, dominates a decode step.
 
 C is the same on every rank because T_max comes from the step header every rank already

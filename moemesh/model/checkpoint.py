@@ -90,7 +90,7 @@ def _index(model_dir: Path) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for file in files:
         with _open(file) as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open is no mapping: no iteration, only keys()
                 mapping[name] = file.name
     return mapping
 

@@ -143,9 +143,6 @@ class _Getter:
     def __init__(self, raw: dict[str, Any], source: str):
         self.raw, self.source = raw, source
 
-    def int(self, key: str) -> int:
-        return self.int_any(key)
-
     def int_any(self, *keys: str) -> int:
         for key in keys:
             value = self.raw.get(key)
@@ -154,6 +151,10 @@ class _Getter:
                     raise ConfigError(f"{self.source}: {key}={value!r} must be a positive integer")
                 return value
         raise ConfigError(f"{self.source}: missing field {' or '.join(keys)}")
+
+    # Last: in the class body below this line `int` names this method, not the type.
+    def int(self, key: str) -> int:
+        return self.int_any(key)
 
 
 def _rope_theta(raw: dict[str, Any], family: str) -> float:

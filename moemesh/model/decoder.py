@@ -26,6 +26,7 @@ from moemesh.model.moe import (
     RoutingObserver,
     SoftmaxTopKRouter,
     Transport,
+    run_interleaved,
     run_to_end,
 )
 from moemesh.model.shard import Shard
@@ -80,17 +81,7 @@ class MoEModel:
         micro-batch, as in `forward`."""
         sizes = list(t_max) if t_max is not None else [None] * len(micro)
         assert len(sizes) == len(micro), "one T_max per micro-batch"
-        stages = [self._stages(t, p, r, n) for (t, p, r), n in zip(micro, sizes)]
-        results: list[torch.Tensor | None] = [None] * len(stages)
-        live = list(range(len(stages)))
-        while live:
-            for i in list(live):
-                try:
-                    next(stages[i])
-                except StopIteration as done:
-                    results[i] = done.value
-                    live.remove(i)
-        return results  # type: ignore[return-value]
+        return run_interleaved([self._stages(t, p, r, n) for (t, p, r), n in zip(micro, sizes)])
 
     def _stages(
         self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor, t_max: int | None
@@ -106,6 +97,7 @@ class MoEModel:
             if lw.router is not None:
                 h = h + (yield from self.moe.stages(i, x, lw.router, t_max))
             else:
+                assert lw.dense_w13 is not None and lw.dense_w2 is not None, "a layer without a router is dense"
                 gate, up = F.linear(x, lw.dense_w13).chunk(2, dim=-1)  # (T, Fd) each
                 h = h + F.linear(F.silu(gate) * up, lw.dense_w2)
         last = rms_norm(h[logit_rows], self.dense.final_norm, cfg.rms_norm_eps)  # (R, D)

@@ -150,6 +150,7 @@ def attention(
     k = k.view(T, G, Dh)  # (T, G, Dh)
     v = v.view(T, G, Dh)  # (T, G, Dh)
     if w.q_norm is not None:
+        assert w.k_norm is not None, "q_norm and k_norm come together (Qwen3)"
         q = rms_norm(q, w.q_norm, eps)
         k = rms_norm(k, w.k_norm, eps)
     q = rope.apply(q, plan.positions)

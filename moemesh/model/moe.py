@@ -16,7 +16,7 @@ micro-batch's compute meanwhile (two-batch overlap). Run to completion it is the
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -267,3 +267,19 @@ def run_to_end(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
             next(stages)
         except StopIteration as stop:
             return stop.value
+
+
+def run_interleaved(stages: Sequence[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:
+    """Drive several stages() generators round robin, each advancing to its next exchange, so one
+    computes while another's exchange is in flight; their results in order. The order is fixed by the
+    list alone, so it is the same on every rank (cross-rank invariant: the exchanges pair up)."""
+    results: dict[int, torch.Tensor] = {}
+    live = list(range(len(stages)))
+    while live:
+        for i in list(live):
+            try:
+                next(stages[i])
+            except StopIteration as done:
+                results[i] = done.value
+                live.remove(i)
+    return [results[i] for i in range(len(stages))]

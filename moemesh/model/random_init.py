@@ -26,7 +26,9 @@ from moemesh.model.weights import (
 )
 
 
-def random_model(cfg: ModelConfig, runtime: RuntimeShape, seed: int = 0, transport: Transport | None = None) -> MoEModel:
+def random_model(
+    cfg: ModelConfig, runtime: RuntimeShape, seed: int = 0, transport: Transport | None = None
+) -> MoEModel:
     """Every expert local unless a transport is given; std 1/sqrt(fan_in) keeps activations O(1).
     Fan-in is given per tensor: the (out, in) Linear weights read it from their last dimension, the
     experts' w13 (E, D, 2F) is applied as x @ w13 (fan-in D) and w2 (E, D, F) as h @ w2.T (fan-in F)."""

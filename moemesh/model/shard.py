@@ -15,8 +15,9 @@ from typing import NamedTuple
 class Shard(NamedTuple):
     """Part `index` of an expert split `count` ways; Shard(0, 1) is the whole expert."""
 
-    index: int
-    count: int
+    # these names shadow tuple.index() and tuple.count() on purpose (a shard's index and count)
+    index: int  # type: ignore[assignment]
+    count: int  # type: ignore[assignment]
 
     def columns(self, expert_hidden: int) -> slice:
         """The slice of the expert hidden dimension F this shard holds."""

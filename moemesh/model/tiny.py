@@ -137,7 +137,8 @@ def hf_config(spec: TinySpec) -> dict[str, Any]:
         "vocab_size": spec.vocab,
     }
     if spec.arch == "mixtral":
-        family = {"intermediate_size": spec.intermediate, "num_local_experts": spec.experts, "router_jitter_noise": 0.0}
+        family: dict[str, Any] = {"intermediate_size": spec.intermediate, "num_local_experts": spec.experts,
+                                  "router_jitter_noise": 0.0}
     else:
         family = {
             "attention_bias": False,

@@ -47,8 +47,8 @@ from moemesh.planner.traffic import (
 )
 
 __all__ = [
-    "METHODS", "ChangePrice", "CostModel", "CostOptions", "ExpertShape", "LinkSpec", "Plan", "PlanReport",
-    "PlacementCost", "Problem", "Skew", "SwapBudget", "Topology", "Traffic", "evaluate", "from_counts",
-    "keep_paying", "load_topology", "load_trace", "parse_skew", "plan", "price_change", "resolve_topology",
-    "round_robin", "save_trace", "swap_search", "synthetic", "topology_aware",
+    "METHODS", "ChangePrice", "CostModel", "CostOptions", "ExpertShape", "LinkSpec", "PlacementCost", "Plan",
+    "PlanReport", "Problem", "Skew", "SwapBudget", "Topology", "Traffic", "evaluate", "from_counts", "keep_paying",
+    "load_topology", "load_trace", "parse_skew", "plan", "price_change", "resolve_topology", "round_robin",
+    "save_trace", "swap_search", "synthetic", "topology_aware",
 ]

@@ -9,6 +9,7 @@ a device holds over all layers fit its memory.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -136,7 +137,7 @@ def round_robin_slots(problem: Problem) -> np.ndarray:
 
 
 def make_plan(method: str, problem: Problem, slots: np.ndarray, cost: PlacementCost, rr: PlacementCost, start: float,
-              epoch: int, steps: list[SwapStep] = (), evaluations: int = 0, fallback: list[int] = ()) -> Plan:
+              epoch: int, steps: Sequence[SwapStep] = (), evaluations: int = 0, fallback: Sequence[int] = ()) -> Plan:
     """Wrap slots [L, G, P] and their cost into a Plan; `start` = perf_counter() when planning began."""
     placement = to_placement(slots, problem.layer_ids, problem.num_experts, epoch=epoch, origin=f"planner:{method}")
     replicas = np.stack([np.bincount(s[s >= 0], minlength=problem.num_experts) for s in slots])

@@ -133,6 +133,7 @@ def write_png(plan: Plan, problem: Problem, path: str | Path) -> Path:
                 for l in range(L):
                     ax.text(l, g, _cell(slots[l, g], replicas[l]), ha="center", va="center", fontsize=6,
                             color="white" if relative[g, l] < 0.6 * max(vmax, 1.0) else "black")
+    assert image is not None, "at least one panel"
     fig.colorbar(image, ax=list(axes[0]), label="device load / layer mean")
     fig.suptitle(f"{problem.topology.name}: {problem.num_experts} experts x {L} layers, {problem.traffic.origin}",
                  fontsize=9)

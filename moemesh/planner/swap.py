@@ -108,7 +108,8 @@ def _swap_candidates(problem: Problem, link: int, slots: np.ndarray, expert_toke
         other = ~hot
     # Step 2: heaviest units on the hot side x lightest on the other side
     replicas = np.bincount(slots[slots >= 0], minlength=len(expert_tokens))
-    unit_load = np.where(slots >= 0, expert_tokens[np.maximum(slots, 0)] / np.maximum(replicas[np.maximum(slots, 0)], 1), -1.0)
+    held = np.maximum(slots, 0)  # empty slots read expert 0, masked below
+    unit_load = np.where(slots >= 0, expert_tokens[held] / np.maximum(replicas[held], 1), -1.0)
     width = max(2, math.isqrt(tries) + 2)
     heavy = _ranked(unit_load, hot, descending=True)[:width]
     light = _ranked(unit_load, other, descending=False)[:width]

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from moemesh.errors import ConfigError
+from moemesh.errors import ConfigError, read_text
 
 GB = 1e9
 GiB = 2**30
@@ -123,7 +123,8 @@ INFINIBAND = LinkSpec(bandwidth_bytes_per_s=200 * GB, latency_s=3e-6)
 def h100_cluster(devices: int, devices_per_node: int = 8, name: str | None = None) -> Topology:
     """`devices` H100s, `devices_per_node` per node (last node partial), with the paper's links."""
     if devices < 1 or devices_per_node < 1:
-        raise ConfigError(f"an H100 cluster needs devices >= 1 and devices_per_node >= 1, got {devices}, {devices_per_node}")
+        raise ConfigError(
+            f"an H100 cluster needs devices >= 1 and devices_per_node >= 1, got {devices}, {devices_per_node}")
     return Topology(
         name=name or f"h100x{devices}", nodes=math.ceil(devices / devices_per_node),
         devices_per_node=devices_per_node, devices=devices, device_memory_bytes=H100_MEMORY_BYTES,
@@ -178,12 +179,7 @@ def resolve_topology(spec: str | Path, devices: int | None = None) -> Topology:
 
 def load_topology(path: str | Path) -> Topology:
     """Read a topology YAML file; ConfigError names the file and the field."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read topology {path}: {exc.strerror or exc}") from exc
-    return parse_topology(text, source=str(path))
+    return parse_topology(read_text(path, "topology", ConfigError), source=str(path))
 
 
 def parse_topology(text: str, source: str = "topology") -> Topology:
@@ -273,7 +269,7 @@ def _quantity(data: Mapping, keys: tuple[str, str], units: dict[str, float], sou
         return default
     key = given[0]
     value = data[key]
-    allowed = units if key == keys[0] else {"": 1}
+    allowed: dict[str, float] = units if key == keys[0] else {"": 1}
     number = _parse_quantity(value, allowed)
     if number is None:
         hint = ", ".join(u for u in allowed if u) or "none (base units)"

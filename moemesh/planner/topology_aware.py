@@ -58,8 +58,9 @@ def topology_aware(problem: Problem, current: Placement | None = None, node_roun
     t, topo = problem.routed, problem.topology
     G, P = topo.devices, problem.slots_per_device
     load = t.expert_tokens  # [L, E]
-    same_world = current is not None and current.world_size == G and set(problem.layer_ids) <= set(current.layers)
-    now = from_placement(current, problem.layer_ids) if same_world else None  # [L, G, P'] or None
+    now = None  # [L, G, P'] the current slots when the current placement is of this world
+    if current is not None and current.world_size == G and set(problem.layer_ids) <= set(current.layers):
+        now = from_placement(current, problem.layer_ids)
     # Step 1: replicas of hot experts on the spare slots (EPLB), as many as pack best
     counts = _replica_counts(load, G, P, pack_rounds)  # [L, E]
     unit_expert, unit_load = units(load, counts)  # [L, U] heaviest first
@@ -116,12 +117,13 @@ def _replica_counts(load: np.ndarray, G: int, P: int, rounds: int) -> np.ndarray
         unit_expert, unit_load = units(load, counts)
         bins = _bins(unit_expert, unit_load, G, P, rounds)
         worst = _bin_loads(bins, load / counts).max(axis=1)  # [L]
-        if best_counts is None:
+        if best_counts is None or best_max is None:
             best_counts, best_max = counts, worst
             continue
         better = worst < best_max * (1 - 1e-6)  # ties keep fewer replicas (fewer bytes to load)
         best_counts = np.where(better[:, None], counts, best_counts)
         best_max = np.where(better, worst, best_max)
+    assert best_counts is not None, "at least one k is tried"
     return best_counts
 
 
@@ -134,7 +136,7 @@ def _bin_loads(bins: np.ndarray, per_replica: np.ndarray) -> np.ndarray:
 
 def _bins(unit_expert: np.ndarray, unit_load: np.ndarray, G: int, P: int, rounds: int) -> np.ndarray:
     """Units [L, U] (heaviest first, U <= G x P) -> bins [L, G, P]: experts, balanced by load."""
-    L, U = unit_expert.shape
+    L = unit_expert.shape[0]
     if P == 1:
         return unit_expert[:, :, None].copy()
     bin_of = pack(unit_expert, unit_load, G, P)  # [L, U]
@@ -173,7 +175,7 @@ def _warm_bins(unit_expert: np.ndarray, unit_load: np.ndarray, now: np.ndarray, 
                 load[g] += unit_load[l, u]
                 has[g].add(e)
         # Step 2: the rest, heaviest first, into the lightest bin with room and without the expert
-        for u in np.nonzero((bin_of < 0) & (unit_expert[l] >= 0))[0]:
+        for u in np.nonzero((bin_of < 0) & (unit_expert[l] >= 0))[0].tolist():
             e = int(unit_expert[l, u])
             allowed = [g for g in range(G) if fill[g] < P and e not in has[g]]
             g = min(allowed, key=load.__getitem__)
@@ -205,7 +207,6 @@ def _bin_traffic(problem: Problem, bins: np.ndarray, counts: np.ndarray) -> tupl
     """
     t = problem.routed
     L, G, P = bins.shape
-    E = counts.shape[1]
     bin_load = _bin_loads(bins, t.expert_tokens / counts)  # [L, G]
     if not problem.options.dedupe_per_node or problem.topology.nodes == 1:
         return bin_load, np.zeros((L, G)), np.zeros((L, G, G))
@@ -354,7 +355,7 @@ def _align(slots: np.ndarray, now: np.ndarray, topo: Topology, num_experts: int)
 def _rotate(slots: np.ndarray, topo: Topology) -> np.ndarray:
     """Layer l: full node n's contents move to full node (n + l) mod N_full, and inside every
     node device i's to device (i + l) mod size. Loads move with the contents."""
-    L, G, _ = slots.shape
+    L = slots.shape[0]
     sizes, first = topo.node_sizes, np.concatenate([[0], np.cumsum(topo.node_sizes)])
     full = int((sizes == topo.devices_per_node).sum())
     out = np.empty_like(slots)
@@ -370,7 +371,8 @@ def _device_counts(slots_layer: np.ndarray, num_experts: int) -> np.ndarray:
     """[G, P] -> [G, E] copies of each expert on each device (0 or 1)."""
     G = slots_layer.shape[0]
     out = np.zeros((G, num_experts + 1), dtype=np.int64)
-    np.add.at(out, (np.repeat(np.arange(G), slots_layer.shape[1]), np.where(slots_layer >= 0, slots_layer, num_experts).ravel()), 1)
+    experts = np.where(slots_layer >= 0, slots_layer, num_experts).ravel()  # empty slots count in a spare column
+    np.add.at(out, (np.repeat(np.arange(G), slots_layer.shape[1]), experts), 1)
     return out[:, :num_experts]
 
 

@@ -30,11 +30,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
-from moemesh.errors import InvalidRequestError
+from moemesh.errors import InvalidRequestError, read_text
 
 TRACE_FORMAT = "moemesh-trace"
 TRACE_VERSION = 1
@@ -51,7 +51,7 @@ class Traffic:
     origin: str = "synthetic"
 
     def __post_init__(self) -> None:
-        L, S, E = self.tokens.shape
+        L, _, E = self.tokens.shape  # (L, S, E)
         assert len(self.layer_ids) == L and self.coactivation.shape == (L, E, E) and self.top_k >= 1
 
     @property
@@ -235,7 +235,8 @@ def from_counts(
     elif c.ndim == 3:
         tokens = c.transpose(1, 0, 2).copy()  # [S, L, E] -> [L, S, E]
     else:
-        raise InvalidRequestError(f"counts must be [layers, experts] or [sources, layers, experts], got {list(c.shape)}")
+        raise InvalidRequestError(
+            f"counts must be [layers, experts] or [sources, layers, experts], got {list(c.shape)}")
     if c.size and c.min() < 0:
         raise InvalidRequestError("counts must be non-negative")
     L, _, E = tokens.shape
@@ -296,12 +297,7 @@ def save_trace(traffic: Traffic, path: str | Path, per_source: bool = True) -> P
 
 def load_trace(path: str | Path) -> Traffic:
     """Read a trace file; InvalidRequestError names the field that is wrong."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
-    return parse_trace(text, source=str(path))
+    return parse_trace(read_text(path, "trace"), source=str(path))
 
 
 def parse_trace(text: str, source: str = "trace") -> Traffic:
@@ -387,7 +383,7 @@ def _num(x: float) -> float:
     return round(float(x), 3)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

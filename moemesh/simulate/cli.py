@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from moemesh.errors import MoemeshError
 from moemesh.settings import add_options, option, parse_bool, settings_from
@@ -91,7 +91,10 @@ def _inputs(s: SimulateSettings):
     from moemesh.simulate.hardware import profile_for
     from moemesh.simulate.shapes import ModelShape
 
-    shape = ModelShape.paper() if s.model == "paper" else ModelShape.from_config(load_config(s.model), name=Path(s.model).name)
+    if s.model == "paper":
+        shape = ModelShape.paper()
+    else:
+        shape = ModelShape.from_config(load_config(s.model), name=Path(s.model).name)
     if s.top_k:
         shape = replace(shape, top_k=s.top_k)
     topo = resolve_topology(s.topology)
@@ -151,7 +154,8 @@ def simulate(s: SimulateSettings) -> int:
     print(f"topology: {topo.describe()}")
     print(f"device: {profile.name} ({profile.source})")
     print(timeline_table(pred))
-    report = {"settings": {k: str(v) for k, v in asdict(s).items()}, "prediction": prediction_dict(pred)}
+    report: dict[str, Any] = {"settings": {k: str(v) for k, v in asdict(s).items()},
+                              "prediction": prediction_dict(pred)}
     if paper:
         preds = paper_predictions(shape, topo, profile, batch, seq, s.placement)
         print()
@@ -190,17 +194,19 @@ def timeline_table(p) -> str:
              f"{'layer':>5} {'attention':>10} {a:>10} {'experts':>10} {b:>10} {'layer span':>11} {'hidden':>7}   (ms)"]
     for r in p.rows:
         h = "-" if r.hidden_share is None else f"{r.hidden_share:.0%}"
-        lines.append(f"{r.layer:>5} {r.attention_s * 1e3:>10.3f} {r.dispatch_s * 1e3:>10.3f} {r.experts_s * 1e3:>10.3f} "
-                     f"{r.combine_s * 1e3:>10.3f} {r.span_s * 1e3:>11.3f} {h:>7}")
+        lines.append(f"{r.layer:>5} {r.attention_s * 1e3:>10.3f} {r.dispatch_s * 1e3:>10.3f} "
+                     f"{r.experts_s * 1e3:>10.3f} {r.combine_s * 1e3:>10.3f} {r.span_s * 1e3:>11.3f} {h:>7}")
     if p.deployment.kind == "tp":
         lines.append(f"(one pipeline stage, one micro-batch; a token crosses {p.deployment.pp} stages: "
                      f"stage {p.parts['stage_s'] * 1e3:.3f} ms + hop {p.parts['hop_s'] * 1e3:.3f} ms each)")
     hidden = "-" if p.hidden_share is None else f"{p.hidden_share:.0%}"
     tpot = f"{p.tpot_s * 1e3:.3f} ms" if p.tpot_s else "- (prefill)"
-    lines.append(f"step {p.step_s * 1e3:.3f} ms (layers {p.parts['layers_s'] * 1e3:.3f}, lm head {p.parts['head_s'] * 1e3:.3f},"
-                 f" overhead {p.parts['overhead_s'] * 1e3:.3f}, header {p.parts['header_s'] * 1e3:.3f}); TPOT {tpot}; "
+    ms = {name: p.parts[f"{name}_s"] * 1e3 for name in ("layers", "head", "overhead", "header")}
+    lines.append(f"step {p.step_s * 1e3:.3f} ms (layers {ms['layers']:.3f}, lm head {ms['head']:.3f},"
+                 f" overhead {ms['overhead']:.3f}, header {ms['header']:.3f}); TPOT {tpot}; "
                  f"TPS {p.tps:,.0f} ({p.tps_per_device:,.0f} per device)")
-    lines.append(f"communication {p.comm_s * 1e3:.3f} ms per step, exposed {p.exposed_comm_s * 1e3:.3f} ms, hidden {hidden}; "
+    lines.append(f"communication {p.comm_s * 1e3:.3f} ms per step, exposed {p.exposed_comm_s * 1e3:.3f} ms, "
+                 f"hidden {hidden}; "
                  f"memory {p.memory_bytes / 1e9:.2f} GB per device{'' if p.memory_ok else ' -- DOES NOT FIT'}")
     return "\n".join(lines)
 

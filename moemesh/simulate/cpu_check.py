@@ -110,7 +110,8 @@ class CheckResult:
                          f"{r.serving_overhead_s * 1e3:11.1f} "
                          f"{r.idle_latency_s * 1e3:8.2f}/{r.rates.a2a_latency_s * 1e3:.2f}")
         lines.append(f"{'pooled':>6} {self.measured_step_s * 1e3:12.1f} {self.measured_collective_s * 1e3:12.1f} "
-                     f"{self.predicted_step_s * 1e3:13.1f} {self.predicted_comm_s * 1e3:14.1f}   error {self.error:+.0%}")
+                     f"{self.predicted_step_s * 1e3:13.1f} {self.predicted_comm_s * 1e3:14.1f}"
+                     f"   error {self.error:+.0%}")
         return "\n".join(lines)
 
 

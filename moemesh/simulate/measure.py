@@ -356,7 +356,8 @@ def step_counters(before: list, after: list) -> dict[str, float]:
 
 
 async def measure_mesh_decode(gateway: str, coordinator: str, requests: int, prompt_len: int, new_tokens: int,
-                              window: tuple[int, int], vocab: int, seed: int = 0, timeout_s: float = 120.0) -> MeshDecode:
+                              window: tuple[int, int], vocab: int, seed: int = 0,
+                              timeout_s: float = 120.0) -> MeshDecode:
     """Start `requests` generations at once and measure the decode steps between the moment every
     request has streamed window[0] tokens and the moment every one has streamed window[1]: a
     fixed decode batch (prefills are over, nobody has finished)."""

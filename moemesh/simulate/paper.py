@@ -65,6 +65,8 @@ def findings(shape: ModelShape, profile: DeviceProfile, preds: list[tuple[str, s
     kv_total = batch * seq * shape.layers * shape.kv_bytes_per_token
     ridge = profile.flops_per_s / profile.mem_bytes_per_s
     per_expert_decode = batch * shape.top_k / shape.experts
+    per_expert_prefill = prompt_tokens * shape.top_k / shape.experts
+    kv_per_device = kv_total / devices
     prefill_flops = prompt_tokens * shape.layers * (
         shape.attention_flops(1, (seq + 1) / 2) + shape.top_k * e.flops_per_token)
     peak_prefill_s = prefill_flops / (devices * profile.flops_per_s)
@@ -88,17 +90,18 @@ def findings(shape: ModelShape, profile: DeviceProfile, preds: list[tuple[str, s
                 f"prefill exchanges {ep_pre.comm_s * 1e3:.0f} ms per step (the busiest port is a node's "
                 f"InfiniBand, shared by 8 GPUs), decode {ep_short.comm_s * 1e6:.0f} us."),
         Finding(f"{batch} x {seq} tokens, decoded at 2.2 ms per token",
-                f"the KV cache is {kv_total / 1e12:.2f} TB ({shape.layers} layers x 2 x {shape.kv_heads * shape.head_dim}"
-                f" x {b} B per token) > 16 x 80 GB; with EP16's data-parallel attention each GPU reads "
-                f"{kv_total / devices / 1e9:.0f} GB per token = {kv_total / devices / profile.mem_bytes_per_s * 1e3:.0f} ms "
+                f"the KV cache is {kv_total / 1e12:.2f} TB ({shape.layers} layers x 2 x "
+                f"{shape.kv_heads * shape.head_dim} x {b} B per token) > 16 x 80 GB; with EP16's data-parallel "
+                f"attention each GPU reads {kv_per_device / 1e9:.0f} GB per token = "
+                f"{kv_per_device / profile.mem_bytes_per_s * 1e3:.0f} ms "
                 f"at {profile.mem_bytes_per_s / 1e12:.2f} TB/s. Predicted TPOT at context {seq}: "
                 f"{ep_dec.step_s * 1e3:.1f} ms (and it does not fit: {ep_dec.memory_bytes / 1e9:.0f} GB per GPU)."),
         Finding("expert computation 5.0 ms per expert",
                 f"decode: {per_expert_decode:.0f} tokens per expert, bound by reading its "
                 f"{e.expert_bytes / 1e9:.2f} GB of weights: {e.expert_bytes / profile.mem_bytes_per_s * 1e3:.2f} ms; "
-                f"prefill: {prompt_tokens * shape.top_k / shape.experts / 1e3:.0f}k tokens x "
-                f"{e.flops_per_token / 1e9:.2f} GFLOP = {prompt_tokens * shape.top_k / shape.experts * e.flops_per_token / profile.flops_per_s:.2f} s "
-                f"at peak. 5.0 ms is {PAPER_EXPERT_S * profile.flops_per_s / e.flops_per_token / 1e3:.1f}k tokens at peak: neither."),
+                f"prefill: {per_expert_prefill / 1e3:.0f}k tokens x {e.flops_per_token / 1e9:.2f} GFLOP = "
+                f"{per_expert_prefill * e.flops_per_token / profile.flops_per_s:.2f} s at peak. 5.0 ms is "
+                f"{PAPER_EXPERT_S * profile.flops_per_s / e.flops_per_token / 1e3:.1f}k tokens at peak: neither."),
         Finding("GPU utilization 95-98% (EP16) vs 60-70% (baseline)",
                 f"a decode expert sees {per_expert_decode:.0f} tokens: {per_expert_decode:.0f} FLOP per weight byte "
                 f"(fp16) against a ridge of {ridge:.0f} FLOP/B ({profile.flops_per_s / 1e12:.0f} TFLOP/s / "
@@ -135,10 +138,10 @@ def paper_table(preds: list[tuple[str, str, Prediction]]) -> str:
     lines.append(f"  {'deployment':<9} {'workload':<22} {'TPS':>11} {'TPOT ms':>8} {'comm ms':>8} {'hidden':>7} "
                  f"{'mb':>3} {'GB/GPU':>7}")
     for dep, label, p in preds:
-        tpot = f"{p.tpot_s * 1e3:.2f}" if p.tpot_s else "-"
+        tpot_ms = f"{p.tpot_s * 1e3:.2f}" if p.tpot_s else "-"
         hidden = f"{p.hidden_share:.0%}" if p.hidden_share is not None else "-"
         mb = p.parts.get("micro_batches", p.workload.micro_batches)
         fit = "" if p.memory_ok else " (does not fit)"
-        lines.append(f"  {dep:<9} {label:<22} {p.tps:>11,.0f} {tpot:>8} {p.comm_s * 1e3:>8.2f} {hidden:>7} {mb:>3} "
+        lines.append(f"  {dep:<9} {label:<22} {p.tps:>11,.0f} {tpot_ms:>8} {p.comm_s * 1e3:>8.2f} {hidden:>7} {mb:>3} "
                      f"{p.memory_bytes / 1e9:>7.1f}{fit}")
     return "\n".join(lines)

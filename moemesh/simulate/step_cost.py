@@ -163,8 +163,9 @@ def _kv_bytes(shape: ModelShape, seqs: float, work: Workload, layers: int, shard
 
 
 def _rows(tl: Timeline, layer_ids: list[int]) -> tuple[LayerRow, ...]:
-    return tuple(LayerRow(layer_ids[l], *(tl.stage_s(l, s) for s in ("attention", "dispatch", "experts", "combine")),
-                          tl.layer_span_s(l), tl.layer_hidden_share(l)) for l in range(tl.layers))
+    return tuple(LayerRow(layer_ids[l], attention_s=tl.stage_s(l, "attention"), dispatch_s=tl.stage_s(l, "dispatch"),
+                          experts_s=tl.stage_s(l, "experts"), combine_s=tl.stage_s(l, "combine"),
+                          span_s=tl.layer_span_s(l), hidden_share=tl.layer_hidden_share(l)) for l in range(tl.layers))
 
 
 # ---- expert parallel ------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def _predict_ep(shape: ModelShape, dep: Deployment, work: Workload, topo: Topolo
     header = profile.header_s if G > 1 else 0.0
     overhead = profile.step_overhead_s + profile.serving_overhead_s
     step = tl.makespan_s + head + overhead + header
-    P = max(1, math.ceil(shape.experts / G)) if G < shape.experts else 1
+    P = max(1, math.ceil(shape.experts / G)) if G < shape.experts else 1  # noqa: SIM300 - G is the rank count, not a constant
     memory = (len(shape.moe_layer_ids) * P * shape.expert.expert_bytes
               + shape.layers * (shape.attn_weight_bytes + shape.router_params * shape.dtype_bytes)
               + shape.dense_layers * 3 * shape.d_model * shape.dense_ff * shape.dtype_bytes
@@ -248,7 +249,9 @@ def _ring_allreduce_s(link: LinkSpec, devices: int, bytes_: float) -> float:
     return 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * bytes_ / link.bandwidth_bytes_per_s
 
 
-def _predict_tp(shape: ModelShape, dep: Deployment, work: Workload, topo: Topology, profile: DeviceProfile) -> Prediction:
+def _predict_tp(
+    shape: ModelShape, dep: Deployment, work: Workload, topo: Topology, profile: DeviceProfile
+) -> Prediction:
     """P stages of T devices; m = max(P, micro_batches) micro-batches of batch / m sequences.
 
     A micro-batch runs a stage in t (its layers, each: attention, all-reduce, experts, all-reduce;
@@ -259,7 +262,7 @@ def _predict_tp(shape: ModelShape, dep: Deployment, work: Workload, topo: Topolo
     m = max(P, work.micro_batches)
     seqs_mb = work.batch / dep.replicas / m
     tokens_mb = seqs_mb * (1 if work.phase == "decode" else work.seq)
-    link = topo.intra if T <= topo.devices_per_node else topo.inter
+    link = topo.intra if T <= topo.devices_per_node else topo.inter  # noqa: SIM300 - T is the TP degree, not a constant
     act_bytes = tokens_mb * shape.d_model * shape.dtype_bytes
     allreduce = _ring_allreduce_s(link, T, act_bytes)
     attention = _attention_s(shape, profile, seqs_mb, work, shards=T)

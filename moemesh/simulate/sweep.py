@@ -50,11 +50,12 @@ def ep_scaling(shape: ModelShape, topo: Topology, profile: DeviceProfile, per_de
 
 
 def scaling_table(points: list[ScalePoint]) -> str:
-    lines = [f"{'context':>7} {'devices':>7} {'TPS/dev (E fixed)':>18} {'TPOT ms':>8} {'TPS/dev (E=G)':>14} {'TPOT ms':>8} "
-             f"{'comm ms':>8} {'hidden':>7}"]
+    lines = [f"{'context':>7} {'devices':>7} {'TPS/dev (E fixed)':>18} {'TPOT ms':>8} {'TPS/dev (E=G)':>14} "
+             f"{'TPOT ms':>8} {'comm ms':>8} {'hidden':>7}"]
     for p in points:
         h = p.distinct.hidden_share
-        lines.append(f"{p.seq:>7} {p.devices:>7} {p.replicated.tps_per_device:>18,.0f} {p.replicated.step_s * 1e3:>8.2f} "
+        lines.append(f"{p.seq:>7} {p.devices:>7} {p.replicated.tps_per_device:>18,.0f} "
+                     f"{p.replicated.step_s * 1e3:>8.2f} "
                      f"{p.distinct.tps_per_device:>14,.0f} {p.distinct.step_s * 1e3:>8.2f} "
                      f"{p.distinct.comm_s * 1e3:>8.3f} {'-' if h is None else f'{h:.0%}':>7}")
     return "\n".join(lines)

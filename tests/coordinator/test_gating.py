@@ -40,8 +40,9 @@ def _run_cycles(update, spread: float, cycles: int = 40, window: int = 3) -> lis
     for _ in range(cycles):
         router.factors = {0: factors[0]}
         x = torch.randn(100, D, generator=g) + 2.0 * u
-        recent = (recent + [torch.bincount(router(x, weight, 0).expert_ids.reshape(-1), minlength=E)[None]])[-window:]
-        history.append(float(imbalance(torch.bincount(router(probe, weight, 0).expert_ids.reshape(-1), minlength=E)[None])[0]))
+        recent = [*recent, torch.bincount(router(x, weight, 0).expert_ids.reshape(-1), minlength=E)[None]][-window:]
+        probed = torch.bincount(router(probe, weight, 0).expert_ids.reshape(-1), minlength=E)[None]  # (1, E)
+        history.append(float(imbalance(probed)[0]))
         factors = update(factors, sum(recent))
         assert factors.shape == (1, E)
         assert bool((factors >= 0.1 - 1e-6).all()) and bool((factors <= 1.0 + 1e-6).all())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.policies import Rebalancer, RebalanceSettings
+from coordinator.policies import Rebalancer, RebalanceSettings, resolve_policy
 from moemesh.mesh.placement import initial_placement
 
 
@@ -48,8 +48,6 @@ def test_replicate_leaves_a_balanced_placement_alone():
 
 
 def test_auto_policy_replicates_only_where_spare_workers_exist():
-    from coordinator.gating import resolve_policy
-
     assert resolve_policy("auto", workers=10, num_experts=8) == "replicate"
     assert resolve_policy("auto", workers=8, num_experts=8) == "none"
     assert resolve_policy("gating", workers=10, num_experts=8) == "gating"

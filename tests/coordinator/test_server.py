@@ -107,7 +107,7 @@ def test_workers_register_concurrently_and_wait_for_one_consistent_world(tiny_mo
 
 def test_the_rendezvous_store_accepts_workers(tiny_model):
     async def scenario():
-        async with running(tiny_model, workers=1) as (server, stub, _):
+        async with running(tiny_model, workers=1) as (_, stub, _):
             await form(stub, 1)
             world = await stub.WaitForWorld(pb.WaitForWorldRequest(), timeout=DEADLINE)
             rv = world.rendezvous
@@ -153,7 +153,8 @@ def test_bad_set_placement_is_rejected_and_the_server_keeps_serving(tiny_model):
         async with running(tiny_model) as (_, stub, _ch):
             early = await expect_code(grpc.StatusCode.FAILED_PRECONDITION, stub.SetPlacement(
                 pb.SetPlacementRequest(placement=swapped()), timeout=DEADLINE))
-            await expect_code(grpc.StatusCode.UNAVAILABLE, stub.GetPlacement(pb.GetPlacementRequest(), timeout=DEADLINE))
+            await expect_code(grpc.StatusCode.UNAVAILABLE,
+                              stub.GetPlacement(pb.GetPlacementRequest(), timeout=DEADLINE))
             await form(stub, 2)
             missing = swapped()
             del missing.layers[1].experts[-1]
@@ -312,7 +313,7 @@ def test_start_fails_cleanly_without_a_checkpoint(tmp_path):
     async def scenario():
         server = CoordinatorServer(CoordinatorSettings(model_dir=tmp_path, workers=1, port=0))
         try:
-            with pytest.raises(ConfigError, match="no config.json"):
+            with pytest.raises(ConfigError, match=r"no config\.json"):
                 await server.start()
         finally:
             await server.stop()  # safe after a failed start

@@ -72,8 +72,8 @@ class Events:
                 and e.token_id is not None]
 
     def finished(self, rid: str) -> bool:
-        return any(isinstance(e, Rejected) and e.request_id == rid
-                   or isinstance(e, TokenEvent) and e.request_id == rid and e.finish is not None for e in self.events)
+        return any((isinstance(e, Rejected) and e.request_id == rid)
+                   or (isinstance(e, TokenEvent) and e.request_id == rid and e.finish is not None) for e in self.events)
 
 
 @dataclass

@@ -157,7 +157,8 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
             for i in range(n):
                 if i:
                     await asyncio.sleep(self.gap_s)
-                yield gateway_pb2.GenerateResponse(chunk=gateway_pb2.GenerateResponse.TokenChunk(token_ids=[5], offset=i))
+                chunk = gateway_pb2.GenerateResponse.TokenChunk(token_ids=[5], offset=i)
+                yield gateway_pb2.GenerateResponse(chunk=chunk)
             yield gateway_pb2.GenerateResponse(finished=gateway_pb2.GenerateResponse.Finished(
                 reason=common_pb2.FINISH_REASON_LENGTH, prompt_tokens=len(request.token_ids.ids), completion_tokens=n))
         except asyncio.CancelledError:
@@ -169,8 +170,8 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
             self.active -= 1
 
     async def ModelInfo(self, request, context):
-        return gateway_pb2.ModelInfoResponse(model=common_pb2.ModelSpec(name="scripted", vocab_size=300, max_context=256),
-                                             num_workers=1, transport="local")
+        spec = common_pb2.ModelSpec(name="scripted", vocab_size=300, max_context=256)
+        return gateway_pb2.ModelInfoResponse(model=spec, num_workers=1, transport="local")
 
 
 async def _with_gateway(body, **kw):
@@ -221,7 +222,8 @@ def test_open_loop_follows_arrivals_and_caps_concurrency():
 
         watcher = asyncio.create_task(watch())
         try:
-            return await run_load(target, LoadPlan(_requests(4, 3), arrivals=arrivals, concurrency=1, timeout_s=30)), seen
+            plan = LoadPlan(_requests(4, 3), arrivals=arrivals, concurrency=1, timeout_s=30)
+            return await run_load(target, plan), seen
         finally:
             watcher.cancel()
 
@@ -237,14 +239,16 @@ def test_stop_returns_partial_results_and_cancels_rpcs():
         asyncio.get_running_loop().call_later(0.25, stop.set)
         started = time.perf_counter()
         timings, wall = await run_load(target, LoadPlan(_requests(8, 100), concurrency=2, timeout_s=30), stop=stop)
+        stopped_first = stop.is_set()  # run_load returned because of the stop, not on its own
         async with servicer.cancelled_changed:  # the server sees both cancellations
             await asyncio.wait_for(servicer.cancelled_changed.wait_for(lambda: servicer.cancelled >= 2),
                                    timeout=30)  # hang bound
-        return timings, wall, time.perf_counter() - started, servicer.cancelled
+        return timings, wall, time.perf_counter() - started, servicer.cancelled, stopped_first
 
-    timings, wall, took, cancelled = asyncio.run(_with_gateway(body, first_s=0.01, gap_s=0.01))
-    # Stopped long before 8 requests x 100 tokens could finish (bounds loose: this is not a timing test).
-    assert wall >= 0.25
+    timings, wall, took, cancelled, stopped_first = asyncio.run(_with_gateway(body, first_s=0.01, gap_s=0.01))
+    # Stopped long before 8 requests x 100 tokens could finish. (It compared wall >= 0.25 s, the stop's
+    # delay, but the delay starts before run_load's clock does: a race this states without a clock.)
+    assert stopped_first and wall > 0
     assert took < 60.0  # hang bound
     assert all(t.error == "cancelled" for t in timings) and cancelled == 2
     m = summarize(timings, wall)

@@ -75,7 +75,8 @@ def test_setting_stop_ends_a_wait_early_with_none():
     async def scenario():
         stop = asyncio.Event()
         flaky = Flaky(10**9)
-        task = asyncio.create_task(retry(flaky.call, _unavailable, stop=stop, backoff=Backoff(first_s=3600, cap_s=3600)))
+        backoff = Backoff(first_s=3600, cap_s=3600)
+        task = asyncio.create_task(retry(flaky.call, _unavailable, stop=stop, backoff=backoff))
         while flaky.calls == 0:
             await asyncio.sleep(0)
         stop.set()

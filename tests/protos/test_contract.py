@@ -554,8 +554,8 @@ def test_generated_stub_and_servicer_serve_every_method(name: str, service: str)
                 answers = list(result) if method.server_streaming else [result]
                 want = message_factory.GetMessageClass(method.output_type)
                 # one answer per request received: the server saw the client's stream whole
-                assert [type(a) for a in answers] == [want] * (2 if method.server_streaming and method.client_streaming else 1), \
-                    method.name
+                sent = 2 if method.server_streaming and method.client_streaming else 1
+                assert [type(a) for a in answers] == [want] * sent, method.name
     finally:
         server.stop(None)
 

@@ -155,7 +155,8 @@ def test_generated_placements_are_valid_and_derived_queries_agree(p):
 @settings(max_examples=150, deadline=None)
 @given(placements(), st.randoms(use_true_random=False))
 def test_groups_in_any_order_make_the_same_placement(p, rnd):
-    shuffled = {layer: tuple(rnd.sample(groups, len(groups)) for groups in table) for layer, table in p.replicas.items()}
+    shuffled = {layer: tuple(rnd.sample(groups, len(groups)) for groups in table)
+                for layer, table in p.replicas.items()}
     assert replace(p, replicas=shuffled) == p
 
 

@@ -44,7 +44,7 @@ def test_unknown_architecture_names_the_supported_ones(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["architectures"] = ["LlamaForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="LlamaForCausalLM.*supported: MixtralForCausalLM, Qwen3MoeForCausalLM"):
+    with pytest.raises(ConfigError, match=r"LlamaForCausalLM.*supported: MixtralForCausalLM, Qwen3MoeForCausalLM"):
         load_config(ckpt)
 
 
@@ -76,5 +76,5 @@ def test_wrong_shape_names_tensor_file_and_shapes(ckpt):
 
 
 def test_folder_without_weights(tmp_path):
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         CheckpointReader(tmp_path)

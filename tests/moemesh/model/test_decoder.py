@@ -53,7 +53,7 @@ def test_logits_and_greedy_match_transformers(hf_model, name):
 
 
 def test_bf16_checkpoint_is_computed_in_fp32(hf_model, tmp_path):
-    ckpt, ref = hf_model("mixtral")
+    _, ref = hf_model("mixtral")
     import transformers
 
     ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")

@@ -21,6 +21,7 @@ from moemesh.model.moe import (
     MoELayer,
     Routing,
     SoftmaxTopKRouter,
+    run_interleaved,
 )
 from moemesh.model.weights import LayerExperts, shard_weights
 
@@ -45,17 +46,7 @@ def _held(placement: Placement, rank: int, w13, w2) -> LayerExperts:
 
 def _run_micro_batches(layer: MoELayer, router: torch.Tensor, xs: list[torch.Tensor], t_max: list[int]):
     """Round robin over the micro-batches' stages, as MoEModel.forward_overlapped does."""
-    stages = [layer.stages(0, x, router, n) for x, n in zip(xs, t_max)]
-    out: list[torch.Tensor | None] = [None] * len(stages)
-    live = list(range(len(stages)))
-    while live:
-        for i in list(live):
-            try:
-                next(stages[i])
-            except StopIteration as done:
-                out[i] = done.value
-                live.remove(i)
-    return out
+    return run_interleaved([layer.stages(0, x, router, n) for x, n in zip(xs, t_max)])
 
 
 PLACEMENTS = {
@@ -76,7 +67,8 @@ def test_loopback_mesh_layer_equals_local_with_micro_batches(name, overflow):
     def make_router() -> SoftmaxTopKRouter:
         return SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6)
 
-    local = MoELayer(make_router(), LocalTransport(E), GroupedExperts({0: LayerExperts.stacked(tuple(range(E)), w13, w2)}))
+    every_expert = LayerExperts.stacked(tuple(range(E)), w13, w2)
+    local = MoELayer(make_router(), LocalTransport(E), GroupedExperts({0: every_expert}))
     expected = [[local(0, x, router) for x in row] for row in xs]
     t_max = [max(col) for col in zip(*TOKENS)]  # (M,) the step header's
 

@@ -78,7 +78,7 @@ def test_save_and_load(tmp_path) -> None:
 
 
 def test_load_missing_raises(tmp_path) -> None:
-    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+    with pytest.raises(CheckpointError, match=r"no tokenizer\.json"):
         load_tokenizer(tmp_path)
 
 
