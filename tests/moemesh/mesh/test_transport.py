@@ -10,12 +10,7 @@ import torch
 import torch.distributed as dist
 
 from moemesh.mesh.gloo import init_gloo
-from moemesh.mesh.placement import (
-    Placement,
-    initial_placement,
-    split_placement,
-    whole_replicas,
-)
+from moemesh.mesh.placement import Placement
 from moemesh.mesh.routing_counts import LoadRecorder
 from moemesh.mesh.transport import AllToAllTransport, send_rows
 from moemesh.model.moe import (
@@ -27,6 +22,8 @@ from moemesh.model.moe import (
 from moemesh.model.weights import LayerExperts, shard_weights
 
 E, D, F, K = 6, 16, 24, 2
+pytestmark = pytest.mark.slow  # spawns a gloo world of 3 processes
+
 TOKENS = (5, 0, 3)  # rank 1 has nothing to run: it must still join both exchanges
 
 
@@ -83,18 +80,15 @@ def _run_mesh(placement: Placement, overflow: str) -> dict[int, tuple]:
                 p.kill()
 
 
-@pytest.mark.parametrize(
-    "placement, overflow",
-    [
-        (initial_placement(E, [0], world_size=3), "dropless"),  # 2 experts per rank
-        (whole_replicas(epoch=2, world_size=3, holders={0: ((0, 2), (1,), (1, 2), (0,), (0, 1, 2), (2,))}), "dropless"),
-        (initial_placement(E, [0], world_size=3), "drop"),  # dropped copies travel nowhere
-        (split_placement(E, [0], world_size=3, shards=2), "dropless"),  # every expert over 2 ranks
-        (Placement(epoch=3, world_size=3, replicas={0: (((0,),), ((0,), (1, 2)), ((2, 0, 1),), ((2,),), ((0, 1),),
-                                                        ((1,), (2,)))}), "drop"),
-    ],
-    ids=["round-robin", "replicas", "drop-overflow", "split", "mixed-split-and-replica"],
-)
+# One real-gloo case: the mixed split + replica placement under drop exercises every transport path
+# (shards fanning out, replicas, dropped copies, a rank with no tokens). The other placements
+# (round robin, replicas, drop, split) run in-process over the loopback collective in
+# tests/moemesh/model/test_moe.py: same transport code, no process world to start.
+MIXED = Placement(epoch=3, world_size=3, replicas={0: (((0,),), ((0,), (1, 2)), ((2, 0, 1),), ((2,),), ((0, 1),),
+                                                       ((1,), (2,)))})
+
+
+@pytest.mark.parametrize("placement, overflow", [(MIXED, "drop")], ids=["mixed-split-and-replica"])
 def test_mesh_moe_layer_equals_local(placement, overflow):
     w13, w2, router, xs = _weights()
     local = MoELayer(SoftmaxTopKRouter(K, True, overflow, capacity_factor=0.6), LocalTransport(E),
