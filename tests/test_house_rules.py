@@ -52,7 +52,8 @@ def _is_clock_read(node: ast.AST) -> bool:
     if not isinstance(node, ast.Call) or node.args or node.keywords:
         return False
     func = node.func
-    return (isinstance(func, ast.Attribute) and func.attr in CLOCKS) or (isinstance(func, ast.Name) and func.id in CLOCKS)
+    return ((isinstance(func, ast.Attribute) and func.attr in CLOCKS)
+            or (isinstance(func, ast.Name) and func.id in CLOCKS))
 
 
 def _is_clock_difference(node: ast.AST, stamps: frozenset[str] = frozenset()) -> bool:
