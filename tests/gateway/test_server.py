@@ -7,8 +7,6 @@ module and stopped in the fixture's finally. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -25,38 +23,18 @@ from moemesh.model.config import load_config
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.retry import Backoff, retry
 from moemesh.rpc import channel
-from moemesh.v1 import (
-    common_pb2,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    gateway_pb2,
-    gateway_pb2_grpc,
-    worker_pb2,
-    worker_pb2_grpc,
-)
-
-
-def _harness():
-    name = "gateway_e2e_mesh"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("mesh.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
+from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.gateway.mesh import SETTLE_S, running_mesh, settled, workers_seen
 
 pytestmark = pytest.mark.slow  # starts meshes of real processes
 
-harness = _harness()
 DEADLINE = 60.0
-SETTLE_S = 60.0  # hang bound: how long a cancellation may take to reach the workers
 LENGTH, STOP, ERROR = common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_ERROR
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory):
-    with harness.running_mesh(tmp_path_factory.mktemp("gateway-e2e")) as m:
+    with running_mesh(tmp_path_factory.mktemp("gateway-e2e")) as m:
         yield m
 
 
@@ -73,14 +51,6 @@ def req(ids=None, text=None, include_text=False, **sampling) -> gateway_pb2.Gene
 async def collect(call) -> list[tuple[float, gateway_pb2.GenerateResponse]]:
     """(arrival time, message) for every message of a Generate stream."""
     return [(time.monotonic(), msg) async for msg in call]
-
-
-async def _settle_load(coordinator: str) -> int:
-    """Poll the workers until nothing runs or waits on them (or SETTLE_S passes); the load seen last."""
-    deadline = time.monotonic() + SETTLE_S  # hang bound
-    while (load := await _worker_load(coordinator)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return load
 
 
 def check_stream(
@@ -140,19 +110,20 @@ def test_tokens_stream_as_they_are_made_and_match_the_reference(mesh):
             timed = await collect(stub.Generate(req(prompt, max_new_tokens=64, ignore_eos=True), timeout=DEADLINE))
             # Streamed: the first chunk is with the client while its request still runs on a worker
             # (1900 tokens cannot be made in the one Status call this takes), then cancelled.
+            before = await workers_seen(mesh.coordinator)
             long = stub.Generate(req(prompt, max_new_tokens=1900, ignore_eos=True), timeout=DEADLINE)
             first = await _first_chunk(long)
-            running = await _worker_load(mesh.coordinator)
+            running = (await workers_seen(mesh.coordinator)).load
             long.cancel()
-            return timed, first, running, await _settle_load(mesh.coordinator)
+            return timed, first, running, before, await settled(mesh.coordinator)
 
-    timed, first, running, settled = asyncio.run(scenario())
+    timed, first, running, before, after = asyncio.run(scenario())
     ids, fin = check_stream([m for _, m in timed])
     assert fin.reason == LENGTH and fin.completion_tokens == 64 and fin.prompt_tokens == len(prompt)
     assert len(timed) > 8, "tokens arrive in many chunks, not at once"
     assert first.WhichOneof("event") == "chunk" and first.chunk.token_ids
     assert running >= 1, "the first chunk arrived only after the request had finished: not streamed"
-    assert settled == 0
+    assert after.load == 0 and after.steps - before.steps < 1900  # cancelled, not run to its end
     assert 0 < fin.ttft_seconds < fin.latency_seconds
     assert fin.request_id  # assigned by the gateway
     assert ids == local_greedy(mesh.model_dir, prompt, 64)
@@ -255,19 +226,6 @@ def test_a_bad_prompt_fails_the_whole_batch_before_anything_runs(mesh):
     assert empty_code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in empty_details
 
 
-async def _worker_load(coordinator: str) -> int:
-    """Requests running or waiting on all workers, from their Status RPC."""
-    async with channel(coordinator) as ch:
-        world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(
-            coordinator_pb2.WaitForWorldRequest(), timeout=5)
-    total = 0
-    for member in world.members:
-        async with channel(member.address) as wch:
-            status = await worker_pb2_grpc.WorkerStub(wch).Status(worker_pb2.StatusRequest(), timeout=5)
-        total += status.running_requests + status.waiting_requests
-    return total
-
-
 async def _first_chunk(call) -> gateway_pb2.GenerateResponse:
     return await asyncio.wait_for(call.read(), timeout=DEADLINE)
 
@@ -294,6 +252,7 @@ def test_cancel_frees_the_slot_and_the_others_finish(mesh):
 async def _cancel_scenario(mesh, target: str) -> None:
     async with channel(target) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
+        before = await workers_seen(mesh.coordinator)
         doomed = stub.Generate(req([7, 8, 9], max_new_tokens=1900, ignore_eos=True), timeout=DEADLINE)
         # 300 tokens each: far more than can be made while the client reads 3 first chunks and probes
         others = [stub.Generate(req([20 + i], max_new_tokens=300, ignore_eos=True), timeout=DEADLINE)
@@ -310,8 +269,9 @@ async def _cancel_scenario(mesh, target: str) -> None:
         for call in others:
             rest = await _read_rest(call)
             assert rest[-1].finished.reason == LENGTH and rest[-1].finished.completion_tokens == 300
-    # The cancelled request would run for 1900 tokens had its worker not been told.
-    assert await _settle_load(mesh.coordinator) == 0
+    # The cancelled request would have run for 1900 steps had its worker not been told.
+    after = await settled(mesh.coordinator)
+    assert after.load == 0 and after.steps - before.steps < 1900
 
 
 async def _retry_while_full(stub, request) -> list[gateway_pb2.GenerateResponse]:
@@ -330,13 +290,14 @@ def test_a_client_deadline_cancels_the_generation_on_the_worker(mesh):
     async def scenario():
         async with channel(mesh.gateway) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
+            before = await workers_seen(mesh.coordinator)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await collect(stub.Generate(req([9, 9], max_new_tokens=1900, ignore_eos=True), timeout=0.5))
-            return info.value.code(), await _settle_load(mesh.coordinator)
+            return info.value.code(), before, await settled(mesh.coordinator)
 
-    code, load = asyncio.run(scenario())
+    code, before, after = asyncio.run(scenario())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert load == 0
+    assert after.load == 0 and after.steps - before.steps < 1900  # stopped on the worker, not run to its end
 
 
 def test_a_worker_rejection_keeps_the_workers_code_and_message(mesh):
@@ -370,7 +331,7 @@ async def _rejection_scenario(target: str):
 @pytest.fixture
 def crash_mesh(tmp_path: Path):
     """A mesh of its own: the crash test destroys it, whatever order the tests run in."""
-    with harness.running_mesh(tmp_path / "crash") as m:
+    with running_mesh(tmp_path / "crash") as m:
         yield m
 
 
