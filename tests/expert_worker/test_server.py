@@ -34,6 +34,13 @@ def model(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("w") / "model", SPEC)
 
 
+@pytest.fixture(scope="module")
+def mesh4(model, mesh_factory):
+    """One 4-worker mesh for the module: what its tests check of it holds in every epoch (each
+    worker holds 4 experts per layer, a quarter of the bytes)."""
+    return mesh_factory(model, 4)
+
+
 async def _worker_addresses(coordinator: str) -> list[str]:
     async with grpc.aio.insecure_channel(coordinator) as ch:
         world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(
@@ -93,10 +100,24 @@ async def _generate_while_moving_experts(mesh):
     return tokens, watch
 
 
-def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, mesh_factory, tmp_path):
+def test_each_worker_holds_a_quarter_of_the_experts(model, mesh_factory, mesh4):
+    whole = mesh_factory(model, 1)
+    alone = asyncio.run(_worker_status(whole.coordinator))[0]
+    assert whole.stop() == []
+    statuses = asyncio.run(_worker_status(mesh4.coordinator))
+    total = alone.expert_bytes
+    assert total == SPEC.layers * SPEC.experts * 3 * SPEC.hidden * SPEC.intermediate * 4
+    for s in statuses:
+        assert s.expert_bytes == total // 4
+        assert [len(layer.expert_ids) for layer in s.experts] == [4, 4]
+        # RSS: the expert weights a worker does not hold are not in its memory either.
+        assert alone.rss_bytes - s.rss_bytes > 0.6 * (total - s.expert_bytes), (alone.rss_bytes, s.rss_bytes)
+
+
+def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, mesh4, tmp_path):
     engine = Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256)))
     expected = generate(engine, PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
-    mesh = mesh_factory(model, 4)
+    mesh = mesh4
     before = asyncio.run(_worker_status(mesh.coordinator))
     tokens, watch = asyncio.run(_generate_while_moving_experts(mesh))
 
@@ -134,21 +155,6 @@ def _dump_trace_and_plan(mesh, model, tmp_path) -> None:
                              capture_output=True, text=True, timeout=120)
     assert planned.returncode == 0, planned.stderr
     assert (tmp_path / "plan.png").stat().st_size > 0
-
-
-def test_each_worker_holds_a_quarter_of_the_experts(model, mesh_factory):
-    whole = mesh_factory(model, 1)
-    alone = asyncio.run(_worker_status(whole.coordinator))[0]
-    assert whole.stop() == []
-    mesh = mesh_factory(model, 4)
-    statuses = asyncio.run(_worker_status(mesh.coordinator))
-    total = alone.expert_bytes
-    assert total == SPEC.layers * SPEC.experts * 3 * SPEC.hidden * SPEC.intermediate * 4
-    for s in statuses:
-        assert s.expert_bytes == total // 4
-        assert [len(layer.expert_ids) for layer in s.experts] == [4, 4]
-        # RSS: the expert weights a worker does not hold are not in its memory either.
-        assert alone.rss_bytes - s.rss_bytes > 0.6 * (total - s.expert_bytes), (alone.rss_bytes, s.rss_bytes)
 
 
 def _coldest_experts(model_dir, prompts, params, experts: int) -> dict[int, int]:
