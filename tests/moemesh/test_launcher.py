@@ -120,7 +120,8 @@ def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, 
 def test_mesh_with_every_expert_split_is_token_identical_to_local(tmp_path_factory, mesh_factory):
     """Expert tensor parallelism: every expert as two column/row-parallel shards on two of the
     4 workers (`moemesh up --expert-shards 2`). The split is family-independent code (the
-    transport and the expert weights), so one family runs it."""
+    transport and the expert weights), so one family runs it as processes; both families run it
+    in-process in tests/expert_worker/test_runner.py."""
     model, expected = _model_and_expected("mixtral", tmp_path_factory)
     mesh = mesh_factory(model, 4, "--expert-shards", "2")
     assert asyncio.run(_staggered(mesh.gateway)) == expected
