@@ -16,15 +16,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import expert_worker.server  # noqa: F401  (the mesh runs it: a broken import fails here, never a skip)
+from moemesh.client import Client
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
+from moemesh.launch import Processes
 from moemesh.model.config import load_config
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.retry import Backoff, retry
 from moemesh.rpc import channel
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.gateway.mesh import SETTLE_S, running_mesh, settled, workers_seen
+from tests.gateway.mesh import SETTLE_S, START_TIMEOUT_S, running_mesh, settled, workers_seen
 
 pytestmark = pytest.mark.slow  # starts meshes of real processes
 
@@ -303,12 +305,16 @@ def test_a_client_deadline_cancels_the_generation_on_the_worker(mesh):
 def test_a_worker_rejection_keeps_the_workers_code_and_message(mesh):
     """A second gateway that believes in a 4096-token context in front of workers with 2048 (a
     misconfiguration only the workers can catch)."""
-    long_gateway = mesh.add_gateway("gateway-long", ["--max-model-len", "4096"])
+    # Its own launcher: the mesh's counts the gateway another test stopped as exited.
+    procs, port_file = Processes(mesh.spec.log_dir, mesh.spec.env), mesh.spec.state_dir / "gateway-long.port"
     try:
-        mesh.wait_serving(long_gateway)
+        procs.start("gateway-long", ["gateway", "--coordinator", mesh.coordinator, "--model", str(mesh.model_dir),
+                                     "--port", "0", "--port-file", str(port_file), "--max-model-len", "4096"])
+        long_gateway = f"127.0.0.1:{procs.wait_port('gateway-long', port_file, START_TIMEOUT_S)}"
         single, replies = asyncio.run(_rejection_scenario(long_gateway))
+        assert procs.terminate("gateway-long") == 0
     finally:
-        assert mesh.terminate("gateway-long") == 0
+        procs.stop()
     assert single.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "worker rank" in single.details() and "rejected" in single.details()
     assert "2048" in single.details()  # the worker's own explanation
@@ -319,6 +325,8 @@ def test_a_worker_rejection_keeps_the_workers_code_and_message(mesh):
 
 async def _rejection_scenario(target: str):
     too_long = req([5] * 2000, max_new_tokens=100)  # fits 4096, not the workers' 2048
+    async with Client(target) as client:
+        await client.wait_until_serving(timeout=START_TIMEOUT_S)
     async with channel(target) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as single:
