@@ -171,7 +171,9 @@ def test_generate_remote_and_the_cli(mesh):
     ids, text = generate_remote(mesh.gateway, "abc", None, params, 30.0)
     assert len(ids) in range(1, 7)  # greedy; EOS may end it early
     expected, codec = _local_greedy(mesh.model_dir, "abc", params)
-    assert ids == expected and text == codec.decode(ids)  # the same checkpoint in this process
+    assert ids == expected  # the same checkpoint in this process
+    whole = codec.decode(ids)  # the streamed text holds back a trailing incomplete character
+    assert whole.startswith(text) and len(whole) - len(text) <= 1
     assert generate_remote(mesh.gateway, "abc", None, params, 30.0) == (ids, text)
 
     cli = [sys.executable, "-m", "moemesh.cli", "generate", "--target", mesh.gateway, "--prompt", "abc",
