@@ -32,6 +32,8 @@ from moemesh.retry import Backoff, retry_sync
 from moemesh.v1 import coordinator_pb2 as pb
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.slow  # starts the coordinator CLI as subprocesses
+
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0  # importing torch dominates start-up on a busy machine
 

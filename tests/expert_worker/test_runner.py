@@ -3,14 +3,18 @@ tokens equal the local engine's, epoch switches, stop, cancel, rejection."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
 from expert_worker.epochs import prepare_epoch
+from expert_worker.requests import Rejected as TableRejected
+from expert_worker.requests import RequestTable, Submission
 from expert_worker.runner import Cancel, MeshRunner, Rejected, Submit
 from moemesh.engine.engine import (
     Engine,
@@ -20,14 +24,15 @@ from moemesh.engine.engine import (
     generate,
 )
 from moemesh.engine.sampling import SamplingParams
-from moemesh.errors import InvalidRequestError
+from moemesh.errors import InvalidRequestError, UnavailableError
 from moemesh.mesh.loopback import LoopbackWaker, LoopbackWorld
-from moemesh.mesh.placement import Placement, initial_placement, whole_replicas
+from moemesh.mesh.placement import Placement, initial_placement, split_placement, whole_replicas
 from moemesh.mesh.routing_counts import LoadRecorder, LoadSample
 from moemesh.mesh.transport import AllToAllTransport
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.status import status_for
 
 SPEC = TinySpec(layers=2, experts=4, hidden=32, intermediate=48, heads=4, kv_heads=2, vocab=300)
 RUNTIME = RuntimeShape(max_seqs=8, max_model_len=128)
@@ -212,3 +217,50 @@ def test_ranks_disagreeing_on_micro_batches_fail_instead_of_hanging(checkpoint):
     assert not any(t.is_alive() for t in mesh.threads), "a rank hung"
     assert all(isinstance(r.failure, RuntimeError) and "micro-batches" in str(r.failure) for r in mesh.runners)
     assert not any(r.accepting for r in mesh.runners)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_every_expert_split_over_two_ranks_equals_the_local_engine_for_both_families(tmp_path, arch):
+    """Expert tensor parallelism (`moemesh up --expert-shards 2`) for both model families; the
+    process mesh runs Mixtral only (tests/moemesh/test_launcher.py)."""
+    checkpoint = write_tiny_model(tmp_path / arch, dataclasses.replace(SPEC, arch=arch))
+    prompts = [p for ps in PROMPTS.values() for p in ps]
+    expected = dict(zip(map(tuple, prompts), generate(Engine(build_model(checkpoint, RUNTIME)), prompts, PARAMS)))
+    placement = split_placement(SPEC.experts, [0, 1], world_size=3, shards=2)
+    assert all(len(group) == 2 for layer in placement.replicas.values() for groups in layer for group in groups)
+    mesh = start_mesh(checkpoint, placement)
+    try:
+        assert_same_tokens(mesh, submit_all(mesh), expected)
+    finally:
+        mesh.stop()
+    assert all(r.failure is None for r in mesh.runners)
+
+
+def test_a_worker_that_lost_its_mesh_rejects_before_any_token_as_unavailable(checkpoint):
+    """The world breaks (a peer died): a request submitted then is Rejected, UNAVAILABLE, with no
+    token; the worker's request table refuses the next one at once, UNAVAILABLE too."""
+    mesh = start_mesh(checkpoint, initial_placement(SPEC.experts, [0, 1], world_size=2))
+    mesh.world.abort("rank 1 died")  # both ranks idle: they notice at the next step header
+    mesh.runners[0].submit(Submit("after", [5, 6, 7], PARAMS))
+    mesh.events[0].wait_finished("after")
+    for t in mesh.threads:
+        t.join(HANG_S)
+    assert not any(t.is_alive() for t in mesh.threads), "a rank hung"
+    (closing,) = [e for e in mesh.events[0].events if e.request_id == "after"]  # one event: no token before it
+    assert isinstance(closing, Rejected) and isinstance(closing.error, UnavailableError)
+    assert "lost its mesh" in str(closing.error) and status_for(closing.error) == grpc.StatusCode.UNAVAILABLE
+    assert mesh.runners[0].failure is not None and not mesh.runners[0].accepting
+
+    runner = mesh.runners[0]
+    table = RequestTable(runner.submit, lambda: runner.accepting, runner.engine.validate)
+    stream = table.open_stream()
+    table.submit(stream, Submission("next", (5, 6), PARAMS, ()))
+    (refused,) = [one for batch in _drain(stream) for one in batch]
+    assert isinstance(refused, TableRejected) and status_for(refused.error) == grpc.StatusCode.UNAVAILABLE
+
+
+def _drain(stream) -> list[list]:
+    out = []
+    while not stream.out.empty():
+        out.append(stream.out.get_nowait())
+    return out

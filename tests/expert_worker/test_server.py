@@ -19,6 +19,9 @@ from moemesh.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from tests.moemesh.epoch_watch import first_worker, watch_stream
+
+pytestmark = pytest.mark.slow  # starts meshes of real processes
 
 SPEC = TinySpec(arch="mixtral", layers=2, experts=16, top_k=2, hidden=128, intermediate=1024, heads=4, kv_heads=2,
                 vocab=512, seed=3)
@@ -29,6 +32,13 @@ NEW_TOKENS = 240
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("w") / "model", SPEC)
+
+
+@pytest.fixture(scope="module")
+def mesh4(model, mesh_factory):
+    """One 4-worker mesh for the module: what its tests check of it holds in every epoch (each
+    worker holds 4 experts per layer, a quarter of the bytes)."""
+    return mesh_factory(model, 4)
 
 
 async def _worker_addresses(coordinator: str) -> list[str]:
@@ -61,45 +71,59 @@ async def _move_every_expert(coordinator: str) -> None:
                                 timeout=10)
 
 
-async def _generate_while_moving_experts(mesh) -> tuple[list[list[int]], list[int]]:
-    """Stream every prompt; once each has tokens, publish a new placement; note how many tokens each
-    request had when the workers reported the new epoch in use."""
+async def _generate_while_moving_experts(mesh):
+    """Stream every prompt; once each has tokens, publish a new placement. Prompt 0's stream reads
+    rank 0's placement epoch after every chunk (tests/moemesh/epoch_watch.py)."""
     tokens: list[list[int]] = [[] for _ in PROMPTS]
-    at_switch: list[int] = []
-    started = asyncio.Event()
+    started, watching = asyncio.Event(), asyncio.Event()
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    worker = await first_worker(mesh.coordinator)
 
     async with Client(mesh.gateway, timeout=120) as client:
         async def one(i: int) -> None:
             async for ev in client.generate(token_ids=PROMPTS[i], params=params):
                 if isinstance(ev, TokenChunk):
                     tokens[i].extend(ev.token_ids)
-                    if all(tokens):
+                    if all(tokens[1:]):
                         started.set()
+
+        async def watched():
+            return await watch_stream(client, worker, PROMPTS[0], params, watching)
 
         async def move() -> None:
             await started.wait()
-            worker_address = (await _worker_addresses(mesh.coordinator))[0]
+            await watching.wait()
             await _move_every_expert(mesh.coordinator)
-            async with grpc.aio.insecure_channel(worker_address) as ch:
-                stub = worker_pb2_grpc.WorkerStub(ch)
-                while (await stub.Status(worker_pb2.StatusRequest(), timeout=10)).placement_epoch != 2:
-                    await asyncio.sleep(0.005)
-            at_switch.extend(len(t) for t in tokens)
 
-        await asyncio.gather(move(), *(one(i) for i in range(len(PROMPTS))))
-    return tokens, at_switch
+        watch, *_ = await asyncio.gather(watched(), move(), *(one(i) for i in range(1, len(PROMPTS))))
+    tokens[0] = watch.token_ids
+    return tokens, watch
 
 
-def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, mesh_factory, tmp_path):
+def test_each_worker_holds_a_quarter_of_the_experts(model, mesh_factory, mesh4):
+    whole = mesh_factory(model, 1)
+    alone = asyncio.run(_worker_status(whole.coordinator))[0]
+    assert whole.stop() == []
+    statuses = asyncio.run(_worker_status(mesh4.coordinator))
+    total = alone.expert_bytes
+    assert total == SPEC.layers * SPEC.experts * 3 * SPEC.hidden * SPEC.intermediate * 4
+    for s in statuses:
+        assert s.expert_bytes == total // 4
+        assert [len(layer.expert_ids) for layer in s.experts] == [4, 4]
+        # RSS: the expert weights a worker does not hold are not in its memory either.
+        assert alone.rss_bytes - s.rss_bytes > 0.6 * (total - s.expert_bytes), (alone.rss_bytes, s.rss_bytes)
+
+
+def test_epoch_switch_mid_generation_changes_no_token_and_moves_experts(model, mesh4, tmp_path):
     engine = Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256)))
     expected = generate(engine, PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
-    mesh = mesh_factory(model, 4)
+    mesh = mesh4
     before = asyncio.run(_worker_status(mesh.coordinator))
-    tokens, at_switch = asyncio.run(_generate_while_moving_experts(mesh))
+    tokens, watch = asyncio.run(_generate_while_moving_experts(mesh))
 
     assert tokens == expected
-    assert any(n < NEW_TOKENS for n in at_switch), f"the switch came only after generation ended: {at_switch}"
+    switches = watch.switched_mid_stream()
+    assert [(old, new) for _, old, new in switches] == [(1, 2)], f"no switch seen mid-stream: {watch.seen}"
     after = asyncio.run(_worker_status(mesh.coordinator))
     for old, new in zip(before, after):
         moved_here = [e for e in range(16) if (e + 1) % 4 == new.rank]
@@ -133,21 +157,6 @@ def _dump_trace_and_plan(mesh, model, tmp_path) -> None:
     assert (tmp_path / "plan.png").stat().st_size > 0
 
 
-def test_each_worker_holds_a_quarter_of_the_experts(model, mesh_factory):
-    whole = mesh_factory(model, 1)
-    alone = asyncio.run(_worker_status(whole.coordinator))[0]
-    assert whole.stop() == []
-    mesh = mesh_factory(model, 4)
-    statuses = asyncio.run(_worker_status(mesh.coordinator))
-    total = alone.expert_bytes
-    assert total == SPEC.layers * SPEC.experts * 3 * SPEC.hidden * SPEC.intermediate * 4
-    for s in statuses:
-        assert s.expert_bytes == total // 4
-        assert [len(layer.expert_ids) for layer in s.experts] == [4, 4]
-        # RSS: the expert weights a worker does not hold are not in its memory either.
-        assert alone.rss_bytes - s.rss_bytes > 0.6 * (total - s.expert_bytes), (alone.rss_bytes, s.rss_bytes)
-
-
 def _coldest_experts(model_dir, prompts, params, experts: int) -> dict[int, int]:
     """Per MoE layer, the expert these prompts route to least (counted in the local engine)."""
     model = build_model(model_dir, RuntimeShape(max_seqs=len(prompts), max_model_len=256))
@@ -166,6 +175,15 @@ def _coldest_experts(model_dir, prompts, params, experts: int) -> dict[int, int]
     return {layer: row.index(min(row)) for layer, row in counts.items()}
 
 
+async def _generate_watched(mesh, params: SamplingParams):
+    """Every prompt at once, prompt 0's stream watching rank 0's epoch: (tokens, ModelInfo, watch)."""
+    worker = await first_worker(mesh.coordinator)
+    async with Client(mesh.gateway, timeout=300) as client:
+        watch, *done = await asyncio.gather(watch_stream(client, worker, PROMPTS[0], params),
+                                            *(client.generate_text(token_ids=p, params=params) for p in PROMPTS[1:]))
+        return [watch.token_ids, *(list(d.token_ids) for d in done)], await client.model_info(), watch
+
+
 def test_replicate_policy_rebalances_during_live_generation_without_changing_a_token(mesh_factory, tmp_path):
     """4 experts on 5 workers: the spare worker starts with a replica of the coldest expert; policy
     "replicate" moves it to a hot one while requests run. Nothing is lost, no token changes."""
@@ -182,15 +200,11 @@ def test_replicate_policy_rebalances_during_live_generation_without_changing_a_t
     placement.write_text(yaml.safe_dump({"world_size": 5, "layers": layers}))
     mesh = mesh_factory(model, 5, "--policy", "replicate", "--placement", str(placement))
 
-    async def run():
-        async with Client(mesh.gateway, timeout=300) as client:
-            done = await asyncio.gather(*(client.generate_text(token_ids=p, params=params) for p in PROMPTS))
-            return [list(d.token_ids) for d in done], await client.model_info()
-
-    tokens, info = asyncio.run(run())
+    tokens, info, watch = asyncio.run(_generate_watched(mesh, params))
     assert info.balancing_policy == "replicate"
     assert tokens == expected
     assert info.placement_epoch > 1, "the coordinator never rebalanced"
+    assert watch.switched_mid_stream(), f"no epoch switch seen while generating: {watch.seen}"
 
 
 def test_split_policy_splits_hot_experts_live_without_changing_a_token(mesh_factory, tmp_path):
@@ -203,14 +217,10 @@ def test_split_policy_splits_hot_experts_live_without_changing_a_token(mesh_fact
     expected = generate(Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256))), PROMPTS, params)
     mesh = mesh_factory(model, 4, "--policy", "split")
 
-    async def run():
-        async with Client(mesh.gateway, timeout=300) as client:
-            done = await asyncio.gather(*(client.generate_text(token_ids=p, params=params) for p in PROMPTS))
-            return [list(d.token_ids) for d in done], await client.model_info()
-
-    tokens, info = asyncio.run(run())
+    tokens, info, watch = asyncio.run(_generate_watched(mesh, params))
     assert info.balancing_policy == "split" and info.placement_epoch > 1, "the coordinator never split"
     assert tokens == expected
+    assert watch.switched_mid_stream(), f"no epoch switch seen while generating: {watch.seen}"
     statuses = asyncio.run(_worker_status(mesh.coordinator))
     assert sum(s.expert_bytes for s in statuses) == SPEC.layers * 4 * 3 * 64 * 128 * 4  # shards: no extra copy
     assert any(len(layer.expert_ids) > 1 for s in statuses for layer in s.experts)  # a partner holds a shard

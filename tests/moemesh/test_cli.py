@@ -27,6 +27,8 @@ from moemesh.model.config import load_config
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.settings import add_options, settings_from
 
+pytestmark = pytest.mark.slow  # runs the CLI as subprocesses (a mesh among them)
+
 TIMEOUT_S = 300  # hang bound for every subprocess (the machine is shared and slow to import torch)
 
 

@@ -4,12 +4,10 @@ against a real gateway in front of a real mesh (subprocesses; see tests/gateway/
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -32,24 +30,14 @@ from moemesh.errors import (
     UnavailableError,
 )
 from moemesh.v1 import common_pb2, gateway_pb2
+from tests.gateway.mesh import running_mesh, settled, workers_seen
 
-GATEWAY_TESTS = Path(__file__).resolve().parents[1] / "gateway"
-
-
-def _harness():
-    name = "gateway_e2e_mesh"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, GATEWAY_TESTS / "mesh.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+pytestmark = pytest.mark.slow  # the module's mesh, and the CLI as a subprocess
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("expert_worker.server")
-    with _harness().running_mesh(tmp_path_factory.mktemp("client-e2e")) as m:
+    with running_mesh(tmp_path_factory.mktemp("client-e2e")) as m:
         yield m
 
 
@@ -133,17 +121,21 @@ def test_bad_input_raises_the_servers_message_and_leaving_early_cancels(mesh):
         async with Client(mesh.gateway) as client:
             with pytest.raises(InvalidRequestError, match="token id 600 out of range") as bad:
                 await client.generate_text(token_ids=[600], params=SamplingParams(max_new_tokens=2))
+            before = await workers_seen(mesh.coordinator)
             async for event in client.generate(token_ids=[3], params=SamplingParams(max_new_tokens=1900,
                                                                                     ignore_eos=True)):
                 assert isinstance(event, TokenChunk)
                 break  # closes the generator: the call is cancelled
+            stopped = await settled(mesh.coordinator)
             after = await client.generate_text(token_ids=[3], params=SamplingParams(max_new_tokens=2))
-        return bad.value, after
+        return bad.value, before, stopped, after
 
-    bad, after = asyncio.run(scenario())
+    bad, before, stopped, after = asyncio.run(scenario())
     assert isinstance(bad.__cause__, grpc.aio.AioRpcError)
     assert bad.__cause__.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert after.finished.completion_tokens <= 2
+    # The worker stopped the request: nothing left on it, after fewer steps than its 1900 tokens need.
+    assert stopped.load == 0 and stopped.steps - before.steps < 1900
+    assert after.finished.completion_tokens <= 2 and after.finished.reason in ("length", "stop")
 
 
 def test_generate_batch_tags_events_by_prompt(mesh):
@@ -161,10 +153,27 @@ def test_generate_batch_tags_events_by_prompt(mesh):
         assert sum(len(e.token_ids) for e in events[:-1]) == n
 
 
+def _local_greedy(model_dir, prompt: str, params: SamplingParams):
+    """The same checkpoint in this process (all experts local): (token ids, the text codec)."""
+    from moemesh.engine.engine import Engine, generate
+    from moemesh.model.config import load_config
+    from moemesh.model.decoder import RuntimeShape, build_model
+    from moemesh.text import TextCodec
+
+    cfg = load_config(model_dir)
+    codec = TextCodec(model_dir, cfg)
+    model = build_model(model_dir, RuntimeShape(max_seqs=1, max_model_len=256))
+    return generate(Engine(model), [codec.encode(prompt)], params)[0], codec
+
+
 def test_generate_remote_and_the_cli(mesh):
     params = SamplingParams(max_new_tokens=6)  # what the CLI sends (EOS may end it early)
     ids, text = generate_remote(mesh.gateway, "abc", None, params, 30.0)
-    assert len(ids) in range(1, 7) and isinstance(text, str)  # greedy; EOS may end it early
+    assert len(ids) in range(1, 7)  # greedy; EOS may end it early
+    expected, codec = _local_greedy(mesh.model_dir, "abc", params)
+    assert ids == expected  # the same checkpoint in this process
+    whole = codec.decode(ids)  # the streamed text holds back a trailing incomplete character
+    assert whole.startswith(text) and len(whole) - len(text) <= 1
     assert generate_remote(mesh.gateway, "abc", None, params, 30.0) == (ids, text)
 
     cli = [sys.executable, "-m", "moemesh.cli", "generate", "--target", mesh.gateway, "--prompt", "abc",

@@ -273,6 +273,7 @@ def test_bench_reports_table_and_json(tmp_path):
 
 
 # ---- one real run against a real mesh ----------------------------------------------------------------
+@pytest.mark.slow  # a real mesh (moemesh up)
 def test_moemesh_bench_against_a_real_mesh(tmp_path):
     from moemesh.launcher import UpProcess
     from moemesh.model.tiny import TinySpec, write_tiny_model

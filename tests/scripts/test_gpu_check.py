@@ -25,6 +25,7 @@ gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
 
+@pytest.mark.slow  # a subprocess
 def test_gpu_check_runs_every_check_on_cpu(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--device", "cpu", "--quick"],
                          capture_output=True, text=True, timeout=600)
@@ -93,6 +94,7 @@ def test_weight_bytes_count_attention_and_each_tensor_once():
     assert gpu_check.weight_bytes((torch.zeros(4), torch.zeros(3))) == 28
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_hung_nccl_subprocess_is_reported_as_not_finished(tmp_path):
     result = gpu_check.check_nccl("cpu", tmp_path, timeout_s=0.01)  # killed long before torch imports
     assert result["subprocess"]["timed_out_after_s"] == 0.01
