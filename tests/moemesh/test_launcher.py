@@ -147,6 +147,7 @@ def test_resolve_workers():
 # which tokens share a window depends on how requests were batched. 80 tokens a request give each
 # worker several windows (40 gave one or two, and a balanced first window then meant no update).
 GATING_TOKENS = 80
+WATCHED_TOKENS = 200  # the watched stream outlives the first windows (prompt + 200 fits the mesh's 256)
 
 
 def test_gating_policy_rebalances_live_and_loses_no_request(tmp_path, mesh_factory):
@@ -160,13 +161,16 @@ def test_gating_policy_rebalances_live_and_loses_no_request(tmp_path, mesh_facto
         async with Client(mesh.gateway, timeout=120) as client:
             before = await client.model_info()
             params = SamplingParams(max_new_tokens=GATING_TOKENS, ignore_eos=True)
+            # The watched request outlives the others by far: the first windows of routed tokens
+            # (100 each) publish factors while it still generates, whatever the batching.
+            long = SamplingParams(max_new_tokens=WATCHED_TOKENS, ignore_eos=True)
             rest = (client.generate_text(token_ids=p, params=params) for p in PROMPTS[1:])
-            watch, *done = await asyncio.gather(watch_stream(client, worker, PROMPTS[0], params), *rest)
+            watch, *done = await asyncio.gather(watch_stream(client, worker, PROMPTS[0], long), *rest)
             return before, [watch.token_ids, *(d.token_ids for d in done)], await client.model_info(), watch
 
     before, done, after, watch = asyncio.run(run())
     assert before.balancing_policy == "gating"
-    assert [len(d) for d in done] == [GATING_TOKENS] * len(PROMPTS)
+    assert [len(d) for d in done] == [WATCHED_TOKENS] + [GATING_TOKENS] * (len(PROMPTS) - 1)
     assert after.placement_epoch > before.placement_epoch  # the coordinator published new factors
     assert watch.switched_mid_stream(), f"no epoch switch seen while generating: {watch.seen}"
     assert mesh.stop() == []
