@@ -25,7 +25,8 @@ variables, so a command line alone says what ran. A field may still name its var
 `env="..."` (e.g. one several commands share), and a flag without leading dashes ("file") is a
 positional argument (never from the environment). `many=True` makes a flag take one or more
 values (`--workers 2 4 8`, its variable "2 4 8" or "2,4,8"): the field is a tuple. A flag whose help
-is `argparse.SUPPRESS` is left out of --help (an internal flag).
+is `argparse.SUPPRESS` is left out of --help (an internal flag). A stand-alone script (scripts/)
+calls `parse_settings(Settings, argv, description)`: its parser, flags and settings in one call.
 """
 
 from __future__ import annotations
@@ -156,6 +157,19 @@ def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, 
         if value is not None:
             values[f.name] = value
     return cls(**values)
+
+
+def parse_settings(cls: type[S], argv: Sequence[str] | None, description: str = "",
+                   environ: Mapping[str, str] | None = None) -> S:
+    """A stand-alone script's settings: a parser with `cls`'s flags reads `argv` (None: sys.argv), then
+    `environ` (none unless passed), then the defaults. A ConfigError exits 2 with the usage, as a bad flag does."""
+    parser = argparse.ArgumentParser(description=description)
+    add_options(parser, cls)
+    args = parser.parse_args(argv)
+    try:
+        return settings_from(cls, args, environ or {})
+    except ConfigError as exc:
+        parser.error(str(exc))
 
 
 def _from_env(opt: Option, name: str | None, environ: Mapping[str, str]) -> Any:

@@ -13,7 +13,6 @@ Takes about 6 minutes on a 2-core machine (< 15).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import io
@@ -38,7 +37,7 @@ from moemesh.launcher import UpProcess
 from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, summarize
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.settings import add_options, option, settings_from
+from moemesh.settings import option, parse_settings
 from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh
 from moemesh.simulate.measure import step_counters, worker_statuses
 
@@ -166,9 +165,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(ap, BenchAllSettings)
-    s = replace(settings_from(BenchAllSettings, ap.parse_args(argv), {}),
+    s = replace(parse_settings(BenchAllSettings, argv, __doc__.splitlines()[0]),
                 gpu_check=GPU_CHECK if GPU_CHECK.is_file() else None)
     started = time.perf_counter()
     rows: dict[str, dict[str, float]] = {}

@@ -23,7 +23,6 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: BLAS threads only contend
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from moemesh.planner.problem import Plan, Problem
 from moemesh.planner.search import SwapBudget, plan
 from moemesh.planner.topology import h100_cluster
 from moemesh.planner.traffic import shifted, synthetic
-from moemesh.settings import add_options, option, parse_bool, settings_from
+from moemesh.settings import option, parse_bool, parse_settings
 
 SHAPE = ExpertShape(hidden_size=7168, intermediate_size=2048, dtype_bytes=2, matrices=3)
 SKEWS = (0.8, 1.2, 1.6)
@@ -109,9 +108,7 @@ def _row(case: Case, skew: float, method: str, result: Plan, replanned: Plan, mo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, BenchBalanceSettings)
-    s = settings_from(BenchBalanceSettings, parser.parse_args(argv), {})
+    s = parse_settings(BenchBalanceSettings, argv, __doc__.splitlines()[0])
     print(__doc__.split("\n\n")[1].strip() + "\n")
     print(f"{'':2} {'zipf':>4} {'G':>5} {'E':>5} {'L':>3} {'method':<12} {'max/mean':>8} {'maxlink ms':>10} "
           f"{'gain':>6} {'MoE ms':>9} {'plan s':>8} {'moved GB':>9} {'paying GB':>9} {'max/mean':>8} {'replan s':>8}")

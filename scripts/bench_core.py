@@ -7,7 +7,6 @@ Model: Mixtral layout, hidden 512, intermediate 1024, 16 experts, top-2, 4 layer
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.settings import add_options, option, settings_from
+from moemesh.settings import option, parse_settings
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8,
                 kv_heads=8, vocab=512, seed=0)
@@ -128,9 +127,7 @@ def roofline(model, batch: int, context: int, experts_hit: float, machine: dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(ap, BenchCoreSettings)
-    s = settings_from(BenchCoreSettings, ap.parse_args(argv), {})
+    s = parse_settings(BenchCoreSettings, argv, __doc__.splitlines()[0])
     torch.set_num_threads(s.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_tiny_model(Path(tmp) / "model", SPEC)

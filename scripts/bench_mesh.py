@@ -10,7 +10,6 @@ waits on context switches. That is what the 4- and 8-worker rows show.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -27,7 +26,7 @@ from moemesh.launcher import UpProcess
 from moemesh.loadgen import engine_timings, run_closed_loop, summarize
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.settings import add_options, option, settings_from
+from moemesh.settings import option, parse_settings
 from moemesh.simulate.measure import step_counters, worker_statuses
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
@@ -77,9 +76,7 @@ def run_mesh(model: Path, workers: int, prompts, params, concurrency: int, micro
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(ap, BenchMeshSettings)
-    s = settings_from(BenchMeshSettings, ap.parse_args(argv), {})
+    s = parse_settings(BenchMeshSettings, argv, __doc__.splitlines()[0])
     g = torch.Generator().manual_seed(0)
     prompts = [[0, *torch.randint(3, SPEC.vocab, (s.prompt_len - 1,), generator=g).tolist()]
                for _ in range(s.requests)]

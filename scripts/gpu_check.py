@@ -40,7 +40,7 @@ from moemesh.engine.sampling import SamplingParams
 from moemesh.model.decoder import MoEModel, RuntimeShape, build_model
 from moemesh.model.moe import GroupedExperts
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.settings import add_options, option, parse_bool, settings_from
+from moemesh.settings import option, parse_bool, parse_settings
 
 FP32_TOLERANCE = 1e-4  # relative logit error, fp32 on the device against fp32 on the CPU
 NCCL_TIMEOUT_S = 180  # the nccl subprocess; a hang past it is reported, not waited for
@@ -375,9 +375,7 @@ def write(results: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    add_options(ap, GpuCheckSettings)
-    s = settings_from(GpuCheckSettings, ap.parse_args(argv), {})
+    s = parse_settings(GpuCheckSettings, argv, (__doc__ or "").splitlines()[0])
     device = s.device
     if s.nccl_child:
         nccl_child(device, s.nccl_child)

@@ -13,7 +13,7 @@ from coordinator.settings import CoordinatorSettings
 from expert_worker.settings import WorkerSettings
 from gateway.settings import GatewaySettings
 from moemesh.errors import ConfigError
-from moemesh.settings import add_options, option, options, parse_bool, settings_from
+from moemesh.settings import add_options, option, options, parse_bool, parse_settings, settings_from
 
 
 @dataclass(frozen=True)
@@ -172,3 +172,12 @@ def test_an_internal_flag_parses_but_is_not_in_the_help():
     assert "--child" not in text and "--workers WORKERS [WORKERS ...] mesh sizes" in text
     assert "(env MOEMESH_BENCH_WORKERS; default 2 4 8)" in text
     assert build_bench(["--child", "c.json"]).child == Path("c.json")
+
+
+def test_a_script_parses_its_settings_in_one_call_and_a_config_error_exits_2(capsys):
+    assert parse_settings(Bench, ["--workers", "3"], "a bench") == Bench(workers=(3,))
+    assert parse_settings(Demo, ["--target", "t:1"], environ={"MOEMESH_DEMO_MAX_RETRIES": "4"}).retries == 4
+    assert parse_settings(Demo, ["--target", "t:1"]).retries == 3  # no environment unless passed
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(Demo, [])
+    assert exit_.value.code == 2 and "error: --target is required" in capsys.readouterr().err
