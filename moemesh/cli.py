@@ -20,16 +20,14 @@ from moemesh.settings import add_options, option, parse_bool, settings_from
 
 
 def _add_tiny_model(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
-    from moemesh.model.tiny import add_tiny_model_args
+    from moemesh.model.tiny import TinyModelSettings, write_tiny_model
 
     p = sub.add_parser("tiny-model", help="write a random-initialised MoE checkpoint (Hugging Face layout)")
-    add_tiny_model_args(p)
+    add_options(p, TinyModelSettings)
 
     def run(args: argparse.Namespace) -> int:
-        from moemesh.model.tiny import spec_from_args, write_tiny_model
-
-        out = write_tiny_model(args.out, spec_from_args(args))
-        print(f"wrote {out}")
+        s = settings_from(TinyModelSettings, args, {})
+        print(f"wrote {write_tiny_model(s.out, s.spec())}")
         return 0
 
     return run

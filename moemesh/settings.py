@@ -23,7 +23,10 @@ passes `os.environ` in; nothing else reads it.
 One-shot tools (`moemesh plan`, `bench`, ...) declare `ENV_PREFIX = None`: their flags have no
 variables, so a command line alone says what ran. A field may still name its variable with
 `env="..."` (e.g. one several commands share), and a flag without leading dashes ("file") is a
-positional argument (never from the environment).
+positional argument (never from the environment). `many=True` makes a flag take one or more
+values (`--workers 2 4 8`, its variable "2 4 8" or "2,4,8"): the field is a tuple. A flag whose help
+is `argparse.SUPPRESS` is left out of --help (an internal flag). A stand-alone script (scripts/)
+calls `parse_settings(Settings, argv, description)`: its parser, flags and settings in one call.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Option:
     choices: tuple[Any, ...] | None = None
     variable: str | None = None  # its environment variable when not ENV_PREFIX + flag
     metavar: str | None = None
+    many: bool = False  # one or more values (nargs="+"); the field is a tuple
 
     @property
     def is_switch(self) -> bool:
@@ -78,11 +82,14 @@ class Option:
 
 
 def option(flag: str, help: str, parse: Callable[[str], Any] = str, *, default: Any = MISSING,
-           choices: Sequence[Any] | None = None, env: str | None = None, metavar: str | None = None) -> Any:
+           choices: Sequence[Any] | None = None, env: str | None = None, metavar: str | None = None,
+           many: bool = False) -> Any:
     """A dataclass field that is also a flag (and an environment variable); no default = required.
-    A switch (parse=parse_bool) needs a bool default: giving it turns the field to the opposite."""
+    A switch (parse=parse_bool) needs a bool default: giving it turns the field to the opposite.
+    `many`: the flag takes one or more values, each parsed (and checked against `choices`): a tuple."""
     assert parse is not parse_bool or isinstance(default, bool), f"switch {flag} needs a bool default"
-    meta = {_KEY: Option(flag, help, parse, tuple(choices) if choices is not None else None, env, metavar)}
+    assert not many or (flag.startswith("-") and parse is not parse_bool), f"{flag}: only a valued flag takes many"
+    meta = {_KEY: Option(flag, help, parse, tuple(choices) if choices is not None else None, env, metavar, many)}
     if default is MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -105,10 +112,13 @@ def env_prefix(cls: type) -> str | None:
 
 def _help(f: Field, opt: Option, variable: str | None) -> str:
     """The help line: the option's text, then (required / env VARIABLE / default VALUE)."""
+    if opt.help == argparse.SUPPRESS:
+        return opt.help  # an internal flag: not listed
     notes = ["required"] if f.default is MISSING and not opt.is_positional else []
     notes += [f"env {variable}"] if variable else []
     if f.default is not MISSING and not opt.is_switch:
-        notes.append(f"default {'none' if f.default is None else f.default}")
+        shown = " ".join(str(v) for v in f.default) if opt.many else f.default
+        notes.append(f"default {'none' if shown is None else shown}")
     return f"{opt.help} ({'; '.join(notes)})" if notes else opt.help
 
 
@@ -126,7 +136,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             metavar = opt.metavar or (None if opt.choices else opt.flag.removeprefix("--").replace("-", "_").upper())
             parser.add_argument(opt.flag, dest=f.name, type=opt.parse, default=None, choices=opt.choices,
-                                metavar=metavar, help=help_text)
+                                nargs="+" if opt.many else None, metavar=metavar, help=help_text)
 
 
 def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str]) -> S:
@@ -140,6 +150,8 @@ def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, 
             value = _from_env(opt, variable, environ)
         if value is None and f.default is MISSING:
             raise ConfigError(f"{opt.flag} is required" + (f" (or set {variable})" if variable else ""))
+        if opt.many and value is not None:
+            value = tuple(value)  # argparse gives a list
         if opt.is_switch and value is not None:
             value = f.default if not value else not f.default  # given: the opposite of the default
         if value is not None:
@@ -147,16 +159,32 @@ def settings_from(cls: type[S], args: argparse.Namespace, environ: Mapping[str, 
     return cls(**values)
 
 
+def parse_settings(cls: type[S], argv: Sequence[str] | None, description: str = "",
+                   environ: Mapping[str, str] | None = None) -> S:
+    """A stand-alone script's settings: a parser with `cls`'s flags reads `argv` (None: sys.argv), then
+    `environ` (none unless passed), then the defaults. A ConfigError exits 2 with the usage, as a bad flag does."""
+    parser = argparse.ArgumentParser(description=description)
+    add_options(parser, cls)
+    args = parser.parse_args(argv)
+    try:
+        return settings_from(cls, args, environ or {})
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
 def _from_env(opt: Option, name: str | None, environ: Mapping[str, str]) -> Any:
     """The parsed value of variable `name`, None when unset (or no variable); ConfigError when bad."""
     if name is None or name not in environ:
         return None
     text = environ[name]
+    items = text.replace(",", " ").split() if opt.many else [text]
     try:
-        value = opt.parse(text)
+        values = [opt.parse(item) for item in items]
     except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"{name}={text!r} is not valid for {opt.flag}: {exc}") from None
-    if opt.choices is not None and value not in opt.choices:
+    if opt.many and not values:
+        raise ConfigError(f"{name}={text!r} is not valid for {opt.flag}: give one or more values")
+    if opt.choices is not None and any(value not in opt.choices for value in values):
         choices = ", ".join(str(c) for c in opt.choices)
         raise ConfigError(f"{name}={text!r} is not valid for {opt.flag}: choose one of {choices}")
-    return value
+    return tuple(values) if opt.many else values[0]

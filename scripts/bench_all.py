@@ -13,7 +13,6 @@ Takes about 6 minutes on a 2-core machine (< 15).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import io
@@ -24,8 +23,9 @@ import sys
 import tempfile
 import time
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +37,7 @@ from moemesh.launcher import UpProcess
 from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, summarize
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.settings import option, parse_settings
 from moemesh.simulate.cpu_check import CheckSettings, check_cpu_mesh
 from moemesh.simulate.measure import step_counters, worker_statuses
 
@@ -51,17 +52,31 @@ ENGINE = "single-process engine"
 PREDICTION_TOLERANCE = 0.25
 
 
+MESHES = ((2, "mesh colocated: 2 workers x 4 experts"), (4, "mesh: 4 workers x 2 experts"),
+          (8, "mesh one expert per worker: 8 workers"))  # (workers, label)
+GPU_CHECK = ROOT / "docs" / "gpu-check" / "gpu-check.json"  # a GPU check's results, when one was run
+
+
 @dataclass(frozen=True)
 class BenchAllSettings:
-    requests: int  # all sent at once (closed loop, concurrency = requests)
-    prompt_len: int
-    new_tokens: int
-    threads: int  # cores: the single-process rows try 1 and this many torch threads (the mesh gives each
-    # worker cores / workers)
-    meshes: tuple[tuple[int, str], ...]  # (workers, label)
-    check_rounds: int  # rounds of the prediction-vs-measurement check (0 = skip)
-    out: Path  # the markdown file; the chart goes next to it
-    gpu_check: Path | None  # a GPU check's JSON, if one exists: the simulator also uses its rates
+    """The load and the outputs (flags only: a command line says what ran), and the machine's cores."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    requests: int = option("--requests", "requests, all sent at once (closed loop, concurrency = requests)", int,
+                           default=32)
+    prompt_len: int = option("--prompt-len", "tokens per prompt", int, default=32)
+    new_tokens: int = option("--new-tokens", "tokens generated per request", int, default=32)
+    check_rounds: int = option("--check-rounds", "rounds of the prediction-vs-measurement check (0 = skip)", int,
+                               default=4)
+    out: Path = option("--out", "the markdown file; the chart goes next to it", Path,
+                       default=ROOT / "docs" / "benchmarks.md")
+    json_path: Path | None = option("--json", "also write the rows and the check's error here", Path, default=None,
+                                    metavar="JSON")
+    # cores: the single-process rows try 1 and this many torch threads (the mesh gives each worker cores / workers)
+    threads: int = os.cpu_count() or 1
+    meshes: tuple[tuple[int, str], ...] = MESHES
+    gpu_check: Path | None = None  # GPU_CHECK if it exists (main): the simulator also uses its rates
 
 
 def _prompts(s: BenchAllSettings) -> list[list[int]]:
@@ -150,20 +165,8 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--check-rounds", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
-    gpu = ROOT / "docs" / "gpu-check" / "gpu-check.json"
-    s = BenchAllSettings(requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                         threads=os.cpu_count() or 1,
-                         meshes=((2, "mesh colocated: 2 workers x 4 experts"), (4, "mesh: 4 workers x 2 experts"),
-                                 (8, "mesh one expert per worker: 8 workers")),
-                         check_rounds=args.check_rounds, out=args.out, gpu_check=gpu if gpu.is_file() else None)
+    s = replace(parse_settings(BenchAllSettings, argv, __doc__.splitlines()[0]),
+                gpu_check=GPU_CHECK if GPU_CHECK.is_file() else None)
     started = time.perf_counter()
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     chart = plot(rows, s.out.with_suffix(".png"))
     s.out.write_text(render(s, rows, table, check, paper, chart, took))
     print(f"wrote {s.out} and {chart} in {took / 60:.1f} min")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "check_error": check.error if check else None}, indent=2))
+    if s.json_path:
+        s.json_path.write_text(json.dumps({"rows": rows, "check_error": check.error if check else None}, indent=2))
     if check and abs(check.error) >= PREDICTION_TOLERANCE:
         print(f"bench: the cost model missed the 2-worker mesh by {check.error:+.0%} "
               f"(tolerance {PREDICTION_TOLERANCE:.0%}):\n{check.table()}", file=sys.stderr)

@@ -23,11 +23,11 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: BLAS threads only contend
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,10 +37,29 @@ from moemesh.planner.problem import Plan, Problem
 from moemesh.planner.search import SwapBudget, plan
 from moemesh.planner.topology import h100_cluster
 from moemesh.planner.traffic import shifted, synthetic
+from moemesh.settings import option, parse_bool, parse_settings
 
 SHAPE = ExpertShape(hidden_size=7168, intermediate_size=2048, dtype_bytes=2, matrices=3)
 SKEWS = (0.8, 1.2, 1.6)
 WINDOW_BATCHES = 1000
+
+
+@dataclass(frozen=True)
+class BenchBalanceSettings:
+    """The cluster sizes and layers to plan; flags only (a command line says what ran)."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    quick: bool = option("--quick", "16 and 64 devices, 8 layers", parse_bool, default=False)
+    layers: int = option("--layers", "MoE layers (without --quick)", int, default=64)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (16, 64) if self.quick else (16, 64, 256)
+
+    @property
+    def planned_layers(self) -> int:
+        return 8 if self.quick else self.layers
 
 
 @dataclass(frozen=True)
@@ -89,17 +108,12 @@ def _row(case: Case, skew: float, method: str, result: Plan, replanned: Plan, mo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 and 64 devices, 8 layers")
-    parser.add_argument("--layers", type=int, default=64)
-    args = parser.parse_args(argv)
-    sizes = (16, 64) if args.quick else (16, 64, 256)
-    layers = 8 if args.quick else args.layers
+    s = parse_settings(BenchBalanceSettings, argv, __doc__.splitlines()[0])
     print(__doc__.split("\n\n")[1].strip() + "\n")
     print(f"{'':2} {'zipf':>4} {'G':>5} {'E':>5} {'L':>3} {'method':<12} {'max/mean':>8} {'maxlink ms':>10} "
           f"{'gain':>6} {'MoE ms':>9} {'plan s':>8} {'moved GB':>9} {'paying GB':>9} {'max/mean':>8} {'replan s':>8}")
     start = time.perf_counter()
-    for case in cases(sizes, layers):
+    for case in cases(s.sizes, s.planned_layers):
         for skew in SKEWS:
             for row in run_case(case, skew):
                 print(row, flush=True)

@@ -7,12 +7,13 @@ Model: Mixtral layout, hidden 512, intermediate 1024, 16 experts, top-2, 4 layer
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -20,9 +21,23 @@ from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.settings import option, parse_settings
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8,
                 kv_heads=8, vocab=512, seed=0)
+
+
+@dataclass(frozen=True)
+class BenchCoreSettings:
+    """The load and the cores; flags only (a command line says what ran)."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    batch: int = option("--batch", "sequences decoded together", int, default=16)
+    prompt_len: int = option("--prompt-len", "tokens per prompt", int, default=128)
+    new_tokens: int = option("--new-tokens", "tokens generated per sequence", int, default=64)
+    threads: int = option("--threads", "torch threads for both engines", int, default=torch.get_num_threads())
+    json_path: Path | None = option("--json", "also write the results here", Path, default=None, metavar="JSON")
 
 
 def measure_machine(threads: int) -> dict[str, float]:
@@ -112,40 +127,34 @@ def roofline(model, batch: int, context: int, experts_hit: float, machine: dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    s = parse_settings(BenchCoreSettings, argv, __doc__.splitlines()[0])
+    torch.set_num_threads(s.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_tiny_model(Path(tmp) / "model", SPEC)
         g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, SPEC.vocab, (args.batch, args.prompt_len), generator=g)
-        machine = measure_machine(args.threads)
-        ours = run_engine(model_dir, prompts, args.new_tokens)
-        theirs = run_transformers(model_dir, prompts, args.new_tokens)
-        machine2 = measure_machine(args.threads)
+        prompts = torch.randint(3, SPEC.vocab, (s.batch, s.prompt_len), generator=g)
+        machine = measure_machine(s.threads)
+        ours = run_engine(model_dir, prompts, s.new_tokens)
+        theirs = run_transformers(model_dir, prompts, s.new_tokens)
+        machine2 = measure_machine(s.threads)
     machine = {k: max(machine[k], machine2[k]) for k in machine}
-    context = args.prompt_len + args.new_tokens // 2  # the mean context over the decode steps
-    roof = roofline(ours.pop("model"), args.batch, context, ours["experts_hit_per_layer"], machine)
-    report(args, machine, ours, theirs, roof)
-    if args.json:
+    context = s.prompt_len + s.new_tokens // 2  # the mean context over the decode steps
+    roof = roofline(ours.pop("model"), s.batch, context, ours["experts_hit_per_layer"], machine)
+    report(s, machine, ours, theirs, roof)
+    if s.json_path:
         report_json = {"machine": machine, "engine": ours, "transformers": theirs, "roofline": roof}
-        args.json.write_text(json.dumps(report_json, indent=2))
+        s.json_path.write_text(json.dumps(report_json, indent=2))
     return 0
 
 
-def report(args, machine, ours, theirs, roof) -> None:
-    B, P = args.batch, args.prompt_len
+def report(s: BenchCoreSettings, machine, ours, theirs, roof) -> None:
+    B, P = s.batch, s.prompt_len
     rows = [
         ("prefill tokens/s", B * P / ours["prefill_s"], B * P / theirs["prefill_s"]),
         ("decode tokens/s", B / ours["decode_step_s"], B / theirs["decode_step_s"]),
     ]
-    print(f"bench-core: Mixtral layout D=512 F=1024 E=16 top-2 L=4; batch {B}, prompt {P}, {args.new_tokens} new; "
-          f"{args.threads} torch threads, fp32")
+    print(f"bench-core: Mixtral layout D=512 F=1024 E=16 top-2 L=4; batch {B}, prompt {P}, {s.new_tokens} new; "
+          f"{s.threads} torch threads, fp32")
     print(f"machine: copy {machine['copy_GBps']:.1f} GB/s, fp32 matmul {machine['matmul_GFLOPs']:.0f} GFLOP/s")
     print(f"{'':18} {'moemesh':>10} {'transformers':>13} {'ratio':>7}")
     for name, a, b in rows:

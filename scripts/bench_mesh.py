@@ -10,12 +10,13 @@ waits on context switches. That is what the 4- and 8-worker rows show.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -25,10 +26,31 @@ from moemesh.launcher import UpProcess
 from moemesh.loadgen import engine_timings, run_closed_loop, summarize
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.settings import option, parse_settings
 from moemesh.simulate.measure import step_counters, worker_statuses
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
                 vocab=512, seed=0)
+
+
+@dataclass(frozen=True)
+class BenchMeshSettings:
+    """The load and the meshes (one row per workers x micro-batches x expert shards); flags only."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    requests: int = option("--requests", "requests in the measured run", int, default=32)
+    concurrency: int = option("--concurrency", "requests in flight", int, default=32)
+    prompt_len: int = option("--prompt-len", "tokens per prompt", int, default=32)
+    new_tokens: int = option("--new-tokens", "tokens generated per request", int, default=32)
+    workers: tuple[int, ...] = option("--workers", "mesh sizes; one mesh row per value", int, default=(2, 4, 8),
+                                      many=True)
+    micro_batches: tuple[int, ...] = option("--micro-batches",
+                                            "micro-batches per step on every worker; one mesh row per value", int,
+                                            default=(1,), choices=(1, 2, 3, 4), many=True)
+    expert_shards: tuple[int, ...] = option("--expert-shards", "ways every expert is split (tensor parallelism "
+                                            "inside an expert); one row per value", int, default=(1,), many=True)
+    json_path: Path | None = option("--json", "also write the rows here", Path, default=None, metavar="JSON")
 
 
 def run_local(model: Path, prompts: list[list[int]], params: SamplingParams, threads: int) -> dict[str, float]:
@@ -54,43 +76,32 @@ def run_mesh(model: Path, workers: int, prompts, params, concurrency: int, micro
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--micro-batches", type=int, nargs="+", default=[1], choices=(1, 2, 3, 4),
-                    help="micro-batches per step on every worker; one mesh row per value")
-    ap.add_argument("--expert-shards", type=int, nargs="+", default=[1],
-                    help="ways every expert is split (tensor parallelism inside an expert); one row per value")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
+    s = parse_settings(BenchMeshSettings, argv, __doc__.splitlines()[0])
     g = torch.Generator().manual_seed(0)
-    prompts = [[0, *torch.randint(3, SPEC.vocab, (args.prompt_len - 1,), generator=g).tolist()]
-               for _ in range(args.requests)]
-    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    prompts = [[0, *torch.randint(3, SPEC.vocab, (s.prompt_len - 1,), generator=g).tolist()]
+               for _ in range(s.requests)]
+    params = SamplingParams(max_new_tokens=s.new_tokens, ignore_eos=True)
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "model", SPEC)
         rows["local (1 process, 2 threads)"] = run_local(model, prompts, params, threads=2)
-        for n in args.workers:
-            for m in args.micro_batches:
-                for s in (s for s in args.expert_shards if s <= n):
+        for n in s.workers:
+            for m in s.micro_batches:
+                for shards in (k for k in s.expert_shards if k <= n):
                     name = (f"mesh, {n} workers" + (f", {m} micro-batches" if m > 1 else "")
-                            + (f", experts split {s} ways" if s > 1 else ""))
-                    rows[name] = run_mesh(model, n, prompts, params, args.concurrency, m, s)
-    print_table(args, rows)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+                            + (f", experts split {shards} ways" if shards > 1 else ""))
+                    rows[name] = run_mesh(model, n, prompts, params, s.concurrency, m, shards)
+    print_table(s, rows)
+    if s.json_path:
+        s.json_path.write_text(json.dumps(rows, indent=2))
     return 0
 
 
-def print_table(args, rows: dict[str, dict[str, float]]) -> None:
+def print_table(s: BenchMeshSettings, rows: dict[str, dict[str, float]]) -> None:
     base = next(iter(rows.values()))["output_tokens_per_s"]
     print(f"bench-mesh: Mixtral layout D={SPEC.hidden} F={SPEC.intermediate} E={SPEC.experts} top-{SPEC.top_k} "
-          f"L={SPEC.layers}; {args.requests} requests, {args.concurrency} concurrent, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, fp32, gloo")
+          f"L={SPEC.layers}; {s.requests} requests, {s.concurrency} concurrent, prompt {s.prompt_len}, "
+          f"{s.new_tokens} new tokens, fp32, gloo")
     print(f"{'deployment':44} {'out tok/s':>9} {'ratio':>6} {'TTFT ms':>8} {'TPOT ms':>8} {'step ms':>8} "
           f"{'in collectives':>14} {'hidden':>6}")
     for name, m in rows.items():

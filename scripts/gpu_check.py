@@ -27,8 +27,9 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -39,9 +40,22 @@ from moemesh.engine.sampling import SamplingParams
 from moemesh.model.decoder import MoEModel, RuntimeShape, build_model
 from moemesh.model.moe import GroupedExperts
 from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.settings import option, parse_bool, parse_settings
 
 FP32_TOLERANCE = 1e-4  # relative logit error, fp32 on the device against fp32 on the CPU
 NCCL_TIMEOUT_S = 180  # the nccl subprocess; a hang past it is reported, not waited for
+
+
+@dataclass(frozen=True)
+class GpuCheckSettings:
+    """Where the results go and what runs; flags only (moemesh.settings: the standard library alone)."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    results: Path = option("results", "folder for gpu-check.md and gpu-check.json", Path, metavar="OUT")
+    device: str = option("--device", "the torch device to check", default="cuda:0")
+    quick: bool = option("--quick", "toy sizes (CPU smoke test)", parse_bool, default=False)
+    nccl_child: Path | None = option("--nccl-child", argparse.SUPPRESS, Path, default=None)  # check (b)'s subprocess
 
 
 def sync(device: str) -> None:
@@ -361,29 +375,24 @@ def write(results: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("results", type=Path)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--quick", action="store_true", help="toy sizes (CPU smoke test)")
-    ap.add_argument("--nccl-child", type=Path, help=argparse.SUPPRESS)  # check (b)'s subprocess
-    args = ap.parse_args(argv)
-    device = args.device
-    if args.nccl_child:
-        nccl_child(device, args.nccl_child)
-    args.results.mkdir(parents=True, exist_ok=True)
+    s = parse_settings(GpuCheckSettings, argv, (__doc__ or "").splitlines()[0])
+    device = s.device
+    if s.nccl_child:
+        nccl_child(device, s.nccl_child)
+    s.results.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     checks: dict = {}
-    steps = [("a_engine_fp32_verdict_bf16_information", lambda: check_engine(device, args.quick)),
+    steps = [("a_engine_fp32_verdict_bf16_information", lambda: check_engine(device, s.quick)),
              ("machine_rates", lambda: machine_rates(device)),
              ("c_grouped_matmul_vs_roofline",
-              lambda: check_grouped_matmul(device, args.quick, checks["machine_rates"])),
-             ("d_paper_model_one_gpu", lambda: check_paper_model(device, args.quick)),
-             ("b_nccl_subprocess", lambda: check_nccl(device, args.results))]  # last: a hang costs only itself
+              lambda: check_grouped_matmul(device, s.quick, checks["machine_rates"])),
+             ("d_paper_model_one_gpu", lambda: check_paper_model(device, s.quick)),
+             ("b_nccl_subprocess", lambda: check_nccl(device, s.results))]  # last: a hang costs only itself
     not_finished = [key for key, _ in steps]
     seconds: dict[str, float] = {}
     results = {"device_name": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                "not_finished": not_finished, "seconds": seconds, "checks": checks}
-    write(results, args.results)
+    write(results, s.results)
     for key, fn in steps:
         print(f"gpu-check: {key} ...", flush=True)
         start = time.perf_counter()
@@ -395,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             not_finished.remove(key)
         seconds[key] = round(time.perf_counter() - start, 1)
         print(json.dumps(checks[key])[:2000], flush=True)
-        write(results, args.results)
+        write(results, s.results)
     return 0
 
 

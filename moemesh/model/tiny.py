@@ -14,12 +14,11 @@ Everything comes from one torch.Generator seeded by `TinySpec.seed`, so output i
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -35,6 +34,7 @@ from moemesh.model.tokenizer import (
     save_tokenizer,
 )
 from moemesh.model.weights import dense_tensor_shapes, expert_tensor_shapes
+from moemesh.settings import option, parse_bool
 
 ARCHS = ARCHITECTURES  # family -> architecture name (moemesh.model.config)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -280,33 +280,35 @@ def _split(tensors: dict[str, torch.Tensor], shards: int) -> list[list[str]]:
     return groups
 
 
-def add_tiny_model_args(parser: argparse.ArgumentParser) -> None:
-    """Add the tiny-model options (OUT plus one flag per TinySpec field) to `parser`."""
-    d = TinySpec()
-    parser.add_argument("out", metavar="OUT", help="folder to write the checkpoint into")
-    parser.add_argument("--arch", choices=sorted(ARCHS), default=d.arch)
-    for flag, default, text in (
-        ("--layers", d.layers, "decoder layers"),
-        ("--experts", d.experts, "experts per MoE layer"),
-        ("--top-k", d.top_k, "experts per token"),
-        ("--hidden", d.hidden, "hidden size"),
-        ("--intermediate", d.intermediate, "expert intermediate size"),
-        ("--heads", d.heads, "attention heads"),
-        ("--kv-heads", d.kv_heads, "key/value heads"),
-        ("--vocab", d.vocab, "vocabulary size (>= 259)"),
-        ("--seed", d.seed, "random seed"),
-        ("--shards", d.shards, "number of safetensors files"),
-    ):
-        parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
-    parser.add_argument("--tie-embeddings", action="store_true", help="share embedding and lm head")
+_D = TinySpec()  # the defaults of `moemesh tiny-model`'s flags
 
 
-def spec_from_args(args: argparse.Namespace) -> TinySpec:
-    """Build a TinySpec from the options added by add_tiny_model_args."""
-    return TinySpec(
-        arch=args.arch, layers=args.layers, experts=args.experts, top_k=args.top_k,
-        hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads,
-        vocab=args.vocab, seed=args.seed, dtype=args.dtype, shards=args.shards,
-        tie_word_embeddings=args.tie_embeddings,
-    )
+@dataclass(frozen=True)
+class TinyModelSettings:
+    """`moemesh tiny-model OUT`: the folder, and a flag for each TinySpec field it sets (same names;
+    --tie-embeddings sets tie_word_embeddings). A one-shot tool: flags only, no MOEMESH_* variables."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    out: Path = option("out", "folder to write the checkpoint into", Path, metavar="OUT")
+    arch: str = option("--arch", "model family", default=_D.arch, choices=sorted(ARCHS))
+    layers: int = option("--layers", "decoder layers", int, default=_D.layers)
+    experts: int = option("--experts", "experts per MoE layer", int, default=_D.experts)
+    top_k: int = option("--top-k", "experts per token", int, default=_D.top_k)
+    hidden: int = option("--hidden", "hidden size", int, default=_D.hidden)
+    intermediate: int = option("--intermediate", "expert intermediate size", int, default=_D.intermediate)
+    heads: int = option("--heads", "attention heads", int, default=_D.heads)
+    kv_heads: int = option("--kv-heads", "key/value heads", int, default=_D.kv_heads)
+    vocab: int = option("--vocab", "vocabulary size, at least 259", int, default=_D.vocab)
+    seed: int = option("--seed", "random seed", int, default=_D.seed)
+    shards: int = option("--shards", "number of safetensors files", int, default=_D.shards)
+    dtype: str = option("--dtype", "weight dtype", default=_D.dtype, choices=sorted(DTYPES))
+    tie_word_embeddings: bool = option("--tie-embeddings", "share embedding and lm head", parse_bool,
+                                       default=_D.tie_word_embeddings)
+
+    def __post_init__(self) -> None:
+        self.spec()  # a bad combination (top-k > experts, ...) is a ConfigError here, before any work
+
+    def spec(self) -> TinySpec:
+        """The TinySpec these flags describe (its other fields keep their defaults)."""
+        return TinySpec(**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "out"})

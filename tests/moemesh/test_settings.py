@@ -13,7 +13,7 @@ from coordinator.settings import CoordinatorSettings
 from expert_worker.settings import WorkerSettings
 from gateway.settings import GatewaySettings
 from moemesh.errors import ConfigError
-from moemesh.settings import add_options, option, options, parse_bool, settings_from
+from moemesh.settings import add_options, option, options, parse_bool, parse_settings, settings_from
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,57 @@ def test_a_tool_help_names_only_its_variables():
     text = " ".join(parser.format_help().split())
     assert "--target TARGET HOST:PORT (env MOEMESH_SHARED_ADDRESS; default h:1)" in text
     assert "--count N how many (default 2)" in text and "--no-progress no progress bar" in text
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmark script's settings: flags taking one or more values, and an internal flag."""
+
+    ENV_PREFIX: ClassVar[str] = "MOEMESH_BENCH_"
+
+    workers: tuple[int, ...] = option("--workers", "mesh sizes", int, default=(2, 4, 8), many=True)
+    batches: tuple[int, ...] = option("--micro-batches", "per step", int, default=(1,), choices=(1, 2), many=True)
+    child: Path | None = option("--child", argparse.SUPPRESS, Path, default=None)
+
+
+def build_bench(argv: list[str], env: dict[str, str] | None = None) -> Bench:
+    parser = argparse.ArgumentParser()
+    add_options(parser, Bench)
+    return settings_from(Bench, parser.parse_args(argv), env or {})
+
+
+def test_a_many_valued_flag_gives_a_tuple_from_flags_or_the_environment():
+    assert build_bench([]) == Bench(workers=(2, 4, 8), batches=(1,))
+    assert build_bench(["--workers", "3", "5", "--micro-batches", "2", "1"]) == Bench((3, 5), (2, 1))
+    assert build_bench([], {"MOEMESH_BENCH_WORKERS": "6, 7 9"}).workers == (6, 7, 9)
+    assert build_bench(["--workers", "1"], {"MOEMESH_BENCH_WORKERS": "6"}).workers == (1,)
+
+
+def test_a_many_valued_flag_checks_every_value():
+    parser = argparse.ArgumentParser()
+    add_options(parser, Bench)
+    for argv in (["--micro-batches", "1", "3"], ["--workers"], ["--workers", "2", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    with pytest.raises(ConfigError, match=r"MOEMESH_BENCH_MICRO_BATCHES='1 3' is not valid .*choose one of 1, 2"):
+        build_bench([], {"MOEMESH_BENCH_MICRO_BATCHES": "1 3"})
+    with pytest.raises(ConfigError, match="MOEMESH_BENCH_WORKERS=' ' is not valid for --workers: give one or more"):
+        build_bench([], {"MOEMESH_BENCH_WORKERS": " "})
+
+
+def test_an_internal_flag_parses_but_is_not_in_the_help():
+    parser = argparse.ArgumentParser()
+    add_options(parser, Bench)
+    text = " ".join(parser.format_help().split())
+    assert "--child" not in text and "--workers WORKERS [WORKERS ...] mesh sizes" in text
+    assert "(env MOEMESH_BENCH_WORKERS; default 2 4 8)" in text
+    assert build_bench(["--child", "c.json"]).child == Path("c.json")
+
+
+def test_a_script_parses_its_settings_in_one_call_and_a_config_error_exits_2(capsys):
+    assert parse_settings(Bench, ["--workers", "3"], "a bench") == Bench(workers=(3,))
+    assert parse_settings(Demo, ["--target", "t:1"], environ={"MOEMESH_DEMO_MAX_RETRIES": "4"}).retries == 4
+    assert parse_settings(Demo, ["--target", "t:1"]).retries == 3  # no environment unless passed
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(Demo, [])
+    assert exit_.value.code == 2 and "error: --target is required" in capsys.readouterr().err

@@ -22,6 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
 _spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
 assert _spec and _spec.loader
 gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = gpu_check  # dataclasses look their module up (GpuCheckSettings)
 _spec.loader.exec_module(gpu_check)
 
 

@@ -15,13 +15,13 @@ from moemesh.errors import ConfigError
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import load_config
 from moemesh.model.tiny import (
+    TinyModelSettings,
     TinySpec,
-    add_tiny_model_args,
-    spec_from_args,
     tensor_shapes,
     write_tiny_model,
 )
 from moemesh.model.tokenizer import load_tokenizer
+from moemesh.settings import add_options, settings_from
 
 transformers = pytest.importorskip("transformers")
 
@@ -174,17 +174,31 @@ def test_too_many_shards_raises(tmp_path: Path) -> None:
         write_tiny_model(tmp_path, TinySpec(shards=10_000, **SMALL))
 
 
-def test_cli_args_round_trip() -> None:
+def tiny_model_settings(argv: list[str]) -> TinyModelSettings:
+    """`moemesh tiny-model ARGV`'s settings, parsed as the command does."""
     parser = argparse.ArgumentParser()
-    add_tiny_model_args(parser)
-    assert spec_from_args(parser.parse_args(["out"])) == TinySpec()
-    args = parser.parse_args(
+    add_options(parser, TinyModelSettings)
+    return settings_from(TinyModelSettings, parser.parse_args(argv), {})
+
+
+def test_cli_args_round_trip() -> None:
+    assert tiny_model_settings(["out"]).spec() == TinySpec()
+    s = tiny_model_settings(
         ["d", "--arch", "qwen3_moe", "--layers", "3", "--experts", "8", "--top-k", "4", "--hidden", "128",
          "--intermediate", "64", "--heads", "4", "--kv-heads", "1", "--vocab", "300", "--seed", "5",
          "--dtype", "bfloat16", "--shards", "2", "--tie-embeddings"]
     )
-    assert args.out == "d"
-    assert spec_from_args(args) == TinySpec(
+    assert s.out == Path("d")
+    assert s.spec() == TinySpec(
         arch="qwen3_moe", layers=3, experts=8, top_k=4, hidden=128, intermediate=64, heads=4, kv_heads=1,
         vocab=300, seed=5, dtype="bfloat16", shards=2, tie_word_embeddings=True,
     )
+
+
+def test_cli_flags_are_checked_like_a_spec() -> None:
+    with pytest.raises(ConfigError, match="top_k=5 must be <= experts=4"):
+        tiny_model_settings(["d", "--experts", "4", "--top-k", "5"])
+    parser = argparse.ArgumentParser()
+    add_options(parser, TinyModelSettings)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["d", "--dtype", "int8"])
