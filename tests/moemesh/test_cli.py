@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from moemesh.cli import GenerateSettings
+from moemesh.cli import main as cli_main
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import ConfigError
@@ -74,9 +75,9 @@ def test_generate_local_seeded_sampling_matches_the_engine(tiny):
     assert json.loads(run.stdout)["token_ids"] == reference(tiny, [1, 5, 9], params)
 
 
-def test_generate_local_without_a_model_is_refused():
-    run = moemesh("generate", "--local", "--token-ids", "1")
-    assert run.returncode != 0 and "--local needs --model" in run.stderr
+def test_generate_local_without_a_model_is_refused(capsys):
+    code, _, err = main_in_process(capsys, "generate", "--local", "--token-ids", "1")
+    assert code == 2 and "--local needs --model" in err
 
 
 def generate_settings(*argv: str) -> GenerateSettings:
@@ -115,18 +116,29 @@ def test_simulate_reports_the_paper_deployment(tmp_path):
     assert len(p["layers"]) == 4 and [s["devices"] for s in report["scaling"]] == [16, 16]  # 2 contexts
 
 
-def test_worker_overflow_flags_parse_and_refuse_bad_values():
+def main_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`moemesh ARGS` through the same main() the console script runs, in this process (parsing and
+    refusals need no child: a subprocess only adds seconds of torch import)."""
+    try:
+        code = cli_main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_worker_overflow_flags_parse_and_refuse_bad_values(capsys):
     """--overflow / --capacity-factor / --dtype are `moemesh worker` flags that `up` also takes (and
     passes on, below): both parsers list them with their choices and refuse what they do not accept."""
     for command in ("worker", "up"):
-        helped = moemesh(command, "--help")
-        assert helped.returncode == 0, helped.stderr
-        assert "--overflow {dropless,reroute,drop}" in helped.stdout and "--capacity-factor" in helped.stdout
-        assert "--dtype {auto,float32,bfloat16,float16}" in helped.stdout
-        bad = moemesh(command, "--overflow", "spill")
-        assert bad.returncode == 2 and "invalid choice: 'spill'" in bad.stderr
-        bad = moemesh(command, "--capacity-factor", "lots")
-        assert bad.returncode == 2 and "--capacity-factor" in bad.stderr
+        code, out, err = main_in_process(capsys, command, "--help")
+        assert code == 0, err
+        assert "--overflow {dropless,reroute,drop}" in out and "--capacity-factor" in out
+        assert "--dtype {auto,float32,bfloat16,float16}" in out
+        code, _, err = main_in_process(capsys, command, "--overflow", "spill")
+        assert code == 2 and "invalid choice: 'spill'" in err
+        code, _, err = main_in_process(capsys, command, "--capacity-factor", "lots")
+        assert code == 2 and "--capacity-factor" in err
 
 
 def up_settings(*argv: str, env: dict[str, str] | None = None) -> UpSettings:

@@ -4,14 +4,13 @@ against the single-process engine, on real checkpoints."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 
 import grpc
 import psutil
 import pytest
 
+from moemesh.cli import main as cli_main
 from moemesh.client import Client
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
@@ -128,11 +127,10 @@ def test_mesh_with_every_expert_split_is_token_identical_to_local(tmp_path_facto
     assert mesh.stop() == []
 
 
-def test_up_refuses_bad_worker_counts(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "moemesh.cli", "up", "--model", str(tmp_path), "--workers", "2"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2
-    assert "no config.json" in out.stderr
+def test_up_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
+    """Refused before anything starts (in this process: `up` reads config.json before it spawns)."""
+    assert cli_main(["up", "--model", str(tmp_path), "--workers", "2"]) == 2
+    assert "no config.json" in capsys.readouterr().err
 
 
 def test_resolve_workers():
