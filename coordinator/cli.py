@@ -37,7 +37,7 @@ def add_coordinator_command(sub: argparse._SubParsersAction) -> Runner:
     add_options(p, CoordinatorSettings)
 
     def run(args: argparse.Namespace) -> int:
-        settings = settings_from_args(args, os.environ)
+        settings = settings_from(CoordinatorSettings, args, os.environ)
         _configure_logging()
         import uvloop
 
@@ -47,11 +47,6 @@ def add_coordinator_command(sub: argparse._SubParsersAction) -> Runner:
         return 0
 
     return run
-
-
-def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> CoordinatorSettings:
-    """Flags win, then MOEMESH_COORDINATOR_* variables, then defaults; --model and --workers are required."""
-    return settings_from(CoordinatorSettings, args, environ)
 
 
 @dataclass(frozen=True, kw_only=True)

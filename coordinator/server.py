@@ -21,10 +21,10 @@ from coordinator.policies import ModelFacts, RebalanceSettings, resolve_policy
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import CoordinatorState, DataPlane
-from coordinator.wire import model_spec
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement_file import load_placement
 from moemesh.model.config import load_config
+from moemesh.model.spec import model_spec
 from moemesh.rpc import Server, exit_with_parent, stop_event_on_signals, write_port_file
 from moemesh.v1 import coordinator_pb2
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
@@ -73,7 +73,7 @@ class CoordinatorServer:
                 facts=ModelFacts(cfg.top_k, cfg.hidden_size, cfg.expert_intermediate_size, dtype_bytes=4),
                 expert_shards=s.expert_shards,
             )
-            spec = model_spec(cfg, s.model_dir)
+            spec = model_spec(cfg, s.model_dir.name)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
             self.server = Server([SERVICE_NAME])
             pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server.grpc)

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from coordinator.membership import WorkerInfo
 from coordinator.state import Published, World
 from moemesh.errors import InvalidRequestError
 from moemesh.mesh.placement import Placement
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
-from moemesh.model import spec
-from moemesh.model.config import ModelConfig
-from moemesh.v1 import common_pb2
 from moemesh.v1 import coordinator_pb2 as pb
-
-
-def model_spec(cfg: ModelConfig, model_dir: Path) -> common_pb2.ModelSpec:
-    """The ModelSpec every worker receives, read from the checkpoint's config."""
-    return spec.model_spec(cfg, model_dir.name)
 
 
 def worker_info(req: pb.RegisterWorkerRequest) -> WorkerInfo:

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from expert_worker.settings import WorkerSettings
-from moemesh import settings
+from moemesh.settings import add_options, settings_from
 
 
 def add_worker_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     """Register `worker` on `sub`; returns run(args) -> exit status."""
     p = sub.add_parser("worker", help="run one expert worker (one per device)")
-    settings.add_options(p, WorkerSettings)
+    add_options(p, WorkerSettings)
 
     def run(args: argparse.Namespace) -> int:
-        built = settings_from(args, os.environ)
+        built = settings_from(WorkerSettings, args, os.environ)
         import uvloop
 
         from expert_worker.server import serve
@@ -29,6 +29,3 @@ def add_worker_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Na
     return run
 
 
-def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerSettings:
-    """WorkerSettings from parsed flags, falling back to MOEMESH_WORKER_* then the defaults."""
-    return settings.settings_from(WorkerSettings, args, environ)

@@ -12,22 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from gateway.settings import GatewaySettings
-from moemesh import settings
 from moemesh.commands import run
+from moemesh.settings import add_options, settings_from
 
 
 def add_gateway_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     """Register `gateway` on `sub`; returns run(args) -> exit status."""
     p = sub.add_parser("gateway", help="serve the client-facing Gateway API in front of the workers",
                        description=__doc__.splitlines()[0])
-    settings.add_options(p, GatewaySettings)
+    add_options(p, GatewaySettings)
 
     def run(args: argparse.Namespace) -> int:
         """Build the settings once, set up logging, serve until stopped."""
-        built = settings_from(args, os.environ)
+        built = settings_from(GatewaySettings, args, os.environ)
         from gateway.server import run as run_server
         from moemesh.logs import setup_logging
 
@@ -35,11 +35,6 @@ def add_gateway_command(sub: argparse._SubParsersAction) -> Callable[[argparse.N
         return run_server(built)
 
     return run
-
-
-def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> GatewaySettings:
-    """GatewaySettings from parsed flags, falling back to MOEMESH_GATEWAY_* then the defaults."""
-    return settings.settings_from(GatewaySettings, args, environ)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,6 @@ from moemesh.model.spec import model_spec
 from moemesh.text import StreamDecoder, TextCodec
 from moemesh.v1 import common_pb2, gateway_pb2
 
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-
 
 @dataclass(frozen=True)
 class Prepared:

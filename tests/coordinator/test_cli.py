@@ -25,10 +25,11 @@ from coordinator.cli import (
     add_placement_command,
     main,
     placement_from_args,
-    settings_from_args,
 )
+from coordinator.settings import CoordinatorSettings
 from moemesh.errors import ConfigError
 from moemesh.retry import Backoff, retry_sync
+from moemesh.settings import settings_from
 from moemesh.v1 import coordinator_pb2 as pb
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -163,11 +164,11 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     env = {"MOEMESH_COORDINATOR_MODEL": str(tmp_path), "MOEMESH_COORDINATOR_WORKERS": "4",
            "MOEMESH_COORDINATOR_PORT": "6000", "MOEMESH_COORDINATOR_TRANSPORT": "nccl",
            "MOEMESH_COORDINATOR_EXIT_WITH_PARENT": "yes", "MOEMESH_COORDINATOR_HEARTBEAT_TIMEOUT": "3.5"}
-    s = settings_from_args(parse("--port", "0", "--host", "0.0.0.0", "--advertise-host", "coord"), env)
+    s = settings_from(CoordinatorSettings, parse("--port", "0", "--host", "0.0.0.0", "--advertise-host", "coord"), env)
     assert (s.model_dir, s.workers, s.port, s.host, s.transport) == (tmp_path.resolve(), 4, 0, "0.0.0.0", "nccl")
     assert (s.exit_with_parent, s.heartbeat_timeout_s, s.heartbeat_interval_s) == (True, 3.5, 1.0)
     assert s.store_host == "coord" and s.placement_file is None and s.port_file is None
-    defaults = settings_from_args(parse("--model", "m", "--workers", "1"), {})
+    defaults = settings_from(CoordinatorSettings, parse("--model", "m", "--workers", "1"), {})
     assert (defaults.host, defaults.port, defaults.transport, defaults.exit_with_parent) == (
         "127.0.0.1", 50050, "gloo", False)
     assert defaults.model_dir.is_absolute() and defaults.store_host == "127.0.0.1"
@@ -185,7 +186,7 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
 ])
 def test_bad_settings_are_config_errors(argv, env, message):
     with pytest.raises(ConfigError, match=message):
-        settings_from_args(parse(*argv), env)
+        settings_from(CoordinatorSettings, parse(*argv), env)
 
 
 def test_main_prints_errors_and_exits_2(capsys):

@@ -6,15 +6,16 @@ import argparse
 
 import pytest
 
-from expert_worker.cli import add_worker_command, settings_from
+from expert_worker.cli import add_worker_command
 from expert_worker.settings import WorkerSettings
 from moemesh.errors import ConfigError
+from moemesh.settings import settings_from
 
 
 def _settings(*argv: str, env: dict[str, str] | None = None) -> WorkerSettings:
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_worker_command(parser.add_subparsers())
-    return settings_from(parser.parse_args(["worker", "--coordinator", "c:1", *argv]), env or {})
+    return settings_from(WorkerSettings, parser.parse_args(["worker", "--coordinator", "c:1", *argv]), env or {})
 
 
 @pytest.mark.parametrize("text, expected", [("0", 0), ("12GiB", 12 * 2**30), ("60GB", 60 * 10**9), ("1e9", 10**9),
@@ -49,5 +50,6 @@ def test_the_coordinator_is_required():
     parser = argparse.ArgumentParser()
     add_worker_command(parser.add_subparsers())
     with pytest.raises(ConfigError, match=r"--coordinator is required \(or set MOEMESH_WORKER_COORDINATOR\)"):
-        settings_from(parser.parse_args(["worker"]), {})
-    assert settings_from(parser.parse_args(["worker"]), {"MOEMESH_WORKER_COORDINATOR": "c:2"}).coordinator == "c:2"
+        settings_from(WorkerSettings, parser.parse_args(["worker"]), {})
+    from_env = settings_from(WorkerSettings, parser.parse_args(["worker"]), {"MOEMESH_WORKER_COORDINATOR": "c:2"})
+    assert from_env.coordinator == "c:2"

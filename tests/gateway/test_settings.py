@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import add_gateway_command, settings_from
+from gateway.cli import add_gateway_command
 from gateway.settings import GatewaySettings
 from moemesh.errors import MoemeshError
+from moemesh.settings import settings_from
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -19,7 +20,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_defaults_match_the_documented_ones():
-    s = settings_from(parse(["--coordinator", "h:1", "--model", "m"]), {})
+    s = settings_from(GatewaySettings, parse(["--coordinator", "h:1", "--model", "m"]), {})
     assert s == GatewaySettings(coordinator="h:1", model_dir=Path("m"))
     assert (s.host, s.port, s.max_model_len, s.max_new_tokens_limit, s.max_inflight, s.exit_with_parent) == (
         "127.0.0.1", 50051, 2048, 4096, 1024, False)
@@ -29,7 +30,7 @@ def test_environment_fills_what_flags_leave_unset():
     env = {"MOEMESH_GATEWAY_COORDINATOR": "c:9", "MOEMESH_GATEWAY_MODEL": "/ckpt",
            "MOEMESH_GATEWAY_PORT": "0", "MOEMESH_GATEWAY_MAX_INFLIGHT": "8",
            "MOEMESH_GATEWAY_EXIT_WITH_PARENT": "true", "MOEMESH_GATEWAY_PORT_FILE": "/tmp/p"}
-    s = settings_from(parse(["--max-inflight", "3"]), env)
+    s = settings_from(GatewaySettings, parse(["--max-inflight", "3"]), env)
     assert (s.coordinator, s.model_dir, s.port, s.max_inflight, s.exit_with_parent, s.port_file) == (
         "c:9", Path("/ckpt"), 0, 3, True, Path("/tmp/p"))
 
@@ -44,4 +45,4 @@ def test_environment_fills_what_flags_leave_unset():
 ])
 def test_bad_settings_say_what_is_wrong(argv, env, message):
     with pytest.raises(MoemeshError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        settings_from(parse(argv), env)
+        settings_from(GatewaySettings, parse(argv), env)
