@@ -175,11 +175,23 @@ def _coldest_experts(model_dir, prompts, params, experts: int) -> dict[int, int]
     return {layer: row.index(min(row)) for layer, row in counts.items()}
 
 
+# The watched request (prompt 0) outlives the others by far, so the policy acts while it still
+# generates, whatever the batching and the machine's load (at 100 tokens like the others, a switch
+# once landed exactly on its last chunk). Prompt + 240 tokens fits the mesh's 256.
+WATCHED = SamplingParams(max_new_tokens=240, ignore_eos=True)
+
+
+def _expected(model, params: SamplingParams) -> list[list[int]]:
+    """The local engine's tokens: prompt 0 with WATCHED, the others with `params`."""
+    engine = Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256)))
+    return generate(engine, PROMPTS[:1], WATCHED) + generate(engine, PROMPTS[1:], params)
+
+
 async def _generate_watched(mesh, params: SamplingParams):
-    """Every prompt at once, prompt 0's stream watching rank 0's epoch: (tokens, ModelInfo, watch)."""
+    """Every prompt at once, prompt 0's stream (WATCHED) watching rank 0's epoch: (tokens, ModelInfo, watch)."""
     worker = await first_worker(mesh.coordinator)
     async with Client(mesh.gateway, timeout=300) as client:
-        watch, *done = await asyncio.gather(watch_stream(client, worker, PROMPTS[0], params),
+        watch, *done = await asyncio.gather(watch_stream(client, worker, PROMPTS[0], WATCHED),
                                             *(client.generate_text(token_ids=p, params=params) for p in PROMPTS[1:]))
         return [watch.token_ids, *(list(d.token_ids) for d in done)], await client.model_info(), watch
 
@@ -193,7 +205,7 @@ def test_replicate_policy_rebalances_during_live_generation_without_changing_a_t
 
     model = write_tiny_model(tmp_path / "model", dataclasses.replace(SPEC, experts=4, hidden=64, intermediate=128))
     params = SamplingParams(max_new_tokens=100, ignore_eos=True)  # 400 tokens: several rebalance cycles
-    expected = generate(Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256))), PROMPTS, params)
+    expected = _expected(model, params)
     cold = _coldest_experts(model, PROMPTS, params, experts=4)
     layers = {layer: [[e] + ([4] if e == cold[layer] else []) for e in range(4)] for layer in cold}
     placement = tmp_path / "cold-replica.yaml"
@@ -214,7 +226,7 @@ def test_split_policy_splits_hot_experts_live_without_changing_a_token(mesh_fact
 
     model = write_tiny_model(tmp_path / "model", dataclasses.replace(SPEC, experts=4, hidden=64, intermediate=128))
     params = SamplingParams(max_new_tokens=100, ignore_eos=True)
-    expected = generate(Engine(build_model(model, RuntimeShape(max_seqs=4, max_model_len=256))), PROMPTS, params)
+    expected = _expected(model, params)
     mesh = mesh_factory(model, 4, "--policy", "split")
 
     tokens, info, watch = asyncio.run(_generate_watched(mesh, params))
