@@ -194,7 +194,7 @@ assert took < 0.5
 assert elapsed <= 3 * 0.1
 assert m["ttft_mean_s"] < 0.05
 assert stats.tokens_per_s > 100
-assert 1.0 > result.step_seconds
+assert (1.0) > result.step_seconds
 assert 0 < latency < 2.0
 assert loop.time() - start >= 0.2
 start = time.monotonic()
