@@ -1,8 +1,17 @@
 """The worker's engine thread: owns the engine and runs the lockstep protocol with its peers.
 
 Everything that touches the engine or a collective happens on this one thread; the asyncio side
-talks to it only through `submit`, `cancel`, `offer_epoch` and `request_stop` (thread-safe), and
-hears back through the `events` callback (called on this thread; the server hops to its loop).
+talks to it only through `submit`, `offer_epoch`, `newer_world`, `offer_world` and `request_stop`
+(thread-safe), and hears back through the `on_events` and `on_world_lost` callbacks (called on
+this thread; the server hops to its loop).
+
+Worlds. The thread serves one world generation at a time (`_serve_world`) and outlives it: when
+a collective breaks (a peer died, stalled or left: CollectiveError) or some rank leaves at a step
+header, the thread leaves the world, keeps every request it holds (sequences, KV caches, sampling
+positions), goes on taking submits and cancels, and waits for the next generation, which the
+asyncio side prepares (placement loaded, communicator joined) and offers (`offer_world`). A step
+that broke midway is simply run again in the next world: nothing of it was committed (tokens are
+appended only after a whole forward pass; the KV rows it wrote are written again).
 """
 
 from __future__ import annotations
@@ -19,13 +28,16 @@ import torch
 
 from moemesh.engine.engine import Engine, FinishReason, StepBatch, TokenEvent
 from moemesh.engine.sampling import SamplingParams
-from moemesh.errors import MoemeshError, UnavailableError
+from moemesh.errors import CollectiveError, MoemeshError, UnavailableError
 from moemesh.mesh.lockstep import HeaderCollective, StepHeader, Waker, exchange_header
 from moemesh.mesh.placement import Placement
 from moemesh.mesh.routing_counts import LoadRecorder, LoadSample
+from moemesh.mesh.transport import AllToAllTransport, Collective
 from moemesh.model.weights import LayerExperts
 
 log = logging.getLogger(__name__)
+
+BETWEEN_WORLDS_POLL_S = 0.1  # between worlds only: how often the thread looks at its inbox and stop flag
 
 
 @dataclass(frozen=True)
@@ -57,19 +69,32 @@ class PreparedEpoch:
 Event = TokenEvent | Rejected
 
 
-class StepCollective(HeaderCollective, Protocol):
-    """What the engine thread needs of its collective besides the transport's exchanges."""
+class StepCollective(HeaderCollective, Collective, Protocol):
+    """What the engine thread needs of its collective: the step header, the exchanges, the counters."""
 
-    rank: int
     seconds: float  # wall time blocked on collectives
     exchange_seconds: float  # all_to_all exchanges in flight, summed
     hidden_seconds: float  # the part of exchange_seconds overlapped with compute
 
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class World:
+    """One world generation, ready for the engine thread: its collective (joined), the waker of
+    its idle rounds, and its first placement epoch (loaded)."""
+
+    generation: int
+    collective: StepCollective
+    waker: Waker
+    first: PreparedEpoch
+
 
 class MeshRunner:
-    """`epoch`: the placement epoch the engine's MoE layer was built for. `recorder`: the load
-    recorder the model's MoE layer and transport feed; its window goes to `on_load` every
-    `report_every_tokens` routed tokens."""
+    """`epoch`: the placement epoch the engine's MoE layer was built for, in world `generation`.
+    `recorder`: the load recorder the model's MoE layer and transport feed; its window goes to
+    `on_load` every `report_every_tokens` routed tokens. `on_world_lost(generation, reason)` is
+    called when a collective of that generation broke."""
 
     def __init__(
         self,
@@ -81,21 +106,29 @@ class MeshRunner:
         on_load: Callable[[LoadSample], None] | None = None,
         recorder: LoadRecorder | None = None,
         report_every_tokens: int = 100,
+        generation: int = 1,
+        on_world_lost: Callable[[int, str], None] | None = None,
     ):
         self.engine = engine
         self.recorder = recorder
         self.collective = collective
         self.waker = waker
-        self.idle_round = 0  # idle headers seen so far: the same count on every rank
+        self.generation = generation  # the world generation this thread serves (or last served)
+        self.idle_round = 0  # idle headers seen so far in this world: the same count on every rank
         self.on_events = on_events
         self.on_load = on_load
+        self.on_world_lost = on_world_lost
         self.report_every = report_every_tokens
         self.epoch = epoch
         self.switches: list[tuple[int, int]] = []  # (epoch, steps executed before it): the same on every rank
+        self.worlds_lost = 0  # worlds this thread left because a collective broke
         self._prepared: dict[int, PreparedEpoch] = {}
         self._loaded_epoch = self.epoch
+        self._newest_generation = generation  # the newest world generation the asyncio side knows of
+        self._worlds: queue.SimpleQueue[World] = queue.SimpleQueue()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._lock = threading.Lock()
         self.steps = 0
         self.step_seconds = 0.0  # wall time of executed steps, header exchange included
@@ -112,22 +145,47 @@ class MeshRunner:
         self._inbox.put(item)
         self.waker.wake(self.idle_round)
 
-    def offer_epoch(self, prepared: PreparedEpoch) -> None:
-        """A newer placement is loaded; the mesh switches once every rank has it."""
+    def offer_epoch(self, prepared: PreparedEpoch, generation: int) -> bool:
+        """A newer placement of world `generation` is loaded; the mesh switches once every rank has
+        it. False (and ignored) when this thread is not in that world (any more)."""
         with self._lock:
-            assert prepared.placement.epoch > self._loaded_epoch, "epochs must be prepared in order"
+            if generation != self.generation or prepared.placement.epoch <= self._loaded_epoch:
+                return False
             self._prepared[prepared.placement.epoch] = prepared
             self._loaded_epoch = prepared.placement.epoch
         self.waker.wake(self.idle_round)
+        return True
+
+    def newer_world(self, generation: int) -> None:
+        """The coordinator has formed world `generation`: leave the current one at the next step
+        header (or give up a collective that waits for peers that already left)."""
+        with self._lock:
+            self._newest_generation = max(self._newest_generation, generation)
+        self.waker.wake(self.idle_round)
+
+    def offer_world(self, world: World) -> None:
+        """The next generation, joined and loaded: the thread enters it once it left its world."""
+        self.newer_world(world.generation)
+        self._worlds.put(world)
+
+    def abandoned(self, generation: int) -> bool:
+        """True once a world newer than `generation` exists (its collectives stop waiting)."""
+        with self._lock:
+            return self._newest_generation > generation
 
     def request_stop(self) -> None:
         self._stop.set()
         self.waker.wake(self.idle_round)
 
+    def stop_accepting(self) -> None:
+        """This worker is leaving: refuse new requests (they go elsewhere), keep stepping the rest."""
+        self._draining.set()
+
     @property
     def accepting(self) -> bool:
-        """False once the engine thread is stopping or has failed: new requests would hang."""
-        return not self._stop.is_set() and self.failure is None and not self._finished
+        """False once the engine thread is leaving, stopping or has failed: new requests would
+        hang. True between worlds: requests wait for the next one."""
+        return not (self._stop.is_set() or self._draining.is_set()) and self.failure is None and not self._finished
 
     @property
     def loaded_epoch(self) -> int:
@@ -140,13 +198,32 @@ class MeshRunner:
             device = torch.device(self.engine.model.runtime.device)
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current device is per thread: this one runs the model
+            while self._serve_world():
+                world = self._await_world()
+                if world is None:
+                    break
+                self._enter(world)
+        except BaseException as exc:  # a bug or a broken invariant (not a lost peer): this worker ends
+            self.failure = exc
+            log.exception("engine thread stopped")
+        finally:
+            self._finished = True
+            self._fail_everything()
+
+    def _serve_world(self) -> bool:
+        """Step in the current world until some rank leaves it or a collective breaks; True when
+        this rank goes on to the next generation, False when it stops."""
+        try:
             while True:
                 self._drain_inbox()
                 batch = self.engine.schedule()
                 reported = self.loaded_epoch
                 started, in_collectives = time.perf_counter(), self.collective.seconds
-                header = exchange_header(self.collective, batch.tokens_per_micro, reported, self._stop.is_set())
-                if header.stop:
+                leaving = self._leaving()
+                header = exchange_header(self.collective, batch.tokens_per_micro, reported, leaving)
+                if header.leave:
+                    if not leaving and self.on_world_lost is not None:  # a peer left: make sure the coordinator knows
+                        self.on_world_lost(self.generation, "a peer left the world at a step header")
                     break
                 self._maybe_switch(header)
                 if header.idle:
@@ -156,12 +233,52 @@ class MeshRunner:
                 self.step_seconds += time.perf_counter() - started
                 self.collective_seconds += self.collective.seconds - in_collectives
                 self._count_exchanges()
-        except BaseException as exc:  # a peer died or a collective timed out: the world is broken
-            self.failure = exc
-            log.exception("engine thread stopped")
-        finally:
-            self._finished = True
-            self._fail_everything()
+        except CollectiveError as exc:  # a peer died, stalled or left: this world is over, the requests stay
+            self.worlds_lost += 1
+            log.warning("rank %d: world generation %d broke: %s", self.collective.rank, self.generation, exc)
+            if self.on_world_lost is not None:
+                self.on_world_lost(self.generation, str(exc))
+        self.collective.close()
+        return not self._stop.is_set()
+
+    def _leaving(self) -> bool:
+        return self._stop.is_set() or self.abandoned(self.generation)
+
+    def _await_world(self) -> World | None:
+        """Between worlds: keep taking submits and cancels (requests wait), return the next
+        generation once it is offered; None if this rank is asked to stop first."""
+        while not self._stop.is_set():
+            self._drain_inbox()
+            try:
+                world = self._worlds.get(timeout=BETWEEN_WORLDS_POLL_S)
+            except queue.Empty:
+                continue
+            if world.generation > self.generation:
+                return world
+            world.collective.close()  # an offer overtaken by a newer one
+        return None
+
+    def _enter(self, world: World) -> None:
+        """Switch every world-dependent piece at once: collective, waker, transport, experts and
+        routing tables, load recorder, epoch bookkeeping."""
+        first = world.first
+        with self._lock:
+            self.generation = world.generation
+            self._prepared = {}
+            self._loaded_epoch = first.placement.epoch
+        self.collective, self.waker, self.idle_round = world.collective, world.waker, 0
+        self._exchanges_seen = (world.collective.exchange_seconds, world.collective.hidden_seconds)
+        moe = self.engine.model.moe
+        assert isinstance(moe.transport, AllToAllTransport), "a mesh rank runs the all-to-all transport"
+        moe.transport.rejoin(world.collective)
+        moe.apply_epoch(first.placement, first.layers)
+        if self.recorder is not None:
+            self.recorder.resize(first.placement.world_size)
+        self.epoch = first.placement.epoch
+        self.switches.append((self.epoch, self.steps))
+        log.info("rank %d of %d: entered world generation %d at placement epoch %d with %d requests",
+                 world.collective.rank, world.collective.world_size, world.generation, self.epoch,
+                 len(self.engine.request_ids()))
 
     def _count_exchanges(self) -> None:
         """Add the exchange seconds the collective counted since the last call, in seconds. NCCL

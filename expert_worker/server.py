@@ -1,12 +1,16 @@
-"""Expert worker lifecycle: serve, register, join the world, load, run, stop.
+"""Expert worker lifecycle: serve, register, join a world, load, run, follow worlds, leave.
 
 1. Start the gRPC server (health NOT_SERVING) and register with the coordinator.
-2. Wait for the world to form; read the first placement.
-3. Load the dense part and this rank's experts, join the gloo process group (off the loop).
+2. Wait for a world that lists this worker; read its placement.
+3. Load the dense part and this rank's experts, join the world's communicator (off the loop).
 4. Start the engine thread; health SERVING.
-5. Follow placement epochs (prepared in the background), heartbeat, report load.
-6. On SIGINT/SIGTERM, a peer's stop, or a broken world: stop the engine thread at a lockstep
-   boundary, leave the process group, stop the server.
+5. Follow placement epochs (prepared in the background), world generations (expert_worker.worlds:
+   a lost peer or a joining worker means a new world, joined in-process, requests kept),
+   heartbeat, report load and lost worlds.
+6. On SIGINT/SIGTERM: stop taking requests, tell the coordinator (LeaveWorld), stop the engine
+   thread at a step header (the others go on in a world without this one); the requests still
+   here go back to the gateway as UNAVAILABLE, which moves them to live workers. The same when
+   a world no longer lists this worker (evicted).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from expert_worker.epochs import prepare_epoch
 from expert_worker.runner import MeshRunner
 from expert_worker.servicer import MeshMember, WorkerServicer
 from expert_worker.settings import WorkerSettings
+from expert_worker.worlds import Identity, WorldFollower, leave, report_lost
 from moemesh.engine.engine import Engine, EngineSettings
 from moemesh.mesh.backend import choose_backend, join_world
 from moemesh.mesh.gloo import StoreWaker
@@ -72,38 +77,51 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
     port = await server.start(settings.host, settings.port)
     write_port_file(settings.port_file, port)
     address = f"{settings.advertise_host}:{port}"
-    worker_id = settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    me = Identity(settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}", os.getpid())
     async with channel(settings.coordinator) as ch:
         coord = coordinator_pb2_grpc.CoordinatorStub(ch)
-        joined = await _join(coord, settings, worker_id, address, stop)
+        joined = await _join(coord, settings, me, address, stop)
         if joined is None:
             await server.stop(1.0)
             return 0
-        node, collective, reader = joined
+        node, reader = joined
         servicer.attach(node)
-        return await _run(settings, server, servicer, node, collective, reader, coord, worker_id, stop)
+        return await _run(settings, server, servicer, node, reader, coord, me, stop)
 
 
-async def _join(coord, settings: WorkerSettings, worker_id: str, address: str, stop: asyncio.Event):
-    incarnation = os.getpid()
+async def _join(coord, settings: WorkerSettings, me: Identity, address: str, stop: asyncio.Event):
     reg = await _retry_until_up(
         lambda: coord.RegisterWorker(cpb.RegisterWorkerRequest(
-            worker_id=worker_id, incarnation=incarnation, address=address, device=settings.device,
+            worker_id=me.worker_id, incarnation=me.incarnation, address=address, device=settings.device,
             node=settings.node, memory_bytes=settings.expert_memory_bytes,
             weight_bytes_per_element=compute_dtype(settings.dtype, settings.device).itemsize),
             timeout=settings.rpc_timeout_s), stop, "coordinator")
     if reg is None:
         return None
-    log.info("registered %s at %s as rank %d; waiting for the world", worker_id, address, reg.rank)
-    world = await _retry_until_up(
-        lambda: coord.WaitForWorld(cpb.WaitForWorldRequest(worker_id=worker_id, incarnation=incarnation),
-                                   timeout=settings.rpc_timeout_s), stop, "world")
+    log.info("registered %s at %s; waiting for a world that lists it", me.worker_id, address)
+    world, placement = await _first_world(coord, settings, me, stop)
     if world is None:
         return None
-    placement = placement_from_proto(
-        (await coord.GetPlacement(cpb.GetPlacementRequest(), timeout=settings.rpc_timeout_s)).placement)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, _build_node, settings, Path(reg.model_path), world, placement)
+
+
+async def _first_world(coord, settings: WorkerSettings, me: Identity, stop: asyncio.Event):
+    """The first world that lists this worker (a worker that joins a running mesh waits for the
+    generation formed for it) and its placement; (None, None) if stopped first."""
+    after = 0
+    while True:
+        request = cpb.WaitForWorldRequest(after_generation=after, worker_id=me.worker_id, incarnation=me.incarnation)
+        world = await _retry_until_up(
+            lambda req=request: coord.WaitForWorld(req, timeout=settings.rpc_timeout_s), stop, "world")
+        if world is None:
+            return None, None
+        after = world.generation
+        if world.rank < 0 or world.unservable_reason:
+            continue
+        reply = await coord.GetPlacement(cpb.GetPlacementRequest(), timeout=settings.rpc_timeout_s)
+        if reply.placement.world_generation == world.generation:
+            return world, placement_from_proto(reply.placement)
 
 
 async def _retry_until_up(call, stop: asyncio.Event, what: str):
@@ -113,7 +131,7 @@ async def _retry_until_up(call, stop: asyncio.Event, what: str):
 
 
 def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
-    """Blocking: load weights, join the process group, assemble engine and engine thread."""
+    """Blocking: load weights, join the communicator, assemble engine and engine thread."""
     rank, size = world.rank, world.world_size
     reader = CheckpointReader(model_dir)
     runtime = RuntimeShape(max_seqs=settings.max_seqs, max_model_len=settings.max_model_len,
@@ -122,8 +140,11 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     rv = world.rendezvous
     choice = choose_backend(world.transport or "gloo", settings.device)
     log.info("rank %d: data plane %s (%s)", rank, choice.name, choice.reason)
+    runner: MeshRunner | None = None  # the collective asks it whether a newer world exists
+    generation = world.generation
     collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.device,
-                            settings.collective_timeout_s, micro_batches=settings.micro_batches)
+                            settings.collective_timeout_s, micro_batches=settings.micro_batches,
+                            abandoned=lambda: runner is not None and runner.abandoned(generation))
     recorder = LoadRecorder.for_placement(placement, settings.device)
     transport = AllToAllTransport(collective, placement, settings.device, observer=recorder)
     pieces = {layer: placement.pieces_on(rank, layer) for layer in placement.layers}
@@ -134,10 +155,8 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
                                           micro_batches=settings.micro_batches))
     waker = StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/", timeout_s=3600.0)
     runner = MeshRunner(engine, collective, waker, placement.epoch, on_events=lambda ev: None, recorder=recorder,
-                        report_every_tokens=settings.report_every_tokens)
-    node = MeshMember(rank=rank, world_generation=world.generation, runner=runner, engine=engine,
-                      device=settings.device)
-    return node, collective, reader
+                        report_every_tokens=settings.report_every_tokens, generation=generation)
+    return MeshMember(runner=runner, engine=engine, device=settings.device), reader
 
 
 def compute_dtype(requested: str, device: str) -> torch.dtype:
@@ -147,72 +166,120 @@ def compute_dtype(requested: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
-async def _run(settings, server, servicer, node, collective, reader, coord, worker_id, stop) -> int:
+async def _run(settings, server, servicer, node: MeshMember, reader, coord, me: Identity, stop) -> int:
     loop = asyncio.get_running_loop()
     runner = node.runner
-    runner.on_events = lambda events: loop.call_soon_threadsafe(servicer.requests.deliver, events)
-    reports: set[asyncio.Task[None]] = set()  # load reports in flight (the loop keeps only weak references)
-    runner.on_load = lambda sample: loop.call_soon_threadsafe(
-        _report_load, coord, settings, node, worker_id, sample, reports)
+    background: set[asyncio.Task] = set()  # fire-and-forget calls in flight (the loop keeps only weak references)
+    evicted = asyncio.Event()
+
+    def on_events(events) -> None:  # these three run on the engine thread: hop onto the loop
+        loop.call_soon_threadsafe(servicer.requests.deliver, events)
+
+    def on_load(sample) -> None:
+        loop.call_soon_threadsafe(_spawn, background, _report_load(coord, settings, node, me, sample))
+
+    def on_world_lost(generation: int, reason: str) -> None:
+        loop.call_soon_threadsafe(_spawn, background, _report_lost(coord, settings, me, generation, reason, evicted))
+
+    runner.on_events, runner.on_load, runner.on_world_lost = on_events, on_load, on_world_lost
     thread = threading.Thread(target=runner.run, name="engine", daemon=True)
     thread.start()
     finished = asyncio.Event()
     thread_done = loop.run_in_executor(None, thread.join)
     thread_done.add_done_callback(lambda _: finished.set())
+    follower = WorldFollower(coord, settings, me, runner, reader)
+    following = asyncio.create_task(_follow_worlds(follower, stop, evicted))
     watcher = asyncio.create_task(_follow_placements(coord, settings, node, reader))
-    beats = asyncio.create_task(_heartbeat(coord, settings, node, worker_id))
+    beats = asyncio.create_task(_heartbeat(coord, settings, node, me))
     await server.set_ready()
     log.info("rank %d serving", node.rank)
-    await asyncio.wait({asyncio.create_task(stop.wait()), asyncio.create_task(finished.wait())},
-                       return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({asyncio.create_task(stop.wait()), asyncio.create_task(finished.wait()),
+                        asyncio.create_task(evicted.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set() and not finished.is_set() and not evicted.is_set():
+        runner.stop_accepting()  # new submits go elsewhere (UNAVAILABLE) while the coordinator hears of it
+        await leave(coord, settings, me)
     runner.request_stop()
     await thread_done
-    for task in (watcher, beats, *reports):
+    for task in (following, watcher, beats, *background):
         task.cancel()
-    collective.close()
+    runner.collective.close()
     await server.stop(2.0)
-    log.info("rank %d stopped after %d steps", node.rank, runner.steps)
-    return 1 if runner.failure is not None else 0
+    log.info("rank %d stopped after %d steps in %d world generations", node.rank, runner.steps,
+             1 + follower.generations_joined)
+    return 1 if runner.failure is not None or evicted.is_set() else 0
+
+
+def _spawn(tasks: set[asyncio.Task], coro) -> None:
+    task = asyncio.create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _follow_worlds(follower: WorldFollower, stop: asyncio.Event, evicted: asyncio.Event) -> None:
+    """Until this worker is no longer a member of the newest world (then `evicted` is set)."""
+    try:
+        await follower.follow(stop)
+    except Exception:  # the follower must never die silently: without it the worker cannot heal
+        log.exception("following world generations failed; this worker stops")
+    if not stop.is_set():
+        evicted.set()
+
+
+async def _report_lost(coord, settings, me: Identity, generation: int, reason: str, evicted: asyncio.Event) -> None:
+    if not await report_lost(coord, settings, me, generation, reason):
+        log.warning("the coordinator no longer lists %s (evicted): stopping", me.worker_id)
+        evicted.set()
 
 
 async def _follow_placements(coord, settings: WorkerSettings, node: MeshMember, reader) -> None:
-    """Prepare every new epoch, in order, off the loop; the engine thread switches at a step."""
-    loop = asyncio.get_running_loop()
-    cfg = node.engine.model.cfg
-    async for msg in coord.WatchPlacement(cpb.WatchPlacementRequest(after_epoch=node.runner.epoch)):
-        placement = placement_from_proto(msg)
-        if placement.epoch <= node.runner.loaded_epoch:
-            continue
-        current = dict(node.engine.model.moe.experts.layers)
-        runtime = node.engine.model.runtime
-        prepared = await loop.run_in_executor(
-            None, prepare_epoch, placement, node.rank, current, reader, cfg, runtime.dtype, runtime.device)
-        node.runner.offer_epoch(prepared)
+    """Prepare every new epoch, in order, off the loop; the engine thread switches at a step. The
+    first epoch of a new world generation is the world follower's; later ones of that generation
+    wait until the engine thread is in it. Reconnects (from the last epoch seen) when the
+    coordinator goes away."""
+    seen = node.runner.epoch
+    while True:
+        try:
+            async for msg in coord.WatchPlacement(cpb.WatchPlacementRequest(after_epoch=seen)):
+                seen = msg.epoch
+                await _prepare_and_offer(node, reader, msg)
+        except grpc.aio.AioRpcError as exc:
+            log.info("placement watch interrupted (%s); reconnecting", exc.code().name)
+        await asyncio.sleep(1.0)
+
+
+async def _prepare_and_offer(node: MeshMember, reader, msg) -> None:
+    runner = node.runner
+    generation = msg.world_generation
+    while runner.generation < generation and not runner.abandoned(generation):
+        await asyncio.sleep(0.05)  # the world follower is bringing the engine thread into it
+    if runner.generation != generation or msg.epoch <= runner.loaded_epoch:
+        return
+    placement = placement_from_proto(msg)
+    cfg, runtime = node.engine.model.cfg, node.engine.model.runtime
+    current = dict(node.engine.model.moe.experts.layers)
+    prepared = await asyncio.get_running_loop().run_in_executor(
+        None, prepare_epoch, placement, node.rank, current, reader, cfg, runtime.dtype, runtime.device)
+    if runner.offer_epoch(prepared, generation):
         log.info("rank %d: placement epoch %d loaded", node.rank, placement.epoch)
 
 
-async def _heartbeat(coord, settings: WorkerSettings, node: MeshMember, worker_id: str) -> None:
+async def _heartbeat(coord, settings: WorkerSettings, node: MeshMember, me: Identity) -> None:
     while True:
         try:
             await coord.Heartbeat(cpb.HeartbeatRequest(
-                worker_id=worker_id, incarnation=os.getpid(), world_generation=node.world_generation,
+                worker_id=me.worker_id, incarnation=me.incarnation, world_generation=node.world_generation,
                 loaded_epoch=node.runner.loaded_epoch), timeout=settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat failed: %s", exc.code().name)
         await asyncio.sleep(1.0)
 
 
-def _report_load(coord, settings, node: MeshMember, worker_id: str, sample, reports: set[asyncio.Task[None]]) -> None:
-    async def send():
-        try:
-            await coord.ReportLoad(cpb.ReportLoadRequest(
-                worker_id=worker_id, incarnation=os.getpid(), rank=node.rank,
-                world_generation=node.world_generation, placement_epoch=node.runner.epoch,
-                window_tokens=sample.tokens, expert_counts=to_proto(sample.expert_counts),
-                link_counts=to_proto(sample.link_counts)), timeout=settings.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("load report failed: %s", exc.code().name)
-
-    task = asyncio.create_task(send())
-    reports.add(task)
-    task.add_done_callback(reports.discard)
+async def _report_load(coord, settings, node: MeshMember, me: Identity, sample) -> None:
+    try:
+        await coord.ReportLoad(cpb.ReportLoadRequest(
+            worker_id=me.worker_id, incarnation=me.incarnation, rank=node.rank,
+            world_generation=node.world_generation, placement_epoch=node.runner.epoch,
+            window_tokens=sample.tokens, expert_counts=to_proto(sample.expert_counts),
+            link_counts=to_proto(sample.link_counts)), timeout=settings.rpc_timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("load report failed: %s", exc.code().name)

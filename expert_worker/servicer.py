@@ -36,11 +36,18 @@ _REASON = {
 class MeshMember:
     """What the servicer needs once the worker has joined its world."""
 
-    rank: int
-    world_generation: int
     runner: MeshRunner
     engine: Engine
     device: str
+
+    @property
+    def rank(self) -> int:
+        """Rank in the world generation the engine thread serves (it changes with the generation)."""
+        return self.runner.collective.rank
+
+    @property
+    def world_generation(self) -> int:
+        return self.runner.generation
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):

@@ -37,6 +37,12 @@ class UnavailableError(MoemeshError):
     """A peer process is gone or not ready: UNAVAILABLE."""
 
 
+class CollectiveError(UnavailableError):
+    """The data plane of this world generation broke: a collective failed (a peer died or left),
+    passed its deadline (a peer is stuck), or was abandoned because a newer world exists. The
+    communicator cannot be used again; the rank reports the loss and joins the next generation."""
+
+
 class NotFoundError(MoemeshError):
     """A named thing (a worker, a request) is not known here: NOT_FOUND."""
 

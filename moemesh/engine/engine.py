@@ -176,10 +176,13 @@ class Engine:
         return self.execute(self.schedule())
 
     def schedule(self) -> StepBatch:
-        """Pick this step's tokens: every running sequence decodes; waiting ones are admitted."""
-        decode = list(self._running.values())
-        admitted = self._admit()
-        groups = _split(decode, admitted, self.settings.micro_batches)
+        """Pick this step's tokens: every running sequence decodes; waiting ones are admitted. A
+        running sequence with no output yet is prefilled (again: a step whose forward pass broke
+        off, on a mesh that lost a peer, committed nothing and is simply run again)."""
+        running = list(self._running.values())
+        decode = [s for s in running if s.output]
+        prefill = [s for s in running if not s.output] + self._admit()
+        groups = _split(decode, prefill, self.settings.micro_batches)
         return StepBatch(micro=tuple(self._micro_batch(d, p) for d, p in groups))
 
     def _micro_batch(self, decode: list[_Sequence], prefill: list[_Sequence]) -> MicroBatch:

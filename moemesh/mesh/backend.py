@@ -9,6 +9,7 @@ shared through it: the CPU-only coordinator has no NCCL).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -57,15 +58,17 @@ def choose_backend(requested: str, device: str) -> BackendChoice:
 
 
 def join_world(choice: BackendChoice, host: str, port: int, prefix: str, rank: int, world_size: int,
-               device: str, timeout_s: float, micro_batches: int = 1):
+               device: str, timeout_s: float, micro_batches: int = 1, abandoned: Callable[[], bool] = lambda: False):
     """Blocks until every rank has joined; returns the Collective. `micro_batches` per step sizes
     NCCL's ring of receive buffers (2 per micro-batch; see moemesh.mesh.nccl.RecvRing).
     `timeout_s` bounds the rendezvous and, for both backends, every collective afterwards (NCCL:
-    a wait past it aborts the communicator and raises CollectiveError)."""
+    a wait past it aborts the communicator and raises CollectiveError). `abandoned()` turns true
+    once a newer world generation exists: a collective that has waited a while then gives up
+    (CollectiveError) instead of waiting for peers that already left."""
     if choice.name == "gloo":
         from moemesh.mesh.gloo import init_gloo
 
-        return init_gloo(host, port, prefix, rank, world_size, timeout_s)
+        return init_gloo(host, port, prefix, rank, world_size, timeout_s, abandoned)
     import torch.distributed as dist
 
     from moemesh.mesh.nccl import NcclCollective, make_unique_id
@@ -75,4 +78,4 @@ def join_world(choice: BackendChoice, host: str, port: int, prefix: str, rank: i
         store.set("nccl_unique_id", json.dumps(make_unique_id()))
     unique_id = tuple(json.loads(store.get("nccl_unique_id")))
     return NcclCollective(rank, world_size, unique_id, torch.device(device), in_flight=2 * micro_batches,
-                          timeout_s=timeout_s)
+                          timeout_s=timeout_s, abandoned=abandoned)

@@ -1,8 +1,16 @@
 """The CPU data plane: torch.distributed's gloo backend (an existing collective engine).
 
-One process group per world generation, rendezvous through the coordinator's TCPStore.
+One process group per world generation, rendezvous through the coordinator's TCPStore under the
+generation's own key prefix. The group is a `ProcessGroupGloo` object owned by its
+`GlooCollective`, never torch's process-global default group, so a rank can leave a broken world
+and join the next generation in the same process (its weights, experts and KV caches stay).
 Uneven splits are never needed: the transport pads every (source, destination) block to the
-step's capacity, so `all_to_all_single` runs with equal splits.
+step's capacity, so `alltoall_base` runs with equal splits.
+
+Every wait is bounded and typed: a peer that died breaks the wait at once (gloo sees its socket
+close), a stuck one at the group's timeout; a wait is also given up, after WAIT_SLICE_S, once
+`abandoned()` says a newer world generation exists (peers that already left never answer). All
+three raise CollectiveError.
 
 Overlap accounting: every all_to_all is timed from its posting to its completion (noted by a
 callback on its future: no polling, no extra synchronisation). The posting call and the wait are
@@ -14,13 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from moemesh.errors import CollectiveError
 from moemesh.mesh.overlap import hidden_seconds
 from moemesh.model.moe import Done, Pending
+
+STORE_DOWN_POLL_S = 0.1  # idle ranks poll this often while the coordinator's store is unreachable
+WAIT_SLICE_S = 1.0  # a healthy collective never waits this long; past it, look whether to give up
+
+
+def _never() -> bool:
+    return False
 
 
 class _GlooPending:
@@ -43,7 +60,7 @@ class _GlooPending:
 
     def wait(self) -> torch.Tensor:
         called = time.perf_counter()
-        self.work.wait()
+        self.owner.wait(self.work, "all_to_all")
         returned = time.perf_counter()
         if not self.counted:
             self.counted = True
@@ -55,9 +72,12 @@ class _GlooPending:
 class GlooCollective:
     """Collectives of one world; all ranks call them in the same order (cross-rank invariant)."""
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int, world_size: int, group: dist.ProcessGroupGloo | None = None,
+                 abandoned: Callable[[], bool] = _never):
+        self.group = group  # None: a world of one, or accounting only (tests)
         self.rank = rank
         self.world_size = world_size
+        self.abandoned = abandoned  # true once a newer world generation exists
         self.seconds = 0.0  # wall time blocked on collectives (waiting for peers included)
         # all_to_all exchanges only, summed over exchanges, seconds (see count_exchange):
         self.exchange_seconds = 0.0  # in flight: posted -> completed
@@ -97,7 +117,12 @@ class GlooCollective:
             return Done(send)
         recv = torch.empty_like(send)  # (R * C, W)
         start = time.perf_counter()
-        return _GlooPending(self, dist.all_to_all_single(recv, send, async_op=True), recv, start)
+        assert self.group is not None, "left this world"
+        try:
+            work = self.group.alltoall_base(recv, send, [], [])  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            raise CollectiveError(f"rank {self.rank}: all_to_all could not start: {exc}") from exc
+        return _GlooPending(self, work, recv, start)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         """values: (n,) int64 -> (R, n): every rank's values, by rank."""
@@ -105,23 +130,46 @@ class GlooCollective:
             return values.unsqueeze(0)
         start = time.perf_counter()
         out = [torch.empty_like(values) for _ in range(self.world_size)]
-        dist.all_gather(out, values)
+        assert self.group is not None, "left this world"
+        try:
+            work = self.group.allgather([out], [values])  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            raise CollectiveError(f"rank {self.rank}: step header could not start: {exc}") from exc
+        self.wait(work, "step header")
         end = time.perf_counter()
         self.seconds += end - start
         if self._flying:
             self._blocked.append((start, end))
         return torch.stack(out)
 
+    def wait(self, work, what: str) -> None:
+        """Block until `work` completes, in slices of WAIT_SLICE_S; CollectiveError when it failed
+        (a peer died: gloo saw its socket close; or the group's timeout passed) or when a newer
+        world exists and the wait outlasted a slice."""
+        waited = 0.0
+        while True:
+            try:
+                work.wait(timedelta(seconds=WAIT_SLICE_S))
+                return
+            except RuntimeError as exc:
+                if work.is_completed():  # it ended with an error, not our slice's timeout
+                    raise CollectiveError(f"rank {self.rank}: {what} failed: {exc}") from exc
+            waited += WAIT_SLICE_S
+            if self.abandoned():
+                raise CollectiveError(f"rank {self.rank}: {what} abandoned after {waited:.0f} s: a newer world exists")
+
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the world: drop the group (its sockets close when gloo's threads let go)."""
+        self.group = None
 
 
 class StoreWaker:
     """Idle ranks sleep in a blocking store wait instead of polling with collectives.
 
     Idle round n (every rank counts the same idle headers, so n agrees) ends when any rank sets
-    key n: it has a request, a loaded epoch, or wants to stop. Costs no CPU while idle.
+    key n: it has a request, a loaded epoch, or wants to stop. Costs no CPU while idle. While the
+    store is unreachable (the coordinator that hosts it is down) every rank's wait fails at once,
+    so idle ranks poll every STORE_DOWN_POLL_S instead, together, until it is back.
     """
 
     def __init__(self, host: str, port: int, prefix: str, timeout_s: float):
@@ -131,20 +179,30 @@ class StoreWaker:
         self._waking = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False))
 
     def wait(self, round_: int) -> None:
-        with contextlib.suppress(dist.DistStoreError):  # nothing happened for a long while: look again
+        try:
             self._waiting.wait([str(round_)], timedelta(seconds=self._timeout))
+        except dist.DistStoreError:  # nothing happened for a long while: look again
+            return
+        except dist.DistError:  # the store is gone (its coordinator is down): poll instead of sleeping
+            time.sleep(STORE_DOWN_POLL_S)
 
     def wake(self, round_: int) -> None:
-        self._waking.set(str(round_), "1")
+        with contextlib.suppress(dist.DistError):  # the store is gone: every idle rank is polling
+            self._waking.set(str(round_), "1")
 
 
 def init_gloo(
-    store_host: str, store_port: int, prefix: str, rank: int, world_size: int, timeout_s: float
+    store_host: str, store_port: int, prefix: str, rank: int, world_size: int, timeout_s: float,
+    abandoned: Callable[[], bool] = _never,
 ) -> GlooCollective:
-    """Join the world: blocks until all `world_size` ranks have joined (or `timeout_s` passes)."""
+    """Join one world generation: blocks until all `world_size` ranks have joined (CollectiveError
+    if they do not within `timeout_s`). `prefix` is the generation's own key prefix."""
+    if world_size == 1:
+        return GlooCollective(rank, 1, None, abandoned)
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
-    dist.init_process_group(
-        "gloo", store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout
-    )
-    return GlooCollective(rank, world_size)
+    try:
+        store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+        group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, timeout)
+    except (RuntimeError, dist.DistStoreError) as exc:
+        raise CollectiveError(f"rank {rank}: could not join the world at {prefix!r}: {exc}") from exc
+    return GlooCollective(rank, world_size, group, abandoned)

@@ -2,12 +2,14 @@
 
 Cross-rank invariants (a rank that breaks one hangs its peers in a collective):
 1. Every rank exchanges one step header per step, in the same order: (tokens it will run,
-   newest placement epoch it has fully loaded, whether it wants to stop).
+   newest placement epoch it has fully loaded, whether it leaves this world).
 2. If every rank has zero tokens, no rank runs a forward pass (all idle together).
 3. Otherwise every rank runs one forward pass, even with zero tokens of its own, so it joins
    every MoE layer's dispatch and combine; all use the same T_max for the buffers' capacity.
 4. Every rank switches to epoch min(newest loaded) at the same step, so routing tables agree.
-5. If any rank asks to stop, every rank stops after that header (no half-finished step).
+5. If any rank leaves (it is stopping, or it knows of a newer world generation), every rank
+   leaves this world after that header (no half-finished step); ranks that are not stopping go
+   on to the next generation with their requests and KV caches.
 Pure bookkeeping here; the collective is passed in.
 """
 
@@ -32,7 +34,7 @@ class StepHeader:
 
     tokens: tuple[tuple[int, ...], ...]  # (R, M) tokens each rank runs in each micro-batch
     epoch: int  # placement epoch every rank uses from this step on
-    stop: bool  # some rank asked the mesh to stop
+    leave: bool  # some rank leaves this world: every rank does, after this header
 
     @property
     def idle(self) -> bool:
@@ -45,12 +47,12 @@ class StepHeader:
 
 
 def exchange_header(
-    collective: HeaderCollective, tokens: tuple[int, ...], loaded_epoch: int, stop: bool
+    collective: HeaderCollective, tokens: tuple[int, ...], loaded_epoch: int, leave: bool
 ) -> StepHeader:
     """tokens: (M,) this rank's tokens per micro-batch. Every rank must use the same M."""
     assert 1 <= len(tokens) <= MAX_MICRO_BATCHES, "unsupported micro-batch count"
     padded = list(tokens) + [0] * (MAX_MICRO_BATCHES - len(tokens))
-    mine = torch.tensor([len(tokens), *padded, loaded_epoch, int(stop)], dtype=torch.int64)  # (M_max + 3,)
+    mine = torch.tensor([len(tokens), *padded, loaded_epoch, int(leave)], dtype=torch.int64)  # (M_max + 3,)
     every = collective.all_gather(mine)  # (R, M_max + 3)
     counts = every[:, 0]
     if bool((counts != counts[0]).any()):
@@ -59,7 +61,7 @@ def exchange_header(
     return StepHeader(
         tokens=tuple(tuple(row) for row in every[:, 1 : 1 + M].tolist()),
         epoch=int(every[:, -2].min()),
-        stop=bool(every[:, -1].any()),
+        leave=bool(every[:, -1].any()),
     )
 
 

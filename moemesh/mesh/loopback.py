@@ -23,10 +23,12 @@ from typing import TypeVar
 import torch
 from torch.overrides import TorchFunctionMode
 
+from moemesh.errors import CollectiveError
+
 Result = TypeVar("Result")
 
 
-class LoopbackError(RuntimeError):
+class LoopbackError(CollectiveError):
     """The world is broken: mismatched collectives, a missing peer or an aborted rank."""
 
 

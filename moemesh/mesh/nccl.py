@@ -47,21 +47,21 @@ from typing import Any
 
 import torch
 
-from moemesh.errors import ConfigError, UnavailableError
+from moemesh.errors import CollectiveError, ConfigError
 from moemesh.mesh.overlap import hidden_seconds
+
+ABANDON_AFTER_S = 1.0  # a wait this long, while a newer world exists, gives the world up
 
 _WORD_TYPE = {1: "NCCL_INT8", 2: "NCCL_FLOAT16", 4: "NCCL_FLOAT32", 8: "NCCL_FLOAT64"}
 
 
-class CollectiveError(UnavailableError):
-    """A collective did not finish by its deadline or NCCL reported an asynchronous error (a
-    peer is gone): the communicator was aborted and this world generation cannot be used again."""
-
-
 def await_done(done: Callable[[], bool], check: Callable[[], None], abort: Callable[[], None], timeout_s: float,
-               what: str, clock: Callable[[], float] = time.monotonic) -> None:
+               what: str, clock: Callable[[], float] = time.monotonic,
+               abandoned: Callable[[], bool] = lambda: False) -> None:
     """Poll `done()` until it is true. `check()` raises on an asynchronous error. On that error,
-    or when `timeout_s` passes first, call `abort()` once and raise CollectiveError. Polls by
+    or when `timeout_s` passes first, or when `abandoned()` says a newer world exists and the wait
+    has lasted ABANDON_AFTER_S (a healthy exchange never waits that long), call `abort()` once and
+    raise CollectiveError. Polls by
     yielding the GIL for the first millisecond (a healthy exchange is usually done by then),
     then sleeps up to 1 ms between polls."""
     start = clock()
@@ -73,6 +73,9 @@ def await_done(done: Callable[[], bool], check: Callable[[], None], abort: Calla
             abort()
             raise CollectiveError(f"{what}: NCCL reported an asynchronous error: {exc}") from exc
         waited = clock() - start
+        if waited > ABANDON_AFTER_S and abandoned():
+            abort()
+            raise CollectiveError(f"{what}: abandoned after {waited:.1f} s: a newer world exists")
         if waited > timeout_s:
             abort()
             raise CollectiveError(f"{what}: not done after {timeout_s:g} s (a peer is gone or stuck); "
@@ -181,7 +184,7 @@ class NcclCollective:
     """
 
     def __init__(self, rank: int, world_size: int, unique_id: tuple[int, ...], device: torch.device,
-                 in_flight: int = 2, timeout_s: float = 60.0):
+                 in_flight: int = 2, timeout_s: float = 60.0, abandoned: Callable[[], bool] = lambda: False):
         import cupy
         from cupy.cuda import nccl
 
@@ -189,6 +192,7 @@ class NcclCollective:
         self.device_index = device_index(device)
         self.device = torch.device("cuda", self.device_index)
         self.timeout_s = timeout_s
+        self.abandoned = abandoned  # true once a newer world generation exists (see await_done)
         self.aborted = False
         self._nccl = nccl
         with cupy.cuda.Device(self.device_index):
@@ -214,7 +218,7 @@ class NcclCollective:
         or on NCCL's asynchronous error (see await_done)."""
         self._usable(what)
         await_done(lambda: all(e.done for e in events), self.comm.check_async_error, self.abort, self.timeout_s,
-                   f"rank {self.rank}: {what}")
+                   f"rank {self.rank}: {what}", abandoned=self.abandoned)
 
     def all_to_all(self, send: torch.Tensor) -> _NcclPending:
         """Start the exchange of send: (R*C, W) on the send/receive streams; returns at once."""

@@ -45,6 +45,11 @@ class LoadRecorder:
         E = len(next(iter(placement.layers.values())))
         return cls(placement.layers, E, placement.world_size, device)
 
+    def resize(self, world_size: int) -> None:
+        """A new world generation with `world_size` ranks: link counts change shape; the window restarts."""
+        self.world_size = world_size
+        self.reset()
+
     def reset(self) -> None:
         L = len(self.layer_order)
         self._experts = torch.zeros(L, self.num_experts + 1, dtype=torch.int64, device=self.device)  # (L, E + 1)

@@ -200,6 +200,13 @@ class AllToAllTransport:
         self.observer = observer
         self.set_placement(placement)
 
+    def rejoin(self, collective: Collective) -> None:
+        """Move to a new world generation's collective; a placement for that world follows
+        (set_placement) before the next dispatch."""
+        self.collective = collective
+        self.rank = collective.rank
+        self.world_size = collective.world_size
+
     def set_placement(self, placement: Placement) -> None:
         assert placement.world_size == self.world_size, "placement is for another world"
         self.placement = placement

@@ -1,5 +1,6 @@
 """MeshRunner, the engine thread, on the loopback collective (ranks as threads, one process):
-tokens equal the local engine's, epoch switches, stop, cancel, rejection."""
+tokens equal the local engine's, epoch switches, stop, cancel, rejection, a lost world and the
+next generation."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from expert_worker.epochs import prepare_epoch
 from expert_worker.requests import Rejected as TableRejected
 from expert_worker.requests import RequestTable, Submission
-from expert_worker.runner import Cancel, MeshRunner, Rejected, Submit
+from expert_worker.runner import Cancel, MeshRunner, Rejected, Submit, World
 from moemesh.engine.engine import (
     Engine,
     EngineSettings,
@@ -24,7 +25,7 @@ from moemesh.engine.engine import (
     generate,
 )
 from moemesh.engine.sampling import SamplingParams
-from moemesh.errors import InvalidRequestError, UnavailableError
+from moemesh.errors import InvalidRequestError
 from moemesh.mesh.loopback import LoopbackWaker, LoopbackWorld
 from moemesh.mesh.placement import Placement, initial_placement, split_placement, whole_replicas
 from moemesh.mesh.routing_counts import LoadRecorder, LoadSample
@@ -90,7 +91,12 @@ class Mesh:
     samples: list[list[LoadSample]]  # per rank: the load windows reported
 
     def stop(self, rank: int = 0) -> None:
-        self.runners[rank].request_stop()  # one rank asks: every rank stops after that header
+        """Rank `rank` stops: every rank leaves the world after that header; the others, asked to
+        stop too, end instead of waiting for a next world generation."""
+        self.runners[rank].request_stop()
+        self.threads[rank].join(HANG_S)
+        for runner in self.runners:
+            runner.request_stop()
         for t in self.threads:
             t.join(HANG_S)
         assert not any(t.is_alive() for t in self.threads), "a rank did not stop"
@@ -170,12 +176,12 @@ def test_an_epoch_switch_mid_generation_keeps_tokens_and_happens_at_one_step(che
         return prepare_epoch(moved, rank, dict(model.moe.experts.layers), reader, model.cfg, torch.float32, "cpu")
 
     prepared = [prepare(rank) for rank in range(3)]
-    mesh.runners[0].offer_epoch(prepared[0])  # rank 0 is ready early: nobody may switch yet
+    mesh.runners[0].offer_epoch(prepared[0], generation=1)  # rank 0 is ready early: nobody may switch yet
     try:
         sent = submit_all(mesh)
         mesh.events[0].wait_for(lambda events: len(mesh.events[0].tokens("r0-0")) >= 3)
-        mesh.runners[1].offer_epoch(prepared[1])
-        mesh.runners[2].offer_epoch(prepared[2])
+        mesh.runners[1].offer_epoch(prepared[1], generation=1)
+        mesh.runners[2].offer_epoch(prepared[2], generation=1)
         assert_same_tokens(mesh, sent, local_tokens)
     finally:
         mesh.stop()
@@ -236,27 +242,47 @@ def test_every_expert_split_over_two_ranks_equals_the_local_engine_for_both_fami
     assert all(r.failure is None for r in mesh.runners)
 
 
-def test_a_worker_that_lost_its_mesh_rejects_before_any_token_as_unavailable(checkpoint):
-    """The world breaks (a peer died): a request submitted then is Rejected, UNAVAILABLE, with no
-    token; the worker's request table refuses the next one at once, UNAVAILABLE too."""
+def test_a_rank_that_lost_its_world_keeps_its_requests_and_finishes_them_in_the_next_generation(
+        checkpoint, local_tokens):
+    """The world breaks mid-generation (a peer died). The surviving rank reports the loss, keeps
+    its running requests (KV caches, positions) and takes new ones meanwhile; offered generation 2
+    (here: a world of one holding every expert), it runs the broken step again and finishes every
+    request with exactly the local engine's tokens. Stopped, it refuses new work as UNAVAILABLE."""
     mesh = start_mesh(checkpoint, initial_placement(SPEC.experts, [0, 1], world_size=2))
-    mesh.world.abort("rank 1 died")  # both ranks idle: they notice at the next step header
-    mesh.runners[0].submit(Submit("after", [5, 6, 7], PARAMS))
-    mesh.events[0].wait_finished("after")
-    mesh.threads[0].join(HANG_S)
-    assert not mesh.threads[0].is_alive(), "the surviving rank hung"
-    # Rank 1 stands for the dead peer: it may be parked in an idle round rank 0 never ends (as a
-    # real dead peer would be); stopping it wakes it into the aborted world, and it ends too.
-    mesh.runners[1].request_stop()
+    lost: list[tuple[int, str]] = []
+    survivor = mesh.runners[0]
+    survivor.on_world_lost = lambda generation, reason: lost.append((generation, reason))
+    long = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    survivor.submit(Submit("running", [5, 6, 7, 8, 9], long))
+    mesh.events[0].wait_for(lambda _: len(mesh.events[0].tokens("running")) >= 2)
+    mesh.world.abort("rank 1 died")
+    mesh.runners[1].request_stop()  # rank 1 plays the dead peer: it must end too
     mesh.threads[1].join(HANG_S)
-    assert not mesh.threads[1].is_alive(), "the aborted peer did not end when asked"
-    (closing,) = [e for e in mesh.events[0].events if e.request_id == "after"]  # one event: no token before it
-    assert isinstance(closing, Rejected) and isinstance(closing.error, UnavailableError)
-    assert "lost its mesh" in str(closing.error) and status_for(closing.error) == grpc.StatusCode.UNAVAILABLE
-    assert mesh.runners[0].failure is not None and not mesh.runners[0].accepting
+    survivor.submit(Submit("between", [12, 13], PARAMS))  # between worlds: it waits, it is not refused
+    assert survivor.accepting
 
-    runner = mesh.runners[0]
-    table = RequestTable(runner.submit, lambda: runner.accepting, runner.engine.validate)
+    alone = dataclasses.replace(initial_placement(SPEC.experts, [0, 1], world_size=1), epoch=2)
+    model = survivor.engine.model
+    prepared = prepare_epoch(alone, 0, dict(model.moe.experts.layers), CheckpointReader(checkpoint), model.cfg,
+                             torch.float32, "cpu")
+    world = LoopbackWorld(1, timeout_s=HANG_S)
+    survivor.offer_world(World(generation=2, collective=world.collective(0), waker=LoopbackWaker(HANG_S),
+                               first=prepared))
+    try:
+        mesh.events[0].wait_finished("running")
+        mesh.events[0].wait_finished("between")
+    finally:
+        survivor.request_stop()
+        mesh.threads[0].join(HANG_S)
+    assert not mesh.threads[0].is_alive(), "the surviving rank hung"
+    reference = generate(Engine(build_model(checkpoint, RUNTIME)), [[5, 6, 7, 8, 9]], long)[0]
+    assert mesh.events[0].tokens("running") == reference  # no token lost, repeated or changed
+    assert mesh.events[0].tokens("between") == local_tokens[(12, 13)]
+    assert [g for g, _ in lost] == [1] and "rank 1 died" in lost[0][1]
+    assert survivor.failure is None and survivor.worlds_lost == 1 and survivor.generation == 2
+    assert survivor.switches[-1][0] == 2 and survivor.engine.model.moe.transport.world_size == 1
+
+    table = RequestTable(survivor.submit, lambda: survivor.accepting, survivor.engine.validate)
     stream = table.open_stream()
     table.submit(stream, Submission("next", (5, 6), PARAMS, ()))
     (refused,) = [one for batch in _drain(stream) for one in batch]

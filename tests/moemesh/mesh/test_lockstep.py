@@ -23,13 +23,13 @@ def test_every_rank_agrees_on_tokens_t_max_epoch_and_stop():
     assert h.tokens == ((3, 1), (0, 0), (1, 5))
     assert h.max_tokens == (3, 5)  # sizes each micro-batch's exchanges
     assert h.epoch == 2  # min(newest loaded): every rank has it
-    assert h.stop  # any rank asked
+    assert h.leave  # any rank leaves
     assert not h.idle  # rank 1 has nothing of its own but still joins the forward pass
 
 
 def test_all_idle_is_idle_on_every_rank():
     headers = _headers({r: ((0,), 1, False) for r in range(3)})
-    assert all(h.idle and not h.stop and h.epoch == 1 for h in headers)
+    assert all(h.idle and not h.leave and h.epoch == 1 for h in headers)
 
 
 def test_mismatched_micro_batch_counts_raise_on_every_rank_instead_of_hanging():
