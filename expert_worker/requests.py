@@ -24,7 +24,7 @@ from expert_worker.runner import Cancel, Event, Submit
 from expert_worker.runner import Rejected as EngineRejected
 from moemesh.engine.engine import FinishReason, TokenEvent
 from moemesh.engine.sampling import SamplingParams
-from moemesh.errors import MoemeshError
+from moemesh.errors import MoemeshError, UnavailableError
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,10 @@ def _outcomes(event: Event, route: _Route) -> tuple[list[Outcome], bool]:
 
 def _failure(request_id: str, route: _Route, error: MoemeshError) -> Outcome:
     """THE contract (worker.proto): a request this worker made no token for is Rejected (the
-    gateway may send it elsewhere); one it streamed tokens for ends with Finished{ERROR}."""
-    if route.completion_tokens == route.resumed_at:
+    gateway may send it elsewhere); so is one this worker lets go of for a reason that is not the
+    request's (UNAVAILABLE: it is leaving its mesh or was evicted), tokens or not: the gateway
+    continues it elsewhere from the tokens it has. Any other failure after tokens ends it with
+    Finished{ERROR}."""
+    if route.completion_tokens == route.resumed_at or isinstance(error, UnavailableError):
         return Rejected(request_id, error)
     return Finished(request_id, None, route.prompt_tokens, route.completion_tokens, error=str(error))

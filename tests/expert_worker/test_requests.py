@@ -15,7 +15,7 @@ from expert_worker.runner import Rejected as EngineRejected
 from expert_worker.servicer import _message
 from moemesh.engine.engine import FinishReason, TokenEvent, validate_request
 from moemesh.engine.sampling import SamplingParams
-from moemesh.errors import CapacityError, InvalidRequestError
+from moemesh.errors import CapacityError, InvalidRequestError, UnavailableError
 from moemesh.v1 import common_pb2
 
 LENGTH, CANCELLED = FinishReason.LENGTH, FinishReason.CANCELLED
@@ -146,3 +146,19 @@ def test_the_servicer_sends_one_message_per_list_with_the_errors_status_code():
     assert fin.finished.reason == common_pb2.FINISH_REASON_ERROR and fin.finished.error == "boom"
     assert (fin.finished.prompt_tokens, fin.finished.completion_tokens) == (3, 2)
     assert rej.rejected.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and rej.rejected.message == "dup"
+
+
+def test_a_request_the_worker_lets_go_of_after_tokens_is_rejected_unavailable_so_it_continues_elsewhere():
+    """Leaving its mesh (SIGTERM) or evicted, the worker gives back what it holds as Rejected
+    UNAVAILABLE, tokens or not: the gateway resubmits each elsewhere from the tokens it has."""
+    engine = EngineInbox()
+    table = engine.table()
+    stream = table.open_stream()
+    table.submit(stream, item("streaming"))
+    table.deliver([TokenEvent("streaming", 40), TokenEvent("streaming", 41)])
+    leaving = UnavailableError("worker rank 1 is shutting down")
+    table.deliver([EngineRejected("streaming", leaving)])
+    assert drain(stream)[-1] == [Rejected("streaming", leaving)]
+    (message,) = [_message([Rejected("streaming", leaving)])]
+    assert message.rejected.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert len(table) == 0
