@@ -1,4 +1,5 @@
-"""GlooCollective's overlap accounting.
+"""GlooCollective: its overlap accounting, and its worlds (bounded, typed, abandonable waits;
+one process joining a second world generation after leaving the first).
 
 The bookkeeping (which part of an exchange's flight counts as hidden, which as exposed) is checked
 on recorded intervals, where every number is known. On a real two-rank gloo world only what events
@@ -11,6 +12,7 @@ how much of a flight a sleep hides depends on the machine's load, not on the cod
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -19,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moemesh.errors import CollectiveError
 from moemesh.mesh.gloo import GlooCollective, init_gloo
 from moemesh.mesh.overlap import hidden_seconds
 
@@ -217,3 +220,83 @@ def test_an_exchange_held_in_flight_by_the_peer_counts_that_time_as_hidden(runs)
     for h in held:
         assert h["held_s"] > 0
         assert h["hidden_s"] >= h["held_s"] - 1e-9  # the counter is a running float sum
+
+
+# ---- worlds: failures are typed and bounded; a process moves on to the next generation ----------
+GROUP_TIMEOUT_S = 60.0  # the group's own deadline: every failure below must come before it, typed
+
+
+def _store() -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+
+
+def _join_both(port: int, prefix: str, abandoned=lambda: False) -> list[GlooCollective]:
+    """Two ranks of one world as threads of this process (gloo is thread-safe per group)."""
+    out: list = [None, None]
+
+    def join(rank: int) -> None:
+        out[rank] = init_gloo("127.0.0.1", port, prefix, rank, WORLD, GROUP_TIMEOUT_S, abandoned)
+
+    threads = [threading.Thread(target=join, args=(rank,)) for rank in range(WORLD)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(EVENT_TIMEOUT_S)
+    assert all(c is not None for c in out), "rendezvous hung"
+    return out
+
+
+def _gather_both(collectives: list[GlooCollective], value: int) -> list[list[int]]:
+    out: list = [None, None]
+
+    def gather(rank: int) -> None:
+        out[rank] = collectives[rank].all_gather(torch.tensor([value + rank])).flatten().tolist()
+
+    threads = [threading.Thread(target=gather, args=(rank,)) for rank in range(WORLD)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(EVENT_TIMEOUT_S)
+    return out
+
+
+def test_ranks_leave_one_generation_and_form_the_next_in_the_same_process():
+    store = _store()
+    first = _join_both(store.port, "world/1/")
+    assert _gather_both(first, 10) == [[10, 11], [10, 11]]
+    for c in first:
+        c.close()
+    second = _join_both(store.port, "world/2/")  # no process-global default group stands in the way
+    assert _gather_both(second, 20) == [[20, 21], [20, 21]]
+
+
+def test_a_wait_on_a_peer_that_never_comes_is_given_up_once_a_newer_world_exists():
+    store = _store()
+    newer = threading.Event()
+    collectives = _join_both(store.port, "world/1/", abandoned=newer.is_set)
+    newer.set()  # the coordinator formed generation 2; rank 1 already left for it
+    with pytest.raises(CollectiveError, match="abandoned"):
+        collectives[0].all_gather(torch.tensor([1]))  # rank 1 never joins this one
+
+
+def _peer_then_sleep(port: int) -> None:
+    collective = init_gloo("127.0.0.1", port, "world/1/", 1, WORLD, GROUP_TIMEOUT_S)
+    collective.all_gather(torch.tensor([1]))
+    time.sleep(GROUP_TIMEOUT_S)  # killed long before
+
+
+def test_a_peer_killed_mid_collective_breaks_the_wait_as_a_collective_error_not_a_timeout():
+    store = _store()
+    peer = mp.get_context("spawn").Process(target=_peer_then_sleep, args=(store.port,))
+    peer.start()
+    try:
+        me = init_gloo("127.0.0.1", store.port, "world/1/", 0, WORLD, GROUP_TIMEOUT_S)
+        me.all_gather(torch.tensor([0]))  # both joined
+        pending = me.all_to_all(torch.zeros(WORLD * 4, 8))  # the peer never posts its half
+        peer.kill()
+        with pytest.raises(CollectiveError, match="failed") as caught:
+            pending.wait()
+        assert "abandoned" not in str(caught.value)
+    finally:
+        peer.kill()
+        peer.join(EVENT_TIMEOUT_S)
