@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -77,7 +77,8 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
     port = await server.start(settings.host, settings.port)
     write_port_file(settings.port_file, port)
     address = f"{settings.advertise_host}:{port}"
-    me = Identity(settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}", os.getpid())
+    # Incarnation: microseconds since the epoch, so a restarted process (same worker id) is always newer.
+    me = Identity(settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}", time.time_ns() // 1000)
     async with channel(settings.coordinator) as ch:
         coord = coordinator_pb2_grpc.CoordinatorStub(ch)
         joined = await _join(coord, settings, me, address, stop)

@@ -2,8 +2,10 @@
 
 Each service is the same `moemesh <service>` command a multi-node or compose deployment runs;
 `up` only picks free ports (services bind port 0 and publish it in a port file), splits this
-machine's cores between workers, prints one `ready` line once the gateway serves, and stops
-every process it started on Ctrl-C or SIGTERM (children also exit if `up` itself dies). The
+machine's cores between workers, prints one `ready` line once the gateway serves, restarts a
+worker that crashes (it rejoins the mesh as a new incarnation; the mesh heals around it
+meanwhile), and stops every process it started on Ctrl-C or SIGTERM (children also exit if `up`
+itself dies). The
 processes are started by the one launcher, moemesh.launch.
 
 `UpProcess` runs `moemesh up` itself as a subprocess and reads its ready line: what tests of `up`
@@ -79,6 +81,8 @@ class UpSettings:
                                 "inside an expert)", int, default=1)
     cache_dir: Path = option("--cache-dir", "where the default model is written", Path,
                              default=Path.home() / ".cache" / "moemesh")
+    max_restarts: int = option("--max-restarts", "times a crashed worker is restarted before up gives up "
+                               "(0 = stop everything at the first crash)", int, default=10)
     overflow: str | None = _worker_option("overflow")
     capacity_factor: float | None = _worker_option("capacity_factor")
     dtype: str | None = _worker_option("dtype")
@@ -90,6 +94,8 @@ class UpSettings:
             raise ConfigError(f"--workers must be > 0, got {self.workers}")
         if self.experts_per_worker is not None and self.experts_per_worker <= 0:
             raise ConfigError(f"--experts-per-worker must be > 0, got {self.experts_per_worker}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
 
@@ -156,7 +162,7 @@ def run_up(s: UpSettings, state_dir: Path) -> int:
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
               f"model {s.model}", flush=True)
         while not stop.wait(0.5):
-            mesh.check_alive()
+            mesh.supervise(s.max_restarts)
         return 0
     finally:
         mesh.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,26 @@ class Mesh:
 
     def check_alive(self) -> None:
         self.processes.check_alive()
+
+    def supervise(self, max_restarts: int) -> list[str]:
+        """Restart every worker that exited (a crash, or evicted from its world): the new process
+        registers as a new incarnation of the same worker id and joins the next world generation.
+        Returns the names restarted. MoemeshError (with the logs) if a worker exited more than
+        `max_restarts` times, or if the coordinator or a gateway exited."""
+        restarted = []
+        for child in self.processes.exited("worker"):
+            if child.restarts >= max_restarts:
+                raise MoemeshError(f"{child.name} exited (code {child.proc.returncode}) after {child.restarts} "
+                                   f"restarts; giving up\n{self.processes.log_tail()}")
+            print(f"moemesh: {child.name} exited with code {child.proc.returncode}; restarting it "
+                  f"(restart {child.restarts + 1} of at most {max_restarts})", file=sys.stderr, flush=True)
+            self.processes.restart(child.name)
+            restarted.append(child.name)
+        others = [c for c in self.processes.exited() if c.role != "worker"]
+        if others:
+            raise MoemeshError(f"{others[0].name} exited with code {others[0].proc.returncode}\n"
+                               f"{self.processes.log_tail()}")
+        return restarted
 
     def log_tail(self, lines: int = 30) -> str:
         return self.processes.log_tail(lines)

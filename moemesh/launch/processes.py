@@ -30,6 +30,8 @@ class Child:
     name: str  # unique in the group: "coordinator", "worker0", "gateway"
     role: str  # the moemesh.cli service it runs: coordinator | worker | gateway
     proc: subprocess.Popen
+    argv: tuple[str, ...]  # what it was started with (a restart runs the same)
+    restarts: int = 0  # how many times it was started again after exiting
 
 
 class Processes:
@@ -48,16 +50,33 @@ class Processes:
         """Start `moemesh <argv...> --exit-with-parent` as `name`; argv[0] is the service (its role)."""
         if name in self.children:
             raise MoemeshError(f"a process named {name!r} is already running")
+        proc = self._spawn(name, argv)
+        self.children[name] = Child(name, argv[0], proc, tuple(argv))
+        return proc
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start `name` again with its argv (it exited or was killed); reaps the old process."""
+        old = self.children[name]
+        if old.proc.poll() is None:
+            raise MoemeshError(f"{name} is still running; it cannot be restarted")
+        proc = self._spawn(name, old.argv, append=True)
+        self.children[name] = Child(name, old.role, proc, old.argv, old.restarts + 1)
+        return proc
+
+    def exited(self, role: str | None = None) -> list[Child]:
+        """The children (of `role`, or any) that are no longer running."""
+        return [c for c in self.children.values() if c.proc.poll() is not None and role in (None, c.role)]
+
+    def _spawn(self, name: str, argv: Sequence[str], append: bool = False) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "moemesh.cli", *argv, "--exit-with-parent"]
         if self.log_dir is None:  # stdout stays free for the launcher's own output
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=STDERR_FD, env=self.env,
                                     start_new_session=True)
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_dir / f"{name}.log", "wb") as out:  # the child keeps its own handle
+            with open(self.log_dir / f"{name}.log", "ab" if append else "wb") as out:  # the child keeps its handle
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         env=self.env, start_new_session=True)
-        self.children[name] = Child(name, argv[0], proc)
         return proc
 
     def wait_port(self, name: str, port_file: Path, timeout_s: float) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moemesh.errors import MoemeshError
-from moemesh.launch import MeshSpec, Processes
+from moemesh.launch import Mesh, MeshSpec, Processes
 from moemesh.launch.processes import STOP_ORDER, _stage
 from moemesh.model.tiny import TinySpec, write_tiny_model
 
@@ -59,6 +59,30 @@ def test_kill_is_a_crash_and_names_are_unique(model, tmp_path):
         assert procs.procs["gateway"].returncode == -9
     finally:
         procs.stop()
+
+
+def test_a_killed_worker_is_restarted_with_the_same_command_and_a_crashed_coordinator_is_reported(model, tmp_path):
+    """Mesh.supervise: workers come back (bounded), any other role ends the mesh with its log."""
+    mesh = Mesh(MeshSpec(model=model, workers=1, state_dir=tmp_path, log_dir=tmp_path / "logs"))
+    try:
+        # A worker whose coordinator does not exist yet keeps retrying: a live process to kill.
+        mesh.processes.start("worker0", ["worker", "--coordinator", "127.0.0.1:1", "--port", "0"])
+        first = mesh.procs["worker0"]
+        assert mesh.supervise(max_restarts=1) == []  # running: nothing to do
+        mesh.kill("worker0")
+        assert mesh.supervise(max_restarts=1) == ["worker0"]
+        again = mesh.procs["worker0"]
+        assert again.pid != first.pid and again.poll() is None
+        assert mesh.processes.children["worker0"].argv == ("worker", "--coordinator", "127.0.0.1:1", "--port", "0")
+        mesh.kill("worker0")
+        with pytest.raises(MoemeshError, match="after 1 restarts; giving up"):
+            mesh.supervise(max_restarts=1)
+        mesh.processes.start("coordinator", ["coordinator", "--model", str(tmp_path / "missing"), "--workers", "1"])
+        mesh.procs["coordinator"].wait(timeout=START_TIMEOUT_S)
+        with pytest.raises(MoemeshError, match="coordinator exited with code 2"):
+            mesh.supervise(max_restarts=5)
+    finally:
+        mesh.stop()
 
 
 def test_stop_order_is_gateways_then_workers_then_the_coordinator():
