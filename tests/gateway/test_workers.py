@@ -54,7 +54,7 @@ def test_worker_events_become_typed_events_and_the_handle_counts_the_tokens():
         worker = ScriptedWorker(0, script)
         async with scripted_pool([worker]) as pool:
             sink: asyncio.Queue = asyncio.Queue()
-            (handle,) = pool.submit([prepared((4, 5), max_new_tokens=10)], sink)
+            (handle,) = await pool.submit([prepared((4, 5), max_new_tokens=10)], sink)
             events = await ended(handle)
             return worker, handle, events, pool.inflight, pool.outstanding([0])
 
@@ -65,7 +65,7 @@ def test_worker_events_become_typed_events_and_the_handle_counts_the_tokens():
     assert outstanding == {0: 0}  # an ended request weighs nothing
     (submit,) = worker.submits
     assert list(submit.prompt_token_ids) == [4, 5] and submit.sampling.max_new_tokens == 10
-    assert submit.request_id == handle.worker_request_id
+    assert submit.request_id == handle.worker_request_id and not submit.generated_token_ids
 
 
 def test_a_rejection_is_failed_with_the_workers_code_and_a_finished_without_reason_is_an_error():
@@ -77,7 +77,7 @@ def test_a_rejection_is_failed_with_the_workers_code_and_a_finished_without_reas
 
     async def scenario():
         async with scripted_pool([ScriptedWorker(0, script)]) as pool:
-            handles = pool.submit([prepared((1,)), prepared((2,))], asyncio.Queue())
+            handles = await pool.submit([prepared((1,)), prepared((2,))], asyncio.Queue())
             return [await ended(h) for h in handles], pool.links[0].name
 
     (refused, odd), name = asyncio.run(scenario())
@@ -85,7 +85,7 @@ def test_a_rejection_is_failed_with_the_workers_code_and_a_finished_without_reas
     assert odd == [Tokens((3,), 0), Finished(ERROR, f"{name} gave no reason")]
 
 
-def test_a_broken_stream_fails_its_requests_unavailable_and_the_link_comes_back():
+def test_with_migrations_off_a_broken_stream_fails_its_requests_unavailable_and_the_link_comes_back():
     def script(s):
         rid = s.request_id
         return {1: [], 2: [tokens(rid, 9)], 3: [BREAK], 4: [tokens(rid, 4), finished(rid, LENGTH)]}[
@@ -93,21 +93,22 @@ def test_a_broken_stream_fails_its_requests_unavailable_and_the_link_comes_back(
 
     async def scenario():
         worker = ScriptedWorker(0, script)
-        async with scripted_pool([worker]) as pool:
+        async with scripted_pool([worker], max_migrations=0) as pool:
             sink: asyncio.Queue = asyncio.Queue()
-            waiting, streaming = pool.submit([prepared((1,)), prepared((2,))], sink)
+            waiting, streaming = await pool.submit([prepared((1,)), prepared((2,))], sink)
             assert await take(sink, 1) == [(1, Tokens((9,), 0))]
-            (breaking,) = pool.submit([prepared((3,))], asyncio.Queue())
+            (breaking,) = await pool.submit([prepared((3,))], asyncio.Queue())
             events = [await ended(h) for h in (waiting, streaming, breaking)]
             await worker.wait_for(lambda: worker.streams == 2)
             assert pool.links[0].up  # set before the new stream could reach the worker
-            (after,) = pool.submit([prepared((4,))], asyncio.Queue())
+            (after,) = await pool.submit([prepared((4,))], asyncio.Queue())
             return events, [waiting.tokens, streaming.tokens], await ended(after)
 
     events, counts, later = asyncio.run(scenario())
     for *_, last in events:
         assert isinstance(last, Failed) and last.code == grpc.StatusCode.UNAVAILABLE
         assert "worker rank 0" in last.message and "Serve stream broke" in last.message
+        assert "gave up after 0 migrations" in last.message
     assert counts == [0, 1]
     assert later == [Tokens((4,), 0), Finished(LENGTH)]
 
@@ -121,16 +122,16 @@ def test_release_sends_cancel_once_and_later_events_of_it_are_dropped():
         worker = ScriptedWorker(0, script)
         async with scripted_pool([worker]) as pool:
             running_sink: asyncio.Queue = asyncio.Queue()
-            (running,) = pool.submit([prepared((1,))], running_sink)
+            (running,) = await pool.submit([prepared((1,))], running_sink)
             await take(running_sink, 1)
             pool.release(running)
             pool.release(running)  # idempotent
             await worker.wait_for(lambda: len(worker.cancels) == 1)
             # The worker answers the Cancel with Finished{CANCELLED} before the next request's events.
-            (later,) = pool.submit([prepared((2,))], asyncio.Queue())
+            (later,) = await pool.submit([prepared((2,))], asyncio.Queue())
             later_events = await ended(later)
             pool.release(later)  # ended already: no Cancel
-            (last,) = pool.submit([prepared((2,))], asyncio.Queue())
+            (last,) = await pool.submit([prepared((2,))], asyncio.Queue())
             await ended(last)
             return worker.cancels, running, running_sink.qsize(), later_events, pool.inflight
 
@@ -145,14 +146,14 @@ def test_the_admission_limit_refuses_all_or_nothing():
     async def scenario():
         worker = ScriptedWorker(0, hold)
         async with scripted_pool([worker], max_inflight=2) as pool:
-            first = pool.submit([prepared()], asyncio.Queue())
+            first = await pool.submit([prepared()], asyncio.Queue())
             with pytest.raises(CapacityError, match="1 requests in flight, limit 2") as over:
-                pool.submit([prepared(), prepared()], asyncio.Queue())
-            second = pool.submit([prepared()], asyncio.Queue())
+                await pool.submit([prepared(), prepared()], asyncio.Queue())
+            second = await pool.submit([prepared()], asyncio.Queue())
             with pytest.raises(CapacityError):
-                pool.submit([prepared()], asyncio.Queue())
+                await pool.submit([prepared()], asyncio.Queue())
             pool.release(first[0])
-            third = pool.submit([prepared()], asyncio.Queue())
+            third = await pool.submit([prepared()], asyncio.Queue())
             await worker.wait_for(lambda: len(worker.submits) == 3)
             return over.value, [first, second, third], worker.submits
 
@@ -171,11 +172,11 @@ def test_requests_go_to_the_worker_with_the_fewest_outstanding_tokens():
         workers = [ScriptedWorker(0, script), ScriptedWorker(1, script)]
         async with scripted_pool(workers) as pool:
             sink: asyncio.Queue = asyncio.Queue()
-            big, small = pool.submit([prepared(max_new_tokens=100), prepared(max_new_tokens=10)], sink)
-            (third,) = pool.submit([prepared(max_new_tokens=10)], asyncio.Queue())
+            big, small = await pool.submit([prepared(max_new_tokens=100), prepared(max_new_tokens=10)], sink)
+            (third,) = await pool.submit([prepared(max_new_tokens=10)], asyncio.Queue())
             await take(sink, 1)
             load = pool.outstanding([0, 1])
-            (fourth,) = pool.submit([prepared(max_new_tokens=10)], asyncio.Queue())
+            (fourth,) = await pool.submit([prepared(max_new_tokens=10)], asyncio.Queue())
             return [h.rank for h in (big, small, third, fourth)], load, big.tokens
 
     ranks, load, counted = asyncio.run(scenario())
