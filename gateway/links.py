@@ -54,6 +54,9 @@ class WorkerLink:
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             await channel.close()
             raise UnavailableError(f"cannot reach {self.name}: {describe(exc)}") from exc
+        except asyncio.CancelledError:  # the member left the world while we were connecting
+            await channel.close()
+            raise
         self._channel, self._call = channel, call
         self._outbox = asyncio.Queue()
         self._writer = asyncio.create_task(self._write(call, self._outbox), name=f"write-{self.key[0]}")
