@@ -6,7 +6,9 @@ rest of the gateway never sees a worker proto.
 - `Tokens(ids, offset)`: new tokens; `offset` is how many tokens of this request came before.
 - `Finished(reason, error)`: the worker ended the request (error set only for FINISH_REASON_ERROR).
 - `Failed(code, message)`: the request ended abnormally: the worker rejected it (its own status
-  code) or the stream of the worker running it broke (UNAVAILABLE).
+  code), or its worker let go of it and it could not be migrated (UNAVAILABLE). A Failed with
+  UNAVAILABLE from a worker (Rejected{UNAVAILABLE}: "leaving / lost its mesh, send it elsewhere")
+  never reaches a request: the pool migrates the request instead (gateway.workers).
 
 A request's last event is exactly one Finished or Failed. What a Failed means for the client
 (status error or Finished{ERROR}) is decided in one place: `gateway.generation.Progress.failed`.
@@ -41,7 +43,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """The request ended without a Finished: rejected by its worker, or its worker was lost."""
+    """The request ended without a Finished: rejected by its worker, or its worker let go of it
+    and the pool could not migrate it."""
 
     code: grpc.StatusCode
     message: str
@@ -80,7 +83,3 @@ def from_worker(message: worker_pb2.WorkerEvent, received: int, worker: str) -> 
     assert kind == "rejected", f"not a single event: {kind}"
     return Failed(status_code_of(message.rejected.code), f"{worker} rejected the request: {message.rejected.message}")
 
-
-def lost(reason: str) -> Failed:
-    """The event of a request whose worker stream broke; `reason` names the worker and why."""
-    return Failed(grpc.StatusCode.UNAVAILABLE, reason)

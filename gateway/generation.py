@@ -6,9 +6,10 @@ chunks instead of falling behind. Bookkeeping is freed in `finally`, which also 
 handler is cancelled (client gone, deadline passed): `WorkerPool.release` then sends Cancel.
 
 Failure semantics (gateway.proto), decided only in `Progress.failed`: a Failed event (the worker
-rejected the request, or its stream broke) before any token fails a Generate call with the
-event's status code; after tokens were streamed, and always inside a batch (where other prompts
-keep going), it ends that generation with Finished{FINISH_REASON_ERROR, error}.
+rejected the request, or its worker let go of it and it could not be migrated) before any token
+fails a Generate call with the event's status code; after tokens were streamed, and always inside
+a batch (where other prompts keep going), it ends that generation with
+Finished{FINISH_REASON_ERROR, error}.
 """
 
 from __future__ import annotations
@@ -105,11 +106,12 @@ async def next_events(sink: asyncio.Queue) -> list[tuple[int, Event]]:
     return coalesce(items)
 
 
-async def generate_one(pool: WorkerPool, model: ServedModel, prepared: Prepared,
-                       received_at: float) -> AsyncIterator[Response]:
-    """Run one request: chunks as tokens arrive, then exactly one Finished."""
+async def generate_one(pool: WorkerPool, model: ServedModel, prepared: Prepared, received_at: float,
+                       deadline: float | None = None) -> AsyncIterator[Response]:
+    """Run one request: chunks as tokens arrive, then exactly one Finished. `deadline`: when the
+    call ends (time.monotonic()), bounding any wait for a worker and every migration."""
     sink: asyncio.Queue = asyncio.Queue()
-    (handle,) = pool.submit([prepared], sink)
+    (handle,) = await pool.submit([prepared], sink, deadline)
     progress = Progress(model, handle, received_at)
     try:
         while True:
@@ -122,11 +124,11 @@ async def generate_one(pool: WorkerPool, model: ServedModel, prepared: Prepared,
         pool.release(handle)
 
 
-async def generate_batch(pool: WorkerPool, model: ServedModel, items: Sequence[Prepared],
-                         received_at: float) -> AsyncIterator[gateway_pb2.GenerateBatchResponse]:
+async def generate_batch(pool: WorkerPool, model: ServedModel, items: Sequence[Prepared], received_at: float,
+                         deadline: float | None = None) -> AsyncIterator[gateway_pb2.GenerateBatchResponse]:
     """Run all requests concurrently; responses tagged with their index, interleaved."""
     sink: asyncio.Queue = asyncio.Queue()
-    handles = pool.submit(items, sink)
+    handles = await pool.submit(items, sink, deadline)
     progress = [Progress(model, h, received_at) for h in handles]
     running = len(handles)
     try:

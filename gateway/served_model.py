@@ -8,6 +8,7 @@ worker.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,9 +69,14 @@ class ServedModel:
         return list(req.token_ids.ids)
 
     def _sampling(self, req: gateway_pb2.GenerateRequest, prompt_len: int) -> SamplingParams:
-        """The request's sampling; unset = greedy up to the default length (clamped to the context)."""
+        """The request's sampling; unset = greedy up to the default length (clamped to the context).
+        A sampled request without a seed gets one here, so that a worker resuming it after a
+        migration draws exactly what the first worker would have (draws depend on (seed, position))."""
         if req.HasField("sampling"):
-            return sampling_from_proto(req.sampling)
+            params = sampling_from_proto(req.sampling)
+            if params.greedy or params.seed is not None:
+                return params
+            return replace(params, seed=secrets.randbelow(2**63))
         room = self.context - prompt_len
         return replace(SamplingParams(), max_new_tokens=max(1, min(self.default_max_new_tokens, room)))
 

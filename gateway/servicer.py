@@ -25,6 +25,12 @@ def _new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def _deadline(context: grpc.aio.ServicerContext, received_at: float) -> float | None:
+    """When the call ends, on the time.monotonic() clock; None when the client set no deadline."""
+    remaining = context.time_remaining()
+    return None if remaining is None else received_at + remaining
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Generate, GenerateBatch and ModelInfo."""
 
@@ -39,7 +45,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Validate, submit to the least-loaded worker, relay its tokens, then Finished."""
         received_at = time.monotonic()
         prepared = self.model.prepare(request, _new_request_id())
-        async for response in generate_one(self.pool, self.model, prepared, received_at):
+        async for response in generate_one(self.pool, self.model, prepared, received_at,
+                                           _deadline(context, received_at)):
             yield response  # a WorkerFailedError keeps the worker's code (moemesh.status)
 
     async def GenerateBatch(
@@ -57,17 +64,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         items = [self.model.prepare(r, _new_request_id(), where=f"requests[{i}]: ")
                  for i, r in enumerate(request.requests)]
-        async for response in generate_batch(self.pool, self.model, items, received_at):
+        async for response in generate_batch(self.pool, self.model, items, received_at,
+                                             _deadline(context, received_at)):
             yield response
 
     async def ModelInfo(
         self, request: gateway_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ModelInfoResponse:
-        """The model (from its config) and the deployment (world, placement epoch)."""
+        """The model (from its config) and the deployment (world, live workers, placement epoch)."""
         world = self.pool.world
-        reply = gateway_pb2.ModelInfoResponse(model=self.model.spec(), balancing_policy="unknown")
+        reply = gateway_pb2.ModelInfoResponse(model=self.model.spec(), balancing_policy="unknown",
+                                              live_workers=self.pool.live_workers,
+                                              not_serving_reason=self.pool.not_serving_reason)
         if world is not None:
             reply.num_workers = world.world_size
+            reply.world_generation = world.generation
             reply.transport = world.transport
             reply.placement_epoch, reply.balancing_policy = await self.coordinator.placement_epoch(
                 fallback=world.placement_epoch)

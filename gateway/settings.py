@@ -38,6 +38,11 @@ class GatewaySettings:
                                     parse_bool, default=False)
     call_timeout_s: float = option("--call-timeout", "deadline of each coordinator / worker call, s", float,
                                    default=10.0)
+    max_migrations: int = option("--max-migrations", "times a request is submitted again to another worker after "
+                                 "its worker let go of it (lost, left the world, or gave it back)", int, default=3)
+    recovery_wait_s: float = option("--recovery-wait", "seconds a request waits for a live worker while none "
+                                    "exists (a world being re-formed), never past its deadline", float,
+                                    default=30.0)
     grace_s: float = option("--grace", "seconds in-flight calls may finish on SIGINT / SIGTERM", float, default=5.0)
     log_level: str = option("--log-level", "logging level", default="INFO")
 
@@ -51,6 +56,8 @@ class GatewaySettings:
             raise MoemeshError(f"port must be in 0..65535, got {self.port}")
         if self.call_timeout_s <= 0 or self.grace_s < 0:
             raise MoemeshError("call_timeout_s must be > 0 and grace_s >= 0")
+        if self.max_migrations < 0 or self.recovery_wait_s < 0:
+            raise MoemeshError("max_migrations and recovery_wait_s must be >= 0")
 
     @property
     def address(self) -> str:

@@ -45,10 +45,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
 
 
 @contextlib.asynccontextmanager
-async def gateway(model: ServedModel, workers: Sequence[ScriptedWorker],
-                  max_inflight: int = 16) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+async def gateway(model: ServedModel, workers: Sequence[ScriptedWorker], max_inflight: int = 16,
+                  **pool_settings) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     """The gateway servicer on a loopback port, its pool connected to `workers`; a stub to it."""
-    async with scripted_pool(workers, max_inflight) as pool:
+    async with scripted_pool(workers, max_inflight, **pool_settings) as pool:
         coordinator = CoordinatorClient("127.0.0.1:1", HANG_BOUND_S)  # ModelInfo is not called here
         server = rpc.Server(["moemesh.v1.Gateway"])
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator), server.grpc)
@@ -159,12 +159,13 @@ def test_in_a_batch_every_failure_is_finished_error_and_the_others_run(model):
 
 
 def test_a_lost_worker_is_unavailable_before_tokens_and_finished_error_after(model):
-    """Prompt 1 waits, prompt 2 streams a token, prompt 3 breaks the worker's stream."""
+    """Prompt 1 waits, prompt 2 streams a token, prompt 3 breaks the worker's stream; migrations
+    are off (--max-migrations 0), so the lost worker's requests fail."""
     worker = ScriptedWorker(0, by_first_prompt_token({1: lambda rid: [], 2: lambda rid: [tokens(rid, 9)],
                                                       3: lambda rid: [BREAK]}))
 
     async def scenario():
-        async with gateway(model, [worker]) as stub:
+        async with gateway(model, [worker], max_migrations=0) as stub:
             waiting = stub.Generate(req(1), timeout=HANG_BOUND_S)
             streaming = stub.Generate(req(2), timeout=HANG_BOUND_S)
             first = await streaming.read()
@@ -185,6 +186,29 @@ def test_a_lost_worker_is_unavailable_before_tokens_and_finished_error_after(mod
     assert "UNAVAILABLE" in last.finished.error and "worker rank 0" in last.finished.error
     for error in errors:
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "Serve stream broke" in error.details()
+
+
+def test_a_migrated_request_streams_on_without_a_duplicate_or_missing_token(model):
+    """Worker 0 streams 5, 6 and then its stream breaks; worker 1 resumes after them (it is sent
+    them) and streams 7, 8: the client reads 5, 6, 7, 8 at contiguous offsets, one Finished."""
+    def breaking(s):
+        return [tokens(s.request_id, 5), tokens(s.request_id, 6), BREAK]
+
+    def resuming(s):
+        assert list(s.generated_token_ids) == [5, 6]
+        return [tokens(s.request_id, 7), tokens(s.request_id, 8), finished(s.request_id, LENGTH, 4)]
+
+    async def scenario():
+        async with gateway(model, [ScriptedWorker(0, breaking), ScriptedWorker(1, resuming)]) as stub:
+            return await generate(stub, req(3, max_new_tokens=4))
+
+    messages = asyncio.run(scenario())
+    ids: list[int] = []
+    for message in messages[:-1]:
+        assert list(message.chunk.token_ids) and message.chunk.offset == len(ids)
+        ids.extend(message.chunk.token_ids)
+    fin = messages[-1].finished
+    assert ids == [5, 6, 7, 8] and fin.reason == LENGTH and fin.completion_tokens == 4 and fin.error == ""
 
 
 def test_the_inflight_limit_is_resource_exhausted_and_a_cancelled_call_cancels_on_the_worker(model):

@@ -24,6 +24,7 @@ def test_defaults_match_the_documented_ones():
     assert s == GatewaySettings(coordinator="h:1", model_dir=Path("m"))
     assert (s.host, s.port, s.max_model_len, s.max_new_tokens_limit, s.max_inflight, s.exit_with_parent) == (
         "127.0.0.1", 50051, 2048, 4096, 1024, False)
+    assert (s.max_migrations, s.recovery_wait_s) == (3, 30.0)
 
 
 def test_environment_fills_what_flags_leave_unset():
@@ -41,6 +42,8 @@ def test_environment_fills_what_flags_leave_unset():
     (["--coordinator", "h:1", "--model", "m"], {"MOEMESH_GATEWAY_PORT": "high"}, "MOEMESH_GATEWAY_PORT='high'"),
     (["--coordinator", "h:1", "--model", "m", "--max-inflight", "0"], {}, "max_inflight must be > 0"),
     (["--coordinator", "nocolon", "--model", "m"], {}, "HOST:PORT"),
+    (["--coordinator", "h:1", "--model", "m", "--max-migrations", "-1"], {}, "max_migrations and recovery_wait_s"),
+    (["--coordinator", "h:1", "--model", "m"], {"MOEMESH_GATEWAY_RECOVERY_WAIT": "-2"}, "must be >= 0"),
     (["--coordinator", "h:1", "--model", "m"], {"MOEMESH_GATEWAY_EXIT_WITH_PARENT": "maybe"}, "EXIT_WITH_PARENT"),
 ])
 def test_bad_settings_say_what_is_wrong(argv, env, message):
