@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # protoc finds its mypy plugin in the virtualenv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup stubs lint test run bench bench-core bench-mesh bench-balance clean gpu-check
+.PHONY: setup stubs lint test run bench bench-core bench-mesh bench-balance bench-chaos clean gpu-check
 
 setup: $(STAMP) stubs
 
@@ -51,6 +51,9 @@ bench-mesh: setup
 
 bench-balance: setup
 	$(PY) scripts/bench_balance.py
+
+bench-chaos: setup
+	$(PY) scripts/bench_chaos.py --write docs/reliability.md
 
 # Runs on a GPU machine's own Python (torch + CuPy preinstalled there; no network, no venv).
 # Where there is no make, run the command itself: PYTHONPATH=. python3 scripts/gpu_check.py OUT

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from moemesh.chaos import Outcome, make_requests, reference, run_load, worker_processes  # noqa: E402
-from moemesh.client import Client  # noqa: E402
-from moemesh.launcher import DEFAULT_MODEL_SPEC, UpProcess  # noqa: E402
-from moemesh.loadgen import percentile  # noqa: E402
-from moemesh.model.tiny import TinySpec, write_tiny_model  # noqa: E402
+from moemesh.chaos import Outcome, make_requests, reference, run_load, worker_processes
+from moemesh.client import Client
+from moemesh.launcher import DEFAULT_MODEL_SPEC, UpProcess
+from moemesh.loadgen import percentile
+from moemesh.model.tiny import TinySpec, write_tiny_model
 
 WORKERS = 4
 MAX_MODEL_LEN = 512
