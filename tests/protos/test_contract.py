@@ -96,6 +96,9 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "placement_epoch": (3, "uint64"),
         "balancing_policy": (4, "string"),
         "transport": (5, "string"),
+        "world_generation": (6, "uint64"),
+        "live_workers": (7, "uint32"),
+        "not_serving_reason": (8, "string"),
     },
     # coordinator.proto
     "RegisterWorkerRequest": {
@@ -164,6 +167,15 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "worker_id": (2, "string"),
         "incarnation": (3, "uint64"),
     },
+    "ReportWorldLostRequest": {
+        "worker_id": (1, "string"),
+        "incarnation": (2, "uint64"),
+        "world_generation": (3, "uint64"),
+        "reason": (4, "string"),
+    },
+    "ReportWorldLostResponse": {"world_generation": (1, "uint64")},
+    "LeaveWorldRequest": {"worker_id": (1, "string"), "incarnation": (2, "uint64")},
+    "LeaveWorldResponse": {},
     "WorldMember": {
         "rank": (1, "uint32"),
         "worker_id": (2, "string"),
@@ -181,6 +193,7 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "transport": (5, "string"),
         "rendezvous": (6, "Rendezvous"),
         "placement_epoch": (7, "uint64"),
+        "unservable_reason": (8, "string"),
     },
     # worker.proto
     "WorkerRequest": {"submit": (1, "WorkerRequest.Submit"), "cancel": (2, "WorkerRequest.Cancel")},
@@ -242,6 +255,8 @@ RPC_LOCK: dict[str, tuple[str, str]] = {
     "Coordinator.GetPlacement": ("GetPlacementRequest", "GetPlacementResponse"),
     "Coordinator.SetPlacement": ("SetPlacementRequest", "SetPlacementResponse"),
     "Coordinator.WaitForWorld": ("WaitForWorldRequest", "World"),
+    "Coordinator.ReportWorldLost": ("ReportWorldLostRequest", "ReportWorldLostResponse"),
+    "Coordinator.LeaveWorld": ("LeaveWorldRequest", "LeaveWorldResponse"),
     "Worker.Serve": ("stream WorkerRequest", "stream WorkerEvent"),
     "Worker.Status": ("StatusRequest", "WorkerStatus"),
 }
