@@ -16,7 +16,6 @@ import contextlib
 import logging
 
 import uvloop
-from grpc_health.v1 import health_pb2
 
 from gateway.coordinator_client import CoordinatorClient
 from gateway.served_model import ServedModel
@@ -99,8 +98,7 @@ async def _track_health(server: rpc.Server, pool: WorkerPool) -> None:
             await server.set_ready()
             log.info("SERVING (world %d, %d live workers)", pool.generation, pool.live_workers)
             continue
-        for name in ("", *server.service_names):
-            await server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.set_not_serving()
         log.warning("NOT_SERVING: %s", reason)
 
 

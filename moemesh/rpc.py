@@ -10,6 +10,7 @@ Everything here must be called from inside a running event loop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Callable, Iterable
@@ -64,6 +65,11 @@ def _wrap_unary(behaviour: Callable) -> Callable:
 
 
 def _wrap_stream(behaviour: Callable) -> Callable:
+    """A streaming handler is an async generator (ours), or a coroutine that writes with
+    context.write() (grpc's health servicer's Watch): each is wrapped as what it is."""
+    if not inspect.isasyncgenfunction(behaviour):
+        return _wrap_unary(behaviour)
+
     async def wrapped(request, context):
         try:
             async for item in behaviour(request, context):
@@ -100,6 +106,10 @@ class Server:
 
     async def set_ready(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_not_serving(self) -> None:
+        """Up, but unable to serve now (no world that can serve): health says so until set_ready()."""
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace_s: float) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
