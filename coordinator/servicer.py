@@ -82,7 +82,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if request.worker_id and (remaining is None or remaining > DEADLINE_SLACK_S):
                 self.state.watcher_gone(request.worker_id, request.incarnation)
             raise
-        return wire.world_to_proto(world, world.rank_of(request.worker_id, request.incarnation))
+        return wire.world_to_proto(world, self.state.rank_in(world, request.worker_id, request.incarnation))
 
     async def ReportWorldLost(self, request: pb.ReportWorldLostRequest, context) -> pb.ReportWorldLostResponse:
         generation = self.state.report_world_lost(

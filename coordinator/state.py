@@ -266,6 +266,12 @@ class CoordinatorState:
         assert self._world is not None
         return self._world
 
+    def rank_in(self, world: World, worker_id: str, incarnation: int) -> int:
+        """The caller's rank in `world`: -1 for observers and for a worker no longer registered."""
+        if self.membership.rank_of(worker_id, incarnation) is None:
+            return -1
+        return world.rank_of(worker_id, incarnation)
+
     def heartbeat(self, worker_id: str, incarnation: int) -> Beat:
         """Record a heartbeat (UnknownWorkerError if not registered); return what is newest."""
         if self.membership.touch(worker_id, incarnation):
