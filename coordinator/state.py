@@ -260,6 +260,8 @@ class CoordinatorState:
                 return True
             return world.generation > after_generation and world.rank_of(worker_id, incarnation) >= 0
 
+        if worker_id and not ready():
+            log.debug("worker %r waits for a world newer than generation %d", worker_id, after_generation)
         await self._signal.wait_for(ready)
         if self._closed:
             raise ShuttingDownError("coordinator is shutting down")
