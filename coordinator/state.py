@@ -26,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -42,44 +42,24 @@ from coordinator.policies import ModelFacts, Rebalancer, RebalanceSettings
 from coordinator.recovery import Room, reformed_placement, spread
 from coordinator.routing_window import LoadSnapshot, LoadWindow, check_counts
 from coordinator.splitting import Memory
-from coordinator.worlds import DataPlane, World, describe, roster
-from moemesh.errors import ConfigError, InvalidRequestError
-from moemesh.mesh.placement import (
-    Placement,
-    initial_placement,
-    shards_to_fit,
-    validate_placement,
+from coordinator.worlds import (
+    Beat,
+    DataPlane,
+    Published,
+    Registration,
+    World,
+    describe,
+    expert_bytes,
+    roster,
+    shards_for,
 )
+from moemesh.errors import ConfigError, InvalidRequestError
+from moemesh.mesh.placement import Placement, initial_placement, validate_placement
 
 log = logging.getLogger(__name__)
 
 ROUND_ROBIN = "round_robin"  # origin of the computed initial placement
 MANUAL = "manual"  # origin of SetPlacement (the contract's name for an operator override)
-
-
-@dataclass(frozen=True)
-class Published:
-    """A published placement and the generation of the world its ranks refer to."""
-
-    placement: Placement
-    world_generation: int
-
-
-@dataclass(frozen=True)
-class Registration:
-    """RegisterWorker's answer: world_size and generation are 0 until the worker is in a world."""
-
-    rank: int
-    world_size: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class Beat:
-    """Heartbeat's answer: the newest world generation and placement epoch."""
-
-    world_generation: int
-    placement_epoch: int
 
 
 class _Signal:
@@ -221,23 +201,10 @@ class CoordinatorState:
 
     def _shards_for(self, members: Sequence[WorkerInfo]) -> int:
         """How many ways the initial placement splits every expert (--expert-shards)."""
-        if self.expert_shards or self.facts is None:
-            return self.expert_shards or 1
-        shards, fits = shards_to_fit(self._expert_bytes(members), [m.memory_bytes for m in members],
-                                     self.facts.expert_intermediate_size, self.num_experts, len(self.moe_layer_ids))
-        if not fits:
-            log.error("experts do not fit the workers' reported memory even split %d ways; placing them so", shards)
-        elif shards > 1:
-            log.info("experts split %d ways to fit the workers' reported memory", shards)
-        return shards
+        return shards_for(self.expert_shards, self.facts, members, self.num_experts, len(self.moe_layer_ids))
 
     def _expert_bytes(self, members: Sequence[WorkerInfo]) -> int:
-        """One whole expert of one layer as the workers store it (0 without the model's shape)."""
-        if self.facts is None:
-            return 0
-        f = self.facts
-        element = max((m.weight_bytes_per_element for m in members), default=0) or f.dtype_bytes
-        return 3 * f.hidden_size * f.expert_intermediate_size * element
+        return expert_bytes(self.facts, members)
 
     def _validate(self, p: Placement) -> None:
         hidden = self.facts.expert_intermediate_size if self.facts is not None else None

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from coordinator.membership import WorkerInfo
-from coordinator.state import Published
-from coordinator.worlds import World
+from coordinator.worlds import Published, World
 from moemesh.errors import InvalidRequestError
 from moemesh.mesh.placement import Placement
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto

@@ -1,14 +1,20 @@
-"""Worlds: one generation of members with its rendezvous, and how a new one is described.
+"""Worlds: one generation of members with its rendezvous, the values `coordinator.state` hands
+out, how a new world is described in the log, and how big the workers' experts are.
 
-Pure (no asyncio, no gRPC): the values `coordinator.state` hands out and logs.
+Pure (no asyncio, no gRPC).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from coordinator.membership import Transition, WorkerInfo
+from coordinator.policies import ModelFacts
+from moemesh.mesh.placement import Placement, shards_to_fit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,3 +69,51 @@ def describe(t: Transition, epochs: Sequence[int], unservable_reason: str) -> st
     if unservable_reason:
         text += f"; UNSERVABLE: {unservable_reason}"
     return text
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published placement and the generation of the world its ranks refer to."""
+
+    placement: Placement
+    world_generation: int
+
+
+@dataclass(frozen=True)
+class Registration:
+    """RegisterWorker's answer: world_size and generation are 0 until the worker is in a world."""
+
+    rank: int
+    world_size: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Beat:
+    """Heartbeat's answer: the newest world generation and placement epoch."""
+
+    world_generation: int
+    placement_epoch: int
+
+
+def expert_bytes(facts: ModelFacts | None, members: Sequence[WorkerInfo]) -> int:
+    """One whole expert of one layer as the workers store it (0 without the model's shape)."""
+    if facts is None:
+        return 0
+    element = max((m.weight_bytes_per_element for m in members), default=0) or facts.dtype_bytes
+    return 3 * facts.hidden_size * facts.expert_intermediate_size * element
+
+
+def shards_for(expert_shards: int, facts: ModelFacts | None, members: Sequence[WorkerInfo], num_experts: int,
+               num_moe_layers: int) -> int:
+    """How many ways the first world's placement splits every expert: --expert-shards, or with
+    0 the fewest that fit the members' reported memory."""
+    if expert_shards or facts is None:
+        return expert_shards or 1
+    shards, fits = shards_to_fit(expert_bytes(facts, members), [m.memory_bytes for m in members],
+                                 facts.expert_intermediate_size, num_experts, num_moe_layers)
+    if not fits:
+        log.error("experts do not fit the workers' reported memory even split %d ways; placing them so", shards)
+    elif shards > 1:
+        log.info("experts split %d ways to fit the workers' reported memory", shards)
+    return shards
