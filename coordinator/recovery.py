@@ -43,13 +43,19 @@ class Room:
     expert_bytes: int = 0
 
 
+Forced = tuple[tuple[int, int, Group], ...]  # (layer, expert, group) placed beyond a rank's memory
+
+
 @dataclass(frozen=True)
 class Reformed:
     """The new world's first placement (epoch left as the old one's) and, when some expert fits
-    nowhere, why the world cannot serve; empty when it can."""
+    nowhere, why the world cannot serve (empty when it can) and the groups placed anyway beyond
+    memory (`forced`, new ranks: pass them back as `drop` when re-forming this world, so that
+    they are placed again where there is room)."""
 
     placement: Placement
     unservable_reason: str = ""
+    forced: Forced = ()
 
 
 class _Draft:
@@ -97,26 +103,31 @@ class _Draft:
 
 
 def reformed_placement(current: Placement, rank_map: Mapping[int, int], world_size: int,
-                       room: Room = Room()) -> Reformed:
+                       room: Room = Room(), drop: Forced = ()) -> Reformed:
     """`current` (the old world's placement) for the new world: `rank_map` maps each surviving
-    old rank to its new rank (lost ranks are absent); new ranks not in its values are joiners."""
+    old rank to its new rank (lost ranks are absent); new ranks not in its values are joiners.
+    `drop`: groups of `current` (old ranks) to treat as lost, the old world's `forced` ones."""
     assert sorted(rank_map.values()) == sorted(set(rank_map.values())), "two old ranks map to one new rank"
     assert all(0 <= r < world_size for r in rank_map.values()), "a new rank outside the new world"
-    # Step 1: keep every replica group whose ranks all survived, renumbered.
-    kept = {layer: tuple(tuple(tuple(rank_map[r] for r in g) for g in groups if all(r in rank_map for r in g))
-                         for groups in table)
+    # Step 1: keep every replica group whose ranks all survived, renumbered (not those to drop).
+    dropped = set(drop)
+    kept = {layer: tuple(tuple(tuple(rank_map[r] for r in g) for g in groups
+                               if all(r in rank_map for r in g) and (layer, e, g) not in dropped)
+                         for e, groups in enumerate(table))
             for layer, table in current.replicas.items()}
     draft = _Draft(world_size, kept, room)
     # Step 2: an expert with no group left gets one, the size of its old group, on the ranks with
     # the fewest experts (joiners first) that have room; where none has room, the world cannot serve.
     unplaced: list[str] = []
+    forced: list[tuple[int, int, Group]] = []
     for layer, table in current.replicas.items():
         for expert, groups in enumerate(table):
             if not draft.tables[layer][expert]:
                 problem = _place_orphan(draft, layer, expert, size=len(groups[0]))
                 if problem:
                     unplaced.append(problem)
-    return Reformed(draft.placement(current.epoch), _reason(unplaced))
+                    forced.append((layer, expert, draft.tables[layer][expert][0]))
+    return Reformed(draft.placement(current.epoch), _reason(unplaced), tuple(forced))
 
 
 def _place_orphan(draft: _Draft, layer: int, expert: int, size: int) -> str:

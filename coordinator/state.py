@@ -39,7 +39,7 @@ from coordinator.errors import (
 )
 from coordinator.membership import Membership, Silence, WorkerInfo
 from coordinator.policies import ModelFacts, Rebalancer, RebalanceSettings
-from coordinator.recovery import Room, reformed_placement, spread
+from coordinator.recovery import Forced, Room, reformed_placement, spread
 from coordinator.routing_window import LoadSnapshot, LoadWindow, check_counts
 from coordinator.splitting import Memory
 from coordinator.worlds import (
@@ -116,6 +116,7 @@ class CoordinatorState:
         self._loss_reported = 0  # generation whose data plane a member reported broken; 0 = none
         self._loss_probed = 0  # the generation whose members were last handed out to probe
         self._reporters: set[str] = set()  # members that reported that loss (alive: no probe)
+        self._forced: Forced = ()  # groups of the current placement beyond memory (an unservable world)
         # Counters (metrics come later).
         self.generations_formed = 0
         self.recoveries = 0  # generations formed because a member was lost or the data plane broke
@@ -181,7 +182,9 @@ class CoordinatorState:
         t = self.membership.form_next()
         if t is None:
             return None
-        reformed = reformed_placement(self.current().placement, t.rank_map, len(t.members), self._room(t.members))
+        reformed = reformed_placement(self.current().placement, t.rank_map, len(t.members), self._room(t.members),
+                                      drop=self._forced)
+        self._forced = reformed.forced
         first = replace(reformed.placement, epoch=self._next_epoch())
         self._start_world(t.generation, t.members, first, reformed.unservable_reason)
         epochs = [first.epoch]

@@ -95,6 +95,12 @@ def test_memory_bounds_copies_and_an_orphan_that_fits_nowhere_makes_the_world_un
     assert "layer 0 expert 2 has no replica left and no member has room for it" in out.unservable_reason
     assert "layer 0 expert 6" in out.unservable_reason
     validate_placement(out.placement, EXPERTS, [LAYER])  # still a placement every rank can read
+    assert out.forced == ((LAYER, 2, (0,)), (LAYER, 6, (1,)))
+    # A joiner with room arrives: the forced replicas are placed again, on it.
+    fixed = reformed_placement(out.placement, {0: 0, 1: 1, 2: 2}, 4, Room([200, 200, 200, 300], 100),
+                               drop=out.forced)
+    assert fixed.unservable_reason == "" and fixed.forced == ()
+    assert held(fixed.placement) == [(0, 4), (1, 5), (3, 7), (2, 6)]
     roomy = Room(per_rank=[300, 300, 0], expert_bytes=100)  # room for one more each; rank 2 unbounded
     ok = reformed_placement(old, {0: 0, 1: 1, 3: 2}, 3, roomy)
     assert ok.unservable_reason == "" and held(ok.placement) == [(0, 2, 4), (1, 5, 6), (3, 7)]

@@ -140,6 +140,11 @@ def test_a_world_with_no_room_for_an_orphan_is_unservable():
     assert world is not None
     assert "layer 0 expert 2 has no replica left and no member has room" in world.unservable_reason
     assert s.current().placement.epoch == world.placement_epoch  # no spread epoch for an unservable world
+    s.register(worker(9, memory=memory))  # a joiner with room for the two orphans of each layer
+    world = s.form_next_world()
+    assert world is not None and world.unservable_reason == ""
+    first = next(h.placement for h in s._history if h.placement.epoch == world.placement_epoch)
+    assert first.experts_on(3, 0) == (2, 6) and first.experts_on(3, 1) == (2, 6)
 
 
 def test_load_reports_of_an_older_generation_are_discarded():
