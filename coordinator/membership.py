@@ -17,7 +17,8 @@ Rules (see protos/moemesh/v1/coordinator.proto):
     every member is alive, since the old communicator is broken; the caller probes the members
     first and `evict`s the dead ones;
   - Silence: a registered worker without heartbeat for the timeout (`newly_silent`), which the
-    caller evicts;
+    caller evicts; silence counts from the last heartbeat, the registration, or the forming of
+    the worker's newest world, whichever is latest (joining a world means loading weights);
   - Leave: a member leaves on purpose (`leave`); it stays registered (its heartbeats are
     accepted) until g+1 forms without it. A joiner that leaves is just dropped.
 - An evicted or superseded worker is no longer registered: its calls fail with
@@ -139,8 +140,7 @@ class Membership:
         assert rank is not None
         if self.formed or len(self._registered) < self.expected:
             return Admission(rank=rank, formed_now=False)
-        self._world = tuple(self._registered.values())
-        self.generation = 1
+        self._start(1, tuple(self._registered.values()))
         return Admission(rank=rank, formed_now=True)
 
     def provisional_rank(self, worker_id: str) -> int | None:
@@ -252,12 +252,21 @@ class Membership:
             del self._registered[worker_id]
         joined = tuple(w for w in roster if w not in set(self._world))
         transition = Transition(self.generation + 1, roster, rank_map, tuple(lost), joined, self._broken)
-        self.generation += 1
+        self._start(self.generation + 1, roster)
+        return transition
+
+    def _start(self, generation: int, roster: tuple[WorkerInfo, ...]) -> None:
+        """Make `roster` generation `generation`. Its members' silence counts from now: a member
+        joining a world loads weights and meets its peers before it heartbeats again."""
+        self.generation = generation
         self._world = roster
         self._leaving.clear()
         self._gone.clear()
         self._broken = False
-        return transition
+        now = self._clock()
+        for w in roster:
+            self._last_seen[w.worker_id] = now
+            self._silent.discard(w.worker_id)
 
 
 def _check_info(info: WorkerInfo) -> None:

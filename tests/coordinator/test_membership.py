@@ -413,3 +413,20 @@ def test_silent_workers_after_formation_include_joiners():
     clock.now = 12.0
     assert ids(s.worker for s in m.newly_silent(10.0)) == ["w0", "w3"]
     assert m.evict("w3", 1, "silent") and not m.evict("w3", 1, "silent") and not m.evict("w0", 9, "wrong")
+
+
+def test_silence_counts_from_the_forming_of_the_workers_world():
+    clock = FakeClock()
+    m = Membership(2, clock)
+    m.admit(worker(0))
+    clock.now = 50.0  # w0 waited long for its peer
+    m.admit(worker(1))
+    clock.now = 55.0
+    assert m.newly_silent(10.0) == []  # both joined generation 1 at 50.0
+    m.admit(worker(2))
+    clock.now = 70.0
+    m.form_next()
+    clock.now = 75.0
+    assert m.newly_silent(10.0) == []
+    clock.now = 80.5
+    assert ids(s.worker for s in m.newly_silent(10.0)) == ["w0", "w1", "w2"]
