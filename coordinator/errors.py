@@ -13,7 +13,8 @@ from moemesh.errors import CapacityError, MoemeshError, NotFoundError, Unavailab
 
 
 class WorldFormedError(CapacityError):
-    """A worker tried to join after the world formed (joining / rejoining is failure recovery)."""
+    """No longer raised: a worker registering after the first world joins the next generation.
+    Kept so that moemesh.v1 clients and tests/moemesh/test_status.py still name it."""
 
 
 class StaleIncarnationError(MoemeshError):

@@ -1,18 +1,30 @@
-"""Membership: who registered, in which order, whether the world formed, who is still alive.
+"""Membership: who is registered, which generation of the world they form, who is gone and why.
 
-Pure and synchronous (no asyncio, no gRPC); `coordinator.state` wraps it with the waiting.
+Pure and synchronous (no asyncio, no gRPC, no probing); `coordinator.state` wraps it with the
+waiting, and `coordinator.reformation` with the probing and the one task that forms worlds.
 
-Rules (see protos/moemesh/v1/coordinator.proto, RegisterWorker):
-- ranks follow registration order; the first world (generation 1) forms when `expected` workers
-  have registered;
-- same worker_id and incarnation again: idempotent (same rank);
-- same worker_id with a higher incarnation before the world forms: replaces the old entry in
-  place (it keeps the rank); a lower incarnation: StaleIncarnationError;
-- anyone new (or a restarted member) after the world formed: WorldFormedError.
-
-Failure recovery (a later issue) hooks in at the two places marked HOOK(recovery): a restarted
-member after formation, and a worker silent past the heartbeat timeout. Both will drop the old
-entry and form generation + 1 from the survivors.
+Rules (see protos/moemesh/v1/coordinator.proto):
+- Generation 1 forms when `expected` workers have registered; its ranks follow registration order.
+  Before it forms, the same worker_id with a higher incarnation replaces the old entry in place
+  (it keeps its rank).
+- Same worker_id and incarnation again: idempotent. A lower incarnation: StaleIncarnationError.
+- After generation 1, membership is generational: generation g+1 is formed (`form_next`) from
+  the members of g that are still registered and not leaving, in their old rank order, then the
+  joiners in registration order. What makes g+1 due (`due`):
+  - Join: a new worker_id registers, or a member registers a higher incarnation (a restarted
+    process: its old entry is dropped at once, the new one waits as a joiner);
+  - Loss reported: a member says the data plane of g broke (`break_world`): g+1 is due even when
+    every member is alive, since the old communicator is broken; the caller probes the members
+    first and `evict`s the dead ones;
+  - Silence: a registered worker without heartbeat for the timeout (`newly_silent`), which the
+    caller evicts; silence counts from the last heartbeat, the registration, or the forming of
+    the worker's newest world, whichever is latest (joining a world means loading weights);
+  - Leave: a member leaves on purpose (`leave`); it stays registered (its heartbeats are
+    accepted) until g+1 forms without it. A joiner that leaves is just dropped.
+- An evicted or superseded worker is no longer registered: its calls fail with
+  UnknownWorkerError (NOT_FOUND) and it must register again (as a joiner).
+- A generation of 0 members is not formed (`form_next` returns None): the world stays unservable
+  until someone registers.
 """
 
 from __future__ import annotations
@@ -21,11 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.errors import (
-    StaleIncarnationError,
-    UnknownWorkerError,
-    WorldFormedError,
-)
+from coordinator.errors import StaleIncarnationError, UnknownWorkerError
 from moemesh.errors import InvalidRequestError
 
 
@@ -44,7 +52,8 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class Admission:
-    """Outcome of a registration: the worker's rank and whether this call formed the world."""
+    """Outcome of a registration: the worker's rank (provisional for a joiner: its rank in the
+    next generation if nothing else changes) and whether this call formed the first world."""
 
     rank: int
     formed_now: bool
@@ -58,15 +67,32 @@ class Silence:
     silent_s: float
 
 
+@dataclass(frozen=True)
+class Transition:
+    """A newly formed generation: its members by rank, where each surviving old rank went, and
+    who was lost (with why) and who joined."""
+
+    generation: int
+    members: tuple[WorkerInfo, ...]
+    rank_map: dict[int, int]  # old rank -> new rank, survivors only
+    lost: tuple[tuple[WorkerInfo, str], ...]
+    joined: tuple[WorkerInfo, ...]
+    broken: bool  # the old world's data plane was reported broken
+
+
 class Membership:
-    """Registrations of one deployment and the worlds formed from them."""
+    """Registrations of one deployment and the generations of worlds formed from them."""
 
     def __init__(self, expected: int, clock: Callable[[], float] = time.monotonic):
         if expected < 1:
             raise InvalidRequestError(f"expected workers must be at least 1, got {expected}")
         self.expected = expected
         self._clock = clock
-        self._workers: list[WorkerInfo] = []  # index = rank
+        self._registered: dict[str, WorkerInfo] = {}  # worker_id -> info, in registration order
+        self._world: tuple[WorkerInfo, ...] = ()  # members of the current generation, by rank
+        self._leaving: set[str] = set()  # registered members not to be in the next generation
+        self._gone: dict[str, tuple[WorkerInfo, str]] = {}  # members of this generation gone since, with why
+        self._broken = False  # the current generation's data plane was reported broken
         self._last_seen: dict[str, float] = {}  # worker_id -> clock()
         self._silent: set[str] = set()  # worker_ids already reported silent
         self.generation = 0  # 0 = no world formed yet
@@ -77,55 +103,67 @@ class Membership:
 
     @property
     def members(self) -> tuple[WorkerInfo, ...]:
-        """Registered workers in rank order (the world's members once formed)."""
-        return tuple(self._workers)
+        """Before the first world: the registered workers in rank order; after: the current
+        generation's members by rank (some may be gone since)."""
+        return self._world if self.formed else tuple(self._registered.values())
+
+    @property
+    def joiners(self) -> tuple[WorkerInfo, ...]:
+        """Registered workers not in the current generation, in registration order."""
+        if not self.formed:
+            return ()
+        in_world = set(self._world)
+        return tuple(w for w in self._registered.values() if w not in in_world)
+
+    @property
+    def due(self) -> bool:
+        """Whether a next generation must be formed (something changed since the current one)."""
+        return self.formed and (self._broken or self._next_roster() != self._world)
 
     def admit(self, info: WorkerInfo) -> Admission:
         """Register `info`; see the module docstring for the rules."""
         _check_info(info)
-        rank = self._rank_by_id(info.worker_id)
-        if rank is not None:
-            return self._readmit(rank, info)
-        if self.formed:
-            raise WorldFormedError(
-                f"world generation {self.generation} is already formed with {len(self._workers)} workers; "
-                f"worker {info.worker_id!r} cannot join it (adding workers to a running world is not supported yet)"
-            )
-        self._workers.append(info)
-        self._last_seen[info.worker_id] = self._clock()
-        return Admission(rank=len(self._workers) - 1, formed_now=self._maybe_form())
-
-    def _readmit(self, rank: int, info: WorkerInfo) -> Admission:
-        old = self._workers[rank]
-        if info.incarnation < old.incarnation:
+        old = self._registered.get(info.worker_id)
+        if old is not None and info.incarnation < old.incarnation:
             raise StaleIncarnationError(
                 f"worker {info.worker_id!r} incarnation {info.incarnation} is older than the registered "
                 f"incarnation {old.incarnation}"
             )
-        if info.incarnation > old.incarnation:
-            if self.formed:
-                # HOOK(recovery): the old process's rank is lost; form generation + 1 here.
-                raise WorldFormedError(
-                    f"worker {info.worker_id!r} restarted (incarnation {old.incarnation} -> {info.incarnation}) "
-                    f"after world generation {self.generation} formed; rejoining a formed world is not supported yet"
-                )
-            self._workers[rank] = info
+        if old is not None and info.incarnation > old.incarnation and old in self._world:
+            self._drop(old, f"restarted (incarnation {old.incarnation} -> {info.incarnation})")
+            old = None
+        if old is None or info.incarnation > old.incarnation:
+            self._registered[info.worker_id] = info  # a new key goes last; a joiner or early restart stays in place
         self._last_seen[info.worker_id] = self._clock()
         self._silent.discard(info.worker_id)
-        return Admission(rank=rank, formed_now=False)
+        rank = self.provisional_rank(info.worker_id)
+        assert rank is not None
+        if self.formed or len(self._registered) < self.expected:
+            return Admission(rank=rank, formed_now=False)
+        self._start(1, tuple(self._registered.values()))
+        return Admission(rank=rank, formed_now=True)
 
-    def _maybe_form(self) -> bool:
-        if self.formed or len(self._workers) < self.expected:
-            return False
-        self.generation = 1
-        return True
+    def provisional_rank(self, worker_id: str) -> int | None:
+        """The worker's rank in the current generation if a member, else its rank in the next one."""
+        roster = self._world if self.formed else tuple(self._registered.values())
+        for group in (roster, self._next_roster()):
+            for rank, w in enumerate(group):
+                if w.worker_id == worker_id and self._registered.get(worker_id) is w:
+                    return rank
+        return None
 
     def rank_of(self, worker_id: str, incarnation: int) -> int | None:
-        """The rank of exactly this (worker_id, incarnation), or None if it is not registered."""
-        rank = self._rank_by_id(worker_id)
-        if rank is None or self._workers[rank].incarnation != incarnation:
+        """The rank of exactly this (worker_id, incarnation) (provisional for a joiner), or None
+        if it is not registered."""
+        info = self._registered.get(worker_id)
+        if info is None or info.incarnation != incarnation:
             return None
-        return rank
+        return self.provisional_rank(worker_id)
+
+    def is_member(self, worker_id: str, incarnation: int) -> bool:
+        """Whether (worker_id, incarnation) is registered and a member of the current generation."""
+        info = self._registered.get(worker_id)
+        return info is not None and info.incarnation == incarnation and info in self._world
 
     def require(self, worker_id: str, incarnation: int) -> int:
         """The rank of (worker_id, incarnation); UnknownWorkerError if it is not registered."""
@@ -147,24 +185,88 @@ class Membership:
         return False
 
     def newly_silent(self, timeout_s: float) -> list[Silence]:
-        """Workers silent for longer than `timeout_s` that were not reported before.
-
-        HOOK(recovery): the caller will remove these and form a new world.
-        """
+        """Registered workers silent for longer than `timeout_s` that were not reported before."""
         now = self._clock()
         found = []
-        for worker in self._workers:
+        for worker in self._registered.values():
             silent_s = now - self._last_seen[worker.worker_id]
             if silent_s > timeout_s and worker.worker_id not in self._silent:
                 self._silent.add(worker.worker_id)
                 found.append(Silence(worker, silent_s))
         return found
 
-    def _rank_by_id(self, worker_id: str) -> int | None:
-        for rank, worker in enumerate(self._workers):
-            if worker.worker_id == worker_id:
-                return rank
-        return None
+    # -- what makes the next generation due ------------------------------------------------
+
+    def break_world(self) -> None:
+        """The current generation's data plane broke: the next one is due whoever survives."""
+        if self.formed:
+            self._broken = True
+
+    def leave(self, worker_id: str, incarnation: int) -> bool:
+        """A worker leaves on purpose (idempotent); True when it was a member (g+1 is due)."""
+        self.require(worker_id, incarnation)
+        info = self._registered[worker_id]
+        if info in self._world:
+            self._leaving.add(worker_id)
+            return True
+        del self._registered[worker_id]  # a joiner (or, before the first world, a registrant)
+        return False
+
+    def evict(self, worker_id: str, incarnation: int, why: str) -> bool:
+        """Remove a registration (dead, silent); True if it was registered."""
+        info = self._registered.get(worker_id)
+        if info is None or info.incarnation != incarnation:
+            return False
+        self._drop(info, why)
+        return True
+
+    def _drop(self, info: WorkerInfo, why: str) -> None:
+        del self._registered[info.worker_id]
+        self._leaving.discard(info.worker_id)
+        self._silent.discard(info.worker_id)
+        if info in self._world:
+            self._gone[info.worker_id] = (info, why)
+
+    # -- forming ---------------------------------------------------------------------------
+
+    def _next_roster(self) -> tuple[WorkerInfo, ...]:
+        if not self.formed:
+            return ()
+        in_world = set(self._world)
+        survivors = [w for w in self._world if self._registered.get(w.worker_id) is w
+                     and w.worker_id not in self._leaving]
+        joiners = [w for w in self._registered.values() if w not in in_world]
+        return (*survivors, *joiners)
+
+    def form_next(self) -> Transition | None:
+        """Form generation + 1 when due and it would have members; None otherwise."""
+        if not self.due:
+            return None
+        roster = self._next_roster()
+        if not roster:
+            return None
+        new_rank = {w: r for r, w in enumerate(roster)}
+        rank_map = {old: new_rank[w] for old, w in enumerate(self._world) if w in new_rank}
+        lost = [self._gone.get(w.worker_id, (w, "left")) for w in self._world if w not in new_rank]
+        for worker_id in self._leaving:
+            del self._registered[worker_id]
+        joined = tuple(w for w in roster if w not in set(self._world))
+        transition = Transition(self.generation + 1, roster, rank_map, tuple(lost), joined, self._broken)
+        self._start(self.generation + 1, roster)
+        return transition
+
+    def _start(self, generation: int, roster: tuple[WorkerInfo, ...]) -> None:
+        """Make `roster` generation `generation`. Its members' silence counts from now: a member
+        joining a world loads weights and meets its peers before it heartbeats again."""
+        self.generation = generation
+        self._world = roster
+        self._leaving.clear()
+        self._gone.clear()
+        self._broken = False
+        now = self._clock()
+        for w in roster:
+            self._last_seen[w.worker_id] = now
+            self._silent.discard(w.worker_id)
 
 
 def _check_info(info: WorkerInfo) -> None:

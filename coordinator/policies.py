@@ -91,6 +91,14 @@ class Rebalancer:
         self._recent: deque[torch.Tensor] = deque(maxlen=settings.window_cycles)
         self.memory = Memory()  # the world's reported memory (policy split); set when a world forms
 
+    def reset(self, memory: Memory) -> None:
+        """A new world formed: forget the old world's counts (a window never straddles two
+        worlds) and take the new world's memory."""
+        self._pending = torch.zeros_like(self._pending)
+        self._pending_tokens = 0
+        self._recent.clear()
+        self.memory = memory
+
     def observe(self, window_tokens: int, counts: torch.Tensor, current: Placement) -> Placement | None:
         """counts: (L, E) one worker's report. Returns the next placement (epoch unassigned) or None."""
         if self.s.policy == "none":

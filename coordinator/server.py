@@ -18,9 +18,12 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from coordinator.policies import ModelFacts, RebalanceSettings, resolve_policy
+from coordinator.probe import HealthProbe
+from coordinator.reformation import reform_worlds
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
-from coordinator.state import CoordinatorState, DataPlane
+from coordinator.state import CoordinatorState
+from coordinator.worlds import DataPlane
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement_file import load_placement
 from moemesh.model.config import load_config
@@ -71,7 +74,7 @@ class CoordinatorServer:
                                             update_every_tokens=s.rebalance_every_tokens,
                                             topology=s.topology),
                 facts=ModelFacts(cfg.top_k, cfg.hidden_size, cfg.expert_intermediate_size, dtype_bytes=4),
-                expert_shards=s.expert_shards,
+                expert_shards=s.expert_shards, redundancy=s.redundant_experts,
             )
             spec = model_spec(cfg, s.model_dir.name)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
@@ -83,10 +86,14 @@ class CoordinatorServer:
             raise
         write_port_file(s.port_file, self.port)
         self._tasks.append(asyncio.create_task(self._watch_heartbeats(), name="heartbeat-monitor"))
+        self._tasks.append(asyncio.create_task(
+            reform_worlds(self.state, HealthProbe(s.probe_timeout_s), s.reform_settle_s), name="re-formation"))
         await self.server.set_ready()
         log.info(
-            "coordinator serving on %s:%d; expecting %d workers; TCPStore on %s:%d; transport %s; policy %s; model %s",
-            s.host, self.port, s.workers, s.store_host, self.store_port, s.transport, self.state.policy, s.model_dir,
+            "coordinator serving on %s:%d; expecting %d workers; TCPStore on %s:%d; transport %s; policy %s; "
+            "%d redundant replicas per expert; model %s",
+            s.host, self.port, s.workers, s.store_host, self.store_port, s.transport, self.state.policy,
+            s.redundant_experts, s.model_dir,
         )
         return self.port
 

@@ -6,6 +6,7 @@ ErrorInterceptor (moemesh.rpc, table in moemesh.status).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from moemesh.tensor_wire import from_proto, to_proto
 from moemesh.v1 import common_pb2
 from moemesh.v1 import coordinator_pb2 as pb
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
+
+DEADLINE_SLACK_S = 0.05  # a WaitForWorld cancelled with less time left than this ended at its deadline
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -70,5 +73,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.SetPlacementResponse(placement=wire.published_to_proto(published))
 
     async def WaitForWorld(self, request: pb.WaitForWorldRequest, context) -> pb.World:
-        world = await self.state.wait_for_world(request.after_generation)
-        return wire.world_to_proto(world, world.rank_of(request.worker_id, request.incarnation))
+        try:
+            world = await self.state.wait_for_world(request.after_generation, request.worker_id, request.incarnation)
+        except asyncio.CancelledError:
+            # The call ended unanswered: its client went away (a killed process?) or its deadline
+            # passed. Only the first is news; a probe of a live worker changes nothing anyway.
+            remaining = context.time_remaining()
+            if request.worker_id and (remaining is None or remaining > DEADLINE_SLACK_S):
+                self.state.watcher_gone(request.worker_id, request.incarnation)
+            raise
+        return wire.world_to_proto(world, self.state.rank_in(world, request.worker_id, request.incarnation))
+
+    async def ReportWorldLost(self, request: pb.ReportWorldLostRequest, context) -> pb.ReportWorldLostResponse:
+        generation = self.state.report_world_lost(
+            request.worker_id, request.incarnation, request.world_generation, request.reason)
+        return pb.ReportWorldLostResponse(world_generation=generation)
+
+    async def LeaveWorld(self, request: pb.LeaveWorldRequest, context) -> pb.LeaveWorldResponse:
+        self.state.leave(request.worker_id, request.incarnation)
+        return pb.LeaveWorldResponse()

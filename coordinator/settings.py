@@ -39,7 +39,7 @@ class CoordinatorSettings:
                             default="gloo")
     heartbeat_interval_s: float = option("--heartbeat-interval", "seconds between worker heartbeats", float,
                                          default=1.0)
-    heartbeat_timeout_s: float = option("--heartbeat-timeout", "silence (s) before a worker is reported", float,
+    heartbeat_timeout_s: float = option("--heartbeat-timeout", "silence (s) before a worker is evicted", float,
                                         default=10.0)
     placement_file: Path | None = option("--placement", "initial placement file (YAML or JSON)", Path, default=None)
     exit_with_parent: bool = option("--exit-with-parent", "stop when the parent process exits", parse_bool,
@@ -56,6 +56,13 @@ class CoordinatorSettings:
     topology: str = option("--topology", "planner topology (preset or YAML) for policy replicate", default="local")
     expert_shards: int = option("--expert-shards", "split every expert over this many ranks (expert tensor "
                                 "parallelism); 0 = the fewest that fit the memory workers report", int, default=1)
+    redundant_experts: int = option("--redundant-experts", "extra replicas of every expert on distinct workers, "
+                                    "where workers and their memory allow (1 = every expert on two workers)",
+                                    int, default=0)
+    probe_timeout_s: float = option("--probe-timeout", "deadline (s) of the health probe that tells a dead member "
+                                    "from a live one before a new world forms", float, default=1.0)
+    reform_settle_s: float = option("--reform-settle", "seconds a new world waits for further joins and losses "
+                                    "to fold into it", float, default=0.2)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -80,6 +87,12 @@ class CoordinatorSettings:
         if self.expert_shards > self.workers:
             raise ConfigError(
                 f"--expert-shards {self.expert_shards} needs at least as many workers, got {self.workers}")
+        if self.redundant_experts < 0:
+            raise ConfigError(f"--redundant-experts must not be negative, got {self.redundant_experts}")
+        if self.probe_timeout_s <= 0:
+            raise ConfigError(f"--probe-timeout must be positive, got {self.probe_timeout_s}")
+        if self.reform_settle_s < 0:
+            raise ConfigError(f"--reform-settle must not be negative, got {self.reform_settle_s}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"--shutdown-grace must not be negative, got {self.shutdown_grace_s}")
 

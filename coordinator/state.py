@@ -4,9 +4,19 @@ Pure asyncio (no gRPC). Everything runs on one event loop, so methods mutate sta
 waiters (WaitForWorld, WatchPlacement) sleep on one `_Signal` that every change notifies, and
 re-check their condition when woken.
 
-Placement epochs: the first world publishes epoch 1 (round robin, or the operator's file);
-SetPlacement publishes current + 1. The last `history` placements are kept so a watcher that
-fell behind receives every epoch it missed, in order.
+Worlds: generation 1 forms inside the registration that completes the expected count; every later
+generation is formed by `form_next_world`, called only by the one re-formation task
+(coordinator/reformation.py), which `changed` wakes whenever something makes a new generation due
+(a join, a leave, an eviction, a reported loss) or a member may be dead (`take_suspects`: the
+members of a world reported broken, a member whose WaitForWorld vanished).
+
+Placement epochs: the first world publishes epoch 1 (round robin, plus `redundancy` extra
+replicas per expert, or the operator's file); a re-formed world publishes its first placement
+(coordinator/recovery.py: survivors' replicas kept, orphans placed) as the next epoch, then, when
+it differs, the same with redundancy restored and experts per rank levelled as the epoch after;
+SetPlacement and the policies publish current + 1. Gating factors restart at none in a new world.
+The last `history` placements are kept so a watcher that fell behind receives every epoch it
+missed, in order.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -29,80 +39,27 @@ from coordinator.errors import (
 )
 from coordinator.membership import Membership, Silence, WorkerInfo
 from coordinator.policies import ModelFacts, Rebalancer, RebalanceSettings
+from coordinator.recovery import Forced, Room, reformed_placement, spread
 from coordinator.routing_window import LoadSnapshot, LoadWindow, check_counts
 from coordinator.splitting import Memory
-from moemesh.errors import ConfigError, InvalidRequestError
-from moemesh.mesh.placement import (
-    Placement,
-    initial_placement,
-    shards_to_fit,
-    validate_placement,
+from coordinator.worlds import (
+    Beat,
+    DataPlane,
+    Published,
+    Registration,
+    World,
+    describe,
+    expert_bytes,
+    roster,
+    shards_for,
 )
+from moemesh.errors import ConfigError, InvalidRequestError
+from moemesh.mesh.placement import Placement, initial_placement, validate_placement
 
 log = logging.getLogger(__name__)
 
 ROUND_ROBIN = "round_robin"  # origin of the computed initial placement
 MANUAL = "manual"  # origin of SetPlacement (the contract's name for an operator override)
-
-
-@dataclass(frozen=True)
-class DataPlane:
-    """How the ranks of every world meet: transport name and the TCPStore address."""
-
-    transport: str
-    store_host: str
-    store_port: int
-
-
-@dataclass(frozen=True)
-class World:
-    """One formed world: members by rank, its rendezvous and its first placement epoch."""
-
-    generation: int
-    members: tuple[WorkerInfo, ...]
-    data_plane: DataPlane
-    placement_epoch: int
-
-    @property
-    def size(self) -> int:
-        return len(self.members)
-
-    @property
-    def store_prefix(self) -> str:
-        """TCPStore key prefix private to this generation."""
-        return f"gen{self.generation}/"
-
-    def rank_of(self, worker_id: str, incarnation: int) -> int:
-        """The rank of (worker_id, incarnation) in this world; -1 for anyone else (observers)."""
-        for rank, m in enumerate(self.members):
-            if worker_id and m.worker_id == worker_id and m.incarnation == incarnation:
-                return rank
-        return -1
-
-
-@dataclass(frozen=True)
-class Published:
-    """A published placement and the generation of the world its ranks refer to."""
-
-    placement: Placement
-    world_generation: int
-
-
-@dataclass(frozen=True)
-class Registration:
-    """RegisterWorker's answer: world_size and generation are 0 until the world forms."""
-
-    rank: int
-    world_size: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class Beat:
-    """Heartbeat's answer: the newest world generation and placement epoch."""
-
-    world_generation: int
-    placement_epoch: int
 
 
 class _Signal:
@@ -135,6 +92,7 @@ class CoordinatorState:
         rebalance: RebalanceSettings = RebalanceSettings(),
         facts: ModelFacts | None = None,
         expert_shards: int = 1,
+        redundancy: int = 0,
         history: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -142,6 +100,7 @@ class CoordinatorState:
         self.moe_layer_ids = tuple(moe_layer_ids)
         self.facts = facts
         self.expert_shards = expert_shards  # 0 = the fewest that fit the workers' memory
+        self.redundancy = redundancy  # extra replicas per expert, when ranks and memory allow
         self.policy = rebalance.policy
         self.rebalancer = Rebalancer(rebalance, self.moe_layer_ids, num_experts, facts)
         self.data_plane = data_plane
@@ -152,6 +111,16 @@ class CoordinatorState:
         self._world: World | None = None
         self._closed = False
         self._signal = _Signal()
+        self.changed = asyncio.Event()  # set when a new generation may be due (the re-formation task waits)
+        self._suspects: dict[str, WorkerInfo] = {}  # members to probe before the next generation
+        self._loss_reported = 0  # generation whose data plane a member reported broken; 0 = none
+        self._loss_probed = 0  # the generation whose members were last handed out to probe
+        self._reporters: set[str] = set()  # members that reported that loss (alive: no probe)
+        self._forced: Forced = ()  # groups of the current placement beyond memory (an unservable world)
+        # Counters (metrics come later).
+        self.generations_formed = 0
+        self.recoveries = 0  # generations formed because a member was lost or the data plane broke
+        self.evictions = 0  # registrations removed because the worker was dead or silent
 
     def _checked_initial(self, p: Placement | None, world_size: int) -> Placement | None:
         if p is None:
@@ -172,72 +141,108 @@ class CoordinatorState:
         return self._world
 
     def register(self, info: WorkerInfo) -> Registration:
-        """Admit a worker; the registration that completes the expected count forms the world."""
+        """Admit a worker; the registration that completes the expected count forms the world,
+        a later one waits as a joiner for the next generation."""
         admission = self.membership.admit(info)
         if admission.formed_now:
-            self._form_world()
+            self._form_first_world()
+        self._wake_if_due()
         world = self._world
-        if world is None:
+        if world is None or not self.membership.is_member(info.worker_id, info.incarnation):
             return Registration(rank=admission.rank, world_size=0, generation=0)
         return Registration(rank=admission.rank, world_size=world.size, generation=world.generation)
 
-    def _form_world(self) -> None:
+    def _form_first_world(self) -> None:
         members = self.membership.members
-        generation = self.membership.generation
+        room = self._room(members)
         if self._initial is not None:
             placement = replace(self._initial, epoch=self._next_epoch())
         else:
             base = initial_placement(self.num_experts, self.moe_layer_ids, len(members), epoch=self._next_epoch(),
                                      shards=self._shards_for(members))
+            if self.redundancy:
+                base = spread(base, self.redundancy, room, level=False)
             placement = replace(base, origin=ROUND_ROBIN)
             self._validate(placement)  # an expert hidden size --expert-shards does not divide fails here
+        self._start_world(1, members, placement)
+        log.info("world generation 1 formed: %s; placement epoch %d (%s)", roster(members), placement.epoch,
+                 placement.origin)
+
+    def _start_world(self, generation: int, members: tuple[WorkerInfo, ...], placement: Placement,
+                     unservable_reason: str = "") -> None:
         self.load.clear()
-        self.rebalancer.memory = Memory([m.memory_bytes for m in members], self._expert_bytes(members))
-        self._world = World(generation, members, self.data_plane, placement.epoch)
+        self.rebalancer.reset(Memory([m.memory_bytes for m in members], self._expert_bytes(members)))
+        self._world = World(generation, members, self.data_plane, placement.epoch, unservable_reason)
+        self.generations_formed += 1
         self._publish(placement, generation)
-        log.info(
-            "world generation %d formed: %s; placement epoch %d (%s)",
-            generation, ", ".join(f"{r}={m.worker_id}@{m.address}" for r, m in enumerate(members)),
-            placement.epoch, placement.origin,
-        )
+
+    def form_next_world(self) -> World | None:
+        """Form generation + 1 when one is due and it has members (see coordinator.membership);
+        publish its placement (and the spread one after it) first. None when nothing formed."""
+        t = self.membership.form_next()
+        if t is None:
+            return None
+        reformed = reformed_placement(self.current().placement, t.rank_map, len(t.members), self._room(t.members),
+                                      drop=self._forced)
+        self._forced = reformed.forced
+        first = replace(reformed.placement, epoch=self._next_epoch())
+        self._start_world(t.generation, t.members, first, reformed.unservable_reason)
+        epochs = [first.epoch]
+        if not reformed.unservable_reason:
+            settled = spread(first, self.redundancy, self._room(t.members))
+            if settled.replicas != first.replicas:
+                epochs.append(self._next_epoch())
+                self._publish(replace(settled, epoch=epochs[-1]), t.generation)
+        self.recoveries += bool(t.lost or t.broken)
+        self._suspects.clear()
+        self._reporters.clear()
+        (log.warning if reformed.unservable_reason else log.info)("%s", describe(t, epochs, reformed.unservable_reason))
+        return self._world
+
+    def _room(self, members: Sequence[WorkerInfo]) -> Room:
+        return Room([m.memory_bytes for m in members], self._expert_bytes(members))
 
     def _shards_for(self, members: Sequence[WorkerInfo]) -> int:
         """How many ways the initial placement splits every expert (--expert-shards)."""
-        if self.expert_shards or self.facts is None:
-            return self.expert_shards or 1
-        shards, fits = shards_to_fit(self._expert_bytes(members), [m.memory_bytes for m in members],
-                                     self.facts.expert_intermediate_size, self.num_experts, len(self.moe_layer_ids))
-        if not fits:
-            log.error("experts do not fit the workers' reported memory even split %d ways; placing them so", shards)
-        elif shards > 1:
-            log.info("experts split %d ways to fit the workers' reported memory", shards)
-        return shards
+        return shards_for(self.expert_shards, self.facts, members, self.num_experts, len(self.moe_layer_ids))
 
     def _expert_bytes(self, members: Sequence[WorkerInfo]) -> int:
-        """One whole expert of one layer as the workers store it (0 without the model's shape)."""
-        if self.facts is None:
-            return 0
-        f = self.facts
-        element = max((m.weight_bytes_per_element for m in members), default=0) or f.dtype_bytes
-        return 3 * f.hidden_size * f.expert_intermediate_size * element
+        return expert_bytes(self.facts, members)
 
     def _validate(self, p: Placement) -> None:
         hidden = self.facts.expert_intermediate_size if self.facts is not None else None
         validate_placement(p, self.num_experts, self.moe_layer_ids, expert_hidden=hidden)
 
-    async def wait_for_world(self, after_generation: int = 0) -> World:
-        """The first world newer than `after_generation`, waiting for it to form.
+    async def wait_for_world(self, after_generation: int = 0, worker_id: str = "", incarnation: int = 0) -> World:
+        """The first world newer than `after_generation`, waiting for it to form. A registered
+        worker waits for a world it is a member of; a worker that is not registered (evicted,
+        superseded, left) once a world exists gets the newest world at once (its rank there: -1).
 
         Cancellation (the caller's deadline) propagates; ShuttingDownError if the coordinator stops.
         """
         def ready() -> bool:
-            return self._closed or (self._world is not None and self._world.generation > after_generation)
+            world = self._world
+            if self._closed or world is None:
+                return self._closed
+            if not worker_id:
+                return world.generation > after_generation
+            if self.membership.rank_of(worker_id, incarnation) is None:
+                return True
+            return world.generation > after_generation and world.rank_of(worker_id, incarnation) >= 0
 
+        if worker_id and not ready():
+            log.debug("worker %r waits for a world newer than generation %d", worker_id, after_generation)
         await self._signal.wait_for(ready)
         if self._closed:
             raise ShuttingDownError("coordinator is shutting down")
         assert self._world is not None
         return self._world
+
+    def rank_in(self, world: World, worker_id: str, incarnation: int) -> int:
+        """The caller's rank in `world`: -1 for observers and for a worker no longer registered."""
+        if self.membership.rank_of(worker_id, incarnation) is None:
+            return -1
+        return world.rank_of(worker_id, incarnation)
 
     def heartbeat(self, worker_id: str, incarnation: int) -> Beat:
         """Record a heartbeat (UnknownWorkerError if not registered); return what is newest."""
@@ -247,17 +252,74 @@ class CoordinatorState:
         return Beat(world_generation=self.membership.generation, placement_epoch=epoch)
 
     def check_heartbeats(self, timeout_s: float) -> list[Silence]:
-        """Log (WARNING) each worker that went silent for longer than `timeout_s`; return them.
-
-        HOOK(recovery): remove them and form generation + 1 from the survivors.
-        """
+        """Log (WARNING) each worker that went silent for longer than `timeout_s`; once the first
+        world formed, evict it (the next generation forms without it). Return them."""
         silent = self.membership.newly_silent(timeout_s)
         for s in silent:
             log.warning(
                 "worker %r (%s) has not sent a heartbeat for %.1fs (timeout %.1fs)",
                 s.worker.worker_id, s.worker.address, s.silent_s, timeout_s,
             )
+            if self.membership.formed:
+                self.evict(s.worker, f"no heartbeat for {s.silent_s:.1f}s")
         return silent
+
+    # -- what makes a new generation due -----------------------------------------------------
+
+    def report_world_lost(self, worker_id: str, incarnation: int, generation: int, reason: str) -> int:
+        """A member says the data plane of `generation` broke; returns the newest generation.
+
+        About the current generation: its members are probed (the reporters count alive) and
+        the next generation is formed. About an older one: nothing to do. UnknownWorkerError
+        when the caller is not registered.
+        """
+        self.membership.require(worker_id, incarnation)
+        current = self.membership.generation
+        if generation == current and self.membership.is_member(worker_id, incarnation):
+            if self._loss_reported != current:
+                log.warning("worker %r reports the data plane of world generation %d broken: %s",
+                            worker_id, generation, reason or "(no reason given)")
+            self.membership.break_world()
+            self._loss_reported = current
+            self._reporters.add(worker_id)
+            self.changed.set()
+        return current
+
+    def leave(self, worker_id: str, incarnation: int) -> None:
+        """A worker leaves on purpose (idempotent); UnknownWorkerError if it is not registered."""
+        if self.membership.leave(worker_id, incarnation):
+            log.info("worker %r leaves world generation %d", worker_id, self.membership.generation)
+        self._wake_if_due()
+
+    def watcher_gone(self, worker_id: str, incarnation: int) -> None:
+        """A member's pending WaitForWorld ended without an answer (its client went away): probe it."""
+        if self._closed or not self.membership.is_member(worker_id, incarnation):
+            return
+        world = self._world
+        assert world is not None
+        self._suspects[worker_id] = world.members[world.rank_of(worker_id, incarnation)]
+        self.changed.set()
+
+    def take_suspects(self) -> list[WorkerInfo]:
+        """The registered members to probe before the next generation (each handed out once)."""
+        suspects = dict(self._suspects)
+        self._suspects.clear()
+        current = self.membership.generation
+        if self._loss_reported == current and self._loss_probed != current:
+            self._loss_probed = current
+            suspects.update((w.worker_id, w) for w in self.membership.members if w.worker_id not in self._reporters)
+        return [w for w in suspects.values() if self.membership.is_member(w.worker_id, w.incarnation)]
+
+    def evict(self, worker: WorkerInfo, why: str) -> None:
+        """Remove a dead or silent worker's registration; the next generation forms without it."""
+        if self.membership.evict(worker.worker_id, worker.incarnation, why):
+            self.evictions += 1
+            log.warning("worker %r (%s) evicted: %s", worker.worker_id, worker.address, why)
+        self._wake_if_due()
+
+    def _wake_if_due(self) -> None:
+        if self.membership.due:
+            self.changed.set()
 
     # -- load statistics -------------------------------------------------------------------
 

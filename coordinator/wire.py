@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from coordinator.membership import WorkerInfo
-from coordinator.state import Published, World
+from coordinator.worlds import Published, World
 from moemesh.errors import InvalidRequestError
 from moemesh.mesh.placement import Placement
 from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
@@ -31,6 +31,7 @@ def world_to_proto(world: World, rank: int) -> pb.World:
             store_prefix=world.store_prefix,
         ),
         placement_epoch=world.placement_epoch,
+        unservable_reason=world.unservable_reason,
     )
     for r, m in enumerate(world.members):
         msg.members.add(

@@ -79,6 +79,8 @@ class UpSettings:
     placement: Path | None = option("--placement", "initial placement file (YAML or JSON)", _absolute, default=None)
     expert_shards: int = option("--expert-shards", "split every expert over this many workers (tensor parallelism "
                                 "inside an expert)", int, default=1)
+    redundant_experts: int = option("--redundant-experts", "extra replicas of every expert on distinct workers, so "
+                                    "a lost worker orphans none (passed to the coordinator)", int, default=0)
     cache_dir: Path = option("--cache-dir", "where the default model is written", Path,
                              default=Path.home() / ".cache" / "moemesh")
     max_restarts: int = option("--max-restarts", "times a crashed worker is restarted before up gives up "
@@ -98,6 +100,8 @@ class UpSettings:
             raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.redundant_experts < 0:
+            raise ConfigError(f"--redundant-experts must not be negative, got {self.redundant_experts}")
 
 
 def default_model_dir(cache: Path) -> Path:
@@ -144,6 +148,7 @@ def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
     return MeshSpec(
         model=s.model, workers=s.workers, state_dir=state_dir, gateway_host=s.host, gateway_port=s.port,
         coordinator_flags=("--policy", s.policy, "--expert-shards", str(s.expert_shards),
+                           "--redundant-experts", str(s.redundant_experts),
                            *(("--placement", str(s.placement)) if s.placement else ())),
         worker_flags=("--threads", str(max(1, cpus // s.workers)), "--max-seqs", str(s.max_seqs),
                       "--micro-batches", str(s.micro_batches), *common, *to_workers),

@@ -163,8 +163,11 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     env = {"MOEMESH_COORDINATOR_MODEL": str(tmp_path), "MOEMESH_COORDINATOR_WORKERS": "4",
            "MOEMESH_COORDINATOR_PORT": "6000", "MOEMESH_COORDINATOR_TRANSPORT": "nccl",
-           "MOEMESH_COORDINATOR_EXIT_WITH_PARENT": "yes", "MOEMESH_COORDINATOR_HEARTBEAT_TIMEOUT": "3.5"}
-    s = settings_from(CoordinatorSettings, parse("--port", "0", "--host", "0.0.0.0", "--advertise-host", "coord"), env)
+           "MOEMESH_COORDINATOR_EXIT_WITH_PARENT": "yes", "MOEMESH_COORDINATOR_HEARTBEAT_TIMEOUT": "3.5",
+           "MOEMESH_COORDINATOR_REDUNDANT_EXPERTS": "1", "MOEMESH_COORDINATOR_PROBE_TIMEOUT": "9"}
+    s = settings_from(CoordinatorSettings, parse("--port", "0", "--host", "0.0.0.0", "--advertise-host", "coord",
+                                                 "--probe-timeout", "0.5"), env)
+    assert (s.redundant_experts, s.probe_timeout_s, s.reform_settle_s) == (1, 0.5, 0.2)
     assert (s.model_dir, s.workers, s.port, s.host, s.transport) == (tmp_path.resolve(), 4, 0, "0.0.0.0", "nccl")
     assert (s.exit_with_parent, s.heartbeat_timeout_s, s.heartbeat_interval_s) == (True, 3.5, 1.0)
     assert s.store_host == "coord" and s.placement_file is None and s.port_file is None
@@ -172,6 +175,7 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     assert (defaults.host, defaults.port, defaults.transport, defaults.exit_with_parent) == (
         "127.0.0.1", 50050, "gloo", False)
     assert defaults.model_dir.is_absolute() and defaults.store_host == "127.0.0.1"
+    assert (defaults.redundant_experts, defaults.probe_timeout_s) == (0, 1.0)
 
 
 @pytest.mark.parametrize("argv, env, message", [
@@ -183,6 +187,9 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     (("--model", "m", "--workers", "2", "--heartbeat-timeout", "0.5"), {}, "must exceed"),
     (("--model", "m", "--workers", "2", "--expert-shards", "3"), {}, "needs at least as many workers"),
     (("--model", "m", "--workers", "4", "--expert-shards", "2", "--policy", "replicate"), {}, "cannot be combined"),
+    (("--model", "m", "--workers", "2", "--redundant-experts", "-1"), {}, "--redundant-experts must not be negative"),
+    (("--model", "m", "--workers", "2", "--probe-timeout", "0"), {}, "--probe-timeout must be positive"),
+    (("--model", "m", "--workers", "2", "--reform-settle", "-1"), {}, "--reform-settle must not be negative"),
 ])
 def test_bad_settings_are_config_errors(argv, env, message):
     with pytest.raises(ConfigError, match=message):

@@ -14,15 +14,14 @@ from coordinator.errors import (
     ShuttingDownError,
     StaleIncarnationError,
     UnknownWorkerError,
-    WorldFormedError,
     WorldNotFormedError,
 )
 from coordinator.membership import Membership, WorkerInfo
 from coordinator.policies import ModelFacts
 from coordinator.routing_window import LoadWindow
-from coordinator.state import CoordinatorState, DataPlane
+from coordinator.state import CoordinatorState
+from coordinator.worlds import DataPlane
 from moemesh.errors import (
-    CapacityError,
     ConfigError,
     InvalidRequestError,
     MoemeshError,
@@ -85,18 +84,20 @@ def test_same_incarnation_is_idempotent_and_newer_replaces_in_place():
         m.admit(worker(0, incarnation=3))
 
 
-def test_after_forming_newcomers_and_restarts_are_refused_but_retries_are_fine():
+def test_after_forming_newcomers_and_restarts_wait_as_joiners_and_retries_are_fine():
     m = Membership(2)
     m.admit(worker(0))
     m.admit(worker(1))
-    with pytest.raises(WorldFormedError, match="already formed") as info:
-        m.admit(worker(2))
-    assert isinstance(info.value, CapacityError)  # -> RESOURCE_EXHAUSTED
-    with pytest.raises(WorldFormedError, match="restarted"):
-        m.admit(worker(1, incarnation=2))
-    assert m.admit(worker(1)).rank == 1
+    late = m.admit(worker(2))  # no longer refused (WorldFormedError): it joins the next generation
+    assert (late.rank, late.formed_now) == (2, False)
+    assert m.joiners == (worker(2),) and m.due and m.generation == 1
+    restarted = m.admit(worker(1, incarnation=2))  # its old entry is dropped at once
+    assert m.rank_of("w1", 1) is None and m.rank_of("w1", 2) == restarted.rank == 2
+    assert m.admit(worker(0)).rank == 0  # a member's retry
+    assert m.admit(worker(1, incarnation=2)).rank == 2  # a joiner's retry
     with pytest.raises(StaleIncarnationError):
         m.admit(worker(1, incarnation=0))
+    assert [w.worker_id for w in m.members] == ["w0", "w1"] and m.generation == 1  # until the next forms
 
 
 @pytest.mark.parametrize("info, message", [
@@ -322,3 +323,110 @@ def test_set_placement_checks_that_shards_divide_the_expert_hidden_size():
     bad = Placement(0, 3, {LAYERS[0]: (((0, 1, 2),), *table[1:]), LAYERS[1]: (((0,), (1,), (2,)), *table[1:])})
     with pytest.raises(InvalidRequestError, match="hidden size 32 does not split into 3"):
         s.set_placement(bad, world_generation=1)
+
+
+# -- generations -----------------------------------------------------------------------------
+
+
+def formed_membership(workers: int = 4, clock: FakeClock | None = None) -> Membership:
+    m = Membership(workers, clock or FakeClock())
+    for i in range(workers):
+        m.admit(worker(i))
+    return m
+
+
+def ids(members) -> list[str]:
+    return [w.worker_id for w in members]
+
+
+def test_nothing_is_due_until_something_changes():
+    m = formed_membership()
+    assert not m.due and m.form_next() is None and m.generation == 1
+    assert not Membership(2).due  # nor before the first world
+
+
+def test_next_generation_keeps_survivors_in_rank_order_then_joiners_in_registration_order():
+    m = formed_membership(4)
+    assert m.evict("w1", 1, "dead")
+    m.admit(worker(7))
+    m.admit(worker(5))
+    t = m.form_next()
+    assert t is not None and t.generation == 2 == m.generation
+    assert ids(t.members) == ["w0", "w2", "w3", "w7", "w5"] == ids(m.members)
+    assert t.rank_map == {0: 0, 2: 1, 3: 2}
+    assert [(w.worker_id, why) for w, why in t.lost] == [("w1", "dead")]
+    assert ids(t.joined) == ["w7", "w5"] and not t.broken
+    assert m.rank_of("w7", 1) == 3 and m.joiners == () and not m.due
+    with pytest.raises(UnknownWorkerError):  # the evicted worker must register again
+        m.touch("w1", 1)
+
+
+def test_a_restarted_member_is_lost_and_rejoins_last():
+    m = formed_membership(3)
+    m.admit(worker(0, incarnation=2))
+    t = m.form_next()
+    assert t is not None and ids(t.members) == ["w1", "w2", "w0"] and t.members[2].incarnation == 2
+    assert t.rank_map == {1: 0, 2: 1}
+    assert [(w.incarnation, why) for w, why in t.lost] == [(1, "restarted (incarnation 1 -> 2)")]
+
+
+def test_a_broken_world_forms_again_even_when_everyone_survives():
+    m = formed_membership(2)
+    m.break_world()
+    assert m.due
+    t = m.form_next()
+    assert t is not None and t.broken and t.rank_map == {0: 0, 1: 1} and t.lost == () and t.joined == ()
+    assert not m.due
+
+
+def test_a_leaving_member_stays_registered_until_the_next_generation_forms_without_it():
+    m = formed_membership(3)
+    assert m.leave("w1", 1) is True and m.leave("w1", 1) is True  # idempotent
+    assert m.due and m.touch("w1", 1) is False  # still heartbeating meanwhile
+    m.admit(worker(8))
+    assert m.leave("w8", 1) is False and not m.joiners  # a joiner just goes
+    t = m.form_next()
+    assert t is not None and ids(t.members) == ["w0", "w2"]
+    assert [(w.worker_id, why) for w, why in t.lost] == [("w1", "left")]
+    with pytest.raises(UnknownWorkerError):
+        m.leave("w1", 1)
+
+
+def test_no_generation_of_zero_members_forms_until_someone_registers():
+    m = formed_membership(2)
+    for i in range(2):
+        m.evict(f"w{i}", 1, "dead")
+    assert m.due and m.form_next() is None and m.generation == 1
+    m.admit(worker(4))
+    t = m.form_next()
+    assert t is not None and ids(t.members) == ["w4"] and t.rank_map == {} and t.generation == 2
+
+
+def test_silent_workers_after_formation_include_joiners():
+    clock = FakeClock()
+    m = formed_membership(2, clock)
+    clock.now = 1.0
+    m.admit(worker(3))
+    m.touch("w0", 1)
+    clock.now = 10.5
+    assert ids(s.worker for s in m.newly_silent(10.0)) == ["w1"]
+    clock.now = 12.0
+    assert ids(s.worker for s in m.newly_silent(10.0)) == ["w0", "w3"]
+    assert m.evict("w3", 1, "silent") and not m.evict("w3", 1, "silent") and not m.evict("w0", 9, "wrong")
+
+
+def test_silence_counts_from_the_forming_of_the_workers_world():
+    clock = FakeClock()
+    m = Membership(2, clock)
+    m.admit(worker(0))
+    clock.now = 50.0  # w0 waited long for its peer
+    m.admit(worker(1))
+    clock.now = 55.0
+    assert m.newly_silent(10.0) == []  # both joined generation 1 at 50.0
+    m.admit(worker(2))
+    clock.now = 70.0
+    m.form_next()
+    clock.now = 75.0
+    assert m.newly_silent(10.0) == []
+    clock.now = 80.5
+    assert ids(s.worker for s in m.newly_silent(10.0)) == ["w0", "w1", "w2"]

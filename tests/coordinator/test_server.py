@@ -210,21 +210,24 @@ def test_report_load_checks_shape_and_accumulates(tiny_model):
     assert tokens == 7 and torch.equal(total, counts * 2)
 
 
-def test_registration_beyond_the_expected_count_is_refused(tiny_model):
+def test_registration_beyond_the_expected_count_joins_the_next_world(tiny_model):
     async def scenario():
         async with running(tiny_model) as (_, stub, _ch):
             regs = await form(stub, 2)  # concurrent: either worker may get rank 0
-            full = await expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.RegisterWorker(
-                register_request(2), timeout=DEADLINE))
             older = await expect_code(grpc.StatusCode.FAILED_PRECONDITION, stub.RegisterWorker(
                 register_request(0, incarnation=0), timeout=DEADLINE))
             retry = await stub.RegisterWorker(register_request(1), timeout=DEADLINE)  # idempotent
-            return full, older, retry, regs[1].rank
+            late = await stub.RegisterWorker(register_request(2), timeout=DEADLINE)  # no longer refused
+            world = await stub.WaitForWorld(pb.WaitForWorldRequest(
+                worker_id=register_request(2).worker_id, incarnation=1), timeout=DEADLINE)
+            return older, retry, regs[1].rank, late, world
 
-    full, older, retry, rank = asyncio.run(scenario())
-    assert "already formed with 2 workers" in full
+    older, retry, rank, late, world = asyncio.run(scenario())
     assert "older" in older
     assert (retry.rank, retry.world_size, retry.world_generation) == (rank, 2, 1)
+    assert (late.rank, late.world_size, late.world_generation) == (2, 0, 0)  # in no world yet
+    assert (world.generation, world.world_size, world.rank) == (2, 3, 2)
+    assert world.rendezvous.store_prefix == "gen2/" and world.placement_epoch == 2
 
 
 def test_heartbeat_answers_newest_world_and_epoch_and_rejects_strangers(tiny_model):

@@ -1,0 +1,47 @@
+"""The one task that forms every world after the first: wait for a change, settle, probe, form.
+
+Pure asyncio (no gRPC): the probe is handed in (coordinator/probe.py asks a worker's
+grpc.health.v1 service). Re-formation is serialized in this task; events that arrive while it
+settles, probes or forms set `state.changed` again and are folded into the next generation, so
+a burst (three joiners, a crash noticed by every peer) becomes one generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from coordinator.membership import WorkerInfo
+from coordinator.state import CoordinatorState
+
+log = logging.getLogger(__name__)
+
+Probe = Callable[[WorkerInfo], Awaitable[bool]]  # True when the worker answered (alive)
+
+PROBE_FAILED = "did not answer a health probe"
+
+
+async def reform_worlds(state: CoordinatorState, probe: Probe, settle_s: float) -> None:
+    """Run until cancelled: each time `state.changed` is set, wait `settle_s` for more events,
+    probe the suspects concurrently, evict the dead, and form the next generation if due."""
+    while True:
+        await state.changed.wait()
+        await asyncio.sleep(settle_s)
+        state.changed.clear()
+        try:
+            await _round(state, probe)
+        except Exception:  # a bug here must not end re-formation for good: log it, go on
+            log.exception("forming the next world failed")
+
+
+async def _round(state: CoordinatorState, probe: Probe) -> None:
+    suspects = state.take_suspects()
+    if suspects:
+        alive = await asyncio.gather(*(probe(w) for w in suspects))
+        verdicts = (f"{w.worker_id}: {'alive' if ok else 'dead'}" for w, ok in zip(suspects, alive))
+        log.info("probed %s", ", ".join(verdicts))
+        for worker, ok in zip(suspects, alive):
+            if not ok:
+                state.evict(worker, PROBE_FAILED)
+    state.form_next_world()
