@@ -60,7 +60,8 @@ class CoordinatorSettings:
                                     "where workers and their memory allow (1 = every expert on two workers)",
                                     int, default=0)
     probe_timeout_s: float = option("--probe-timeout", "deadline (s) of the health probe that tells a dead member "
-                                    "from a live one before a new world forms", float, default=1.0)
+                                    "from a live one before a new world forms (a killed one answers at once; a loaded "
+                                    "machine may need a second to answer)", float, default=2.0)
     reform_settle_s: float = option("--reform-settle", "seconds a new world waits for further joins and losses "
                                     "to fold into it", float, default=0.2)
 

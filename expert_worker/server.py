@@ -81,13 +81,18 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
     me = Identity(settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}", time.time_ns() // 1000)
     async with channel(settings.coordinator) as ch:
         coord = coordinator_pb2_grpc.CoordinatorStub(ch)
-        joined = await _join(coord, settings, me, address, stop)
-        if joined is None:
-            await server.stop(1.0)
-            return 0
-        node, reader = joined
-        servicer.attach(node)
-        return await _run(settings, server, servicer, node, reader, coord, me, stop)
+        # Heartbeats start with the registration: loading weights must not look like a stall.
+        beats = asyncio.create_task(_heartbeat(coord, settings, servicer, me))
+        try:
+            joined = await _join(coord, settings, me, address, stop)
+            if joined is None:
+                await server.stop(1.0)
+                return 0
+            node, reader = joined
+            servicer.attach(node)
+            return await _run(settings, server, servicer, node, reader, coord, me, stop)
+        finally:
+            beats.cancel()
 
 
 async def _join(coord, settings: WorkerSettings, me: Identity, address: str, stop: asyncio.Event):
@@ -191,7 +196,6 @@ async def _run(settings, server, servicer, node: MeshMember, reader, coord, me: 
     follower = WorldFollower(coord, settings, me, runner, reader)
     following = asyncio.create_task(_follow_worlds(follower, stop, evicted))
     watcher = asyncio.create_task(_follow_placements(coord, settings, node, reader))
-    beats = asyncio.create_task(_heartbeat(coord, settings, node, me))
     await server.set_ready()
     log.info("rank %d serving", node.rank)
     await asyncio.wait({asyncio.create_task(stop.wait()), asyncio.create_task(finished.wait()),
@@ -201,7 +205,7 @@ async def _run(settings, server, servicer, node: MeshMember, reader, coord, me: 
         await leave(coord, settings, me)
     runner.request_stop()
     await thread_done
-    for task in (following, watcher, beats, *background):
+    for task in (following, watcher, *background):
         task.cancel()
     runner.collective.close()
     await server.stop(2.0)
@@ -264,12 +268,15 @@ async def _prepare_and_offer(node: MeshMember, reader, msg) -> None:
         log.info("rank %d: placement epoch %d loaded", node.rank, placement.epoch)
 
 
-async def _heartbeat(coord, settings: WorkerSettings, node: MeshMember, me: Identity) -> None:
+async def _heartbeat(coord, settings: WorkerSettings, servicer: WorkerServicer, me: Identity) -> None:
+    """Every second from registration on (before the world forms, generation and epoch are 0)."""
     while True:
+        node = servicer.node
         try:
             await coord.Heartbeat(cpb.HeartbeatRequest(
-                worker_id=me.worker_id, incarnation=me.incarnation, world_generation=node.world_generation,
-                loaded_epoch=node.runner.loaded_epoch), timeout=settings.rpc_timeout_s)
+                worker_id=me.worker_id, incarnation=me.incarnation,
+                world_generation=node.world_generation if node is not None else 0,
+                loaded_epoch=node.runner.loaded_epoch if node is not None else 0), timeout=settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat failed: %s", exc.code().name)
         await asyncio.sleep(1.0)

@@ -175,7 +175,7 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     assert (defaults.host, defaults.port, defaults.transport, defaults.exit_with_parent) == (
         "127.0.0.1", 50050, "gloo", False)
     assert defaults.model_dir.is_absolute() and defaults.store_host == "127.0.0.1"
-    assert (defaults.redundant_experts, defaults.probe_timeout_s) == (0, 1.0)
+    assert (defaults.redundant_experts, defaults.probe_timeout_s) == (0, 2.0)
 
 
 @pytest.mark.parametrize("argv, env, message", [
