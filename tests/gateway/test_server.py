@@ -476,8 +476,6 @@ async def _info(stub) -> gateway_pb2.ModelInfoResponse:
     return await stub.ModelInfo(gateway_pb2.ModelInfoRequest(), timeout=HANG_BOUND_S)
 
 
-@pytest.mark.skip(reason="needs the coordinator's generations (h/coord) and the worker's survivor world "
-                         "(worker engineer)")
 def test_a_killed_worker_loses_no_request_every_one_finishes_with_the_reference_tokens(tmp_path: Path):
     """A 3-worker mesh streams 6 greedy requests; one worker is SIGKILLed mid-stream. The coordinator
     forms the next world from the two survivors (which keep their requests), the gateway migrates
