@@ -16,7 +16,7 @@ from moemesh.model.tiny import TinySpec, write_tiny_model
 
 pytestmark = pytest.mark.slow  # a 4-worker mesh, killed and healed twice
 
-SPEC = TinySpec(layers=2, experts=8, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=256)
+SPEC = TinySpec(layers=2, experts=8, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=300)
 KILLS = 2
 MAX_ROUNDS = 8  # the load repeats its requests until the killer is done (bounded)
 HANG_S = 240.0  # bounds a hang only: one request's deadline
