@@ -112,7 +112,7 @@ def test_a_row_with_nan_logits_fails_alone_greedy_or_sampled(row):
     logits = LOGITS.clone()
     logits[row, 3] = float("nan")
     out = sample(logits, PARAMS, POSITIONS)
-    assert isinstance(out[row], RowFailure) and "not finite" in out[row].message  # type: ignore[union-attr]
+    assert isinstance(out[row], RowFailure) and "not finite" in out[row].message
     assert [out[r] for r in range(4) if r != row] == [alone(r) for r in range(4) if r != row]
 
 
@@ -126,7 +126,7 @@ def test_a_temperature_that_overflows_fails_its_row_alone():
 
 
 def test_an_exception_in_one_rows_filtering_fails_that_row_alone():
-    broken = SamplingParams(temperature=1.0, top_k="five", seed=1)  # type: ignore[arg-type]
+    broken = SamplingParams(temperature=1.0, top_k="five", seed=1)
     out = sample(LOGITS, [*PARAMS[:3], broken], POSITIONS)
     assert isinstance(out[3], RowFailure) and "TypeError" in out[3].message
     assert out[:3] == [alone(0), alone(1), alone(2)]
