@@ -163,6 +163,8 @@ def _outcomes(event: Event, route: _Route) -> tuple[list[Outcome], bool]:
     if isinstance(event, EngineRejected):
         return [_failure(event.request_id, route, event.error)], True
     assert isinstance(event, TokenEvent), f"unexpected engine event {event!r}"
+    if event.finish is FinishReason.ERROR:  # the engine failed this request alone: no resend helps
+        return [Finished(event.request_id, None, route.prompt_tokens, route.completion_tokens, event.error)], True
     outcomes: list[Outcome] = []
     if event.token_id is not None:
         route.completion_tokens += 1

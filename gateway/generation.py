@@ -9,7 +9,8 @@ Failure semantics (gateway.proto), decided only in `Progress.failed`: a Failed e
 rejected the request, or its worker let go of it and it could not be migrated) before any token
 fails a Generate call with the event's status code; after tokens were streamed, and always inside
 a batch (where other prompts keep going), it ends that generation with
-Finished{FINISH_REASON_ERROR, error}.
+Finished{FINISH_REASON_ERROR, error}. A failure of the gateway's own detokenizing ends only its
+request the same way (`Progress.undecodable`); the worker is told to cancel it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class Progress:
         """(response, ended) for one coalesced event; `strict`: see `failed`."""
         match event:
             case Tokens():
-                return self.chunk(event), False
+                try:
+                    return self.chunk(event), False
+                except Exception as exc:  # its text could not be made: this request alone ends
+                    return self.undecodable(event, exc), True
             case Finished(reason=reason, error=error):
                 return self.finished(reason, error), True
             case Failed():
@@ -50,10 +54,16 @@ class Progress:
 
     def chunk(self, tokens: Tokens) -> Response:
         """A TokenChunk for `tokens`, with their text when asked for."""
+        text = self.decoder.push(list(tokens.ids)) if self.decoder is not None else ""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        text = self.decoder.push(list(tokens.ids)) if self.decoder is not None else ""
         return Response(chunk=Response.TokenChunk(token_ids=tokens.ids, text=text, offset=tokens.offset))
+
+    def undecodable(self, tokens: Tokens, exc: Exception) -> Response:
+        """Finished{ERROR} for a chunk whose text could not be decoded (its tokens are not sent)."""
+        return self.finished(common_pb2.FINISH_REASON_ERROR,
+                             f"the gateway could not decode tokens {list(tokens.ids)} to text: "
+                             f"{type(exc).__name__}: {exc}", unsent=len(tokens.ids))
 
     def failed(self, event: Failed, strict: bool) -> Response:
         """THE failure rule. `strict` (a single Generate) and no token yet: raise, so the call fails
@@ -62,13 +72,13 @@ class Progress:
             raise WorkerFailedError(event.code, event.message)
         return self.finished(common_pb2.FINISH_REASON_ERROR, f"{event.code.name}: {event.message}")
 
-    def finished(self, reason: common_pb2.FinishReason.ValueType, error: str = "") -> Response:
+    def finished(self, reason: common_pb2.FinishReason.ValueType, error: str = "", unsent: int = 0) -> Response:
         """The final message; counts and timings are the gateway's own (the handle's count: every
-        token the pool delivered before the end, so every token streamed)."""
+        token the pool delivered before the end, so every token streamed, less `unsent`)."""
         now = time.monotonic()
         ttft = self.first_token_at - self.received_at if self.first_token_at is not None else 0.0
         msg = Response.Finished(
-            reason=reason, prompt_tokens=len(self.prepared.prompt), completion_tokens=self.handle.tokens,
+            reason=reason, prompt_tokens=len(self.prepared.prompt), completion_tokens=self.handle.tokens - unsent,
             ttft_seconds=ttft, latency_seconds=now - self.received_at, request_id=self.prepared.request_id,
             error=error if reason == common_pb2.FINISH_REASON_ERROR else "",
         )
@@ -130,13 +140,17 @@ async def generate_batch(pool: WorkerPool, model: ServedModel, items: Sequence[P
     sink: asyncio.Queue = asyncio.Queue()
     handles = await pool.submit(items, sink, deadline)
     progress = [Progress(model, h, received_at) for h in handles]
-    running = len(handles)
+    over: set[int] = set()  # tags that ended (a gateway-side failure ends one before its worker does)
     try:
-        while running:
+        while len(over) < len(handles):
             for tag, event in await next_events(sink):
+                if tag in over:
+                    continue
                 response, ended = progress[tag].on_event(event, strict=False)
                 yield gateway_pb2.GenerateBatchResponse(index=tag, response=response)
-                running -= ended
+                if ended:
+                    over.add(tag)
+                    pool.release(handles[tag])
     finally:
         for handle in handles:
             pool.release(handle)

@@ -3,7 +3,8 @@
 The gateway holds no weights: only config.json (vocabulary, context, shape for ModelInfo) and
 tokenizer.json (prompt text -> ids, streamed ids -> text). Every request is checked here with the
 engine's own `validate_request`, so a bad request fails with INVALID_ARGUMENT before it reaches a
-worker.
+worker. Sampling fields come from the wire as they were sent (`sampling_from_proto`: only an exact
+0 means "unset"; NaN, inf and negative values reach validation and are refused, never replaced).
 """
 
 from __future__ import annotations
@@ -49,11 +50,6 @@ class ServedModel:
             prompt = self._prompt(req)
             params = self._sampling(req, len(prompt))
             validate_request(prompt, params, self.config.vocab_size, self.context, self.max_new_tokens_limit)
-            bad_stop = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
-            if bad_stop:
-                raise InvalidRequestError(
-                    f"stop token id {bad_stop[0]} out of range 0..{self.config.vocab_size - 1}"
-                )
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"{where}{exc}") from None
         return Prepared(tuple(prompt), params, req.request_id or request_id, req.include_text)

@@ -89,11 +89,15 @@ def build_request(
     prompt: str | None = None, token_ids: Sequence[int] | None = None, params: SamplingParams | None = None,
     include_text: bool = True, request_id: str = "",
 ) -> gateway_pb2.GenerateRequest:
-    """A GenerateRequest; exactly one of `prompt` (text) and `token_ids` must be given."""
+    """A GenerateRequest; exactly one of `prompt` (text) and `token_ids` must be given.
+    InvalidRequestError for sampling values the server would refuse or the wire would change
+    (never sent as something else: a top_p of 0 is not turned into "off")."""
     if (prompt is None) == (token_ids is None):
         raise InvalidRequestError("give exactly one of prompt (text) and token_ids")
+    params = params or SamplingParams()
+    params.validate()  # the ranges; the server's own limits are its to check
     req = gateway_pb2.GenerateRequest(
-        sampling=sampling_to_proto(params or SamplingParams()), include_text=include_text, request_id=request_id
+        sampling=sampling_to_proto(params), include_text=include_text, request_id=request_id
     )
     if prompt is not None:
         req.text = prompt

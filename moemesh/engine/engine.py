@@ -5,18 +5,24 @@ decode token for every running sequence, whole prompts for newly admitted ones) 
 `execute()` (forward, sample, retire finished sequences). A mesh worker calls the two halves
 separately so that it can agree with its peers between them; `step()` does both.
 
+Fault isolation: whatever goes wrong for ONE request after the forward pass (non-finite logits or
+probabilities, an exception in its sampling) ends that request alone with a
+`TokenEvent(finish=ERROR, error=...)` and frees its KV slot; every other row of the step gets its
+token. Bad inputs never get that far: `validate_request` refuses them at every front door.
+
 Shape legend: T tokens in the step, B decoding sequences, R rows sampled, V vocab.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import torch
 
-from moemesh.engine.sampling import SamplingParams, make_generator, sample
+from moemesh.engine.sampling import SEED_LIMIT, RowFailure, SamplingParams, sample
 from moemesh.errors import CapacityError, InvalidRequestError
 from moemesh.model.decoder import MoEModel
 from moemesh.model.layers import AttentionPlan, Segment, build_attention_plan
@@ -32,6 +38,9 @@ def validate_request(
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"token id {bad[0]} out of range 0..{vocab_size - 1}")
+    bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if bad_stop:
+        raise InvalidRequestError(f"stop token id {bad_stop[0]} in stop_token_ids is out of range 0..{vocab_size - 1}")
     if len(prompt) + params.max_new_tokens > max_len:
         raise InvalidRequestError(
             f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
@@ -51,6 +60,7 @@ class FinishReason(StrEnum):
     LENGTH = "length"
     STOP = "stop"
     CANCELLED = "cancelled"
+    ERROR = "error"  # this request alone failed (see TokenEvent.error); the engine goes on
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,9 @@ class TokenEvent:
     """One new token of a request; `finish` is set on its last event."""
 
     request_id: str
-    token_id: int | None  # None only for a cancelled request's closing event
+    token_id: int | None  # None only for a cancelled or failed request's closing event
     finish: FinishReason | None = None
+    error: str = ""  # why, when finish is ERROR
 
 
 @dataclass
@@ -68,10 +79,14 @@ class _Sequence:
     prompt: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
-    generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     slot: int = -1  # -1 = not admitted yet
     cached: int = 0  # tokens whose K/V are in the cache
+
+    @property
+    def position(self) -> int:
+        """The absolute position of the next token to draw (its seeded draw depends on it)."""
+        return len(self.prompt) + len(self.output)
 
 
 @dataclass(frozen=True)
@@ -132,9 +147,9 @@ class Engine:
         stop = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop.update(self.model.cfg.eos_token_ids)
-        self._waiting.append(
-            _Sequence(request_id, list(prompt), params, frozenset(stop), make_generator(params))
-        )
+        if params.seed is None and not params.greedy:  # seeded once: draws follow (seed, position)
+            params = replace(params, seed=secrets.randbelow(SEED_LIMIT))
+        self._waiting.append(_Sequence(request_id, list(prompt), params, frozenset(stop)))
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request; its slot is free before the next step. False if unknown/finished."""
@@ -223,15 +238,19 @@ class Engine:
         seqs = batch.seqs
         if not seqs:
             return []
-        new_tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        drawn = sample(logits, [s.params for s in seqs], [s.position for s in seqs])
         events = []
-        for seq, token in zip(seqs, new_tokens):
-            seq.cached = len(seq.prompt) + len(seq.output)
+        for seq, token in zip(seqs, drawn):
+            if isinstance(token, RowFailure):  # this request alone ends; the step goes on
+                events.append(TokenEvent(seq.request_id, None, FinishReason.ERROR, token.message))
+                self._retire(seq)
+                continue
+            seq.cached = seq.position
             seq.output.append(token)
             finish = self._finish_reason(seq, token)
             events.append(TokenEvent(seq.request_id, token, finish))
-            if finish is not None and seq.request_id in self._running:
-                self._release(self._running.pop(seq.request_id))
+            if finish is not None:
+                self._retire(seq)
         return events
 
     def _admit(self) -> list[_Sequence]:
@@ -254,6 +273,10 @@ class Engine:
         if len(seq.output) >= seq.params.max_new_tokens:
             return FinishReason.LENGTH
         return None
+
+    def _retire(self, seq: _Sequence) -> None:
+        if seq.request_id in self._running:
+            self._release(self._running.pop(seq.request_id))
 
     def _release(self, seq: _Sequence) -> None:
         self._free_slots.append(seq.slot)

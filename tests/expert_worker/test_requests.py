@@ -162,3 +162,22 @@ def test_a_request_the_worker_lets_go_of_after_tokens_is_rejected_unavailable_so
     (message,) = [_message([Rejected("streaming", leaving)])]
     assert message.rejected.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert len(table) == 0
+
+
+def test_an_engine_error_for_one_request_is_finished_error_with_its_message_and_others_go_on():
+    """FinishReason.ERROR (the engine failed that request alone, e.g. non-finite logits) is
+    Finished{ERROR, error} on the wire (`_message`), before or after tokens: resending would fail
+    the same way. The other request of the step gets its token."""
+    engine = EngineInbox()
+    table = engine.table()
+    stream = table.open_stream()
+    for rid in ("a", "b", "c"):
+        table.submit(stream, item(rid))
+    table.deliver([TokenEvent("a", 5), TokenEvent("c", None, FinishReason.ERROR, "logits not finite")])
+    table.deliver([TokenEvent("a", None, FinishReason.ERROR, "boom"), TokenEvent("b", 7)])
+    first, second = drain(stream)
+    assert first == [Tokens("a", (5,)), Finished("c", None, 3, 0, "logits not finite")]
+    assert second == [Finished("a", None, 3, 1, "boom"), Tokens("b", (7,))]
+    wire = _message(second).batch.events[0].finished
+    assert (wire.reason, wire.error, wire.completion_tokens) == (common_pb2.FINISH_REASON_ERROR, "boom", 1)
+    assert len(table) == 1  # only b is still live

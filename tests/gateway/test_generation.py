@@ -21,6 +21,7 @@ from moemesh import rpc
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.text import StreamDecoder, TextCodec
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.gateway.scripted import (
     BREAK,
@@ -228,3 +229,57 @@ def test_the_inflight_limit_is_resource_exhausted_and_a_cancelled_call_cancels_o
     full, cancels, running_id = asyncio.run(scenario())
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 requests in flight" in full.details()
     assert cancels == [running_id]
+
+
+POISONED = 13  # the token whose text the broken tokenizer below cannot make
+
+
+class BrokenText(TextCodec):
+    """A tokenizer with a bug: decoding POISONED raises. The real one never raises on ids in the
+    vocabulary, so this stands in for such a bug; everything else is the real gateway."""
+
+    def decode(self, ids: list[int]) -> str:
+        if POISONED in ids:
+            raise ValueError("no text for token 13")
+        return super().decode(ids)
+
+
+class BrokenTextModel(ServedModel):
+    def decoder(self) -> StreamDecoder:
+        return StreamDecoder(BrokenText(self.model_dir, self.config))
+
+
+def test_a_detokenizing_failure_ends_only_its_request_and_cancels_it_on_the_worker(model):
+    """Prompt 1 streams a good token, then POISONED, then would run on (nothing more scripted):
+    it ends with Finished{ERROR} counting what was streamed, and its worker is told to cancel; in
+    a batch, prompt 2 runs to its end."""
+    broken = BrokenTextModel(model.model_dir, 256, 100, 16)
+    worker = ScriptedWorker(0, by_first_prompt_token({
+        1: lambda rid: [tokens(rid, 40), tokens(rid, POISONED)],
+        2: lambda rid: [tokens(rid, 41), tokens(rid, 42), finished(rid, LENGTH, 2)],
+    }))
+
+    def texted(*ids: int) -> gateway_pb2.GenerateRequest:
+        r = req(*ids)
+        r.include_text = True
+        return r
+
+    async def scenario():
+        async with gateway(broken, [worker]) as stub:
+            single = await generate(stub, texted(1))
+            await worker.wait_for(lambda: len(worker.cancels) == 1)
+            request = gateway_pb2.GenerateBatchRequest(requests=[texted(1), texted(2)])
+            replies = [r async for r in stub.GenerateBatch(request, timeout=HANG_BOUND_S)]
+            await worker.wait_for(lambda: len(worker.cancels) == 2)
+            return single, replies
+
+    single, replies = asyncio.run(scenario())
+    fin = single[-1].finished
+    streamed = sum(len(m.chunk.token_ids) for m in single[:-1])
+    assert fin.reason == ERROR and "could not decode tokens [" in fin.error and "13] to text" in fin.error
+    assert fin.completion_tokens == streamed <= 1  # 40 alone streams, unless it arrived with 13 (coalesced)
+    fins = {r.index: r.response.finished for r in replies if r.response.WhichOneof("event") == "finished"}
+    assert fins[0].reason == ERROR and "ValueError: no text for token 13" in fins[0].error
+    assert fins[1].reason == LENGTH and fins[1].completion_tokens == 2
+    zeros = [r.response.WhichOneof("event") for r in replies if r.index == 0]
+    assert zeros[-1] == "finished" and "finished" not in zeros[:-1]  # nothing after its end

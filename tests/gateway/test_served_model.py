@@ -12,7 +12,7 @@ from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import InvalidRequestError
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.model.tokenizer import BOS_ID
-from moemesh.v1 import gateway_pb2
+from moemesh.v1 import common_pb2, gateway_pb2
 
 SPEC = TinySpec(hidden=64, intermediate=64, layers=2, experts=8, heads=4, kv_heads=2, vocab=512,
                 max_position_embeddings=256)
@@ -85,3 +85,30 @@ def test_a_sampled_request_without_a_seed_gets_one_so_a_migration_draws_the_same
     assert unseeded[0].params.seed != unseeded[1].params.seed  # drawn per request (2^-63 to collide)
     assert model.prepare(request(ids=[5], max_new_tokens=4, temperature=0.8, seed=7), "x").params.seed == 7
     assert model.prepare(request(ids=[5], max_new_tokens=4), "x").params.seed is None  # greedy: no draws
+
+
+def raw(**fields) -> gateway_pb2.GenerateRequest:
+    """A request whose SamplingParams proto is set field by field, as any gRPC client may send it."""
+    return gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[5]),
+                                       sampling=common_pb2.SamplingParams(**{"max_new_tokens": 3, **fields}))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"temperature": 1e-40}, r"temperature must be 0 \(greedy\) or in \[0.01, 100\], got 1e-40"),
+    ({"temperature": float("nan")}, r"temperature .*got nan"),
+    ({"temperature": float("inf")}, r"temperature .*got inf"),
+    ({"temperature": 1000.0}, r"temperature .*got 1000"),
+    ({"temperature": 1.0, "top_p": -0.5}, r"top_p must be in \(0, 1\] \(1 = off\), got -0.5"),
+    ({"temperature": 1.0, "top_p": float("nan")}, r"top_p must be in \(0, 1\] \(1 = off\), got nan"),
+    ({"temperature": 1.0, "seed": 2**64 - 1, "stop_token_ids": [3, 512]}, r"stop token id 512 in stop_token_ids"),
+])
+def test_bad_sampling_fields_on_the_wire_are_refused_never_replaced(model, fields, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        model.prepare(raw(**fields), "x")
+
+
+def test_only_an_exact_zero_means_unset_and_float32_values_come_back_as_sent(model):
+    p = model.prepare(raw(temperature=0.7, top_p=0.9, top_k=5, seed=2**64 - 1), "x").params
+    assert (p.temperature, p.top_p, p.top_k, p.seed) == (0.7, 0.9, 5, 2**64 - 1)
+    assert model.prepare(raw(temperature=0.01), "x").params.temperature == 0.01  # the lowest, over float32
+    assert model.prepare(raw(temperature=1.0), "x").params.top_p == 1.0  # 0 on the wire: off

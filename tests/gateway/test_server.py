@@ -163,7 +163,7 @@ BAD = [
     (req(ids=[5], max_new_tokens=0), "max_new_tokens must be > 0"),
     (req(ids=[5], max_new_tokens=5000), "over this server's limit of 4096"),
     (req(ids=[5] * 2000, max_new_tokens=100), "exceeds the context of 2048 tokens"),
-    (req(ids=[5], max_new_tokens=4, temperature=-0.5), "temperature must be in"),
+    (req(ids=[5], max_new_tokens=4, temperature=-0.5), "temperature must be 0 (greedy) or in"),
     (req(ids=[5], max_new_tokens=4, top_p=2.0), "top_p must be in"),
 ]
 
@@ -188,6 +188,48 @@ def test_each_bad_request_is_invalid_argument_and_the_gateway_keeps_serving(mesh
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert message in details and received == []
     assert check_stream(good)[1].reason in (LENGTH, STOP)
+
+
+POISON = [  # one bad value per sampling field, as a raw gRPC client may send it; what the refusal names
+    ({"temperature": 1e-40}, "temperature must be 0 (greedy) or in [0.01, 100]"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": 1.0, "top_p": float("nan")}, "top_p must be in (0, 1]"),
+    ({"temperature": 1.0, "top_p": -0.5}, "top_p must be in (0, 1]"),
+    ({"temperature": 1.0, "seed": 2**64 - 1, "stop_token_ids": [600]}, "stop_token_ids"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
+]
+
+
+def test_a_query_of_death_in_any_sampling_field_fails_alone_while_others_run(mesh):
+    """Issue 11: one request with --temperature 1e-40 used to stop the whole mesh. Each bad value
+    is INVALID_ARGUMENT while two generations run; they end with the reference tokens, and the
+    mesh serves afterwards."""
+    prompts = [[30, 31], [40, 41, 42]]
+
+    async def scenario():
+        async with channel(mesh.gateway) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            calls = [stub.Generate(req(p, max_new_tokens=48, ignore_eos=True), timeout=DEADLINE) for p in prompts]
+            firsts = [await _first_chunk(call) for call in calls]  # both running now
+            refused = []
+            for fields, _ in POISON:
+                bad = gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[5, 6]),
+                                                  sampling=common_pb2.SamplingParams(**{"max_new_tokens": 4, **fields}))
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await collect(stub.Generate(bad, timeout=DEADLINE))
+                refused.append(info.value)
+            ran = [[first, *await _read_rest(call)] for first, call in zip(firsts, calls)]
+            after = [m for _, m in await collect(stub.Generate(req([3, 4], max_new_tokens=3), timeout=DEADLINE))]
+        return refused, ran, after
+
+    refused, ran, after = asyncio.run(scenario())
+    for error, (_, message) in zip(refused, POISON):
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error.details()
+    for prompt, messages in zip(prompts, ran):
+        ids, fin = check_stream(messages)
+        assert fin.reason == LENGTH and ids == local_greedy(mesh.model_dir, prompt, 48)
+    assert check_stream(after)[1].reason in (LENGTH, STOP)
 
 
 def test_batch_runs_prompts_concurrently_and_tags_every_response(mesh):

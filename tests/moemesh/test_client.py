@@ -59,6 +59,21 @@ def test_a_request_needs_exactly_one_prompt():
     assert build_request("hi").text == "hi"
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),  # 0 on the wire would mean "off"
+    ({"top_p": 1e-50}, r"top_p=1e-50 is 0 in float32"),
+    ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+    ({"temperature": 1e-40}, r"temperature must be 0 \(greedy\) or in \[0.01, 100\]"),
+    ({"temperature": float("nan")}, r"temperature .*got nan"),
+    ({"top_k": -1}, r"top_k must be an integer >= 0"),
+    ({"seed": -1}, r"seed must be in \[0, 2\^64\)"),
+    ({"max_new_tokens": 0}, r"max_new_tokens must be > 0"),
+])
+def test_a_bad_sampling_value_is_refused_never_sent_as_another(fields, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        build_request(token_ids=[1], params=SamplingParams(**{"temperature": 1.0, **fields}))
+
+
 def test_messages_become_plain_events():
     chunk = gateway_pb2.GenerateResponse(chunk=gateway_pb2.GenerateResponse.TokenChunk(token_ids=[1, 2], text="ab",
                                                                                         offset=3))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from moemesh.engine.engine import Engine, EngineSettings, FinishReason, generate
@@ -89,6 +91,8 @@ def test_cancel_frees_the_slot(model):
         ([1, 2], SamplingParams(top_p=0.0), "top_p"),
         ([1, 2], SamplingParams(top_k=-2), "top_k"),
         ([1, 999], SamplingParams(), "token id 999 out of range"),
+        ([1, 2], SamplingParams(temperature=1e-40), r"temperature must be 0 \(greedy\) or in \[0.01, 100\]"),
+        ([1, 2], SamplingParams(stop_token_ids=(512,)), "stop token id 512 in stop_token_ids is out of range"),
     ],
 )
 def test_bad_requests_are_clear_errors(model, prompt, params, message):
@@ -108,3 +112,38 @@ def test_queue_limit_is_capacity_error(model):
     other.add_request("a", [1], SamplingParams())
     with pytest.raises(InvalidRequestError, match="already in use"):
         other.add_request("a", [2], SamplingParams())
+
+
+def test_a_seeded_request_resumed_elsewhere_continues_with_the_draws_it_would_have_made(model):
+    """Draws follow (seed, position): 20 tokens == 8 tokens, then a new request (on another
+    engine) whose prompt is the prompt plus those 8, same seed, 12 more."""
+    params = SamplingParams(max_new_tokens=20, temperature=1.5, top_k=100, seed=42, ignore_eos=True)
+    whole = generate(Engine(model), [PROMPTS[0]], params)[0]
+    rest = generate(Engine(model), [PROMPTS[0] + whole[:8]], replace(params, max_new_tokens=12))[0]
+    assert len(whole) == 20 and whole == whole[:8] + rest
+    assert len(set(whole)) > 5  # really sampled, not a greedy loop
+
+
+@pytest.mark.parametrize("victim", ["greedy", "sampled"])
+def test_a_request_whose_logits_go_nan_ends_alone_and_frees_its_slot(model, victim):
+    """Poison one sequence's KV cache (slot 1: the second admitted) so its logits are NaN: that
+    request ends with FinishReason.ERROR, its slot is free, the others keep their tokens."""
+    params = {"greedy": SamplingParams(max_new_tokens=6, ignore_eos=True),
+              "sampled": SamplingParams(max_new_tokens=6, temperature=1.0, seed=5, ignore_eos=True)}[victim]
+    others = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    alone = [generate(Engine(model), [PROMPTS[i]], others)[0] for i in (0, 2)]
+    engine = Engine(model)
+    for rid, prompt, p in (("a", PROMPTS[0], others), ("victim", PROMPTS[1], params), ("c", PROMPTS[2], others)):
+        engine.add_request(rid, prompt, p)
+    events = engine.step()  # prefill: slots 0, 1, 2
+    model.cache.k[0][1, :, 0] = float("nan")  # (G, Dh) position 0 of slot 1, layer 0
+    while engine.has_work:
+        events += engine.step()
+    failed = [e for e in events if e.request_id == "victim" and e.finish is FinishReason.ERROR]
+    assert len(failed) == 1 and failed[0].token_id is None and "not finite" in failed[0].error
+    assert [e for e in events if e.request_id == "victim"][-1] is failed[0]
+    assert [[e.token_id for e in events if e.request_id == rid] for rid in ("a", "c")] == alone
+    assert engine.free_slots == 4
+    reuse = Engine(model)  # the freed slot serves again: its prefill overwrites the poisoned row
+    assert generate(reuse, [PROMPTS[3], PROMPTS[4]], others) == [generate(Engine(model), [p], others)[0]
+                                                                 for p in (PROMPTS[3], PROMPTS[4])]

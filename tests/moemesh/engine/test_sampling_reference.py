@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from moemesh.engine.sampling import SamplingParams, make_generator, sample
+from moemesh.engine.sampling import SamplingParams, sample
 
 # (V,) = 6: distinct gaps, so no top-k or top-p boundary falls on a tie
 LOGITS = torch.tensor([2.0, 1.1, 0.3, -0.4, 1.6, -1.5])
@@ -33,9 +33,8 @@ def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def drawn_frequencies(logits: torch.Tensor, p: SamplingParams, n: int = N) -> torch.Tensor:
-    """(V,) frequencies of n tokens drawn by `sample`, one seeded generator for all rows."""
-    gen = make_generator(p)
-    tokens = sample(logits.expand(n, -1).contiguous(), [p] * n, [gen] * n)  # (n, V) -> n ids
+    """(V,) frequencies of n tokens drawn by `sample`: one seed, n rows at positions 0..n-1."""
+    tokens = sample(logits.expand(n, -1).contiguous(), [p] * n, list(range(n)))  # (n, V) -> n ids
     return torch.bincount(torch.tensor(tokens), minlength=logits.shape[0]).double() / n
 
 
@@ -69,7 +68,7 @@ def test_the_reference_filters_as_documented():
 
 def test_same_seed_same_draws_other_seed_other_draws():
     p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
-    draws = lambda q: sample(LOGITS.expand(64, -1).contiguous(), [q] * 64, [make_generator(q)] * 64)
+    draws = lambda q: sample(LOGITS.expand(64, -1).contiguous(), [q] * 64, list(range(64)))
     assert draws(p) == draws(p)
     assert draws(p) != draws(SamplingParams(temperature=1.0, top_p=0.95, seed=4321))
 
@@ -78,12 +77,10 @@ def test_seeded_row_ignores_its_batch_neighbours():
     """A seeded request draws the same tokens alone or next to other sampled rows."""
     seeded = SamplingParams(temperature=1.0, seed=7)
     other = SamplingParams(temperature=1.5, seed=99)
-    gen = make_generator(seeded)
-    alone = [sample(LOGITS[None], [seeded], [gen])[0] for _ in range(20)]
-    gen, noise = make_generator(seeded), make_generator(other)
-    shared = [sample(torch.stack([LOGITS, LOGITS.flip(0)]), [seeded, other], [gen, noise])[0] for _ in range(20)]
+    alone = [sample(LOGITS[None], [seeded], [pos])[0] for pos in range(20)]
+    shared = [sample(torch.stack([LOGITS, LOGITS.flip(0)]), [seeded, other], [pos, 40 - pos])[0] for pos in range(20)]
     assert alone == shared
 
 
 def test_greedy_is_the_argmax():
-    assert sample(torch.stack([LOGITS, -LOGITS]), [SamplingParams()] * 2, [None, None]) == [0, 5]
+    assert sample(torch.stack([LOGITS, -LOGITS]), [SamplingParams()] * 2, [0, 0]) == [0, 5]
