@@ -34,7 +34,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The paper's deployment on the embedded tiny model: one expert per worker (8 workers).
 run: setup
