@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 Probe = Callable[[WorkerInfo], Awaitable[bool]]  # True when the worker answered (alive)
 
 PROBE_FAILED = "did not answer a health probe"
+RETRY_AFTER_S = 1.0  # after a failed round, the next one starts this much later
 
 
 async def reform_worlds(state: CoordinatorState, probe: Probe, settle_s: float) -> None:
@@ -31,14 +32,20 @@ async def reform_worlds(state: CoordinatorState, probe: Probe, settle_s: float) 
         state.changed.clear()
         try:
             await _round(state, probe)
-        except Exception:  # a bug here must not end re-formation for good: log it, go on
-            log.exception("forming the next world failed")
+        except Exception:  # a bug here must not end re-formation for good, nor leave a broken world waiting
+            log.exception("forming the next world failed; trying again in %.1f s", RETRY_AFTER_S)
+            await asyncio.sleep(RETRY_AFTER_S)
+            state.changed.set()
 
 
 async def _round(state: CoordinatorState, probe: Probe) -> None:
     suspects = state.take_suspects()
     if suspects:
-        alive = await asyncio.gather(*(probe(w) for w in suspects))
+        answers = await asyncio.gather(*(probe(w) for w in suspects), return_exceptions=True)
+        for worker, answer in zip(suspects, answers):
+            if isinstance(answer, BaseException):  # a bug in probing is not a verdict: keep the member
+                log.error("probing %s failed: %r; it is kept", worker.worker_id, answer)
+        alive = [answer is not False for answer in answers]
         verdicts = (f"{w.worker_id}: {'alive' if ok else 'dead'}" for w, ok in zip(suspects, alive))
         log.info("probed %s", ", ".join(verdicts))
         for worker, ok in zip(suspects, alive):

@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
+
 from coordinator import wire
 from coordinator.state import CoordinatorState
 from moemesh.tensor_wire import from_proto, to_proto
@@ -17,7 +19,7 @@ from moemesh.v1 import common_pb2
 from moemesh.v1 import coordinator_pb2 as pb
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
 
-DEADLINE_SLACK_S = 0.05  # a WaitForWorld cancelled with less time left than this ended at its deadline
+ANSWER_EARLY_S = 1.0  # WaitForWorld answers DEADLINE_EXCEEDED this long before its caller's deadline
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -55,7 +57,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield wire.published_to_proto(published)
 
     async def GetPlacement(self, request: pb.GetPlacementRequest, context) -> pb.GetPlacementResponse:
-        current = self.state.current()
+        current = self.state.published(request.epoch)
         load = self.state.load_snapshot()
         reply = pb.GetPlacementResponse(
             placement=wire.published_to_proto(current), window_tokens=load.window_tokens,
@@ -73,13 +75,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.SetPlacementResponse(placement=wire.published_to_proto(published))
 
     async def WaitForWorld(self, request: pb.WaitForWorldRequest, context) -> pb.World:
+        # Answer DEADLINE_EXCEEDED ourselves a little before the caller's deadline: then a call that
+        # is cancelled unanswered can only mean its client went away (a killed process?), never a
+        # deadline that passed while this loaded machine was busy.
+        remaining = context.time_remaining()
+        wait_s = None if remaining is None else max(0.0, remaining - ANSWER_EARLY_S)
         try:
-            world = await self.state.wait_for_world(request.after_generation, request.worker_id, request.incarnation)
+            world = await asyncio.wait_for(
+                self.state.wait_for_world(request.after_generation, request.worker_id, request.incarnation), wait_s)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no world newer than generation {request.after_generation} yet")
         except asyncio.CancelledError:
-            # The call ended unanswered: its client went away (a killed process?) or its deadline
-            # passed. Only the first is news; a probe of a live worker changes nothing anyway.
-            remaining = context.time_remaining()
-            if request.worker_id and (remaining is None or remaining > DEADLINE_SLACK_S):
+            if request.worker_id:
                 self.state.watcher_gone(request.worker_id, request.incarnation)
             raise
         return wire.world_to_proto(world, self.state.rank_in(world, request.worker_id, request.incarnation))

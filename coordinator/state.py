@@ -53,7 +53,7 @@ from coordinator.worlds import (
     roster,
     shards_for,
 )
-from moemesh.errors import ConfigError, InvalidRequestError
+from moemesh.errors import ConfigError, InvalidRequestError, NotFoundError
 from moemesh.mesh.placement import Placement, initial_placement, validate_placement
 
 log = logging.getLogger(__name__)
@@ -351,6 +351,16 @@ class CoordinatorState:
         if not self._history:
             raise NoPlacementError("no placement yet: the first world has not formed")
         return self._history[-1]
+
+    def published(self, epoch: int) -> Published:
+        """Epoch `epoch` as published (0: the one in force); NotFoundError if it never was."""
+        if epoch == 0:
+            return self.current()
+        for published in reversed(self._history):
+            if published.placement.epoch == epoch:
+                return published
+        raise NotFoundError(f"placement epoch {epoch} was never published (newest: "
+                            f"{self._history[-1].placement.epoch if self._history else 0})")
 
     def set_placement(self, p: Placement, world_generation: int, expected_epoch: int = 0) -> Published:
         """Validate an operator's placement and publish it as the next epoch (origin "manual")."""

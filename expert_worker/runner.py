@@ -16,6 +16,7 @@ appended only after a whole forward pass; the KV rows it wrote are written again
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -142,8 +143,17 @@ class MeshRunner:
 
     # ---- called from any thread ----------------------------------------------------------------
     def submit(self, item: Submit | Cancel) -> None:
-        self._inbox.put(item)
-        self.waker.wake(self.idle_round)
+        """Hand a request (or a cancel) to the engine thread. Once the thread has ended, a Submit
+        is answered at once with Rejected(UNAVAILABLE): nothing may wait in a dead inbox."""
+        with self._lock:
+            accepted = not self._finished
+            if accepted:
+                self._inbox.put(item)
+        if accepted:
+            self.waker.wake(self.idle_round)
+        elif isinstance(item, Submit):
+            self.on_events([Rejected(item.request_id, UnavailableError(
+                f"worker rank {self.collective.rank} has stopped"))])
 
     def offer_epoch(self, prepared: PreparedEpoch, generation: int) -> bool:
         """A newer placement of world `generation` is loaded; the mesh switches once every rank has
@@ -169,9 +179,10 @@ class MeshRunner:
         self._worlds.put(world)
 
     def abandoned(self, generation: int) -> bool:
-        """True once a world newer than `generation` exists (its collectives stop waiting)."""
+        """True once a world newer than `generation` exists, or this rank is stopping: its
+        collectives stop waiting for peers."""
         with self._lock:
-            return self._newest_generation > generation
+            return self._newest_generation > generation or self._stop.is_set()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -207,7 +218,8 @@ class MeshRunner:
             self.failure = exc
             log.exception("engine thread stopped")
         finally:
-            self._finished = True
+            with self._lock:  # from here on `submit` answers by itself; what came before is drained below
+                self._finished = True
             self._fail_everything()
 
     def _serve_world(self) -> bool:
@@ -242,7 +254,7 @@ class MeshRunner:
         return not self._stop.is_set()
 
     def _leaving(self) -> bool:
-        return self._stop.is_set() or self.abandoned(self.generation)
+        return self.abandoned(self.generation)
 
     def _await_world(self) -> World | None:
         """Between worlds: keep taking submits and cancels (requests wait), return the next
@@ -292,8 +304,8 @@ class MeshRunner:
 
     def _idle(self, reported_epoch: int) -> None:
         """Sleep until some rank has something to do (see Waker); never poll."""
-        self.idle_round += 1
-        if not self._inbox.empty() or self._stop.is_set() or self.loaded_epoch > reported_epoch:
+        self.idle_round += 1  # before the checks: a waker that comes after them wakes this round
+        if (not self._inbox.empty() or self._leaving() or self.loaded_epoch > reported_epoch):
             self.waker.wake(self.idle_round)  # ours: end this round for every rank at once
         else:
             self.waker.wait(self.idle_round)
@@ -305,7 +317,9 @@ class MeshRunner:
         if events:
             self.on_events(list(events))
         if self.on_load is not None and self.recorder is not None and self.recorder.tokens >= self.report_every:
-            self.on_load(self.recorder.take())
+            # Stamped here, on the engine thread: by the time the report is sent the world may have changed.
+            self.on_load(dataclasses.replace(self.recorder.take(), generation=self.generation, epoch=self.epoch,
+                                             rank=self.collective.rank))
 
     def _drain_inbox(self) -> None:
         events: list[Event] = []

@@ -30,10 +30,8 @@ from expert_worker.epochs import prepare_epoch
 from expert_worker.runner import MeshRunner
 from expert_worker.servicer import MeshMember, WorkerServicer
 from expert_worker.settings import WorkerSettings
-from expert_worker.worlds import Identity, WorldFollower, leave, report_lost
+from expert_worker.worlds import Identity, WorldFollower, first_placement, join, leave, report_lost
 from moemesh.engine.engine import Engine, EngineSettings
-from moemesh.mesh.backend import choose_backend, join_world
-from moemesh.mesh.gloo import StoreWaker
 from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.mesh.routing_counts import LoadRecorder
 from moemesh.mesh.transport import AllToAllTransport
@@ -81,53 +79,70 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
     me = Identity(settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}", time.time_ns() // 1000)
     async with channel(settings.coordinator) as ch:
         coord = coordinator_pb2_grpc.CoordinatorStub(ch)
-        # Heartbeats start with the registration: loading weights must not look like a stall.
-        beats = asyncio.create_task(_heartbeat(coord, settings, servicer, me))
+        beats: asyncio.Task | None = None
         try:
-            joined = await _join(coord, settings, me, address, stop)
-            if joined is None:
+            while True:
+                reg = await _register(coord, settings, me, address, stop)
+                if reg is None:
+                    await server.stop(1.0)
+                    return 0
+                # Heartbeats start with the registration: loading weights must not look like a stall.
+                if beats is None:
+                    beats = asyncio.create_task(_heartbeat(coord, settings, servicer, me,
+                                                           reg.heartbeat_interval_seconds or 1.0))
+                try:
+                    first = await _first_world(coord, settings, me, stop)
+                    break
+                except _NotRegistered:
+                    log.warning("%s is not registered (evicted before its first world, or the coordinator "
+                                "restarted without it): registering again", me.worker_id)
+                    await asyncio.sleep(1.0)
+            if first is None:
                 await server.stop(1.0)
                 return 0
-            node, reader = joined
+            world, placement = first
+            node, reader = await asyncio.get_running_loop().run_in_executor(
+                None, _build_node, settings, Path(reg.model_path), world, placement)
             servicer.attach(node)
             return await _run(settings, server, servicer, node, reader, coord, me, stop)
         finally:
-            beats.cancel()
+            if beats is not None:
+                beats.cancel()
 
 
-async def _join(coord, settings: WorkerSettings, me: Identity, address: str, stop: asyncio.Event):
+class _NotRegistered(Exception):
+    """The coordinator answered a world that does not list this worker and is not new."""
+
+
+async def _register(coord, settings: WorkerSettings, me: Identity, address: str, stop: asyncio.Event):
     reg = await _retry_until_up(
         lambda: coord.RegisterWorker(cpb.RegisterWorkerRequest(
             worker_id=me.worker_id, incarnation=me.incarnation, address=address, device=settings.device,
             node=settings.node, memory_bytes=settings.expert_memory_bytes,
             weight_bytes_per_element=compute_dtype(settings.dtype, settings.device).itemsize),
             timeout=settings.rpc_timeout_s), stop, "coordinator")
-    if reg is None:
-        return None
-    log.info("registered %s at %s; waiting for a world that lists it", me.worker_id, address)
-    world, placement = await _first_world(coord, settings, me, stop)
-    if world is None:
-        return None
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, _build_node, settings, Path(reg.model_path), world, placement)
+    if reg is not None:
+        log.info("registered %s at %s; waiting for a world that lists it", me.worker_id, address)
+    return reg
 
 
 async def _first_world(coord, settings: WorkerSettings, me: Identity, stop: asyncio.Event):
     """The first world that lists this worker (a worker that joins a running mesh waits for the
-    generation formed for it) and its placement; (None, None) if stopped first."""
+    generation formed for it) and the placement it starts on; None if stopped first."""
     after = 0
     while True:
         request = cpb.WaitForWorldRequest(after_generation=after, worker_id=me.worker_id, incarnation=me.incarnation)
         world = await _retry_until_up(
-            lambda req=request: coord.WaitForWorld(req, timeout=settings.rpc_timeout_s), stop, "world")
+            lambda req=request: coord.WaitForWorld(req, timeout=settings.world_poll_s), stop, "world")
         if world is None:
-            return None, None
+            return None
+        if world.rank < 0 and world.generation <= after:
+            raise _NotRegistered()
         after = world.generation
         if world.rank < 0 or world.unservable_reason:
             continue
-        reply = await coord.GetPlacement(cpb.GetPlacementRequest(), timeout=settings.rpc_timeout_s)
-        if reply.placement.world_generation == world.generation:
-            return world, placement_from_proto(reply.placement)
+        placement = await first_placement(coord, settings, world, stop)
+        return None if placement is None else (world, placement)
 
 
 async def _retry_until_up(call, stop: asyncio.Event, what: str):
@@ -143,14 +158,8 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
     runtime = RuntimeShape(max_seqs=settings.max_seqs, max_model_len=settings.max_model_len,
                            dtype=compute_dtype(settings.dtype, settings.device), device=settings.device)
     log.info("rank %d/%d: loading dense part and experts %s", rank, size, placement.assignment(rank))
-    rv = world.rendezvous
-    choice = choose_backend(world.transport or "gloo", settings.device)
-    log.info("rank %d: data plane %s (%s)", rank, choice.name, choice.reason)
     runner: MeshRunner | None = None  # the collective asks it whether a newer world exists
-    generation = world.generation
-    collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, rank, size, settings.device,
-                            settings.collective_timeout_s, micro_batches=settings.micro_batches,
-                            abandoned=lambda: runner is not None and runner.abandoned(generation))
+    collective, waker = join(world, lambda g: runner is not None and runner.abandoned(g), settings)
     recorder = LoadRecorder.for_placement(placement, settings.device)
     transport = AllToAllTransport(collective, placement, settings.device, observer=recorder)
     pieces = {layer: placement.pieces_on(rank, layer) for layer in placement.layers}
@@ -159,9 +168,8 @@ def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
                         recorder=recorder)
     engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
                                           micro_batches=settings.micro_batches))
-    waker = StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/", timeout_s=3600.0)
     runner = MeshRunner(engine, collective, waker, placement.epoch, on_events=lambda ev: None, recorder=recorder,
-                        report_every_tokens=settings.report_every_tokens, generation=generation)
+                        report_every_tokens=settings.report_every_tokens, generation=world.generation)
     return MeshMember(runner=runner, engine=engine, device=settings.device), reader
 
 
@@ -182,7 +190,7 @@ async def _run(settings, server, servicer, node: MeshMember, reader, coord, me: 
         loop.call_soon_threadsafe(servicer.requests.deliver, events)
 
     def on_load(sample) -> None:
-        loop.call_soon_threadsafe(_spawn, background, _report_load(coord, settings, node, me, sample))
+        loop.call_soon_threadsafe(_spawn, background, _report_load(coord, settings, me, sample))
 
     def on_world_lost(generation: int, reason: str) -> None:
         loop.call_soon_threadsafe(_spawn, background, _report_lost(coord, settings, me, generation, reason, evicted))
@@ -268,8 +276,10 @@ async def _prepare_and_offer(node: MeshMember, reader, msg) -> None:
         log.info("rank %d: placement epoch %d loaded", node.rank, placement.epoch)
 
 
-async def _heartbeat(coord, settings: WorkerSettings, servicer: WorkerServicer, me: Identity) -> None:
-    """Every second from registration on (before the world forms, generation and epoch are 0)."""
+async def _heartbeat(coord, settings: WorkerSettings, servicer: WorkerServicer, me: Identity,
+                     interval_s: float) -> None:
+    """Every `interval_s` (the coordinator's) from registration on (before the world forms,
+    generation and epoch are 0)."""
     while True:
         node = servicer.node
         try:
@@ -279,14 +289,14 @@ async def _heartbeat(coord, settings: WorkerSettings, servicer: WorkerServicer, 
                 loaded_epoch=node.runner.loaded_epoch if node is not None else 0), timeout=settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat failed: %s", exc.code().name)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(interval_s)
 
 
-async def _report_load(coord, settings, node: MeshMember, me: Identity, sample) -> None:
+async def _report_load(coord, settings, me: Identity, sample) -> None:
     try:
         await coord.ReportLoad(cpb.ReportLoadRequest(
-            worker_id=me.worker_id, incarnation=me.incarnation, rank=node.rank,
-            world_generation=node.world_generation, placement_epoch=node.runner.epoch,
+            worker_id=me.worker_id, incarnation=me.incarnation, rank=sample.rank,
+            world_generation=sample.generation, placement_epoch=sample.epoch,
             window_tokens=sample.tokens, expert_counts=to_proto(sample.expert_counts),
             link_counts=to_proto(sample.link_counts)), timeout=settings.rpc_timeout_s)
     except grpc.aio.AioRpcError as exc:

@@ -48,6 +48,9 @@ class WorkerSettings:
     collective_timeout_s: float = option("--collective-timeout", "seconds a collective may block", float,
                                          default=60.0)
     rpc_timeout_s: float = 10.0  # deadline of each call to the coordinator (no flag)
+    world_poll_s: float = 30.0  # deadline of each WaitForWorld long poll; it simply polls again (no flag)
+    idle_wait_s: float = 3600.0  # an idle mesh looks again after this long with nothing to do (no flag)
+    leave_timeout_s: float = 2.0  # deadline of the LeaveWorld call on SIGTERM; it stops either way (no flag)
     report_every_tokens: int = option("--report-every-tokens", "routed tokens between load reports", int,
                                       default=100)
     micro_batches: int = option("--micro-batches", "split each step so exchanges overlap compute (same on every "

@@ -25,15 +25,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from expert_worker.epochs import prepare_epoch
 from expert_worker.runner import MeshRunner, World
 from expert_worker.settings import WorkerSettings
-from moemesh.errors import CollectiveError
 from moemesh.mesh.backend import choose_backend, join_world
 from moemesh.mesh.gloo import StoreWaker
+from moemesh.mesh.placement import Placement
 from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.retry import Backoff, retry
@@ -41,8 +42,6 @@ from moemesh.status import is_not_yet
 from moemesh.v1 import coordinator_pb2 as cpb
 
 log = logging.getLogger("moemesh.worker")
-
-WORLD_POLL_S = 30.0  # deadline of each WaitForWorld long poll (it simply polls again)
 
 
 @dataclass(frozen=True)
@@ -53,16 +52,32 @@ class Identity:
     incarnation: int
 
 
-def join(world: cpb.World, runner_abandoned: Callable[[int], bool], settings: WorkerSettings) -> tuple:
-    """Blocking: join `world`'s communicator and make its idle waker; returns (collective, waker)."""
+def join(world: cpb.World, abandoned: Callable[[int], bool], settings: WorkerSettings) -> tuple[Any, StoreWaker]:
+    """Blocking: join `world`'s communicator (CollectiveError if its ranks do not all come) and make
+    the waker of its idle rounds; (collective, waker). `abandoned(generation)` is the engine
+    thread's: a collective of this world stops waiting once it is true."""
     rv = world.rendezvous
     choice = choose_backend(world.transport or "gloo", settings.device)
+    log.info("rank %d of world generation %d: data plane %s (%s)", world.rank, world.generation, choice.name,
+             choice.reason)
     generation = world.generation
     collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, world.rank, world.world_size,
                             settings.device, settings.collective_timeout_s, micro_batches=settings.micro_batches,
-                            abandoned=lambda: runner_abandoned(generation))
-    waker = StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/", timeout_s=3600.0)
-    return collective, waker
+                            abandoned=lambda: abandoned(generation))
+    return collective, StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/",
+                                  timeout_s=settings.idle_wait_s)
+
+
+async def first_placement(coord, settings: WorkerSettings, world: cpb.World, stop: asyncio.Event) -> Placement | None:
+    """The placement every rank of `world` starts on (epoch World.placement_epoch, asked for by
+    number: a later epoch may be published meanwhile); None if stopped first."""
+    request = cpb.GetPlacementRequest(epoch=world.placement_epoch)
+    reply = await retry(lambda: coord.GetPlacement(request, timeout=settings.rpc_timeout_s), is_not_yet, stop=stop,
+                        backoff=Backoff(first_s=0.05, cap_s=1.0))
+    if reply is None:
+        return None
+    assert reply.placement.world_generation == world.generation, "a world's first epoch names that world"
+    return placement_from_proto(reply.placement)
 
 
 class WorldFollower:
@@ -89,7 +104,7 @@ class WorldFollower:
             if world.unservable_reason:
                 log.error("world generation %d cannot serve: %s", generation, world.unservable_reason)
                 continue
-            entered = await self._prepare(world)
+            entered = await self._prepare(world, stop)
             if entered is not None:
                 self.runner.offer_world(entered)
                 self.generations_joined += 1
@@ -100,33 +115,31 @@ class WorldFollower:
                                           incarnation=self.identity.incarnation)
 
         async def poll() -> cpb.World:
-            return await self.coord.WaitForWorld(request, timeout=WORLD_POLL_S)
+            return await self.coord.WaitForWorld(request, timeout=self.settings.world_poll_s)
 
         # A long poll that ran out of time, or a coordinator not reachable now (restarting): poll again.
         return await retry(poll, is_not_yet, stop=stop, backoff=Backoff(first_s=0.05, cap_s=1.0))
 
-    async def _prepare(self, world: cpb.World) -> World | None:
-        """Load the world's first placement and join its communicator; None if a newer world
-        overtook it (the caller then waits for that one)."""
-        reply = await self.coord.GetPlacement(cpb.GetPlacementRequest(), timeout=self.settings.rpc_timeout_s)
-        if reply.placement.world_generation != world.generation:
-            log.info("world generation %d overtaken (placement is for generation %d)", world.generation,
-                     reply.placement.world_generation)
-            return None
-        placement = placement_from_proto(reply.placement)
-        loop = asyncio.get_running_loop()
-        model = self.runner.engine.model
-        runtime = model.runtime
-        log.info("world generation %d: rank %d of %d, loading placement epoch %d", world.generation, world.rank,
-                 world.world_size, placement.epoch)
-        prepared = await loop.run_in_executor(
-            None, prepare_epoch, placement, world.rank, dict(model.moe.experts.layers), self.reader, model.cfg,
-            runtime.dtype, runtime.device)
+    async def _prepare(self, world: cpb.World, stop: asyncio.Event) -> World | None:
+        """Load the world's first placement and join its communicator. None if that failed: the
+        coordinator is told (so it forms the next generation instead of leaving every rank
+        waiting) and the caller waits for the next world."""
         try:
-            collective, waker = await loop.run_in_executor(
-                None, join, world, self.runner.abandoned, self.settings)
-        except CollectiveError as exc:
-            log.warning("could not join world generation %d: %s", world.generation, exc)
+            placement = await first_placement(self.coord, self.settings, world, stop)
+            if placement is None:
+                return None
+            loop = asyncio.get_running_loop()
+            model = self.runner.engine.model
+            log.info("world generation %d: rank %d of %d, loading placement epoch %d", world.generation, world.rank,
+                     world.world_size, placement.epoch)
+            prepared = await loop.run_in_executor(
+                None, prepare_epoch, placement, world.rank, dict(model.moe.experts.layers), self.reader, model.cfg,
+                model.runtime.dtype, model.runtime.device)
+            collective, waker = await loop.run_in_executor(None, join, world, self.runner.abandoned, self.settings)
+        except Exception as exc:  # whatever stopped this world, the next one must come
+            log.warning("could not enter world generation %d: %s", world.generation, exc)
+            await report_lost(self.coord, self.settings, self.identity, world.generation,
+                              f"rank {world.rank} could not enter: {exc}")
             return None
         return World(generation=world.generation, collective=collective, waker=waker, first=prepared)
 
@@ -151,6 +164,6 @@ async def leave(coord, settings: WorkerSettings, identity: Identity) -> None:
     try:
         await coord.LeaveWorld(cpb.LeaveWorldRequest(worker_id=identity.worker_id,
                                                      incarnation=identity.incarnation),
-                               timeout=min(settings.rpc_timeout_s, 2.0))
+                               timeout=settings.leave_timeout_s)
     except grpc.aio.AioRpcError as exc:
         log.info("leaving without the coordinator's acknowledgement: %s", exc.code().name)

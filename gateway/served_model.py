@@ -9,12 +9,11 @@ worker. Sampling fields come from the wire as they were sent (`sampling_from_pro
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moemesh.engine.engine import validate_request
-from moemesh.engine.sampling import SamplingParams
+from moemesh.engine.sampling import SamplingParams, new_seed
 from moemesh.engine.sampling_wire import sampling_from_proto
 from moemesh.errors import InvalidRequestError
 from moemesh.model.config import ModelConfig, load_config
@@ -72,7 +71,7 @@ class ServedModel:
             params = sampling_from_proto(req.sampling)
             if params.greedy or params.seed is not None:
                 return params
-            return replace(params, seed=secrets.randbelow(2**63))
+            return replace(params, seed=new_seed())
         room = self.context - prompt_len
         return replace(SamplingParams(), max_new_tokens=max(1, min(self.default_max_new_tokens, room)))
 

@@ -15,14 +15,13 @@ Shape legend: T tokens in the step, B decoding sequences, R rows sampled, V voca
 
 from __future__ import annotations
 
-import secrets
 from collections import deque
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import torch
 
-from moemesh.engine.sampling import SEED_LIMIT, RowFailure, SamplingParams, sample
+from moemesh.engine.sampling import RowFailure, SamplingParams, new_seed, sample
 from moemesh.errors import CapacityError, InvalidRequestError
 from moemesh.model.decoder import MoEModel
 from moemesh.model.layers import AttentionPlan, Segment, build_attention_plan
@@ -148,7 +147,7 @@ class Engine:
         if not params.ignore_eos:
             stop.update(self.model.cfg.eos_token_ids)
         if params.seed is None and not params.greedy:  # seeded once: draws follow (seed, position)
-            params = replace(params, seed=secrets.randbelow(SEED_LIMIT))
+            params = replace(params, seed=new_seed())
         self._waiting.append(_Sequence(request_id, list(prompt), params, frozenset(stop)))
 
     def cancel(self, request_id: str) -> bool:

@@ -22,7 +22,9 @@ batched path raises are rows re-sampled one by one to find the broken one.
 
 from __future__ import annotations
 
+import logging
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +36,15 @@ MIN_TEMPERATURE = 1e-2  # below it (other than 0 = greedy), logits / temperature
 MAX_TEMPERATURE = 100.0
 # The smallest temperature a float32 wire value can carry for 1e-2 (float32(0.01) < 0.01).
 _MIN_TEMPERATURE_F32 = 0.009999999776482582
+log = logging.getLogger(__name__)
+
 SEED_LIMIT = 2**64  # seeds are uint64 on the wire
+
+
+def new_seed() -> int:
+    """A random seed for a sampled request that came without one (drawn once, so a request
+    resubmitted elsewhere with it continues with the same draws)."""
+    return secrets.randbelow(SEED_LIMIT)
 _MASK64 = 2**64 - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
 
@@ -124,7 +134,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     token (prompt + output so far) -> per row a token id or a RowFailure (one host sync)."""
     try:
         return _sample_rows(logits, params, positions)
-    except Exception:  # some row broke the batched path: find it, alone
+    except Exception:  # some row broke the batched path: find it, alone (a device fault breaks every row, loudly)
+        log.exception("sampling a step of %d rows failed; sampling each row alone", len(params))
         return [_sample_alone(logits[row : row + 1], params[row], positions[row]) for row in range(len(params))]
 
 

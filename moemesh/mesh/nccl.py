@@ -194,6 +194,7 @@ class NcclCollective:
         self.timeout_s = timeout_s
         self.abandoned = abandoned  # true once a newer world generation exists (see await_done)
         self.aborted = False
+        self.closed = False
         self._nccl = nccl
         with cupy.cuda.Device(self.device_index):
             self.comm = nccl.NcclCommunicator(world_size, unique_id, rank)
@@ -299,8 +300,11 @@ class NcclCollective:
             self.comm.abort()
 
     def close(self) -> None:
-        if not self.aborted:  # destroy would wait for work an aborted world never finishes
+        """Idempotent: the engine thread closes a world's collective when it leaves it, and the
+        worker closes the last one again at shutdown."""
+        if not self.aborted and not self.closed:  # destroy would wait for work an aborted world never finishes
             self.comm.destroy()
+        self.closed = True
 
 
 def make_unique_id() -> tuple[int, ...]:

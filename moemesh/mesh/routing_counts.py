@@ -26,6 +26,9 @@ class LoadSample:
     expert_counts: torch.Tensor  # (L, E) int64 token copies per (MoE layer, expert)
     link_counts: torch.Tensor  # (L, R) int64 token copies sent to each destination rank
     tokens: int  # tokens routed in the window
+    generation: int = 0  # world generation, placement epoch and rank the window was counted in
+    epoch: int = 0  # (stamped by the engine thread; a report is labelled with them, not with
+    rank: int = 0  # what is current when it is sent)
 
 
 class LoadRecorder:

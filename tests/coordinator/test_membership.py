@@ -29,6 +29,8 @@ from moemesh.errors import (
 )
 from moemesh.mesh.placement import Placement, initial_placement, whole_replicas
 
+HANG_S = 10.0  # a hang bound only: these waits end at once when the code is right
+
 LAYERS = (0, 1)
 EXPERTS = 8
 PLANE = DataPlane("gloo", "127.0.0.1", 12345)
@@ -161,7 +163,7 @@ def test_wait_for_world_blocks_until_formed_and_honours_cancellation():
         await asyncio.sleep(0)
         assert not any(w.done() for w in waiters)
         s.register(worker(1))
-        worlds = await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+        worlds = await asyncio.wait_for(asyncio.gather(*waiters), HANG_S)
         assert all(w is s.world for w in worlds)
         assert (await s.wait_for_world(0)).generation == 1  # already formed: immediate
         newer = asyncio.create_task(s.wait_for_world(after_generation=1))
@@ -241,7 +243,7 @@ def test_watch_streams_current_then_each_new_epoch_in_order():
         late: list[int] = [p.placement.epoch async for p in _take(s.watch(after_epoch=2), 1)]
         assert late == [3]
         s.close()
-        await asyncio.wait_for(task, 1.0)  # the watch ends on close
+        await asyncio.wait_for(task, HANG_S)  # the watch ends on close
         assert got == [1, 2, 3]
 
     asyncio.run(scenario())

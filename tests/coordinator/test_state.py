@@ -14,6 +14,9 @@ from coordinator.membership import WorkerInfo
 from coordinator.policies import ModelFacts
 from coordinator.state import CoordinatorState
 from coordinator.worlds import DataPlane
+from moemesh.errors import NotFoundError
+
+HANG_S = 10.0  # a hang bound only: these waits end at once when the code is right
 
 LAYERS = (0, 1)
 EXPERTS = 8
@@ -71,6 +74,10 @@ def test_a_reported_loss_probes_the_members_then_forms_the_next_world_without_th
     assert (s.generations_formed, s.recoveries, s.evictions) == (2, 1, 1)
     assert "world generation 2 formed" in caplog.text and "lost: w2 (did not answer a health probe)" in caplog.text
     assert "placement epoch 2 then 3 (recovery)" in caplog.text
+    # Every rank of the new world starts on its first epoch, asked for by number, not the one in force.
+    assert s.published(world.placement_epoch) is first and s.published(0) is s.current()
+    with pytest.raises(NotFoundError, match="epoch 9 was never published"):
+        s.published(9)
     assert s.report_world_lost("w1", 1, 1, "late") == 2  # an older generation: answered at once
     assert not s.membership.due
 
@@ -168,12 +175,12 @@ def test_wait_for_world_follows_generations_and_answers_an_evicted_worker_at_onc
         await asyncio.sleep(0.01)
         assert not any(t.done() for t in (member, observer, joiner))
         s.evict(worker(1), "dead")
-        evicted = await asyncio.wait_for(s.wait_for_world(1, "w1", 1), 1.0)
+        evicted = await asyncio.wait_for(s.wait_for_world(1, "w1", 1), HANG_S)
         assert evicted.generation == 1 and s.rank_in(evicted, "w1", 1) == -1  # newest: generation 1 still
         s.form_next_world()
-        worlds = await asyncio.wait_for(asyncio.gather(member, observer, joiner), 1.0)
+        worlds = await asyncio.wait_for(asyncio.gather(member, observer, joiner), HANG_S)
         assert {w.generation for w in worlds} == {2} and worlds[2].rank_of("w3", 1) == 1
-        late = await asyncio.wait_for(s.wait_for_world(2, "w1", 1), 1.0)
+        late = await asyncio.wait_for(s.wait_for_world(2, "w1", 1), HANG_S)
         assert late.generation == 2 and s.rank_in(late, "w1", 1) == -1
         assert s.rank_in(late, "w0", 1) == 0 and s.rank_in(late, "", 0) == -1
         s.close()

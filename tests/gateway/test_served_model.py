@@ -81,8 +81,8 @@ def test_bad_requests_are_refused_with_a_clear_message(model, req, message):
 def test_a_sampled_request_without_a_seed_gets_one_so_a_migration_draws_the_same(model):
     unseeded = [model.prepare(request(ids=[5], max_new_tokens=4, temperature=0.8), "x") for _ in range(2)]
     for p in unseeded:
-        assert p.params.seed is not None and 0 <= p.params.seed < 2**63
-    assert unseeded[0].params.seed != unseeded[1].params.seed  # drawn per request (2^-63 to collide)
+        assert p.params.seed is not None and 0 <= p.params.seed < 2**64
+    assert unseeded[0].params.seed != unseeded[1].params.seed  # drawn per request (2^-64 to collide)
     assert model.prepare(request(ids=[5], max_new_tokens=4, temperature=0.8, seed=7), "x").params.seed == 7
     assert model.prepare(request(ids=[5], max_new_tokens=4), "x").params.seed is None  # greedy: no draws
 

@@ -151,7 +151,7 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "layers": (4, "repeated LayerPlacement"),
         "origin": (5, "string"),
     },
-    "GetPlacementRequest": {},
+    "GetPlacementRequest": {"epoch": (1, "uint64")},
     "GetPlacementResponse": {
         "placement": (1, "Placement"),
         "window_tokens": (2, "uint64"),
