@@ -241,8 +241,9 @@ class _StoreClient:
         return True
 
     def _connect(self, timeout: timedelta | None = None) -> dist.PrefixStore:
-        extra = {} if timeout is None else {"timeout": timeout}
-        return dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, is_master=False, **extra))
+        if timeout is None:  # the first connection, as the world is joined: TCPStore's own timeout
+            return dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, is_master=False))
+        return dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout))
 
 
 def init_gloo(
