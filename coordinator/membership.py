@@ -25,6 +25,9 @@ Rules (see protos/moemesh/v1/coordinator.proto):
   UnknownWorkerError (NOT_FOUND) and it must register again (as a joiner).
 - A generation of 0 members is not formed (`form_next` returns None): the world stays unservable
   until someone registers.
+- Durable: `record()` is everything above but the clocks (coordinator/durable.py writes it);
+  `restore(record)` takes it back in a restarted coordinator, every registered worker's silence
+  counting from then.
 """
 
 from __future__ import annotations
@@ -78,6 +81,17 @@ class Transition:
     lost: tuple[tuple[WorkerInfo, str], ...]
     joined: tuple[WorkerInfo, ...]
     broken: bool  # the old world's data plane was reported broken
+
+
+@dataclass(frozen=True)
+class Record:
+    """Membership without its clocks: what a restarted coordinator needs to go on."""
+
+    generation: int  # 0 = no world formed yet
+    registered: tuple[WorkerInfo, ...]  # in registration order
+    members: tuple[WorkerInfo, ...]  # the current generation, by rank (some may be gone since)
+    leaving: tuple[str, ...] = ()  # worker ids of members not to be in the next generation
+    broken: bool = False  # the current generation's data plane was reported broken
 
 
 class Membership:
@@ -219,6 +233,26 @@ class Membership:
             return False
         self._drop(info, why)
         return True
+
+    def record(self) -> Record:
+        return Record(self.generation, tuple(self._registered.values()), self._world, tuple(sorted(self._leaving)),
+                      self._broken)
+
+    def restore(self, record: Record) -> None:
+        """Take back a `record` (a restarted coordinator): every registered worker's silence counts
+        from now; members gone since the record's generation formed are lost "before the restart"."""
+        self.generation = record.generation
+        self._registered = {w.worker_id: w for w in record.registered}
+        # The rules compare registrations by identity: a member still registered is that object.
+        self._world = tuple(self._registered[w.worker_id] if self._registered.get(w.worker_id) == w else w
+                            for w in record.members)
+        self._leaving = set(record.leaving) & set(self._registered)
+        self._broken = record.broken and record.generation > 0
+        self._gone = {w.worker_id: (w, "gone before the coordinator restarted") for w in self._world
+                      if self._registered.get(w.worker_id) is not w}
+        now = self._clock()
+        self._last_seen = {worker_id: now for worker_id in self._registered}
+        self._silent = set()
 
     def _drop(self, info: WorkerInfo, why: str) -> None:
         del self._registered[info.worker_id]

@@ -7,6 +7,10 @@ inside the running loop.
 The TCPStore is the data-plane rendezvous: a torch.distributed store served from this process
 (it outlives any worker), listening on every interface on a port the OS picks (port=0 works in
 torch 2.13; `.port` reports it). Workers meet under a per-generation key prefix.
+
+With `--state-file`, every change is written there (coordinator/durable.py) and a coordinator
+started with an existing file resumes it: the TCPStore on the same port, the same world, members
+and placement (the gRPC port is the caller's to keep: `Mesh.supervise` restarts on the same one).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from coordinator import durable
 from coordinator.policies import ModelFacts, RebalanceSettings, resolve_policy
 from coordinator.probe import HealthProbe
 from coordinator.reformation import reform_worlds
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import CoordinatorState
-from coordinator.worlds import DataPlane
+from coordinator.worlds import DataPlane, roster
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement_file import load_placement
 from moemesh.model.config import load_config
@@ -63,7 +68,9 @@ class CoordinatorServer:
         initial = None
         if s.placement_file is not None:
             initial = load_placement(s.placement_file, cfg.moe_layer_ids, default_world_size=s.workers)
-        self.store = dist.TCPStore(s.host, port=0, is_master=True, wait_for_workers=False)
+        restored = durable.read(s.state_file) if s.state_file is not None else None
+        store_port = restored.store_port if restored is not None else 0
+        self.store = dist.TCPStore(s.host, port=store_port, is_master=True, wait_for_workers=False)
         try:
             self.state = CoordinatorState(
                 num_experts=cfg.num_experts, moe_layer_ids=cfg.moe_layer_ids, expected_workers=s.workers,
@@ -76,6 +83,13 @@ class CoordinatorServer:
                 facts=ModelFacts(cfg.top_k, cfg.hidden_size, cfg.expert_intermediate_size, dtype_bytes=4),
                 expert_shards=s.expert_shards, redundancy=s.redundant_experts,
             )
+            if restored is not None:
+                self.state.restore(restored)
+                _log_restored(restored, s)
+            if s.state_file is not None:
+                path = s.state_file
+                self.state.on_change = lambda snapshot: durable.write(path, snapshot)
+                durable.write(path, self.state.snapshot())
             spec = model_spec(cfg, s.model_dir.name)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
             self.server = Server([SERVICE_NAME])
@@ -115,6 +129,17 @@ class CoordinatorServer:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             self.state.check_heartbeats(self.settings.heartbeat_timeout_s)
+
+
+def _log_restored(r: durable.Snapshot, s: CoordinatorSettings) -> None:
+    m = r.membership
+    if m.generation == 0:
+        log.info("restored from %s: no world yet, %d workers registered", s.state_file, len(m.registered))
+        return
+    assert r.placement is not None
+    log.warning("restored from %s: world generation %d (%s), placement epoch %d; members that do not heartbeat "
+                "within %.1f s are evicted", s.state_file, m.generation, roster(m.members), r.placement.epoch,
+                s.heartbeat_timeout_s)
 
 
 async def serve(

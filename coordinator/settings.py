@@ -62,6 +62,9 @@ class CoordinatorSettings:
     probe_timeout_s: float = option("--probe-timeout", "deadline (s) of the health probe that tells a dead member "
                                     "from a live one before a new world forms (a killed one answers at once; a loaded "
                                     "machine may need a second to answer)", float, default=2.0)
+    state_file: Path | None = option("--state-file", "durable state (world, members, placement, TCPStore port), "
+                                     "rewritten on every change; a coordinator started with an existing one "
+                                     "resumes that mesh", _absolute, default=None)
     reform_settle_s: float = option("--reform-settle", "seconds a new world waits for further joins and losses "
                                     "to fold into it", float, default=0.2)
 

@@ -17,6 +17,11 @@ it differs, the same with redundancy restored and experts per rank levelled as t
 SetPlacement and the policies publish current + 1. Gating factors restart at none in a new world.
 The last `history` placements are kept so a watcher that fell behind receives every epoch it
 missed, in order.
+
+Durable: every change a restarted coordinator needs (a registration, a leave, an eviction, a
+reported loss, a world, an epoch) hands `snapshot()` to `on_change` (the server writes the state
+file, coordinator/durable.py); `restore(snapshot)` resumes from one: the same world, members and
+placement, no new generation unless something changes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import replace
 
 import torch
 
+from coordinator.durable import Snapshot
 from coordinator.errors import (
     EpochMismatchError,
     GenerationMismatchError,
@@ -95,6 +101,7 @@ class CoordinatorState:
         redundancy: int = 0,
         history: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[Snapshot], None] | None = None,
     ):
         self.num_experts = num_experts
         self.moe_layer_ids = tuple(moe_layer_ids)
@@ -104,6 +111,7 @@ class CoordinatorState:
         self.policy = rebalance.policy
         self.rebalancer = Rebalancer(rebalance, self.moe_layer_ids, num_experts, facts)
         self.data_plane = data_plane
+        self.on_change = on_change
         self.membership = Membership(expected_workers, clock)
         self.load = LoadWindow(len(self.moe_layer_ids), num_experts, load_window)
         self._initial = self._checked_initial(initial, expected_workers)
@@ -283,6 +291,7 @@ class CoordinatorState:
             self._loss_reported = current
             self._reporters.add(worker_id)
             self.changed.set()
+            self._persist()
         return current
 
     def leave(self, worker_id: str, incarnation: int) -> None:
@@ -320,6 +329,7 @@ class CoordinatorState:
     def _wake_if_due(self) -> None:
         if self.membership.due:
             self.changed.set()
+        self._persist()
 
     # -- load statistics -------------------------------------------------------------------
 
@@ -409,7 +419,44 @@ class CoordinatorState:
         published = Published(p, generation)
         self._history.append(published)
         self._signal.notify()
+        self._persist()
         return published
+
+    # -- durability ------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """What a restarted coordinator needs (coordinator/durable.py)."""
+        world = self._world
+        return Snapshot(
+            store_port=self.data_plane.store_port, membership=self.membership.record(),
+            world_epoch=world.placement_epoch if world is not None else 0,
+            unservable_reason=world.unservable_reason if world is not None else "",
+            placement=self._history[-1].placement if self._history and world is not None else None,
+            forced=self._forced)
+
+    def restore(self, s: Snapshot) -> None:
+        """Resume from `s` (a fresh state, before serving): its world, members and placement in
+        force; every registered worker's heartbeat clock starts now. A reported loss is probed
+        and a due generation formed by the re-formation task, as before the restart."""
+        assert self._world is None and not self._history, "restore into a fresh state only"
+        m = s.membership
+        self.membership.restore(m)
+        if s.placement is not None:
+            try:
+                self._validate(s.placement)
+            except InvalidRequestError as exc:
+                raise ConfigError(f"the state file's placement does not fit the model: {exc}") from exc
+            self._world = World(m.generation, m.members, self.data_plane, s.world_epoch, s.unservable_reason)
+            self._history.append(Published(s.placement, m.generation))
+            self._forced = s.forced
+            self.rebalancer.reset(Memory([w.memory_bytes for w in m.members], self._expert_bytes(m.members)))
+        if m.broken:
+            self._loss_reported = m.generation
+        self._wake_if_due()
+
+    def _persist(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.snapshot())
 
     # -- lifecycle -------------------------------------------------------------------------
 

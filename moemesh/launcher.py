@@ -4,8 +4,9 @@ Each service is the same `moemesh <service>` command a multi-node or compose dep
 `up` only picks free ports (services bind port 0 and publish it in a port file), splits this
 machine's cores between workers, prints one `ready` line once the gateway serves, restarts a
 worker that crashes (it rejoins the mesh as a new incarnation; the mesh heals around it
-meanwhile), and stops every process it started on Ctrl-C or SIGTERM (children also exit if `up`
-itself dies). The
+meanwhile) and a coordinator that exits (on its port, from its state file in the state folder:
+it resumes the running world while workers and gateway serve on), and stops every process it
+started on Ctrl-C or SIGTERM (children also exit if `up` itself dies). The
 processes are started by the one launcher, moemesh.launch.
 
 `UpProcess` runs `moemesh up` itself as a subprocess and reads its ready line: what tests of `up`
@@ -149,6 +150,7 @@ def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
         model=s.model, workers=s.workers, state_dir=state_dir, gateway_host=s.host, gateway_port=s.port,
         coordinator_flags=("--policy", s.policy, "--expert-shards", str(s.expert_shards),
                            "--redundant-experts", str(s.redundant_experts),
+                           "--state-file", str(state_dir / "coordinator.state"),
                            *(("--placement", str(s.placement)) if s.placement else ())),
         worker_flags=("--threads", str(max(1, cpus // s.workers)), "--max-seqs", str(s.max_seqs),
                       "--micro-batches", str(s.micro_batches), *common, *to_workers),

@@ -31,6 +31,10 @@ CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # A peer that went away (a restarted coordinator or worker) is dialled again at least every
+    # second, not after gRPC's default backoff of up to 120 s: heartbeats must reach a restarted
+    # coordinator within its heartbeat timeout.
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 )
 
 

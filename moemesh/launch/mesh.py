@@ -27,6 +27,7 @@ from moemesh.launch.processes import Processes
 from moemesh.retry import Backoff, retry_sync
 
 GATEWAY_SERVICE = "moemesh.v1.Gateway"
+STATE_FLAG = "--state-file"  # a coordinator started with it can be restarted (coordinator/durable.py)
 HEALTH_CALL_TIMEOUT_S = 2.0
 
 
@@ -140,21 +141,26 @@ class Mesh:
     def supervise(self, max_restarts: int) -> list[str]:
         """Restart every worker that exited (a crash, or evicted from its world): the new process
         registers as a new incarnation of the same worker id and joins the next world generation.
-        Returns the names restarted. MoemeshError (with the logs) if a worker exited more than
-        `max_restarts` times, or if the coordinator or a gateway exited."""
+        Restart a coordinator that exited when it keeps its state (`--state-file`): on the port
+        it had, with the same file, so it resumes the running world while the workers and the
+        gateways serve on. Returns the names restarted. MoemeshError (with the logs) if a process
+        exited more than `max_restarts` times, if a coordinator without a state file exited (a
+        fresh one would not know the running world), or if a gateway exited."""
         restarted = []
-        for child in self.processes.exited("worker"):
+        for child in self.processes.exited():
+            if child.role == "gateway" or (child.role == "coordinator" and STATE_FLAG not in child.argv):
+                raise MoemeshError(f"{child.name} exited with code {child.proc.returncode}\n"
+                                   f"{self.processes.log_tail()}")
             if child.restarts >= max_restarts:
                 raise MoemeshError(f"{child.name} exited (code {child.proc.returncode}) after {child.restarts} "
                                    f"restarts; giving up\n{self.processes.log_tail()}")
             print(f"moemesh: {child.name} exited with code {child.proc.returncode}; restarting it "
                   f"(restart {child.restarts + 1} of at most {max_restarts})", file=sys.stderr, flush=True)
-            self.processes.restart(child.name)
+            argv = child.argv
+            if child.role == "coordinator" and self.coordinator:
+                argv = with_flag(argv, "--port", self.coordinator.rsplit(":", 1)[1])
+            self.processes.restart(child.name, argv)
             restarted.append(child.name)
-        others = [c for c in self.processes.exited() if c.role != "worker"]
-        if others:
-            raise MoemeshError(f"{others[0].name} exited with code {others[0].proc.returncode}\n"
-                               f"{self.processes.log_tail()}")
         return restarted
 
     def log_tail(self, lines: int = 30) -> str:
@@ -183,6 +189,15 @@ class Mesh:
         port_file.unlink(missing_ok=True)
         self.processes.start(name, [*argv, "--port-file", str(port_file)])
         return self.processes.wait_port(name, port_file, self.spec.start_timeout_s)
+
+
+def with_flag(argv: Sequence[str], flag: str, value: str) -> tuple[str, ...]:
+    """`argv` with every `flag VALUE` pair's value replaced by `value` (appended when absent)."""
+    out = list(argv)
+    at = [i for i, arg in enumerate(out[:-1]) if arg == flag]
+    for i in at:
+        out[i + 1] = value
+    return tuple(out) if at else (*out, flag, value)
 
 
 @contextlib.contextmanager

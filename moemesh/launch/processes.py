@@ -54,13 +54,17 @@ class Processes:
         self.children[name] = Child(name, argv[0], proc, tuple(argv))
         return proc
 
-    def restart(self, name: str) -> subprocess.Popen:
-        """Start `name` again with its argv (it exited or was killed); reaps the old process."""
+    def restart(self, name: str, argv: Sequence[str] | None = None) -> subprocess.Popen:
+        """Start `name` again (it exited or was killed) with its argv, or with `argv` (the same
+        service) from now on."""
         old = self.children[name]
         if old.proc.poll() is None:
             raise MoemeshError(f"{name} is still running; it cannot be restarted")
-        proc = self._spawn(name, old.argv, append=True)
-        self.children[name] = Child(name, old.role, proc, old.argv, old.restarts + 1)
+        argv = old.argv if argv is None else tuple(argv)
+        if argv[0] != old.role:
+            raise MoemeshError(f"{name} runs {old.role!r}; it cannot be restarted as {argv[0]!r}")
+        proc = self._spawn(name, argv, append=True)
+        self.children[name] = Child(name, old.role, proc, argv, old.restarts + 1)
         return proc
 
     def exited(self, role: str | None = None) -> list[Child]:

@@ -20,7 +20,8 @@ collective (moemesh.mesh.overlap; GlooCollective.count_exchange).
 
 from __future__ import annotations
 
-import contextlib
+import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -33,6 +34,8 @@ from moemesh.mesh.overlap import hidden_seconds
 from moemesh.model.moe import Done, Pending
 
 STORE_DOWN_POLL_S = 0.1  # idle ranks poll this often while the coordinator's store is unreachable
+STORE_PROBE_S = 0.25  # bound of the TCP connect that tells whether a lost store listens again
+STORE_RECONNECT_S = 2.0  # bound of making a store client again once it listens
 WAIT_SLICE_S = 1.0  # a healthy collective never waits this long; past it, look whether to give up
 
 
@@ -170,25 +173,77 @@ class StoreWaker:
     key n: it has a request, a loaded epoch, or wants to stop. Costs no CPU while idle. While the
     store is unreachable (the coordinator that hosts it is down) every rank's wait fails at once,
     so idle ranks poll every STORE_DOWN_POLL_S instead, together, until it is back.
+
+    A store client whose call failed is made again (a restarted coordinator re-hosts the store on
+    the same port, empty): `wait` tries once per call, after a cheap TCP probe, and sleeps the
+    poll interval either way without waiting in that round (a wake set while the store was down
+    is lost, so no rank may block on a round that began before it came back); `wake` tries once
+    and sets its key again. Each attempt is bounded (STORE_PROBE_S, STORE_RECONNECT_S); no loop.
     """
 
     def __init__(self, host: str, port: int, prefix: str, timeout_s: float):
         self._timeout = timeout_s
         # Two clients: the engine thread blocks in wait() while the server thread calls wake().
-        self._waiting = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False))
-        self._waking = dist.PrefixStore(prefix, dist.TCPStore(host, port, is_master=False))
+        self._waiting = _StoreClient(host, port, prefix)
+        self._waking = _StoreClient(host, port, prefix)
+        self._wake_lock = threading.Lock()  # wake() runs on the server thread and the engine thread
+        self.reconnects = 0  # store clients made again after a failure
 
     def wait(self, round_: int) -> None:
+        store = self._waiting.store
+        if store is None:  # lost: make it again, but do not wait on a round that may have lost its wake
+            self.reconnects += self._waiting.reconnect()
+            time.sleep(STORE_DOWN_POLL_S)
+            return
         try:
-            self._waiting.wait([str(round_)], timedelta(seconds=self._timeout))
+            store.wait([str(round_)], timedelta(seconds=self._timeout))
         except dist.DistStoreError:  # nothing happened for a long while: look again
             return
         except dist.DistError:  # the store is gone (its coordinator is down): poll instead of sleeping
+            self._waiting.lost()
             time.sleep(STORE_DOWN_POLL_S)
 
     def wake(self, round_: int) -> None:
-        with contextlib.suppress(dist.DistError):  # the store is gone: every idle rank is polling
-            self._waking.set(str(round_), "1")
+        with self._wake_lock:
+            for attempt in range(2):
+                store = self._waking.store
+                if store is None:
+                    if attempt:
+                        return
+                    self.reconnects += self._waking.reconnect()
+                    continue
+                try:
+                    store.set(str(round_), "1")
+                    return
+                except dist.DistError:  # the store is gone: every idle rank is polling
+                    self._waking.lost()
+
+
+class _StoreClient:
+    """One TCPStore client under a key prefix, or None after a call through it failed."""
+
+    def __init__(self, host: str, port: int, prefix: str):
+        self.host, self.port, self.prefix = host, port, prefix
+        self.store: dist.PrefixStore | None = self._connect()
+
+    def lost(self) -> None:
+        self.store = None
+
+    def reconnect(self) -> bool:
+        """Try once to make the client again (STORE_PROBE_S while it does not listen, at most
+        STORE_RECONNECT_S more when it does); True on success."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=STORE_PROBE_S):
+                pass  # the store listens: connecting now will not wait out TCPStore's retries
+            self.store = self._connect(timedelta(seconds=STORE_RECONNECT_S))
+        except (OSError, RuntimeError):  # refused, unreachable, or the store went away again (DistError)
+            return False
+        return True
+
+    def _connect(self, timeout: timedelta | None = None) -> dist.PrefixStore:
+        if timeout is None:  # the first connection, as the world is joined: TCPStore's own timeout
+            return dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, is_master=False))
+        return dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout))
 
 
 def init_gloo(

@@ -338,3 +338,37 @@ def test_expert_shards_that_do_not_divide_the_expert_hidden_size_are_refused(tin
         await server.stop()
 
     asyncio.run(main())
+
+
+def test_a_coordinator_restarted_from_its_state_file_resumes_the_world_on_the_same_store_port(tiny_model, tmp_path):
+    """Stop a coordinator with a state file and start another on it: the same TCPStore port, world,
+    members and placement, no new generation; the members' heartbeats are accepted and a joiner
+    still forms the next generation, its epochs numbered after the restored ones."""
+    state_file = tmp_path / "coordinator.state"
+
+    async def first_life():
+        async with running(tiny_model, state_file=state_file) as (server, stub, _):
+            await form(stub, 2)
+            await stub.SetPlacement(pb.SetPlacementRequest(placement=swapped(), expected_epoch=1), timeout=DEADLINE)
+            world = await stub.WaitForWorld(pb.WaitForWorldRequest(), timeout=DEADLINE)
+            placement = await stub.GetPlacement(pb.GetPlacementRequest(), timeout=DEADLINE)
+            return server.store_port, world, placement.placement
+
+    async def second_life():
+        async with running(tiny_model, state_file=state_file) as (server, stub, _):
+            world = await stub.WaitForWorld(pb.WaitForWorldRequest(), timeout=DEADLINE)
+            placement = await stub.GetPlacement(pb.GetPlacementRequest(), timeout=DEADLINE)
+            beats = [await stub.Heartbeat(pb.HeartbeatRequest(worker_id=register_request(i).worker_id, incarnation=1),
+                                          timeout=DEADLINE) for i in range(2)]
+            await stub.RegisterWorker(register_request(2), timeout=DEADLINE)
+            joined = await stub.WaitForWorld(pb.WaitForWorldRequest(
+                worker_id=register_request(2).worker_id, incarnation=1), timeout=DEADLINE)
+            return server.store_port, world, placement.placement, beats, joined
+
+    store_port, world, placement = asyncio.run(first_life())
+    again_port, again, restored, beats, joined = asyncio.run(second_life())
+    assert again_port == store_port
+    assert again == world and restored == placement and restored.epoch == 2
+    assert [(b.world_generation, b.placement_epoch) for b in beats] == [(1, 2), (1, 2)]
+    assert (joined.generation, joined.world_size, joined.rank, joined.placement_epoch) == (2, 3, 2, 3)
+    assert joined.rendezvous.store_port == store_port

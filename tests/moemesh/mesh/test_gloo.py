@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from moemesh.errors import CollectiveError
-from moemesh.mesh.gloo import GlooCollective, init_gloo
+from moemesh.mesh.gloo import GlooCollective, StoreWaker, init_gloo
 from moemesh.mesh.overlap import hidden_seconds
 
 pytestmark = pytest.mark.slow  # the module fixture spawns a gloo world
@@ -300,3 +300,39 @@ def test_a_peer_killed_mid_collective_breaks_the_wait_as_a_collective_error_not_
     finally:
         peer.kill()
         peer.join(EVENT_TIMEOUT_S)
+
+
+# ---- the idle waker across a restarted store ------------------------------------------------------
+def test_the_store_waker_polls_while_its_store_is_down_and_uses_the_store_rehosted_on_the_same_port():
+    """A coordinator's restart, in one process: the store goes away and comes back, empty, on the
+    same port. Waits fail at once while it is away (no sleep of the long timeout); afterwards the
+    wakers' clients are made again and a wake ends another rank's wait."""
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = master.port
+    sleeper = StoreWaker("127.0.0.1", port, "gen3/wake/", timeout_s=EVENT_TIMEOUT_S)
+    waker = StoreWaker("127.0.0.1", port, "gen3/wake/", timeout_s=EVENT_TIMEOUT_S)
+    waker.wake(1)
+    sleeper.wait(1)  # set: returns at once
+    del master  # the store's coordinator is gone
+    started = time.monotonic()
+    for round_ in (2, 3, 4):
+        sleeper.wait(round_)  # each fails (or finds no store) at once and sleeps the poll interval
+        waker.wake(round_)  # lost: nobody to tell
+    assert time.monotonic() - started < EVENT_TIMEOUT_S  # hang bound: no wait slept its timeout
+    assert sleeper.reconnects == 0
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    sleeper.wait(5)  # makes its client again, does not wait in this round
+    assert sleeper.reconnects == 1
+    woke = threading.Event()
+
+    def sleep_in_round_6() -> None:
+        sleeper.wait(6)
+        woke.set()
+
+    thread = threading.Thread(target=sleep_in_round_6, daemon=True)
+    thread.start()
+    waker.wake(6)  # its client is made again and the key set
+    assert woke.wait(EVENT_TIMEOUT_S), "the wake after the restart did not end the wait"
+    thread.join(EVENT_TIMEOUT_S)
+    assert waker.reconnects == 1
+    del master
