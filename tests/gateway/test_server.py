@@ -524,7 +524,7 @@ def test_a_killed_worker_loses_no_request_every_one_finishes_with_the_reference_
     the dead worker's requests with the tokens already streamed: every request ends LENGTH with
     exactly the reference tokens at contiguous offsets, and ModelInfo.world_generation grew."""
     prompts = [[5 + i, 6, 7] for i in range(6)]
-    n = 120
+    n = 48
 
     async def scenario(m):
         async with channel(m.gateway) as ch:
