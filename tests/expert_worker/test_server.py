@@ -249,6 +249,9 @@ FAULT_SPEC = TinySpec(layers=2, experts=8, hidden=64, intermediate=96, heads=4, 
 FAULT_WORKER_FLAGS = ("--threads", "1", "--max-seqs", "8")
 QUICK_EVICTION = ("--heartbeat-timeout", "3", "--heartbeat-interval", "0.5")
 HANG_S = 120.0  # bounds a hang only: a request's deadline, a process's exit, a condition polled for
+# Longer than every hang bound: healing from a stalled peer must not wait for a collective to time
+# out (eviction after --heartbeat-timeout and the abandoned wait are enough).
+NEVER_TIMES_OUT = ("--collective-timeout", "600")
 
 
 @pytest.fixture(scope="module")
@@ -314,13 +317,14 @@ def _check(outcomes: list[Outcome], expected: list[list[int]]) -> None:
 
 def test_a_worker_stopped_past_the_timeout_is_evicted_its_requests_migrate_and_it_exits_on_sigcont(
         fault_model, tmp_path):
-    """SIGSTOP a worker while it runs requests: its peers' collectives time out, the coordinator
-    evicts it (no heartbeat, no answer to a probe) and forms a world without it, the gateway closes
-    its stream and migrates its requests: every request ends with the reference tokens. SIGCONT:
-    the worker finds itself evicted and exits nonzero; the mesh still serves correctly."""
+    """SIGSTOP a worker while it runs requests: the coordinator evicts it (no heartbeat) and forms
+    a world without it, its peers give up their waits on it and enter that world at once (not at
+    --collective-timeout), the gateway closes its stream and migrates its requests: every request
+    ends with the reference tokens. SIGCONT: the worker finds itself evicted and exits 1; the mesh
+    still serves correctly."""
     requests = make_requests(6, FAULT_SPEC.vocab, max_new_tokens=24, seed=5)
     expected = reference(fault_model, requests, max_model_len=256)
-    with running(_fault_mesh(fault_model, tmp_path, 3, ("--collective-timeout", "3"))) as mesh:
+    with running(_fault_mesh(fault_model, tmp_path, 3, NEVER_TIMES_OUT)) as mesh:
         before = asyncio.run(_info(mesh.gateway))
         stopped = mesh.procs["worker1"]
         try:
