@@ -87,6 +87,7 @@ class GlooCollective:
         self.exposed_seconds = 0.0  # blocked in wait()
         self.hidden_seconds = 0.0  # in flight while this rank computed
         self._flying: dict[int, float] = {}  # id of each exchange posted, not yet counted -> posted
+        self._works: list = []  # gloo works posted and not seen completed (an abandoned one stays)
         self._blocked: list[tuple[float, float]] = []  # engine blocked since the oldest flying posting
 
     def posted(self, x: _GlooPending) -> None:
@@ -125,6 +126,7 @@ class GlooCollective:
             work = self.group.alltoall_base(recv, send, [], [])  # type: ignore[attr-defined]
         except RuntimeError as exc:
             raise CollectiveError(f"rank {self.rank}: all_to_all could not start: {exc}") from exc
+        self._track(work)
         return _GlooPending(self, work, recv, start)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
@@ -138,6 +140,7 @@ class GlooCollective:
             work = self.group.allgather([out], [values])  # type: ignore[attr-defined]
         except RuntimeError as exc:
             raise CollectiveError(f"rank {self.rank}: step header could not start: {exc}") from exc
+        self._track(work)
         self.wait(work, "step header")
         end = time.perf_counter()
         self.seconds += end - start
@@ -161,9 +164,26 @@ class GlooCollective:
             if self.abandoned():
                 raise CollectiveError(f"rank {self.rank}: {what} abandoned after {waited:.0f} s: a newer world exists")
 
+    def _track(self, work) -> None:
+        self._works = [w for w in self._works if not w.is_completed()]
+        self._works.append(work)
+
     def close(self) -> None:
-        """Leave the world: drop the group (its sockets close when gloo's threads let go)."""
-        self.group = None
+        """Leave the world: drop the group (its sockets close when gloo's threads let go).
+
+        Dropping a group joins its threads, and a thread still running an exchange this rank
+        gave up (abandoned: its peers left, or one is stopped) holds it until the group's own
+        timeout, up to --collective-timeout. The rank must not wait for that before it enters
+        the next world, so such a group is dropped on a thread of its own (a daemon: it never
+        delays the process's exit)."""
+        group, self.group = self.group, None
+        in_flight = [w for w in self._works if not w.is_completed()]
+        self._works = []
+        if group is None or not in_flight:
+            return
+        held = [group, in_flight]  # the last references: cleared on the releasing thread
+        del group, in_flight
+        threading.Thread(target=held.clear, name=f"gloo-release-rank{self.rank}", daemon=True).start()
 
 
 class StoreWaker:

@@ -4,13 +4,18 @@ each worker holds only its own experts."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import grpc
 import pytest
 
+from moemesh.chaos import Outcome, make_requests, reference, run_load
 from moemesh.client import Client, TokenChunk
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
+from moemesh.launch import MeshSpec, running
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.v1 import (
@@ -236,3 +241,160 @@ def test_split_policy_splits_hot_experts_live_without_changing_a_token(mesh_fact
     statuses = asyncio.run(_worker_status(mesh.coordinator))
     assert sum(s.expert_bytes for s in statuses) == SPEC.layers * 4 * 3 * 64 * 128 * 4  # shards: no extra copy
     assert any(len(layer.expert_ids) > 1 for s in statuses for layer in s.experts)  # a partner holds a shard
+
+
+# ---- faults: a worker stopped, terminated or joining while the mesh serves (issue 11) ----------
+
+FAULT_SPEC = TinySpec(layers=2, experts=8, hidden=64, intermediate=96, heads=4, kv_heads=2, vocab=300)
+FAULT_WORKER_FLAGS = ("--threads", "1", "--max-seqs", "8")
+QUICK_EVICTION = ("--heartbeat-timeout", "3", "--heartbeat-interval", "0.5")
+HANG_S = 120.0  # bounds a hang only: a request's deadline, a process's exit, a condition polled for
+# Longer than every hang bound: healing from a stalled peer must not wait for a collective to time
+# out (eviction after --heartbeat-timeout and the abandoned wait are enough).
+NEVER_TIMES_OUT = ("--collective-timeout", "600")
+
+
+@pytest.fixture(scope="module")
+def fault_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("faults") / "model", FAULT_SPEC)
+
+
+def _fault_mesh(model, tmp_path, workers: int, worker_flags: tuple[str, ...] = ()) -> MeshSpec:
+    return MeshSpec(model=model, workers=workers, state_dir=tmp_path, log_dir=tmp_path / "logs",
+                    coordinator_flags=QUICK_EVICTION, worker_flags=(*FAULT_WORKER_FLAGS, *worker_flags),
+                    env={"OMP_NUM_THREADS": "1"}, start_timeout_s=HANG_S)
+
+
+async def _world(coordinator: str) -> coordinator_pb2.World:
+    async with grpc.aio.insecure_channel(coordinator) as ch:
+        return await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(
+            coordinator_pb2.WaitForWorldRequest(), timeout=10)
+
+
+async def _status_of(coordinator: str, worker_id: str) -> worker_pb2.WorkerStatus:
+    member = next(m for m in (await _world(coordinator)).members if m.worker_id == worker_id)
+    async with grpc.aio.insecure_channel(member.address) as ch:
+        return await worker_pb2_grpc.WorkerStub(ch).Status(worker_pb2.StatusRequest(), timeout=10)
+
+
+async def _until(condition, what: str) -> None:
+    """Poll the async `condition()` until it holds; AssertionError after HANG_S (a hang bound)."""
+    deadline = time.monotonic() + HANG_S
+    while not await condition():
+        assert time.monotonic() < deadline, f"{what}: not within {HANG_S:.0f} s"
+        await asyncio.sleep(0.1)
+
+
+async def _info(gateway: str):
+    async with Client(gateway) as client:
+        return await client.model_info()
+
+
+async def _load_with_fault(mesh, requests, worker_id: str, fault) -> list[Outcome]:
+    """Run `requests` through the gateway; once `worker_id` runs some of them, call `fault()` (in a
+    thread: it may block)."""
+    load = asyncio.create_task(run_load(mesh.gateway, requests, concurrency=len(requests), timeout_s=HANG_S))
+
+    async def busy() -> bool:
+        assert not load.done(), f"the load ended before {worker_id} ran any request"
+        return (await _status_of(mesh.coordinator, worker_id)).running_requests > 0
+
+    await _until(busy, f"{worker_id} running requests")
+    await asyncio.to_thread(fault)
+    outcomes, _ = await load
+    return outcomes
+
+
+def _round(mesh, requests) -> list[Outcome]:
+    outcomes, _ = asyncio.run(run_load(mesh.gateway, requests, concurrency=len(requests), timeout_s=HANG_S))
+    return outcomes
+
+
+def _check(outcomes: list[Outcome], expected: list[list[int]]) -> None:
+    assert [o.error for o in outcomes] == [""] * len(expected)
+    assert [o.tokens for o in outcomes] == expected
+
+
+def test_a_worker_stopped_past_the_timeout_is_evicted_its_requests_migrate_and_it_exits_on_sigcont(
+        fault_model, tmp_path):
+    """SIGSTOP a worker while it runs requests: the coordinator evicts it (no heartbeat) and forms
+    a world without it, its peers give up their waits on it and enter that world at once (not at
+    --collective-timeout), the gateway closes its stream and migrates its requests: every request
+    ends with the reference tokens. SIGCONT: the worker finds itself evicted and exits 1; the mesh
+    still serves correctly."""
+    requests = make_requests(6, FAULT_SPEC.vocab, max_new_tokens=24, seed=5)
+    expected = reference(fault_model, requests, max_model_len=256)
+    with running(_fault_mesh(fault_model, tmp_path, 3, NEVER_TIMES_OUT)) as mesh:
+        before = asyncio.run(_info(mesh.gateway))
+        stopped = mesh.procs["worker1"]
+        try:
+            during = asyncio.run(_load_with_fault(mesh, requests, "worker-1",
+                                                  lambda: os.kill(stopped.pid, signal.SIGSTOP)))
+            evicted = asyncio.run(_info(mesh.gateway))
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        code = stopped.wait(timeout=HANG_S)
+        after = _round(mesh, requests)
+        last = asyncio.run(_info(mesh.gateway))
+    _check(during, expected)
+    _check(after, expected)
+    assert evicted.world_generation > before.world_generation
+    assert evicted.num_workers == evicted.live_workers == 2
+    assert code == 1, "an evicted worker exits 1"
+    assert (last.num_workers, last.live_workers, last.not_serving_reason) == (2, 2, "")
+
+
+def test_a_terminated_worker_leaves_under_load_losing_no_request_and_exits_0(fault_model, tmp_path):
+    """SIGTERM is a leave: the worker stops taking requests, its requests migrate with their
+    tokens, the world shrinks without it, and it exits 0."""
+    requests = make_requests(6, FAULT_SPEC.vocab, max_new_tokens=24, seed=6)
+    expected = reference(fault_model, requests, max_model_len=256)
+    codes: list[int] = []
+    with running(_fault_mesh(fault_model, tmp_path, 3)) as mesh:
+        before = asyncio.run(_info(mesh.gateway))
+        outcomes = asyncio.run(_load_with_fault(mesh, requests, "worker-1",
+                                                lambda: codes.append(mesh.terminate("worker1", timeout_s=HANG_S))))
+        after = asyncio.run(_info(mesh.gateway))
+    _check(outcomes, expected)
+    assert codes == [0]
+    assert after.world_generation > before.world_generation
+    assert (after.num_workers, after.live_workers) == (2, 2)
+
+
+def test_a_late_joiner_gets_a_new_generation_experts_and_requests(fault_model, tmp_path):
+    """A 2-worker mesh serves; a third worker starts with the launcher's worker flags: a new world
+    generation lists it, the placement gives it experts, it runs requests, outputs stay exact."""
+    requests = make_requests(6, FAULT_SPEC.vocab, max_new_tokens=16, seed=7)
+    expected = reference(fault_model, requests, max_model_len=256)
+    spec = _fault_mesh(fault_model, tmp_path, 2)
+    with running(spec) as mesh:
+        first = _round(mesh, requests)
+        before = asyncio.run(_info(mesh.gateway))
+        mesh.processes.start("worker2", ["worker", "--coordinator", mesh.coordinator, "--port", "0",
+                                         "--worker-id", "worker-2", *spec.worker_flags])
+
+        async def three_live() -> bool:
+            info = await _info(mesh.gateway)
+            return info.num_workers == info.live_workers == 3
+
+        asyncio.run(_until(three_live, "the gateway serving a world of 3"))
+        world = asyncio.run(_world(mesh.coordinator))
+        placement = asyncio.run(_placement(mesh.coordinator))
+        second = _round(mesh, requests)
+        joiner = asyncio.run(_status_of(mesh.coordinator, "worker-2"))
+    _check(first, expected)
+    _check(second, expected)
+    assert world.generation > before.world_generation
+    rank = next(m.rank for m in world.members if m.worker_id == "worker-2")
+    assert placement.world_generation == world.generation
+    assert any(rank in slots.ranks for layer in placement.layers for slots in layer.experts)
+    assert joiner.world_generation == world.generation and joiner.rank == rank
+    assert sum(len(layer.expert_ids) for layer in joiner.experts) > 0
+    assert joiner.steps > 0 and joiner.tokens > 0, "the joiner ran no request"
+
+
+async def _placement(coordinator: str) -> coordinator_pb2.Placement:
+    async with grpc.aio.insecure_channel(coordinator) as ch:
+        reply = await coordinator_pb2_grpc.CoordinatorStub(ch).GetPlacement(
+            coordinator_pb2.GetPlacementRequest(), timeout=10)
+    return reply.placement

@@ -279,6 +279,24 @@ def test_a_wait_on_a_peer_that_never_comes_is_given_up_once_a_newer_world_exists
         collectives[0].all_gather(torch.tensor([1]))  # rank 1 never joins this one
 
 
+def test_a_rank_that_gave_up_a_wait_leaves_at_once_and_joins_the_next_world():
+    """Dropping a gloo group joins its threads, and one still runs the exchange this rank gave up
+    (its peer is stopped, or left) until the group's timeout. Leaving must not wait for that: a
+    stopped peer would hold the survivors out of the next world for --collective-timeout."""
+    store = _store()
+    newer = threading.Event()
+    first = _join_both(store.port, "world/1/", abandoned=newer.is_set)
+    newer.set()
+    with pytest.raises(CollectiveError, match="abandoned"):
+        first[0].all_gather(torch.tensor([1]))  # rank 1 never posts: its exchange stays in flight
+    leaving = threading.Thread(target=first[0].close)
+    leaving.start()
+    leaving.join(EVENT_TIMEOUT_S)  # a hang bound, shorter than the group's timeout it must not wait for
+    assert not leaving.is_alive(), "closing waited for the abandoned exchange"
+    second = _join_both(store.port, "world/2/")
+    assert _gather_both(second, 20) == [[20, 21], [20, 21]]
+
+
 def _peer_then_sleep(port: int) -> None:
     collective = init_gloo("127.0.0.1", port, "world/1/", 1, WORLD, GROUP_TIMEOUT_S)
     collective.all_gather(torch.tensor([1]))
