@@ -226,6 +226,10 @@ class Membership:
         del self._registered[worker_id]  # a joiner (or, before the first world, a registrant)
         return False
 
+    def is_leaving(self, worker_id: str) -> bool:
+        """A member that said it leaves: it is not in the next generation, so never probed."""
+        return worker_id in self._leaving
+
     def evict(self, worker_id: str, incarnation: int, why: str) -> bool:
         """Remove a registration (dead, silent); True if it was registered."""
         info = self._registered.get(worker_id)

@@ -317,7 +317,8 @@ class CoordinatorState:
         if self._loss_reported == current and self._loss_probed != current:
             self._loss_probed = current
             suspects.update((w.worker_id, w) for w in self.membership.members if w.worker_id not in self._reporters)
-        return [w for w in suspects.values() if self.membership.is_member(w.worker_id, w.incarnation)]
+        return [w for w in suspects.values() if self.membership.is_member(w.worker_id, w.incarnation)
+                and not self.membership.is_leaving(w.worker_id)]  # a leaver is gone anyway: not "evicted"
 
     def evict(self, worker: WorkerInfo, why: str) -> None:
         """Remove a dead or silent worker's registration; the next generation forms without it."""

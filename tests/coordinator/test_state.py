@@ -107,6 +107,8 @@ def test_a_joiner_gets_experts_and_leaving_forms_a_world_without_the_leaver():
     s.leave("w0", 1)
     s.leave("w0", 1)
     assert s.changed.is_set() and s.heartbeat("w0", 1).world_generation == 2
+    s.report_world_lost("w1", 1, 2, "a peer left the world at a step header")  # the leaver's peers say so
+    assert [w.worker_id for w in s.take_suspects()] == ["w5"]  # the leaver is not probed (nor "evicted")
     world = s.form_next_world()
     assert world is not None and [m.worker_id for m in world.members] == ["w1", "w5"]
     with pytest.raises(UnknownWorkerError):
