@@ -390,8 +390,9 @@ class CoordinatorState:
         current = self.current().placement.epoch
         if expected_epoch and expected_epoch != current:
             raise EpochMismatchError(f"expected placement epoch {expected_epoch}, the current epoch is {current}")
-        published = self._publish(replace(p, epoch=current + 1, origin=MANUAL), world.generation)
-        log.info("placement epoch %d published (%s) for world generation %d", current + 1, MANUAL, world.generation)
+        epoch = self._next_epoch()
+        published = self._publish(replace(p, epoch=epoch, origin=MANUAL), world.generation)
+        log.info("placement epoch %d published (%s) for world generation %d", epoch, MANUAL, world.generation)
         return published
 
     async def watch(self, after_epoch: int = 0) -> AsyncIterator[Published]:
