@@ -92,7 +92,7 @@ class CoordinatorServer:
                 durable.write(path, self.state.snapshot())
             spec = model_spec(cfg, s.model_dir.name)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
-            self.server = Server([SERVICE_NAME])
+            self.server = Server([SERVICE_NAME], s.max_concurrent_rpcs)
             pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server.grpc)
             self.port = await self.server.start(s.host, s.port)
         except BaseException:

@@ -49,6 +49,9 @@ class CoordinatorSettings:
     load_window_reports: int = option("--load-window", "load reports kept per worker (the statistics window)", int,
                                       default=32)
     shutdown_grace_s: float = option("--shutdown-grace", "seconds in-flight RPCs get on stop", float, default=2.0)
+    max_concurrent_rpcs: int = option("--max-concurrent-rpcs", "calls in progress at once (heartbeats, long polls of "
+                                      "every worker and gateway) before grpc answers RESOURCE_EXHAUSTED", int,
+                                      default=1024)
     policy: str = option("--policy", "balancing policy: auto (replicate when workers > experts, else none), none, "
                          "gating, replicate, split (hot experts split over two workers)", default="auto")
     rebalance_every_tokens: int = option("--rebalance-every", "routed tokens between balancing updates "
@@ -99,6 +102,8 @@ class CoordinatorSettings:
             raise ConfigError(f"--reform-settle must not be negative, got {self.reform_settle_s}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"--shutdown-grace must not be negative, got {self.shutdown_grace_s}")
+        if self.max_concurrent_rpcs < 1:
+            raise ConfigError(f"--max-concurrent-rpcs must be at least 1, got {self.max_concurrent_rpcs}")
 
     @property
     def store_host(self) -> str:

@@ -70,7 +70,7 @@ async def serve(settings: WorkerSettings) -> int:
 
 async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
     servicer = WorkerServicer()
-    server = Server(["moemesh.v1.Worker"])
+    server = Server(["moemesh.v1.Worker"], settings.max_concurrent_rpcs)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server.grpc)
     port = await server.start(settings.host, settings.port)
     write_port_file(settings.port_file, port)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from moemesh.errors import ConfigError
 from moemesh.settings import option, parse_bool
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -65,6 +66,9 @@ class WorkerSettings:
     expert_memory_bytes: int = option("--expert-memory", "memory for expert weights, e.g. 60GB or 12GiB, reported "
                                       "to the coordinator (bounds placement; --expert-shards 0 splits experts to "
                                       "fit); 0 = unknown", parse_size, default=0)
+    max_concurrent_rpcs: int = option("--max-concurrent-rpcs", "calls in progress at once (Serve streams of every "
+                                      "gateway, status and health calls) before grpc answers RESOURCE_EXHAUSTED",
+                                      int, default=1024)
     exit_with_parent: bool = option("--exit-with-parent", "stop when the parent process exits", parse_bool,
                                     default=False)
     log_level: str = option("--log-level", "logging level", default="INFO")
@@ -73,3 +77,5 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if not self.advertise_host:  # peers dial the bind address unless told otherwise
             object.__setattr__(self, "advertise_host", self.host)
+        if self.max_concurrent_rpcs < 1:
+            raise ConfigError(f"--max-concurrent-rpcs must be at least 1, got {self.max_concurrent_rpcs}")

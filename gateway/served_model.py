@@ -3,12 +3,15 @@
 The gateway holds no weights: only config.json (vocabulary, context, shape for ModelInfo) and
 tokenizer.json (prompt text -> ids, streamed ids -> text). Every request is checked here with the
 engine's own `validate_request`, so a bad request fails with INVALID_ARGUMENT before it reaches a
-worker. Sampling fields come from the wire as they were sent (`sampling_from_proto`: only an exact
+worker. A prompt's size is checked before any work on it (text: `max_prompt_bytes` of UTF-8; ids:
+the context), and `prepare_off_loop` tokenizes a text longer than INLINE_TOKENIZE_CHARS in a thread.
+Sampling fields come from the wire as they were sent (`sampling_from_proto`: only an exact
 0 means "unset"; NaN, inf and negative values reach validation and are refused, never replaced).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +23,12 @@ from moemesh.model.config import ModelConfig, load_config
 from moemesh.model.spec import model_spec
 from moemesh.text import StreamDecoder, TextCodec
 from moemesh.v1 import common_pb2, gateway_pb2
+
+DEFAULT_MAX_PROMPT_BYTES = 1024 * 1024
+# Texts up to this many characters are tokenized on the event loop: a few KiB take well under a
+# millisecond, less than the hop to a worker thread and back; longer ones go to a thread, so the
+# loop keeps relaying tokens while a long prompt is tokenized (the tokenizer lets go of the GIL).
+INLINE_TOKENIZE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,23 @@ class Prepared:
 class ServedModel:
     """Config + tokenizer of the served checkpoint and the limits requests are checked against."""
 
-    def __init__(self, model_dir: Path, max_model_len: int, max_new_tokens_limit: int, default_max_new_tokens: int):
+    def __init__(self, model_dir: Path, max_model_len: int, max_new_tokens_limit: int, default_max_new_tokens: int,
+                 max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES):
         self.model_dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.model_dir)
         self.codec = TextCodec(self.model_dir, self.config)
         self.context = min(max_model_len, self.config.max_position_embeddings)
         self.max_new_tokens_limit = max_new_tokens_limit
         self.default_max_new_tokens = default_max_new_tokens
+        self.max_prompt_bytes = max_prompt_bytes
+
+    async def prepare_off_loop(self, req: gateway_pb2.GenerateRequest, request_id: str, where: str = "") -> Prepared:
+        """`prepare`, in a worker thread when the prompt is a text long enough to be worth it
+        (a text over the byte limit is refused here, before any hop)."""
+        size = len(req.text) if req.WhichOneof("prompt") == "text" else 0
+        if size <= INLINE_TOKENIZE_CHARS or size > self.max_prompt_bytes:
+            return self.prepare(req, request_id, where)
+        return await asyncio.to_thread(self.prepare, req, request_id, where)
 
     def prepare(self, req: gateway_pb2.GenerateRequest, request_id: str, where: str = "") -> Prepared:
         """Tokenize and validate one request; InvalidRequestError (prefixed by `where`) if bad."""
@@ -58,10 +77,23 @@ class ServedModel:
         if which is None:
             raise InvalidRequestError("no prompt: set either text or token_ids")
         if which == "text":
-            if not req.text:
-                raise InvalidRequestError("prompt text is empty")
+            self._check_text_size(req.text)
             return self.codec.encode(req.text)
+        count = len(req.token_ids.ids)
+        if count >= self.context:  # before copying them: at least one new token must fit
+            raise InvalidRequestError(f"prompt of {count} tokens exceeds the context of {self.context} tokens "
+                                      "(no room for a new token)")
         return list(req.token_ids.ids)
+
+    def _check_text_size(self, text: str) -> None:
+        """InvalidRequestError for an empty text or one over max_prompt_bytes of UTF-8 (a character is
+        1..4 bytes, so only a text of limit/4..limit characters needs encoding to tell)."""
+        if not text:
+            raise InvalidRequestError("prompt text is empty")
+        size = len(text) if len(text) > self.max_prompt_bytes else len(text.encode("utf-8"))
+        if size > self.max_prompt_bytes:
+            raise InvalidRequestError(f"prompt text is over this gateway's limit of {self.max_prompt_bytes} bytes "
+                                      f"of UTF-8 (--max-prompt-bytes): it has at least {size}")
 
     def _sampling(self, req: gateway_pb2.GenerateRequest, prompt_len: int) -> SamplingParams:
         """The request's sampling; unset = greedy up to the default length (clamped to the context).

@@ -41,13 +41,13 @@ def run(settings: GatewaySettings) -> int:
 async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) -> None:
     """The gateway, from start-up to graceful stop; `stop` (default: SIGINT / SIGTERM) ends it."""
     model = ServedModel(settings.model_dir, settings.max_model_len, settings.max_new_tokens_limit,
-                        settings.default_max_new_tokens)
+                        settings.default_max_new_tokens, settings.max_prompt_bytes)
     stop = rpc.stop_event_on_signals() if stop is None else stop
     watchdog = asyncio.create_task(rpc.exit_with_parent(stop)) if settings.exit_with_parent else None
     coordinator = CoordinatorClient(settings.coordinator, settings.call_timeout_s)
     pool = WorkerPool(settings.max_inflight, settings.call_timeout_s, settings.max_migrations,
                       settings.recovery_wait_s)
-    server = rpc.Server([SERVICE_NAME])
+    server = rpc.Server([SERVICE_NAME], settings.concurrent_rpcs_limit)
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator), server.grpc)
     port = await server.start(settings.host, settings.port)
     rpc.write_port_file(settings.port_file, port)

@@ -44,7 +44,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Validate, submit to the least-loaded worker, relay its tokens, then Finished."""
         received_at = time.monotonic()
-        prepared = self.model.prepare(request, _new_request_id())
+        prepared = await self.model.prepare_off_loop(request, _new_request_id())
         async for response in generate_one(self.pool, self.model, prepared, received_at,
                                            _deadline(context, received_at)):
             yield response  # a WorkerFailedError keeps the worker's code (moemesh.status)
@@ -62,7 +62,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 f"a batch of {count} prompts is over this gateway's limit of {self.pool.max_inflight} "
                 "requests in flight; split it"
             )
-        items = [self.model.prepare(r, _new_request_id(), where=f"requests[{i}]: ")
+        items = [await self.model.prepare_off_loop(r, _new_request_id(), where=f"requests[{i}]: ")
                  for i, r in enumerate(request.requests)]
         async for response in generate_batch(self.pool, self.model, items, received_at,
                                              _deadline(context, received_at)):

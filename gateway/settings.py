@@ -34,6 +34,11 @@ class GatewaySettings:
     default_max_new_tokens: int = option("--default-max-new-tokens", "max_new_tokens for requests that leave "
                                          "sampling unset", int, default=16)
     max_inflight: int = option("--max-inflight", "prompts in flight before RESOURCE_EXHAUSTED", int, default=1024)
+    max_prompt_bytes: int = option("--max-prompt-bytes", "largest prompt text in UTF-8 bytes; a longer one is "
+                                   "INVALID_ARGUMENT before it is tokenized", int, default=1024 * 1024)
+    max_concurrent_rpcs: int | None = option("--max-concurrent-rpcs", "calls in progress at once (health included) "
+                                             "before grpc answers RESOURCE_EXHAUSTED; unset = 4 x --max-inflight, "
+                                             "must be more than --max-inflight", int, default=None)
     exit_with_parent: bool = option("--exit-with-parent", "stop when the parent process exits (for launchers)",
                                     parse_bool, default=False)
     call_timeout_s: float = option("--call-timeout", "deadline of each coordinator / worker call, s", float,
@@ -49,7 +54,8 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if not self.coordinator or ":" not in self.coordinator:
             raise MoemeshError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
-        for name in ("max_model_len", "max_new_tokens_limit", "default_max_new_tokens", "max_inflight"):
+        for name in ("max_model_len", "max_new_tokens_limit", "default_max_new_tokens", "max_inflight",
+                     "max_prompt_bytes"):
             if getattr(self, name) <= 0:
                 raise MoemeshError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
@@ -58,6 +64,15 @@ class GatewaySettings:
             raise MoemeshError("call_timeout_s must be > 0 and grace_s >= 0")
         if self.max_migrations < 0 or self.recovery_wait_s < 0:
             raise MoemeshError("max_migrations and recovery_wait_s must be >= 0")
+        if self.concurrent_rpcs_limit <= self.max_inflight:  # grpc's refusal would hide the gateway's own
+            raise MoemeshError(f"max_concurrent_rpcs must be more than max_inflight ({self.max_inflight}), "
+                               f"got {self.max_concurrent_rpcs}")
+
+    @property
+    def concurrent_rpcs_limit(self) -> int:
+        """max_concurrent_rpcs as given, else room for every request in flight 4 times over (the
+        rest: health watches, ModelInfo, calls the gateway refuses with its own clear message)."""
+        return 4 * self.max_inflight if self.max_concurrent_rpcs is None else self.max_concurrent_rpcs
 
     @property
     def address(self) -> str:

@@ -1,7 +1,9 @@
 """gRPC plumbing shared by the three services: error mapping, server lifecycle, channels.
 
 - `ErrorInterceptor` turns typed moemesh errors into status codes (the one table in
-  moemesh.status) for every kind of handler, streaming ones included.
+  moemesh.status) for every kind of handler, streaming ones included; a request message that does
+  not parse (a string field with bad UTF-8, a truncated message) is INVALID_ARGUMENT saying so, not
+  grpc's UNKNOWN.
 - `Server` owns one grpc.aio server with health and reflection, made inside the running loop,
   and stops gracefully: health NOT_SERVING, then `stop(grace)`.
 Everything here must be called from inside a running event loop.
@@ -17,10 +19,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moemesh.errors import MoemeshError
+from moemesh.errors import InvalidRequestError, MoemeshError
 from moemesh.status import status_for
 
 log = logging.getLogger(__name__)
@@ -39,28 +42,68 @@ CHANNEL_OPTIONS = (
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps MoemeshError raised by any handler to its status code with the error's message."""
+    """Maps MoemeshError raised by any handler to its status code with the error's message, and a
+    request that does not parse to INVALID_ARGUMENT (see `_Undecodable`)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        parse, reply = _tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), parse, reply)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), parse, reply)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+                _wrap_unary(handler.stream_unary, streamed=True), parse, reply)
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+            _wrap_stream(handler.stream_stream, streamed=True), parse, reply)
 
 
-def _wrap_unary(behaviour: Callable) -> Callable:
+class _Undecodable:
+    """What `_tolerant` hands on for a request message that did not parse. grpc.aio answers an
+    exception raised while deserializing with UNKNOWN, so the deserializer returns this instead and
+    the wrapped handler raises InvalidRequestError before (or, for a request stream, when) it is read."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+    def reject(self) -> InvalidRequestError:
+        return InvalidRequestError(f"the request does not parse (every string field must be valid UTF-8): "
+                                   f"{self.error}")
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:  # a generic handler taking raw bytes: nothing to parse
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _checked(request):
+    """A unary request as it is, or InvalidRequestError when it did not parse."""
+    if isinstance(request, _Undecodable):
+        raise request.reject()
+    return request
+
+
+async def _checked_stream(requests):
+    """A request stream whose messages that did not parse raise InvalidRequestError where read."""
+    async for request in requests:
+        yield _checked(request)
+
+
+def _wrap_unary(behaviour: Callable, streamed: bool = False) -> Callable:
     async def wrapped(request, context):
         try:
+            request = _checked_stream(request) if streamed else _checked(request)
             return await behaviour(request, context)
         except MoemeshError as exc:
             await context.abort(status_for(exc), str(exc))
@@ -68,14 +111,15 @@ def _wrap_unary(behaviour: Callable) -> Callable:
     return wrapped
 
 
-def _wrap_stream(behaviour: Callable) -> Callable:
+def _wrap_stream(behaviour: Callable, streamed: bool = False) -> Callable:
     """A streaming handler is an async generator (ours), or a coroutine that writes with
     context.write() (grpc's health servicer's Watch): each is wrapped as what it is."""
     if not inspect.isasyncgenfunction(behaviour):
-        return _wrap_unary(behaviour)
+        return _wrap_unary(behaviour, streamed)
 
     async def wrapped(request, context):
         try:
+            request = _checked_stream(request) if streamed else _checked(request)
             async for item in behaviour(request, context):
                 yield item
         except MoemeshError as exc:
@@ -85,7 +129,10 @@ def _wrap_stream(behaviour: Callable) -> Callable:
 
 
 class Server:
-    """One grpc.aio server: services + health ("" and each named service) + reflection."""
+    """One grpc.aio server: services + health ("" and each named service) + reflection.
+
+    `max_concurrent_rpcs` bounds the calls in progress at once (health and reflection included):
+    grpc answers RESOURCE_EXHAUSTED to any call over it before a handler runs; None = no bound."""
 
     def __init__(self, service_names: Iterable[str], max_concurrent_rpcs: int | None = None):
         self.service_names = tuple(service_names)

@@ -21,8 +21,10 @@ class TextCodec:
         self.bos = cfg.bos_token_id
 
     def encode(self, text: str) -> list[int]:
-        """Prompt text -> ids, with the model's BOS in front when it has one."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Prompt text -> ids, with the model's BOS in front when it has one. Through encode_batch:
+        the same ids as encode, but it lets go of the GIL while it works, so an event loop keeps
+        running while another thread tokenizes a long prompt (encode holds the GIL throughout)."""
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         return ([self.bos] if self.bos is not None and ids else []) + ids
 
     def decode(self, ids: list[int]) -> str:

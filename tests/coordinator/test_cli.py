@@ -175,7 +175,9 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     assert (defaults.host, defaults.port, defaults.transport, defaults.exit_with_parent) == (
         "127.0.0.1", 50050, "gloo", False)
     assert defaults.model_dir.is_absolute() and defaults.store_host == "127.0.0.1"
-    assert (defaults.redundant_experts, defaults.probe_timeout_s) == (0, 2.0)
+    assert (defaults.redundant_experts, defaults.probe_timeout_s, defaults.max_concurrent_rpcs) == (0, 2.0, 1024)
+    assert settings_from(CoordinatorSettings, parse("--model", "m", "--workers", "1"),
+                         {"MOEMESH_COORDINATOR_MAX_CONCURRENT_RPCS": "7"}).max_concurrent_rpcs == 7
 
 
 @pytest.mark.parametrize("argv, env, message", [
@@ -190,6 +192,7 @@ def test_settings_flags_override_env_which_overrides_defaults(tmp_path):
     (("--model", "m", "--workers", "2", "--redundant-experts", "-1"), {}, "--redundant-experts must not be negative"),
     (("--model", "m", "--workers", "2", "--probe-timeout", "0"), {}, "--probe-timeout must be positive"),
     (("--model", "m", "--workers", "2", "--reform-settle", "-1"), {}, "--reform-settle must not be negative"),
+    (("--model", "m", "--workers", "2", "--max-concurrent-rpcs", "0"), {}, "--max-concurrent-rpcs must be at least 1"),
 ])
 def test_bad_settings_are_config_errors(argv, env, message):
     with pytest.raises(ConfigError, match=message):

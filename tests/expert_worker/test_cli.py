@@ -39,6 +39,10 @@ def test_defaults_and_environment_fallbacks():
         "c:1", "0.0.0.0", "0.0.0.0", 2, 3, True)
     assert _settings("--advertise-host", "peer").advertise_host == "peer"
     assert _settings() == WorkerSettings(coordinator="c:1")
+    assert _settings().max_concurrent_rpcs == 1024
+    assert _settings(env={"MOEMESH_WORKER_MAX_CONCURRENT_RPCS": "9"}).max_concurrent_rpcs == 9
+    with pytest.raises(ConfigError, match="--max-concurrent-rpcs must be at least 1, got 0"):
+        _settings("--max-concurrent-rpcs", "0")
 
 
 def test_bad_choices_from_the_environment_name_the_variable():

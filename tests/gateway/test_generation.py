@@ -49,6 +49,14 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
 async def gateway(model: ServedModel, workers: Sequence[ScriptedWorker], max_inflight: int = 16,
                   **pool_settings) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     """The gateway servicer on a loopback port, its pool connected to `workers`; a stub to it."""
+    async with gateway_channel(model, workers, max_inflight, **pool_settings) as ch:
+        yield gateway_pb2_grpc.GatewayStub(ch)
+
+
+@contextlib.asynccontextmanager
+async def gateway_channel(model: ServedModel, workers: Sequence[ScriptedWorker], max_inflight: int = 16,
+                          **pool_settings) -> AsyncIterator[grpc.aio.Channel]:
+    """`gateway`, as a channel to it (for raw bytes no client would serialize)."""
     async with scripted_pool(workers, max_inflight, **pool_settings) as pool:
         coordinator = CoordinatorClient("127.0.0.1:1", HANG_BOUND_S)  # ModelInfo is not called here
         server = rpc.Server(["moemesh.v1.Gateway"])
@@ -56,7 +64,7 @@ async def gateway(model: ServedModel, workers: Sequence[ScriptedWorker], max_inf
         port = await server.start("127.0.0.1", 0)
         try:
             async with rpc.channel(f"127.0.0.1:{port}") as ch:
-                yield gateway_pb2_grpc.GatewayStub(ch)
+                yield ch
         finally:
             await server.stop(0)
             await coordinator.close()
@@ -130,6 +138,43 @@ def test_a_failure_before_the_first_token_fails_generate_with_its_status(model):
     assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "worker rank 0" in invalid.details() and "rejected the request: prompt exceeds 256" in invalid.details()
     assert exhausted.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "no free slot" in exhausted.details()
+
+
+def _with_bad_utf8(request: gateway_pb2.GenerateRequest) -> bytes:
+    """`request` serialized, its text's bytes replaced by bytes that are not UTF-8."""
+    return request.SerializeToString().replace(request.text.encode(), b"\xff\xfe")
+
+
+def test_bad_utf8_and_a_text_over_the_byte_limit_are_invalid_argument_and_never_reach_a_worker(model):
+    small = ServedModel(model.model_dir, max_model_len=256, max_new_tokens_limit=100, default_max_new_tokens=16,
+                        max_prompt_bytes=64)
+    worker = ScriptedWorker(0, lambda s: [finished(s.request_id, LENGTH)])
+    text = gateway_pb2.GenerateRequest(text="ab")
+
+    async def scenario():
+        async with gateway_channel(small, [worker]) as ch:
+            generate_raw = ch.unary_stream("/moemesh.v1.Gateway/Generate")
+            batch_raw = ch.unary_stream("/moemesh.v1.Gateway/GenerateBatch")
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            calls = [generate_raw(_with_bad_utf8(text), timeout=HANG_BOUND_S),
+                     batch_raw(gateway_pb2.GenerateBatchRequest(requests=[req(5), text]).SerializeToString()
+                               .replace(b"ab", b"\xff\xfe"), timeout=HANG_BOUND_S),
+                     stub.Generate(gateway_pb2.GenerateRequest(text="é" * 33), timeout=HANG_BOUND_S)]  # 66 bytes
+            errors = []
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    _ = [m async for m in call]
+                errors.append(info.value)
+            fine = await generate(stub, gateway_pb2.GenerateRequest(text="é" * 32))  # 64 bytes: within
+            return errors, fine
+
+    errors, fine = asyncio.run(scenario())
+    assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 3  # grpc alone: UNKNOWN for bad bytes
+    for e in errors[:2]:
+        assert "does not parse" in e.details() and "String field had bad UTF-8" in e.details()
+    assert "over this gateway's limit of 64 bytes of UTF-8 (--max-prompt-bytes)" in errors[2].details()
+    assert fine[-1].finished.reason == LENGTH and fine[-1].finished.prompt_tokens == 65  # BOS + 64 bytes
+    assert len(worker.submits) == 1  # only the prompt within every limit reached the worker
 
 
 def test_a_failure_after_tokens_is_finished_error_counting_what_was_streamed(model):

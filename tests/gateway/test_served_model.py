@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from gateway.served_model import ServedModel
+from gateway.served_model import INLINE_TOKENIZE_CHARS, ServedModel
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import InvalidRequestError
@@ -112,3 +113,56 @@ def test_only_an_exact_zero_means_unset_and_float32_values_come_back_as_sent(mod
     assert (p.temperature, p.top_p, p.top_k, p.seed) == (0.7, 0.9, 5, 2**64 - 1)
     assert model.prepare(raw(temperature=0.01), "x").params.temperature == 0.01  # the lowest, over float32
     assert model.prepare(raw(temperature=1.0), "x").params.top_p == 1.0  # 0 on the wire: off
+
+
+@pytest.fixture(scope="module")
+def small(model: ServedModel) -> ServedModel:
+    """The same checkpoint behind a 64-byte prompt limit."""
+    return ServedModel(model.model_dir, max_model_len=2048, max_new_tokens_limit=100, default_max_new_tokens=16,
+                       max_prompt_bytes=64)
+
+
+def test_the_prompt_limit_counts_utf8_bytes_not_characters(small):
+    assert len(small.prepare(request("a" * 64, max_new_tokens=4), "x").prompt) == 65  # BOS + 64
+    for text in ("a" * 65, "é" * 33, "a" * 10_000_000):  # 65, 66 bytes; far over: refused without encoding
+        with pytest.raises(InvalidRequestError, match=r"over this gateway's limit of 64 bytes of UTF-8 "
+                                                      r"\(--max-prompt-bytes\)"):
+            small.prepare(request(text, max_new_tokens=4), "x")
+
+
+def test_token_ids_that_fill_the_context_are_refused_before_anything_else(model):
+    with pytest.raises(InvalidRequestError, match="prompt of 256 tokens exceeds the context of 256 tokens"):
+        model.prepare(request(ids=[5] * 256, max_new_tokens=1), "x")
+
+
+async def _ticks_while_preparing(model: ServedModel, text: str) -> tuple[str, int]:
+    """What prepare_off_loop makes of `text` (its prompt, or its refusal), and how often another
+    task ran meanwhile."""
+    ticks, done = 0, False
+
+    async def tick() -> None:
+        nonlocal ticks
+        while not done:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        outcome = str((await model.prepare_off_loop(request(text, max_new_tokens=4), "x")).prompt)
+    except InvalidRequestError as exc:
+        outcome = str(exc)
+    done = True
+    await ticker
+    return outcome, ticks
+
+
+def test_a_long_text_is_tokenized_off_the_event_loop_and_a_short_one_inline(model):
+    short, long = "hi" * 100, "hello world " * 40_000  # 480 KB: off the loop (and far over the context)
+    short_outcome, short_ticks = asyncio.run(_ticks_while_preparing(model, short))
+    long_outcome, long_ticks = asyncio.run(_ticks_while_preparing(model, long))
+    assert short_outcome == str(model.prepare(request(short, max_new_tokens=4), "x").prompt)
+    assert long_outcome.startswith(f"prompt of {len(model.codec.encode(long))} tokens + max_new_tokens=4 exceeds")
+    assert len(short) <= INLINE_TOKENIZE_CHARS < len(long)
+    assert short_ticks == 0  # no hop: the loop never ran another task
+    assert long_ticks > 2  # the loop kept running while a thread tokenized (the tokenizer lets go of the GIL);
+    # one tick may come after the outcome (the ticker's last round), none without the hop

@@ -25,6 +25,16 @@ def test_defaults_match_the_documented_ones():
     assert (s.host, s.port, s.max_model_len, s.max_new_tokens_limit, s.max_inflight, s.exit_with_parent) == (
         "127.0.0.1", 50051, 2048, 4096, 1024, False)
     assert (s.max_migrations, s.recovery_wait_s) == (3, 30.0)
+    assert (s.max_prompt_bytes, s.max_concurrent_rpcs, s.concurrent_rpcs_limit) == (1024 * 1024, None, 4096)
+
+
+def test_the_concurrent_rpcs_limit_follows_max_inflight_unless_given():
+    env = {"MOEMESH_GATEWAY_COORDINATOR": "c:9", "MOEMESH_GATEWAY_MODEL": "/ckpt",
+           "MOEMESH_GATEWAY_MAX_PROMPT_BYTES": "4096"}
+    s = settings_from(GatewaySettings, parse(["--max-inflight", "10"]), env)
+    assert (s.max_prompt_bytes, s.concurrent_rpcs_limit) == (4096, 40)
+    given = settings_from(GatewaySettings, parse(["--max-inflight", "10", "--max-concurrent-rpcs", "11"]), env)
+    assert given.concurrent_rpcs_limit == 11
 
 
 def test_environment_fills_what_flags_leave_unset():
@@ -45,6 +55,9 @@ def test_environment_fills_what_flags_leave_unset():
     (["--coordinator", "h:1", "--model", "m", "--max-migrations", "-1"], {}, "max_migrations and recovery_wait_s"),
     (["--coordinator", "h:1", "--model", "m"], {"MOEMESH_GATEWAY_RECOVERY_WAIT": "-2"}, "must be >= 0"),
     (["--coordinator", "h:1", "--model", "m"], {"MOEMESH_GATEWAY_EXIT_WITH_PARENT": "maybe"}, "EXIT_WITH_PARENT"),
+    (["--coordinator", "h:1", "--model", "m", "--max-prompt-bytes", "0"], {}, "max_prompt_bytes must be > 0"),
+    (["--coordinator", "h:1", "--model", "m", "--max-inflight", "8", "--max-concurrent-rpcs", "8"], {},
+     "max_concurrent_rpcs must be more than max_inflight (8), got 8"),
 ])
 def test_bad_settings_say_what_is_wrong(argv, env, message):
     with pytest.raises(MoemeshError, match=message.replace("(", r"\(").replace(")", r"\)")):

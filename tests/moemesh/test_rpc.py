@@ -41,3 +41,83 @@ def test_health_check_and_watch_follow_the_servers_state():
     checks, seen = asyncio.run(_scenario())
     assert checks == [NOT_SERVING, SERVING, NOT_SERVING]
     assert seen == [NOT_SERVING, SERVING, NOT_SERVING]
+
+
+def _bad_utf8(service: str = "ab") -> bytes:
+    """A serialized HealthCheckRequest whose string field holds bytes that are not UTF-8."""
+    good = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    return good.replace(service.encode(), b"\xff\xfe")
+
+
+def _count_requests_handler() -> grpc.GenericRpcHandler:
+    """A client-streaming method (raw grpc, parsed by protobuf) answering how many requests it read."""
+    async def count(requests, context):
+        n = 0
+        async for _ in requests:
+            n += 1
+        return health_pb2.HealthCheckResponse(status=n)
+
+    handler = grpc.stream_unary_rpc_method_handler(count, health_pb2.HealthCheckRequest.FromString,
+                                                   health_pb2.HealthCheckResponse.SerializeToString)
+    return grpc.method_handlers_generic_handler("test.Count", {"Count": handler})
+
+
+async def _bad_utf8_scenario() -> list[tuple[grpc.StatusCode, str]]:
+    server = Server([SERVICE])
+    server.grpc.add_generic_rpc_handlers((_count_requests_handler(),))
+    port = await server.start("127.0.0.1", 0)
+    answers = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:  # raw bytes: no client-side parsing
+            good = health_pb2.HealthCheckRequest(service="ab").SerializeToString()
+            calls = [ch.unary_unary("/grpc.health.v1.Health/Check")(_bad_utf8(), timeout=CALL_TIMEOUT_S),
+                     _read_all(ch.unary_stream("/grpc.health.v1.Health/Watch")(_bad_utf8(), timeout=CALL_TIMEOUT_S)),
+                     ch.stream_unary("/test.Count/Count")(iter([good, _bad_utf8()]), timeout=CALL_TIMEOUT_S)]
+            for call in calls:
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    answers.append((exc.code(), exc.details()))
+            counted = await ch.stream_unary("/test.Count/Count")(iter([good, good]), timeout=CALL_TIMEOUT_S)
+            answers.append((grpc.StatusCode.OK, str(health_pb2.HealthCheckResponse.FromString(counted).status)))
+    finally:
+        await server.stop(0)
+    return answers
+
+
+async def _read_all(call) -> list:
+    return [message async for message in call]
+
+
+def test_a_string_field_with_bad_utf8_is_invalid_argument_in_every_kind_of_call():
+    answers = asyncio.run(_bad_utf8_scenario())
+    assert [code for code, _ in answers[:3]] == [grpc.StatusCode.INVALID_ARGUMENT] * 3  # grpc alone says UNKNOWN
+    for _, details in answers[:3]:
+        assert "does not parse" in details and "UTF-8" in details and "HealthCheckRequest" in details
+    assert answers[3] == (grpc.StatusCode.OK, "2")  # good messages still parse
+
+
+async def _over_the_limit_scenario() -> tuple[grpc.StatusCode, int]:
+    server = Server([SERVICE], max_concurrent_rpcs=1)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+            watch = stub.Watch(request, timeout=CALL_TIMEOUT_S)
+            first = (await watch.read()).status  # the Watch is in progress: it holds the one slot
+            try:
+                await stub.Check(request, timeout=CALL_TIMEOUT_S)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            watch.cancel()
+            return code, first
+    finally:
+        await server.stop(0)
+
+
+def test_a_call_over_max_concurrent_rpcs_is_resource_exhausted():
+    code, first = asyncio.run(_over_the_limit_scenario())
+    assert first == NOT_SERVING
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
