@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # starts `moemesh up` meshes
 # An idle mesh (nothing in flight) sleeps: its processes together may use at most this share of one
 # core over the window. A resource bound, not a speed check: a busy-polling loop anywhere uses a
 # whole core (20 times this), heartbeats and the like a few milliseconds.
-IDLE_WINDOW = 3.0
+IDLE_WINDOW = 6.0  # long enough that the idle mesh's periodic work (heartbeats, long polls re-made) averages out
 IDLE_CPU_SHARE = 0.05
 
 # 8 requests of different lengths, arriving at different times.
