@@ -1,7 +1,7 @@
 """The gateway's view of the coordinator: which world (workers) exists, which placement epoch.
 
 The gateway is an observer: it calls WaitForWorld without a worker_id to learn the workers'
-addresses (at start-up, then again and again for each newer generation: `follow_worlds`), and
+addresses (at start-up, then again and again for each newer generation: `next_world`), and
 GetPlacement for ModelInfo. Every call has a deadline; a call that finds no newer world in time
 (DEADLINE_EXCEEDED) is simply made again, a coordinator that is down (UNAVAILABLE) is retried with
 backoff while the gateway keeps serving the world it has.
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 
 from moemesh import rpc
 from moemesh.errors import UnavailableError
 from moemesh.retry import Backoff, retry
-from moemesh.status import is_not_yet
 from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,34 +33,11 @@ class CoordinatorClient:
         self._channel = rpc.channel(target)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
-    async def wait_for_world(
-        self, stop: asyncio.Event, after_generation: int = 0
-    ) -> coordinator_pb2.World | None:
-        """The first world newer than `after_generation`; None if `stop` is set first."""
-        started = time.monotonic()
-        request = coordinator_pb2.WaitForWorldRequest(after_generation=after_generation)
-
-        def note(attempt: int, exc: Exception) -> None:
-            if attempt == 1 or attempt % 10 == 0:
-                log.info("waiting for a world from coordinator %s (%.0f s so far, %s)", self.target,
-                         time.monotonic() - started, exc)
-
-        try:
-            world = await retry(lambda: self._stub.WaitForWorld(request, timeout=self.call_timeout_s), is_not_yet,
-                                stop=stop, backoff=Backoff(first_s=0.2, cap_s=2.0), on_retry=note)
-        except grpc.aio.AioRpcError as exc:
-            raise UnavailableError(
-                f"coordinator {self.target}: WaitForWorld failed: {exc.code().name}: {exc.details()}"
-            ) from exc
-        if world is not None:
-            log.info("world %d from coordinator %s: %d workers, transport %s", world.generation,
-                     self.target, world.world_size, world.transport)
-        return world
-
     async def next_world(self, after_generation: int, stop: asyncio.Event) -> coordinator_pb2.World | None:
-        """The next world after `after_generation`, however long it takes to form; None once `stop`
-        is set. Each call waits WAIT_FOR_WORLD_S at most; DEADLINE_EXCEEDED just calls again,
-        UNAVAILABLE (coordinator down or restarting) backs off; anything else raises UnavailableError."""
+        """The next world after `after_generation` (0: the first one, at start-up), however long it
+        takes to form; None once `stop` is set. Each call waits WAIT_FOR_WORLD_S at most;
+        DEADLINE_EXCEEDED just calls again, UNAVAILABLE (coordinator down or restarting) backs off;
+        anything else raises UnavailableError."""
         request = coordinator_pb2.WaitForWorldRequest(after_generation=after_generation)
 
         async def call() -> coordinator_pb2.World:
@@ -78,8 +53,8 @@ class CoordinatorClient:
 
         def note(attempt: int, exc: Exception) -> None:
             if attempt == 1 or attempt % 10 == 0:
-                log.warning("coordinator %s unavailable while following worlds (attempt %d): %s; "
-                            "serving world %d meanwhile", self.target, attempt, exc, after_generation)
+                log.warning("coordinator %s unavailable (attempt %d): %s; %s", self.target, attempt, exc,
+                            f"serving world {after_generation} meanwhile" if after_generation else "no world yet")
 
         try:
             world = await retry(call, unavailable, stop=stop, backoff=Backoff(first_s=0.2, cap_s=5.0), on_retry=note)

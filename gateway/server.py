@@ -55,7 +55,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     log.info("gateway listening on %s (NOT_SERVING until every worker stream is open)", address)
     follower = health = None
     try:
-        world = await coordinator.wait_for_world(stop)
+        world = await coordinator.next_world(0, stop)
         if world is not None:
             pool.apply_world(world)
             follower = asyncio.create_task(_follow_worlds(coordinator, pool, stop), name="follow-worlds")
