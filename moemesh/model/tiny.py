@@ -171,15 +171,30 @@ def write_tiny_model(out_dir: str | Path, spec: TinySpec) -> Path:
     Old weight files (model.safetensors, model-*-of-*.safetensors, the index) are removed first
     so a rewrite with a different `shards` never leaves a stale index behind.
     """
+    return write_checkpoint(out_dir, spec, init_weights(spec_config(spec), spec))
+
+
+def spec_config(spec: TinySpec) -> ModelConfig:
+    """The engine's ModelConfig for `spec`, read back from the config.json it writes (and checked)."""
+    cfg = config_from_dict(json.loads(json.dumps(hf_config(spec))), source=f"tiny {spec.arch} config")
+    _check_config(cfg, spec)
+    return cfg
+
+
+def write_checkpoint(out_dir: str | Path, spec: TinySpec, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (exactly the names of `tensor_shapes`, in `spec.dtype`) as the checkpoint of
+    `spec`: weights, config.json, generation_config.json, tokenizer; `metadata` goes into the
+    safetensors header. Return the folder."""
+    cfg = spec_config(spec)
+    shapes = tensor_shapes(cfg)
+    assert {n: tuple(t.shape) for n, t in tensors.items()} == shapes, "tensors do not match the spec's names"
+    assert all(t.dtype == DTYPES[spec.dtype] for t in tensors.values()), "tensors not in the spec's dtype"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(spec)
-    cfg = config_from_dict(json.loads(json.dumps(config)), source=f"tiny {spec.arch} config")
-    _check_config(cfg, spec)
-    tensors = init_weights(cfg, spec)
     _remove_old_weights(out)
-    _write_safetensors(out, tensors, spec.shards)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_safetensors(out, {n: tensors[n] for n in shapes}, spec.shards, metadata or {})
+    (out / "config.json").write_text(json.dumps(hf_config(spec), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config(spec), indent=2) + "\n")
     save_tokenizer(out)
     return out
@@ -245,16 +260,17 @@ def _remove_old_weights(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_safetensors(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+def _write_safetensors(out: Path, tensors: dict[str, torch.Tensor], shards: int, extra: dict[str, str]) -> None:
     """One model.safetensors, or `shards` files plus an index like Hugging Face's."""
+    metadata = {"format": "pt", **extra}
     if shards == 1:
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
         return
     groups = _split(tensors, shards)
     weight_map: dict[str, str] = {}
     for i, names in enumerate(groups):
         file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, str(out / file), metadata={"format": "pt"})
+        save_file({n: tensors[n] for n in names}, str(out / file), metadata=metadata)
         weight_map.update(dict.fromkeys(names, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
