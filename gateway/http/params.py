@@ -4,8 +4,9 @@
 here (BadParamError names it), ranges are the domain's (`SamplingParams.validate`, run by
 `ServedModel.prepare`), and `generate_request` builds the one `gateway_pb2.GenerateRequest` the
 gRPC API takes too. Fields OpenAI defines that the gateway cannot honour (n > 1, logprobs, echo,
-best_of > 1, penalties, logit_bias, tools, a batch of prompts) are a 400 saying so, never
-silently dropped; fields it does not know (user, metadata, ...) are ignored, as OpenAI does.
+best_of > 1, penalties, logit_bias, tools, a response_format other than text, a batch of
+prompts) are a 400 saying so, never silently dropped; fields it does not know (user, metadata,
+...) are ignored, as OpenAI does.
 
 Defaults: temperature 1 (OpenAI's; 0 = greedy), max_tokens the gateway's
 --default-max-new-tokens (OpenAI's completions default is 16, which is also the gateway's).
@@ -40,6 +41,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
 }
 
 
