@@ -70,7 +70,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     follower = health = None
     try:
         if http is not None:
-            http_port = await http.start(settings.host, settings.http_port, settings.grace_s)
+            http_port = await http.start(settings.host, settings.http_port, settings.grace_s,
+                                         settings.concurrent_rpcs_limit)
             rpc.write_port_file(settings.http_port_file, http_port)
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", settings.host, http_port)
         rpc.write_port_file(settings.port_file, port)

@@ -52,12 +52,13 @@ class HttpServer:
         self._server: _InLoop | None = None
         self._task: asyncio.Task | None = None
 
-    async def start(self, host: str, port: int, grace_s: float) -> int:
-        """Bind and serve in the background; the bound port."""
+    async def start(self, host: str, port: int, grace_s: float, max_concurrent: int | None = None) -> int:
+        """Bind and serve in the background; the bound port. Over `max_concurrent` connections and
+        requests at once, uvicorn answers 503 before any handler (like grpc's --max-concurrent-rpcs)."""
         sock = bind(host, port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=math.ceil(grace_s))
+                                timeout_graceful_shutdown=math.ceil(grace_s), limit_concurrency=max_concurrent)
         self._server = _InLoop(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
         return self.port
