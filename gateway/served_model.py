@@ -77,13 +77,18 @@ class ServedModel:
         if which is None:
             raise InvalidRequestError("no prompt: set either text or token_ids")
         if which == "text":
-            self._check_text_size(req.text)
-            return self.codec.encode(req.text)
+            return self.tokenize(req.text)
         count = len(req.token_ids.ids)
         if count >= self.context:  # before copying them: at least one new token must fit
             raise InvalidRequestError(f"prompt of {count} tokens exceeds the context of {self.context} tokens "
                                       "(no room for a new token)")
         return list(req.token_ids.ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        """A prompt text's ids, BOS included, as every request's are made; InvalidRequestError for an
+        empty text or one over --max-prompt-bytes."""
+        self._check_text_size(text)
+        return self.codec.encode(text)
 
     def _check_text_size(self, text: str) -> None:
         """InvalidRequestError for an empty text or one over max_prompt_bytes of UTF-8 (a character is

@@ -6,7 +6,9 @@ to the pool) and health tells the truth (`_track_health`): NOT_SERVING while no 
 (no live worker stream, or the world is unservable), SERVING again when one can. SIGINT / SIGTERM
 (or the parent going away, with exit_with_parent) sets health NOT_SERVING, lets in-flight calls
 finish for `grace_s` (migrations still happen meanwhile), then closes the worker streams. Every
-gRPC object is created inside the running loop (uvloop).
+gRPC object is created inside the running loop (uvloop). The OpenAI-compatible HTTP API
+(gateway.http: uvicorn in this same loop, `--http-port`) is bound next to gRPC at start-up; its
+/health reports the same truth as gRPC health (`Serving`), and it stops with gRPC, with the same grace.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 import uvloop
 
 from gateway.coordinator_client import CoordinatorClient
+from gateway.http.app import create_app
+from gateway.http.server import HttpServer
 from gateway.served_model import ServedModel
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
@@ -30,6 +34,17 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name  # "moemesh.v1.Gateway"
 FOLLOW_RETRY_S = 2.0  # wait after the coordinator answered WaitForWorld with an unexpected error
+
+
+class Serving:
+    """Why the gateway does not serve now ("" = it serves): what gRPC health and HTTP /health report."""
+
+    def __init__(self) -> None:
+        self.reason = "starting: waiting for the world and a Serve stream to every worker"
+
+    async def set(self, server: rpc.Server, reason: str) -> None:
+        self.reason = reason
+        await (server.set_not_serving() if reason else server.set_ready())
 
 
 def run(settings: GatewaySettings) -> int:
@@ -49,18 +64,25 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
                       settings.recovery_wait_s)
     server = rpc.Server([SERVICE_NAME], settings.concurrent_rpcs_limit)
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator), server.grpc)
+    serving = Serving()
     port = await server.start(settings.host, settings.port)
-    rpc.write_port_file(settings.port_file, port)
-    address = f"{settings.host}:{port}"
-    log.info("gateway listening on %s (NOT_SERVING until every worker stream is open)", address)
+    http = HttpServer(create_app(model, pool, lambda: serving.reason)) if settings.http else None
     follower = health = None
     try:
+        if http is not None:
+            http_port = await http.start(settings.host, settings.http_port, settings.grace_s,
+                                         settings.concurrent_rpcs_limit)
+            rpc.write_port_file(settings.http_port_file, http_port)
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", settings.host, http_port)
+        rpc.write_port_file(settings.port_file, port)
+        address = f"{settings.host}:{port}"
+        log.info("gateway listening on %s (NOT_SERVING until every worker stream is open)", address)
         world = await coordinator.next_world(0, stop)
         if world is not None:
             pool.apply_world(world)
             follower = asyncio.create_task(_follow_worlds(coordinator, pool, stop), name="follow-worlds")
             if await pool.until_connected(stop):
-                health = asyncio.create_task(_track_health(server, pool), name="track-health")
+                health = asyncio.create_task(_track_health(server, pool, serving), name="track-health")
                 log.info("gateway serving on %s: %s, context %d, %d workers", address, model.model_dir,
                          model.context, len(pool.links))
                 print(f"gateway serving on {address}", flush=True)
@@ -68,7 +90,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
         log.info("gateway stopping (grace %.1f s)", settings.grace_s)
     finally:
         await _cancel(health)
-        await server.stop(settings.grace_s)
+        serving.reason = "stopping"
+        await asyncio.gather(server.stop(settings.grace_s), *([http.stop()] if http is not None else []))
         await _cancel(follower)
         await pool.close()
         await coordinator.close()
@@ -91,14 +114,13 @@ async def _follow_worlds(coordinator: CoordinatorClient, pool: WorkerPool, stop:
         pool.apply_world(world)
 
 
-async def _track_health(server: rpc.Server, pool: WorkerPool) -> None:
+async def _track_health(server: rpc.Server, pool: WorkerPool, serving: Serving) -> None:
     """SERVING while a request can be placed, NOT_SERVING (with the reason in the log) otherwise."""
     async for reason in pool.watch_serving():
+        await serving.set(server, reason)
         if not reason:
-            await server.set_ready()
             log.info("SERVING (world %d, %d live workers)", pool.generation, pool.live_workers)
             continue
-        await server.set_not_serving()
         log.warning("NOT_SERVING: %s", reason)
 
 

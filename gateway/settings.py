@@ -27,6 +27,10 @@ class GatewaySettings:
     host: str = option("--host", "address to bind", default="127.0.0.1")
     port: int = option("--port", "port to bind; 0 = any free port (see --port-file)", int, default=50051)
     port_file: Path | None = option("--port-file", "write the bound port to this file", Path, default=None)
+    http_port: int = option("--http-port", "port of the OpenAI-compatible HTTP API, bound on --host; 0 = any free "
+                            "port (see --http-port-file), -1 = no HTTP API", int, default=8000)
+    http_port_file: Path | None = option("--http-port-file", "write the bound HTTP port to this file", Path,
+                                         default=None)
     max_model_len: int = option("--max-model-len", "the workers' context in tokens; effective = min(this, "
                                 "max_position_embeddings)", int, default=2048)
     max_new_tokens_limit: int = option("--max-new-tokens-limit", "largest max_new_tokens accepted", int,
@@ -60,6 +64,8 @@ class GatewaySettings:
                 raise MoemeshError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise MoemeshError(f"port must be in 0..65535, got {self.port}")
+        if not -1 <= self.http_port < 65536:
+            raise MoemeshError(f"http_port must be in 0..65535, or -1 for no HTTP API, got {self.http_port}")
         if self.call_timeout_s <= 0 or self.grace_s < 0:
             raise MoemeshError("call_timeout_s must be > 0 and grace_s >= 0")
         if self.max_migrations < 0 or self.recovery_wait_s < 0:
@@ -73,6 +79,11 @@ class GatewaySettings:
         """max_concurrent_rpcs as given, else room for every request in flight 4 times over (the
         rest: health watches, ModelInfo, calls the gateway refuses with its own clear message)."""
         return 4 * self.max_inflight if self.max_concurrent_rpcs is None else self.max_concurrent_rpcs
+
+    @property
+    def http(self) -> bool:
+        """Whether the gateway serves the OpenAI-compatible HTTP API."""
+        return self.http_port >= 0
 
     @property
     def address(self) -> str:

@@ -70,6 +70,8 @@ class UpSettings:
     experts_per_worker: int | None = option("--experts-per-worker", "experts each worker holds", int, default=None)
     host: str = option("--host", "gateway bind address", default="127.0.0.1")
     port: int = option("--port", "gateway port (0 = any free port)", int, default=50051)
+    http_port: int = option("--http-port", "the gateway's OpenAI-compatible HTTP port (0 = any free port, "
+                            "-1 = no HTTP API)", int, default=8000)
     max_seqs: int = option("--max-seqs", "sequences each worker runs at once", int, default=32)
     max_model_len: int = option("--max-model-len", "context length in tokens (workers and gateway)", int,
                                 default=2048)
@@ -101,6 +103,8 @@ class UpSettings:
             raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ConfigError(f"--http-port must be in 0..65535, or -1 for no HTTP API, got {self.http_port}")
         if self.redundant_experts < 0:
             raise ConfigError(f"--redundant-experts must not be negative, got {self.redundant_experts}")
 
@@ -148,6 +152,7 @@ def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
                        for arg in (_WORKER[name].flag, str(getattr(s, name))))
     return MeshSpec(
         model=s.model, workers=s.workers, state_dir=state_dir, gateway_host=s.host, gateway_port=s.port,
+        gateway_http_port=s.http_port,
         coordinator_flags=("--policy", s.policy, "--expert-shards", str(s.expert_shards),
                            "--redundant-experts", str(s.redundant_experts),
                            "--state-file", str(state_dir / "coordinator.state"),
@@ -166,8 +171,9 @@ def run_up(s: UpSettings, state_dir: Path) -> int:
     mesh = Mesh(mesh_spec(s, state_dir, os.cpu_count() or 1))
     try:
         mesh.start()
+        http = f"; OpenAI API at http://{mesh.http}/v1" if mesh.http_gateways else ""
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
-              f"model {s.model}", flush=True)
+              f"model {s.model}{http}", flush=True)
         while not stop.wait(0.5):
             mesh.supervise(s.max_restarts)
         return 0
@@ -188,11 +194,11 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
     return run
 
 
-READY = re.compile(r"gateway at (\S+); coordinator at (\S+);")
+READY = re.compile(r"gateway at (\S+); coordinator at (\S+);.*?(?:OpenAI API at http://(\S+)/v1)?$")
 
 
 class UpProcess:
-    """`moemesh up --port 0` as a subprocess, returned once its ready line is read.
+    """`moemesh up --port 0 --http-port 0` as a subprocess, returned once its ready line is read.
 
     `stop()` sends SIGINT (Ctrl-C), waits, and returns the processes of the mesh that outlived it
     (killed then; should be none). `up`'s stderr (its children's logs too) goes to this process's
@@ -201,7 +207,7 @@ class UpProcess:
     def __init__(self, model: Path, workers: int, extra: Sequence[str] = (), *, max_model_len: int = 256,
                  quiet: bool = False):
         cmd = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--workers", str(workers),
-               "--port", "0", "--max-model-len", str(max_model_len), *extra]
+               "--port", "0", "--http-port", "0", "--max-model-len", str(max_model_len), *extra]
         with tempfile.TemporaryFile("w+") if quiet else contextlib.nullcontext() as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=err, text=True)
             assert self.proc.stdout is not None
@@ -213,6 +219,7 @@ class UpProcess:
                 tail = "".join(_tail(err, 15)) if err is not None else ""
                 raise MoemeshError(f"moemesh up with {workers} workers did not become ready: {line!r}\n{tail}")
         self.gateway, self.coordinator = match.group(1), match.group(2)
+        self.http = match.group(3) or ""  # HOST:PORT of the OpenAI-compatible API ("" = none)
         self.workers = workers
 
     def processes(self) -> list:

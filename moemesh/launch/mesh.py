@@ -5,7 +5,8 @@
     with running(MeshSpec(model=DIR, workers=2, state_dir=tmp, log_dir=tmp / "logs")) as mesh:
         ...  # mesh.gateway / mesh.coordinator are HOST:PORT; mesh.kill("worker1") crashes one
 
-Every service binds port 0 and publishes its port in `state_dir/NAME.port`; `start()` returns once
+Every service binds port 0 and publishes its port in `state_dir/NAME.port` (a gateway's HTTP API's
+in `NAME.http.port`; `mesh.http` is the first gateway's HTTP address); `start()` returns once
 every gateway reports SERVING (a gateway started before the workers waits for the world itself).
 Processes are named "coordinator", "worker0".."workerN-1", "gateway" (then "gateway1", ...).
 """
@@ -44,6 +45,7 @@ class MeshSpec:
     gateway_first: bool = False  # start the gateways before any worker (they must wait for the world)
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 0  # the first gateway's port (0 = any free port); others always take a free one
+    gateway_http_port: int = 0  # the first gateway's HTTP API port (0 = any free port, -1 = no HTTP API)
     coordinator_flags: tuple[str, ...] = ()
     worker_flags: tuple[str, ...] = ()
     per_worker_flags: tuple[tuple[str, ...], ...] = ()
@@ -68,6 +70,7 @@ class Mesh:
         self.processes = Processes(spec.log_dir, spec.env)
         self.coordinator = ""
         self.gateways: dict[str, str] = {}  # name -> HOST:PORT
+        self.http_gateways: dict[str, str] = {}  # name -> HOST:PORT of its HTTP API (gateways that serve one)
 
     @property
     def model_dir(self) -> Path:
@@ -77,6 +80,11 @@ class Mesh:
     def gateway(self) -> str:
         """The first gateway's address."""
         return next(iter(self.gateways.values()))
+
+    @property
+    def http(self) -> str:
+        """The first gateway's HTTP API address, HOST:PORT (its OpenAI base URL is http://HOST:PORT/v1)."""
+        return next(iter(self.http_gateways.values()))
 
     @property
     def procs(self) -> dict[str, subprocess.Popen]:
@@ -103,12 +111,19 @@ class Mesh:
             self.wait_serving(address)
         return self
 
-    def add_gateway(self, name: str, flags: Sequence[str] = (), port: int = 0) -> str:
-        """Start gateway `name` in front of this mesh; its address once bound (not yet SERVING)."""
+    def add_gateway(self, name: str, flags: Sequence[str] = (), port: int = 0, http_port: int = 0) -> str:
+        """Start gateway `name` in front of this mesh; its gRPC address once bound (not yet SERVING).
+        Its HTTP API (`http_port`: 0 = any free port, -1 = none) is in `http_gateways[name]`."""
         s = self.spec
+        http_file = s.state_dir / f"{name}.http.port"
+        http_file.unlink(missing_ok=True)
+        http_flags = ("--http-port", str(http_port), *(("--http-port-file", str(http_file)) if http_port >= 0 else ()))
         port = self._start_and_wait(name, ["gateway", "--coordinator", self.coordinator, "--model", str(s.model),
-                                           "--host", s.gateway_host, "--port", str(port), *flags])
+                                           "--host", s.gateway_host, "--port", str(port), *http_flags, *flags])
         self.gateways[name] = f"{s.gateway_host}:{port}"
+        if http_port >= 0:  # the gateway writes this file before its gRPC port file
+            bound = self.processes.wait_port(name, http_file, s.start_timeout_s)
+            self.http_gateways[name] = f"{s.gateway_host}:{bound}"
         return self.gateways[name]
 
     def wait_serving(self, address: str, timeout_s: float | None = None) -> None:
@@ -182,7 +197,7 @@ class Mesh:
         s = self.spec
         for i in range(s.gateways):
             self.add_gateway("gateway" if i == 0 else f"gateway{i}", s.gateway_flags,
-                             port=s.gateway_port if i == 0 else 0)
+                             port=s.gateway_port if i == 0 else 0, http_port=s.gateway_http_port if i == 0 else 0)
 
     def _start_and_wait(self, name: str, argv: list[str]) -> int:
         port_file = self.spec.state_dir / f"{name}.port"

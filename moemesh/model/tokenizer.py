@@ -26,6 +26,16 @@ NUM_BYTE_TOKENS = 256
 TOKENIZER_VOCAB_SIZE = len(SPECIAL_TOKENS) + NUM_BYTE_TOKENS  # 259: a model's vocab must be >= this
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# A small chat template in the Hugging Face form (jinja2, rendered by apply_chat_template), so the
+# gateway's chat API can be tested on tiny checkpoints: BOS, one "<|role|>\ncontent\n" block per
+# message, "<|assistant|>\n" to prompt a reply; an unknown role is refused with raise_exception.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant, got ' + message['role']) }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 
 def build_byte_tokenizer() -> Tokenizer:
@@ -44,7 +54,8 @@ def build_byte_tokenizer() -> Tokenizer:
 
 
 def save_tokenizer(out_dir: str | Path) -> Path:
-    """Write tokenizer.json and a minimal tokenizer_config.json into `out_dir`; return tokenizer.json."""
+    """Write tokenizer.json and a minimal tokenizer_config.json (with CHAT_TEMPLATE) into `out_dir`;
+    return tokenizer.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / TOKENIZER_FILE
@@ -57,6 +68,7 @@ def save_tokenizer(out_dir: str | Path) -> Path:
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path

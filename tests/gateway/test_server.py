@@ -356,7 +356,8 @@ def test_a_worker_rejection_keeps_the_workers_code_and_message(mesh):
     procs, port_file = Processes(mesh.spec.log_dir, mesh.spec.env), mesh.spec.state_dir / "gateway-long.port"
     try:
         procs.start("gateway-long", ["gateway", "--coordinator", mesh.coordinator, "--model", str(mesh.model_dir),
-                                     "--port", "0", "--port-file", str(port_file), "--max-model-len", "4096"])
+                                     "--port", "0", "--port-file", str(port_file), "--max-model-len", "4096",
+                                     "--http-port", "-1"])
         long_gateway = f"127.0.0.1:{procs.wait_port('gateway-long', port_file, START_TIMEOUT_S)}"
         single, replies = asyncio.run(_rejection_scenario(long_gateway))
         assert procs.terminate("gateway-long") == 0
@@ -433,7 +434,7 @@ async def _crash_scenario(m):
 
 
 def _gateway_settings(coordinator: str, model_dir: Path, port_file: Path) -> GatewaySettings:
-    return GatewaySettings(coordinator=coordinator, model_dir=model_dir, port=0, port_file=port_file,
+    return GatewaySettings(coordinator=coordinator, model_dir=model_dir, port=0, port_file=port_file, http_port=-1,
                            call_timeout_s=HANG_BOUND_S, recovery_wait_s=HANG_BOUND_S, grace_s=0)
 
 

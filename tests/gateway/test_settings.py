@@ -26,6 +26,15 @@ def test_defaults_match_the_documented_ones():
         "127.0.0.1", 50051, 2048, 4096, 1024, False)
     assert (s.max_migrations, s.recovery_wait_s) == (3, 30.0)
     assert (s.max_prompt_bytes, s.max_concurrent_rpcs, s.concurrent_rpcs_limit) == (1024 * 1024, None, 4096)
+    assert (s.http_port, s.http_port_file, s.http) == (8000, None, True)
+
+
+def test_http_port_minus_one_turns_the_http_api_off():
+    s = settings_from(GatewaySettings, parse(["--coordinator", "h:1", "--model", "m", "--http-port", "-1"]), {})
+    assert (s.http_port, s.http) == (-1, False)
+    env = settings_from(GatewaySettings, parse(["--coordinator", "h:1", "--model", "m"]),
+                        {"MOEMESH_GATEWAY_HTTP_PORT": "0", "MOEMESH_GATEWAY_HTTP_PORT_FILE": "/tmp/h"})
+    assert (env.http_port, env.http_port_file, env.http) == (0, Path("/tmp/h"), True)
 
 
 def test_the_concurrent_rpcs_limit_follows_max_inflight_unless_given():
@@ -56,6 +65,7 @@ def test_environment_fills_what_flags_leave_unset():
     (["--coordinator", "h:1", "--model", "m"], {"MOEMESH_GATEWAY_RECOVERY_WAIT": "-2"}, "must be >= 0"),
     (["--coordinator", "h:1", "--model", "m"], {"MOEMESH_GATEWAY_EXIT_WITH_PARENT": "maybe"}, "EXIT_WITH_PARENT"),
     (["--coordinator", "h:1", "--model", "m", "--max-prompt-bytes", "0"], {}, "max_prompt_bytes must be > 0"),
+    (["--coordinator", "h:1", "--model", "m", "--http-port", "-2"], {}, "or -1 for no HTTP API, got -2"),
     (["--coordinator", "h:1", "--model", "m", "--max-inflight", "8", "--max-concurrent-rpcs", "8"], {},
      "max_concurrent_rpcs must be more than max_inflight (8), got 8"),
 ])

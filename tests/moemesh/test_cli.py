@@ -153,6 +153,9 @@ def test_up_settings_flags_override_the_environment_which_overrides_defaults(tmp
     assert (s.port, s.policy, s.workers, s.model, s.host, s.max_seqs, s.micro_batches) == (
         0, "gating", 2, None, "127.0.0.1", 32, 1)
     assert s.placement == Path("p.yaml").resolve() and (s.overflow, s.capacity_factor, s.dtype) == (None,) * 3
+    assert s.http_port == 8000 and up_settings("--http-port", "-1").http_port == -1
+    assert mesh_spec(up_settings("--model", str(tmp_path), "--workers", "1", "--http-port", "0"), tmp_path,
+                     cpus=1).gateway_http_port == 0
     with pytest.raises(ConfigError, match="MOEMESH_UP_POLICY='best' is not valid for --policy"):
         up_settings(env={"MOEMESH_UP_POLICY": "best"})
     with pytest.raises(ConfigError, match="--experts-per-worker must be > 0"):
@@ -186,14 +189,15 @@ def test_up_without_a_model_serves_the_default_and_stops_on_ctrl_c(tmp_path):
     log = tmp_path / "up.log"  # a file, not a pipe: the mesh's logs must never block on a full pipe
     with log.open("w") as err:
         up = subprocess.Popen([sys.executable, "-m", "moemesh.cli", "up", "--cache-dir", str(tmp_path), "--port", "0",
-                               "--workers", "2", "--max-model-len", "256", "--overflow", "dropless", "--dtype",
-                               "float32", "--capacity-factor", "1.5"],
+                               "--http-port", "0", "--workers", "2", "--max-model-len", "256", "--overflow",
+                               "dropless", "--dtype", "float32", "--capacity-factor", "1.5"],
                               stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
     children: list[psutil.Process] = []
     try:
         line = up.stdout.readline() if up.stdout else ""
         match = re.search(r"gateway at (\S+); coordinator at (\S+);", line)
         assert match, (line, log.read_text()[-3000:])
+        assert re.search(r"; OpenAI API at http://127\.0\.0\.1:\d+/v1$", line.strip()), line
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 4  # coordinator, 2 workers, gateway
         workers = [c.cmdline() for c in children if "worker" in c.cmdline()]

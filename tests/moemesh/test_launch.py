@@ -58,7 +58,8 @@ def test_a_child_that_dies_is_reported_with_its_log(tmp_path):
 def test_kill_is_a_crash_and_names_are_unique(model, tmp_path):
     procs = Processes(tmp_path / "logs")
     try:
-        procs.start("gateway", ["gateway", "--coordinator", "127.0.0.1:1", "--model", str(model), "--port", "0"])
+        procs.start("gateway", ["gateway", "--coordinator", "127.0.0.1:1", "--model", str(model), "--port", "0",
+                                "--http-port", "-1"])
         with pytest.raises(MoemeshError, match="already running"):
             procs.start("gateway", ["gateway"])
         procs.kill("gateway")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 
 import grpc
 import psutil
@@ -108,6 +109,8 @@ def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, 
     model, expected = family
     mesh = mesh_factory(model, workers, "--micro-batches", str(micro))
     assert asyncio.run(_staggered(mesh.gateway)) == expected
+    with urllib.request.urlopen(f"http://{mesh.http}/health", timeout=30) as health:  # the ready line's HTTP API
+        assert health.status == 200
     procs = mesh.processes()
     assert len(procs) == 1 + 1 + workers + 1  # up, coordinator, workers, gateway
     asyncio.run(_settled(mesh.coordinator))

@@ -1,0 +1,132 @@
+"""One OpenAI completion over the gateway's one generation path, and its JSON shapes.
+
+`run_completion` drives `gateway.generation.generate_one` (the gRPC API's path: admission, the
+least-loaded worker, migration, the one token count, the one failure rule `Progress.failed`) and
+turns its responses into text deltas and one `End`, cutting at the first stop string
+(gateway.http.stops). Leaving early (a stop string, the client gone) closes `generate_one`, whose
+`finally` releases the request: the worker is told to cancel it, the same path as a gRPC cancel.
+
+Usage counts are the gateway's: `Finished.prompt_tokens` / `completion_tokens`; a completion cut by a
+stop string counts the tokens streamed up to the chunk that completed it (the same number the
+request's Handle holds then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.generation import generate_one
+from gateway.http.errors import GenerationFailedError
+from gateway.http.stops import StopCutter
+from gateway.served_model import Prepared, ServedModel
+from gateway.workers import WorkerPool
+from moemesh.v1 import common_pb2
+
+FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New completion text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class End:
+    """The completion ended: OpenAI's finish_reason ("stop" / "length") and the usage."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+async def run_completion(pool: WorkerPool, model: ServedModel, prepared: Prepared,
+                         stops: Sequence[str]) -> AsyncGenerator[Delta | End, None]:
+    """Deltas of text (never empty), then exactly one End. Errors before the first token raise what
+    the gRPC API fails with (CapacityError, NoWorkerError, WorkerFailedError); a generation that
+    fails after it started raises GenerationFailedError."""
+    cutter = StopCutter(stops)
+    streamed = 0
+    responses = generate_one(pool, model, prepared, time.monotonic())  # an async generator
+    async with contextlib.aclosing(responses):  # type: ignore[type-var]
+        async for response in responses:
+            if response.WhichOneof("event") == "chunk":
+                streamed += len(response.chunk.token_ids)
+                text, stopped = cutter.push(response.chunk.text)
+                if text:
+                    yield Delta(text)
+                if stopped:
+                    yield End("stop", len(prepared.prompt), streamed)
+                    return
+                continue
+            done = response.finished
+            if done.reason not in FINISH_REASONS:
+                raise GenerationFailedError(done.error or common_pb2.FinishReason.Name(done.reason))
+            if rest := cutter.flush():
+                yield Delta(rest)
+            yield End(FINISH_REASONS[done.reason], done.prompt_tokens, done.completion_tokens)
+            return
+
+
+async def collect(outputs: AsyncGenerator[Delta | End, None]) -> tuple[str, End]:
+    """The whole text and the End of a completion (a non-streamed request)."""
+    parts: list[str] = []
+    async with contextlib.aclosing(outputs):
+        async for item in outputs:
+            if isinstance(item, End):
+                return "".join(parts), item
+            parts.append(item.text)
+    raise AssertionError("a completion ends with End")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The OpenAI JSON of one completion (`chat`: a chat.completion) in its two forms."""
+
+    id: str
+    model: str
+    chat: bool
+    created: int
+
+    @classmethod
+    def new(cls, request_id: str, model: str, chat: bool) -> Reply:
+        return cls(("chatcmpl-" if chat else "cmpl-") + request_id, model, chat, int(time.time()))
+
+    def full(self, text: str, end: End) -> dict[str, Any]:
+        """The answer to a non-streamed request."""
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": end.finish_reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {**self._head(False), "choices": [choice], "usage": end.usage()}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False,
+              include_usage: bool = False) -> dict[str, Any]:
+        """One streamed chunk: new text, or (text None) the one that carries the finish_reason."""
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        return {**self._head(True), "choices": [choice], **({"usage": None} if include_usage else {})}
+
+    def usage_chunk(self, end: End) -> dict[str, Any]:
+        """The last chunk when stream_options.include_usage: no choices, the usage."""
+        return {**self._head(True), "choices": [], "usage": end.usage()}
+
+    def _head(self, streamed: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if streamed and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
