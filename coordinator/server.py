@@ -46,14 +46,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 _RPC = f"/{SERVICE_NAME}/"
 # Who may call what, by the caller's certificate role (enforced with mTLS only: moemesh.rpc.RoleGate).
-# Membership is the workers'; placement changes and the routing statistics (traces) are the admin's
-# (GetPlacement also the gateway's, for ModelInfo); following worlds and epochs any service's.
+# Membership is the workers'; placement changes are the admin's; reading worlds, placements and the
+# routing statistics (traces: GetPlacement, which workers and the gateway also need) is the mesh's
+# services' and the admin's, never a client certificate's.
 ACCESS: dict[str, tuple[str, ...]] = {
     _RPC: ("worker", "gateway", "admin"),
     **{_RPC + rpc: ("worker",) for rpc in ("RegisterWorker", "Heartbeat", "ReportLoad", "LeaveWorld",
                                           "ReportWorldLost")},
     _RPC + "SetPlacement": ("admin",),
-    _RPC + "GetPlacement": ("admin", "gateway"),
 }
 
 
