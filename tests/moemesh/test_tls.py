@@ -23,7 +23,7 @@ def test_all_three_files_or_none():
 
 def test_an_unreadable_file_is_a_config_error_naming_it(tmp_path: Path):
     files = TlsFiles(tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem")
-    with pytest.raises(ConfigError, match="cannot read TLS file .*ca.pem"):
+    with pytest.raises(ConfigError, match=r"cannot read TLS file .*ca\.pem"):
         files.channel_credentials()
 
 

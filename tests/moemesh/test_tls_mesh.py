@@ -39,8 +39,15 @@ from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.rpc import channel
 from moemesh.tls import TlsFiles
-from moemesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from moemesh.v1 import worker_pb2, worker_pb2_grpc
+from moemesh.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 pytestmark = pytest.mark.slow  # starts a mesh of real processes
 
