@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -285,9 +286,10 @@ def init_gloo(
     return GlooCollective(rank, world_size, group, abandoned)
 
 
-def _options(timeout: timedelta, bind_host: str | None) -> dist.ProcessGroupGloo._Options:
-    """Gloo's options: `timeout`, and one device on `bind_host` when it names an interface."""
-    options = dist.ProcessGroupGloo._Options()
+def _options(timeout: timedelta, bind_host: str | None) -> Any:
+    """Gloo's options (ProcessGroupGloo._Options, untyped in torch's stubs): `timeout`, and one
+    device on `bind_host` when it names an interface."""
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
     options._timeout = timeout
     if bind_host and bind_host not in ("0.0.0.0", "::", "[::]"):
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
