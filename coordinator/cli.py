@@ -26,6 +26,7 @@ from coordinator.settings import CoordinatorSettings
 from moemesh.commands import run
 from moemesh.errors import ConfigError
 from moemesh.settings import add_options, option, parse_bool, settings_from
+from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
 Runner = Callable[[argparse.Namespace], int]
 DEFAULT_TARGET = "127.0.0.1:50050"
@@ -59,8 +60,12 @@ class PlacementTarget:
     target: str = option("--coordinator", "coordinator address", default=DEFAULT_TARGET,
                          env="MOEMESH_COORDINATOR_ADDRESS", metavar="HOST:PORT")
     timeout_s: float = option("--timeout", "deadline of each RPC in seconds", float, default=10.0)
+    tls_cert: Path | None = cert_option(env="MOEMESH_TLS_CERT")  # mTLS (SetPlacement needs the admin role)
+    tls_key: Path | None = key_option(env="MOEMESH_TLS_KEY")
+    tls_ca: Path | None = ca_option(env="MOEMESH_TLS_CA")
 
     def __post_init__(self) -> None:
+        tls_of(self)  # all three or none
         if not self.target:
             raise ConfigError("--coordinator (or MOEMESH_COORDINATOR_ADDRESS) must be HOST:PORT, got ''")
         if self.timeout_s <= 0:
@@ -120,9 +125,10 @@ async def _placement(cmd: PlacementTarget) -> str:
     from coordinator import placement_admin
 
     if isinstance(cmd, PlacementSet):
-        published = await placement_admin.set_placement(cmd.target, cmd.file, cmd.expected_epoch, cmd.timeout_s)
+        published = await placement_admin.set_placement(cmd.target, cmd.file, cmd.expected_epoch, cmd.timeout_s,
+                                                        tls_of(cmd))
         return f"published placement epoch {published.epoch} ({published.origin}) from {cmd.file}"
-    resp = await placement_admin.get_placement(cmd.target, cmd.timeout_s)
+    resp = await placement_admin.get_placement(cmd.target, cmd.timeout_s, tls_of(cmd))
     if isinstance(cmd, PlacementTrace):
         cmd.file.write_text(placement_admin.trace_json(resp))
         return f"wrote the routing of {resp.window_tokens} measured tokens to {cmd.file}"

@@ -17,26 +17,28 @@ from moemesh.mesh.placement_wire import placement_from_proto, placement_to_proto
 from moemesh.rpc import channel
 from moemesh.status import NOT_YET, error_class_for
 from moemesh.tensor_wire import from_proto
+from moemesh.tls import TlsFiles
 from moemesh.v1 import coordinator_pb2 as pb
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
 
 
-async def get_placement(target: str, timeout_s: float) -> pb.GetPlacementResponse:
+async def get_placement(target: str, timeout_s: float, tls: TlsFiles | None = None) -> pb.GetPlacementResponse:
     """The coordinator's placement in force and its load statistics."""
-    async with channel(target) as ch:
+    async with channel(target, tls) as ch:
         try:
             return await pb_grpc.CoordinatorStub(ch).GetPlacement(pb.GetPlacementRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, target, "GetPlacement") from None
 
 
-async def set_placement(target: str, path: Path, expected_epoch: int, timeout_s: float) -> pb.Placement:
+async def set_placement(target: str, path: Path, expected_epoch: int, timeout_s: float,
+                        tls: TlsFiles | None = None) -> pb.Placement:
     """Publish the placement in `path` (YAML / JSON); returns it as published, with its epoch.
 
     The current placement supplies the world generation, the MoE layer ids (for the file's
-    `experts` shape) and the default world size.
+    `experts` shape) and the default world size. With mTLS the certificate must have the admin role.
     """
-    async with channel(target) as ch:
+    async with channel(target, tls) as ch:
         stub = pb_grpc.CoordinatorStub(ch)
         try:
             current = (await stub.GetPlacement(pb.GetPlacementRequest(), timeout=timeout_s)).placement

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.membership import WorkerInfo
 from moemesh.rpc import channel
+from moemesh.tls import TlsFiles
 
 DEAD = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -20,11 +21,12 @@ DEAD = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 class HealthProbe:
     """`await probe(worker)` -> True if the worker's server answered a health check within `timeout_s`."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, tls: TlsFiles | None = None):
         self.timeout_s = timeout_s
+        self.tls = tls
 
     async def __call__(self, worker: WorkerInfo) -> bool:
-        async with channel(worker.address) as ch:
+        async with channel(worker.address, self.tls) as ch:
             try:
                 await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:

@@ -5,8 +5,10 @@ the same lifecycle as start/stop steps, for tests and embedding. Every gRPC obje
 inside the running loop.
 
 The TCPStore is the data-plane rendezvous: a torch.distributed store served from this process
-(it outlives any worker), listening on every interface on a port the OS picks (port=0 works in
-torch 2.13; `.port` reports it). Workers meet under a per-generation key prefix.
+(it outlives any worker), on a port the OS picks. torch's store binds every interface whatever
+host it is given, so `_store` binds the listening socket itself on `--host` and hands torch its
+descriptor (`master_listen_fd`). Workers meet under a per-generation key prefix. The store has no
+authentication of its own (docs/security.md): keep `--host` on the cluster's trusted network.
 
 With `--state-file`, every change is written there (coordinator/durable.py) and a coordinator
 started with an existing file resumes it: the TCPStore on the same port, the same world, members
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -34,12 +37,24 @@ from moemesh.mesh.placement_file import load_placement
 from moemesh.model.config import load_config
 from moemesh.model.spec import model_spec
 from moemesh.rpc import Server, exit_with_parent, stop_event_on_signals, write_port_file
+from moemesh.tls import tls_of
 from moemesh.v1 import coordinator_pb2
 from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+_RPC = f"/{SERVICE_NAME}/"
+# Who may call what, by the caller's certificate role (enforced with mTLS only: moemesh.rpc.RoleGate).
+# Membership is the workers'; placement changes are the admin's; reading worlds, placements and the
+# routing statistics (traces: GetPlacement, which workers and the gateway also need) is the mesh's
+# services' and the admin's, never a client certificate's.
+ACCESS: dict[str, tuple[str, ...]] = {
+    _RPC: ("worker", "gateway", "admin"),
+    **{_RPC + rpc: ("worker",) for rpc in ("RegisterWorker", "Heartbeat", "ReportLoad", "LeaveWorld",
+                                          "ReportWorldLost")},
+    _RPC + "SetPlacement": ("admin",),
+}
 
 
 class CoordinatorServer:
@@ -70,7 +85,7 @@ class CoordinatorServer:
             initial = load_placement(s.placement_file, cfg.moe_layer_ids, default_world_size=s.workers)
         restored = durable.read(s.state_file) if s.state_file is not None else None
         store_port = restored.store_port if restored is not None else 0
-        self.store = dist.TCPStore(s.host, port=store_port, is_master=True, wait_for_workers=False)
+        self.store = _store(s.host, store_port)
         try:
             self.state = CoordinatorState(
                 num_experts=cfg.num_experts, moe_layer_ids=cfg.moe_layer_ids, expected_workers=s.workers,
@@ -92,7 +107,7 @@ class CoordinatorServer:
                 durable.write(path, self.state.snapshot())
             spec = model_spec(cfg, s.model_dir.name)
             servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
-            self.server = Server([SERVICE_NAME], s.max_concurrent_rpcs)
+            self.server = Server([SERVICE_NAME], s.max_concurrent_rpcs, tls=tls_of(s), roles=ACCESS)
             pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server.grpc)
             self.port = await self.server.start(s.host, s.port)
         except BaseException:
@@ -100,8 +115,9 @@ class CoordinatorServer:
             raise
         write_port_file(s.port_file, self.port)
         self._tasks.append(asyncio.create_task(self._watch_heartbeats(), name="heartbeat-monitor"))
-        self._tasks.append(asyncio.create_task(
-            reform_worlds(self.state, HealthProbe(s.probe_timeout_s), s.reform_settle_s), name="re-formation"))
+        probe = HealthProbe(s.probe_timeout_s, tls_of(s))
+        self._tasks.append(asyncio.create_task(reform_worlds(self.state, probe, s.reform_settle_s),
+                                               name="re-formation"))
         await self.server.set_ready()
         log.info(
             "coordinator serving on %s:%d; expecting %d workers; TCPStore on %s:%d; transport %s; policy %s; "
@@ -129,6 +145,25 @@ class CoordinatorServer:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             self.state.check_heartbeats(self.settings.heartbeat_timeout_s)
+
+
+def _store(host: str, port: int) -> dist.TCPStore:
+    """The rendezvous TCPStore listening on `host` only (a wildcard host: every interface), on `port`
+    (0: one the OS picks)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted coordinator takes its port back
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind the TCPStore on {host}:{port}: {exc.strerror or exc}") from exc
+    bound = sock.getsockname()[1]
+    # torch owns the descriptor from here (it closes it with the store)
+    return dist.TCPStore(host or "0.0.0.0", port=bound, is_master=True, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 def _log_restored(r: durable.Snapshot, s: CoordinatorSettings) -> None:

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from moemesh.errors import ConfigError
 from moemesh.settings import option, parse_bool
+from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
 TRANSPORTS = ("gloo", "auto", "nccl")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -70,6 +71,9 @@ class CoordinatorSettings:
                                      "resumes that mesh", _absolute, default=None)
     reform_settle_s: float = option("--reform-settle", "seconds a new world waits for further joins and losses "
                                     "to fold into it", float, default=0.2)
+    tls_cert: Path | None = cert_option()  # mTLS: all three or none (moemesh.tls)
+    tls_key: Path | None = key_option()
+    tls_ca: Path | None = ca_option()
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -104,6 +108,7 @@ class CoordinatorSettings:
             raise ConfigError(f"--shutdown-grace must not be negative, got {self.shutdown_grace_s}")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"--max-concurrent-rpcs must be at least 1, got {self.max_concurrent_rpcs}")
+        tls_of(self)  # all three TLS files or none
 
     @property
     def store_host(self) -> str:

@@ -47,10 +47,18 @@ from moemesh.rpc import (
 )
 from moemesh.status import is_not_yet
 from moemesh.tensor_wire import to_proto
+from moemesh.tls import tls_of
 from moemesh.v1 import coordinator_pb2 as cpb
 from moemesh.v1 import coordinator_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("moemesh.worker")
+
+# Who may call what, by the caller's certificate role (enforced with mTLS only: moemesh.rpc.RoleGate):
+# requests come only through a gateway (its admission control, its API keys).
+ACCESS: dict[str, tuple[str, ...]] = {
+    "/moemesh.v1.Worker/Serve": ("gateway",),
+    "/moemesh.v1.Worker/Status": ("gateway", "admin"),
+}
 
 
 async def serve(settings: WorkerSettings) -> int:
@@ -70,14 +78,14 @@ async def serve(settings: WorkerSettings) -> int:
 
 async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
     servicer = WorkerServicer()
-    server = Server(["moemesh.v1.Worker"], settings.max_concurrent_rpcs)
+    server = Server(["moemesh.v1.Worker"], settings.max_concurrent_rpcs, tls=tls_of(settings), roles=ACCESS)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server.grpc)
     port = await server.start(settings.host, settings.port)
     write_port_file(settings.port_file, port)
     address = f"{settings.advertise_host}:{port}"
     # Incarnation: microseconds since the epoch, so a restarted process (same worker id) is always newer.
     me = Identity(settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}", time.time_ns() // 1000)
-    async with channel(settings.coordinator) as ch:
+    async with channel(settings.coordinator, tls_of(settings)) as ch:
         coord = coordinator_pb2_grpc.CoordinatorStub(ch)
         beats: asyncio.Task | None = None
         try:

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from moemesh.errors import ConfigError
 from moemesh.settings import option, parse_bool
+from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -73,9 +74,13 @@ class WorkerSettings:
                                     default=False)
     log_level: str = option("--log-level", "logging level", default="INFO")
     gil_switch_interval_s: float = 0.0002  # no flag
+    tls_cert: Path | None = cert_option()  # mTLS: all three or none (moemesh.tls)
+    tls_key: Path | None = key_option()
+    tls_ca: Path | None = ca_option()
 
     def __post_init__(self) -> None:
         if not self.advertise_host:  # peers dial the bind address unless told otherwise
             object.__setattr__(self, "advertise_host", self.host)
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"--max-concurrent-rpcs must be at least 1, got {self.max_concurrent_rpcs}")
+        tls_of(self)  # all three TLS files or none

@@ -63,7 +63,7 @@ def join(world: cpb.World, abandoned: Callable[[int], bool], settings: WorkerSet
     generation = world.generation
     collective = join_world(choice, rv.store_host, rv.store_port, rv.store_prefix, world.rank, world.world_size,
                             settings.device, settings.collective_timeout_s, micro_batches=settings.micro_batches,
-                            abandoned=lambda: abandoned(generation))
+                            abandoned=lambda: abandoned(generation), bind_host=settings.advertise_host)
     return collective, StoreWaker(rv.store_host, rv.store_port, f"{rv.store_prefix}wake/",
                                   timeout_s=settings.idle_wait_s)
 

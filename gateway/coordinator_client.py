@@ -17,6 +17,7 @@ import grpc
 from moemesh import rpc
 from moemesh.errors import UnavailableError
 from moemesh.retry import Backoff, retry
+from moemesh.tls import TlsFiles
 from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,10 @@ WAIT_FOR_WORLD_S = 30.0  # deadline of each WaitForWorld call while following wo
 class CoordinatorClient:
     """A channel to the coordinator, made inside the running loop; close() when done."""
 
-    def __init__(self, target: str, call_timeout_s: float):
+    def __init__(self, target: str, call_timeout_s: float, tls: TlsFiles | None = None):
         self.target = target
         self.call_timeout_s = call_timeout_s
-        self._channel = rpc.channel(target)
+        self._channel = rpc.channel(target, tls)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def next_world(self, after_generation: int, stop: asyncio.Event) -> coordinator_pb2.World | None:

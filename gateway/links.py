@@ -16,6 +16,7 @@ import grpc
 from gateway.migration import Key, Member
 from moemesh import rpc
 from moemesh.errors import UnavailableError
+from moemesh.tls import TlsFiles
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 class WorkerLink:
     """One member's Serve stream. `open()` connects; `events()` yields what the worker sends."""
 
-    def __init__(self, member: Member, call_timeout_s: float):
+    def __init__(self, member: Member, call_timeout_s: float, tls: TlsFiles | None = None):
         self.key: Key = member.key
+        self.tls = tls
         self.rank = member.rank  # its rank in the current world; changes with the world
         self.address = member.address
         self.call_timeout_s = call_timeout_s
@@ -43,7 +45,7 @@ class WorkerLink:
 
     async def open(self) -> None:
         """Connect and open the Serve stream; UnavailableError if the worker cannot be reached."""
-        channel = rpc.channel(self.address)
+        channel = rpc.channel(self.address, self.tls)
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout=self.call_timeout_s)
             stub = worker_pb2_grpc.WorkerStub(channel)

@@ -19,6 +19,7 @@ import logging
 
 import uvloop
 
+from gateway.api_keys import ApiKeyGate
 from gateway.coordinator_client import CoordinatorClient
 from gateway.http.app import create_app
 from gateway.http.server import HttpServer
@@ -27,7 +28,9 @@ from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkerPool
 from moemesh import rpc
+from moemesh.auth import KeyGuard, load_key_file
 from moemesh.errors import UnavailableError
+from moemesh.tls import tls_of
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -59,10 +62,12 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
                         settings.default_max_new_tokens, settings.max_prompt_bytes)
     stop = rpc.stop_event_on_signals() if stop is None else stop
     watchdog = asyncio.create_task(rpc.exit_with_parent(stop)) if settings.exit_with_parent else None
-    coordinator = CoordinatorClient(settings.coordinator, settings.call_timeout_s)
+    tls = tls_of(settings)
+    gates = _gates(settings)
+    coordinator = CoordinatorClient(settings.coordinator, settings.call_timeout_s, tls)
     pool = WorkerPool(settings.max_inflight, settings.call_timeout_s, settings.max_migrations,
-                      settings.recovery_wait_s)
-    server = rpc.Server([SERVICE_NAME], settings.concurrent_rpcs_limit)
+                      settings.recovery_wait_s, tls)
+    server = rpc.Server([SERVICE_NAME], settings.concurrent_rpcs_limit, tls=tls, gates=gates)
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator), server.grpc)
     serving = Serving()
     port = await server.start(settings.host, settings.port)
@@ -96,6 +101,16 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
         await pool.close()
         await coordinator.close()
         await _cancel(watchdog)
+
+
+def _gates(settings: GatewaySettings) -> tuple[rpc.Gate, ...]:
+    """The API key gate when --api-keys-file is set (read once, at start-up); none otherwise."""
+    if settings.api_keys_file is None:
+        return ()
+    keys = load_key_file(settings.api_keys_file)
+    log.info("API keys required (%d keys from %s; health and reflection %s)", len(keys.entries),
+             settings.api_keys_file, "need one too" if settings.api_keys_guard_health else "open")
+    return (ApiKeyGate(KeyGuard(keys), settings.default_max_new_tokens, settings.api_keys_guard_health),)
 
 
 async def _follow_worlds(coordinator: CoordinatorClient, pool: WorkerPool, stop: asyncio.Event) -> None:

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from moemesh.errors import MoemeshError
 from moemesh.settings import option, parse_bool
+from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
 ENV_PREFIX = "MOEMESH_GATEWAY_"
 
@@ -54,6 +55,15 @@ class GatewaySettings:
                                     default=30.0)
     grace_s: float = option("--grace", "seconds in-flight calls may finish on SIGINT / SIGTERM", float, default=5.0)
     log_level: str = option("--log-level", "logging level", default="INFO")
+    tls_cert: Path | None = cert_option()  # mTLS: all three or none (moemesh.tls)
+    tls_key: Path | None = key_option()
+    tls_ca: Path | None = ca_option()
+    api_keys_file: Path | None = option("--api-keys-file", "API keys clients must send as 'authorization: Bearer "
+                                        "<key>': one SHA-256 hex per line, optional rpm=N max_tokens=N "
+                                        "(moemesh.auth; `moemesh api-key` makes one); unset = no keys", Path,
+                                        default=None)
+    api_keys_guard_health: bool = option("--api-keys-guard-health", "with --api-keys-file, health and reflection "
+                                         "need a key too (open by default)", parse_bool, default=False)
 
     def __post_init__(self) -> None:
         if not self.coordinator or ":" not in self.coordinator:
@@ -70,6 +80,7 @@ class GatewaySettings:
             raise MoemeshError("call_timeout_s must be > 0 and grace_s >= 0")
         if self.max_migrations < 0 or self.recovery_wait_s < 0:
             raise MoemeshError("max_migrations and recovery_wait_s must be >= 0")
+        tls_of(self)  # all three TLS files or none
         if self.concurrent_rpcs_limit <= self.max_inflight:  # grpc's refusal would hide the gateway's own
             raise MoemeshError(f"max_concurrent_rpcs must be more than max_inflight ({self.max_inflight}), "
                                f"got {self.max_concurrent_rpcs}")

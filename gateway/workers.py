@@ -41,6 +41,7 @@ from gateway.served_model import Prepared
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import CapacityError, UnavailableError
 from moemesh.retry import Backoff, retry
+from moemesh.tls import TlsFiles
 from moemesh.v1 import common_pb2, coordinator_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,9 @@ class WorkerPool:
     """The links of the world in force and the requests in flight (balanced by gateway.least_loaded)."""
 
     def __init__(self, max_inflight: int, call_timeout_s: float, max_migrations: int = 3,
-                 recovery_wait_s: float = 30.0):
+                 recovery_wait_s: float = 30.0, tls: TlsFiles | None = None):
         self.max_inflight = max_inflight
+        self.tls = tls  # mTLS to the workers (moemesh.tls), or plaintext
         self.call_timeout_s = call_timeout_s
         self.max_migrations = max_migrations
         self.recovery_wait_s = recovery_wait_s
@@ -168,7 +170,7 @@ class WorkerPool:
         for key, rank in change.kept.items():
             self._links[key].rank = rank
         for member in change.added:
-            link = WorkerLink(member, self.call_timeout_s)
+            link = WorkerLink(member, self.call_timeout_s, self.tls)
             self._links[member.key] = link
             self._runners[member.key] = asyncio.create_task(self._run(link), name=f"link-{member.key[0]}")
         for handle in self._handles.values():

@@ -38,6 +38,7 @@ from moemesh.loadgen import (
     summarize,
 )
 from moemesh.settings import add_options, option, parse_bool, settings_from
+from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
 EXIT_OK, EXIT_FAILED_REQUESTS, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -74,8 +75,15 @@ class BenchSettings:
     timeout_s: float = option("--timeout", "deadline of each request, seconds", float, default=600.0)
     json_path: Path | None = option("--json", "also write the report here", Path, default=None, metavar="FILE")
     progress: bool = option("--no-progress", "no progress bar on stderr", parse_bool, default=True)
+    tls_cert: Path | None = cert_option(env="MOEMESH_TLS_CERT")  # mTLS to the gateway: all three or none
+    tls_key: Path | None = key_option(env="MOEMESH_TLS_KEY")
+    tls_ca: Path | None = ca_option(env="MOEMESH_TLS_CA")
+    api_key: str | None = option("--api-key", "API key sent as 'authorization: Bearer <key>' (prefer the variable: "
+                                 "a command line is visible to other users)", default=None, env="MOEMESH_API_KEY",
+                                 metavar="KEY")
 
     def __post_init__(self) -> None:
+        tls_of(self)  # all three or none
         if self.requests < 1 or self.warmup < 0:
             raise ConfigError("--requests must be >= 1 and --warmup >= 0")
         if self.concurrency is None and self.mode == "closed":
@@ -87,6 +95,8 @@ class BenchSettings:
 
     def describe(self) -> dict:
         d = asdict(self)
+        del d["api_key"]  # a secret never goes into a report
+        d.update({name: str(d[name]) if d[name] else None for name in ("tls_cert", "tls_key", "tls_ca")})
         d.update(prompt_len=str(self.prompt_len), output_len=str(self.output_len), mode=self.mode,
                  json_path=str(self.json_path) if self.json_path else None,
                  request_rate=None if math.isinf(self.request_rate) else self.request_rate)
@@ -127,17 +137,17 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
-async def _model_info(target: str) -> dict:
+async def _model_info(s: BenchSettings) -> dict:
     """The served model (vocabulary and context for the prompts); MoemeshError if unreachable."""
     import grpc
 
     from moemesh.client import Client
 
-    async with Client(target) as client:
+    async with Client(s.target, tls=tls_of(s), api_key=s.api_key) as client:
         try:
             info = await client.model_info(timeout=10.0)
         except grpc.aio.AioRpcError as exc:
-            raise MoemeshError(f"gateway {target}: {exc.code().name}: {exc.details()}") from exc
+            raise MoemeshError(f"gateway {s.target}: {exc.code().name}: {exc.details()}") from exc
     m = info.model
     return {"name": m.name, "architecture": m.architecture, "vocab_size": m.vocab_size,
             "max_context": m.max_context, "num_experts": m.num_experts, "top_k": m.top_k,
@@ -166,12 +176,13 @@ async def _drive(s: BenchSettings, model: dict) -> tuple[list[RequestTiming], fl
     try:
         if warm.requests:
             bar = Progress(len(warm.requests), "warm-up", s.progress)
-            await run_load(s.target, warm, on_done=bar.update, stop=stop)
+            await run_load(s.target, warm, on_done=bar.update, stop=stop, tls=tls_of(s), api_key=s.api_key)
             bar.close()
         if stop.is_set():
             return [], 0.0, True
         bar = Progress(len(plan.requests), "bench", s.progress)
-        timings, wall = await run_load(s.target, plan, on_done=bar.update, stop=stop)
+        timings, wall = await run_load(s.target, plan, on_done=bar.update, stop=stop, tls=tls_of(s),
+                                       api_key=s.api_key)
         bar.close()
         return timings, wall, stop.is_set()
     finally:
@@ -181,7 +192,7 @@ async def _drive(s: BenchSettings, model: dict) -> tuple[list[RequestTiming], fl
 
 def bench(s: BenchSettings) -> tuple[dict, int]:
     """Run the benchmark: (the JSON report, exit code)."""
-    model = asyncio.run(_model_info(s.target))
+    model = asyncio.run(_model_info(s))
     timings, wall, interrupted = asyncio.run(_drive(s, model))
     metrics = summarize(timings, wall)
     report = {

@@ -17,6 +17,7 @@ from typing import ClassVar
 from moemesh.commands import run
 from moemesh.errors import ConfigError
 from moemesh.settings import add_options, option, parse_bool, settings_from
+from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
 
 def _add_tiny_model(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
@@ -79,8 +80,15 @@ class GenerateSettings:
     seed: int | None = option("--seed", "sampling seed (none: unseeded)", int, default=None)
     timeout_s: float = option("--timeout", "deadline in seconds (--target)", float, default=120.0)
     json: bool = option("--json", 'print only {"token_ids": [...], "text": "..."}', parse_bool, default=False)
+    tls_cert: Path | None = cert_option(env="MOEMESH_TLS_CERT")  # mTLS to the gateway (--target): all or none
+    tls_key: Path | None = key_option(env="MOEMESH_TLS_KEY")
+    tls_ca: Path | None = ca_option(env="MOEMESH_TLS_CA")
+    api_key: str | None = option("--api-key", "API key sent as 'authorization: Bearer <key>' (prefer the variable: "
+                                 "a command line is visible to other users)", default=None, env="MOEMESH_API_KEY",
+                                 metavar="KEY")
 
     def __post_init__(self) -> None:
+        tls_of(self)  # all three or none
         if self.local == (self.target is not None):
             raise ConfigError("give one of --local or --target HOST:PORT")
         if self.local and self.model is None:
@@ -107,7 +115,8 @@ def _generate(s: GenerateSettings) -> int:
     if s.target:
         from moemesh.client import generate_remote
 
-        ids, text = generate_remote(s.target, s.prompt, s.token_ids, params, s.timeout_s)
+        ids, text = generate_remote(s.target, s.prompt, s.token_ids, params, s.timeout_s, tls=tls_of(s),
+                                    api_key=s.api_key)
     else:
         ids, text = _generate_local(s, params)
     print(json.dumps({"token_ids": ids, "text": text}) if s.json else text)
@@ -132,6 +141,61 @@ def _generate_local(s: GenerateSettings, params) -> tuple[list[int], str]:
     return ids, codec.decode(ids)
 
 
+def _add_certs(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from moemesh.certs import CertsSettings
+
+    p = sub.add_parser("certs", help="write a CA and one mTLS certificate per role (coordinator, worker, gateway, "
+                                     "admin, client) for tests and small clusters; never commit them")
+    add_options(p, CertsSettings)
+
+    def run(args: argparse.Namespace) -> int:
+        from moemesh.certs import write_certs
+
+        s = settings_from(CertsSettings, args, {})
+        written = write_certs(s.out, s.nodes, s.days, overwrite=s.force)
+        print(f"wrote a CA and certificates for {', '.join(written)} to {s.out} (keys 0600); each service takes "
+              f"--tls-cert DIR/ROLE.pem --tls-key DIR/ROLE-key.pem --tls-ca DIR/ca.pem")
+        return 0
+
+    return run
+
+
+@dataclass(frozen=True)
+class ApiKeySettings:
+    """`moemesh api-key`: a new key and its line for --api-keys-file. Flags only."""
+
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    rpm: int | None = option("--rpm", "requests per minute this key may make (unset: no limit)", int, default=None)
+    max_tokens: int | None = option("--max-tokens", "new tokens per request this key may ask for (unset: no limit)",
+                                    int, default=None)
+    name: str = option("--name", "a label for logs (no spaces)", default="")
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--rpm", self.rpm), ("--max-tokens", self.max_tokens)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if any(c.isspace() or c == "#" for c in self.name):
+            raise ConfigError(f"--name must have no spaces and no '#', got {self.name!r}")
+
+
+def _add_api_key(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("api-key", help="print a new API key and its line for the gateway's --api-keys-file")
+    add_options(p, ApiKeySettings)
+
+    def run(args: argparse.Namespace) -> int:
+        from moemesh.auth import new_key
+
+        s = settings_from(ApiKeySettings, args, {})
+        key, line = new_key(s.rpm, s.max_tokens, s.name)
+        print(f"key:  {key}\nline: {line}")
+        print("give the key to its client (authorization: Bearer <key>); append the line to --api-keys-file; "
+              "the key itself is not stored anywhere", file=sys.stderr)
+        return 0
+
+    return run
+
+
 def _commands() -> tuple:
     from coordinator.cli import add_coordinator_command, add_placement_command
     from expert_worker.cli import add_worker_command
@@ -142,7 +206,8 @@ def _commands() -> tuple:
     from moemesh.simulate.cli import add_simulate_command
 
     return (_add_tiny_model, _add_train, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
-            add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command)
+            add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command,
+            _add_certs, _add_api_key)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,10 @@ A generation that ended with FINISH_REASON_ERROR is a `Finished(reason="error")`
 `generate` and a GenerationError from `generate_text`. `generate_remote` is the synchronous helper
 the `moemesh generate --target` command uses; it raises only MoemeshError.
 
+Security: `tls` (moemesh.tls.TlsFiles: this client's certificate, its key, the CA) dials the gateway
+over mTLS; `api_key` is sent as `authorization: Bearer <key>` metadata on every call (the gateway's
+--api-keys-file). Neither: plaintext without a key, as a gateway without either expects.
+
 Every call has a deadline (`timeout`, seconds). Leaving an `async for` over `generate` early
 cancels the call, and the gateway cancels the generation on its worker.
 """
@@ -35,6 +39,7 @@ from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import InvalidRequestError, MoemeshError, UnavailableError
 from moemesh.retry import Backoff, retry
 from moemesh.status import error_for
+from moemesh.tls import TlsFiles
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 GATEWAY_SERVICE = "moemesh.v1.Gateway"
@@ -135,14 +140,18 @@ def _reraise(exc: grpc.aio.AioRpcError) -> NoReturn:
 class Client:
     """Async client of one gateway; use as `async with Client(target) as client:`."""
 
-    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_S, *, tls: TlsFiles | None = None,
+                 api_key: str | None = None):
         self.target = target
         self.timeout = timeout
+        self.tls = tls
+        # every call's metadata: the API key, when there is one
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._channel: grpc.aio.Channel | None = None
         self._stub: gateway_pb2_grpc.GatewayStub | None = None
 
     async def __aenter__(self) -> Client:
-        self._channel = rpc.channel(self.target)  # inside the running loop
+        self._channel = rpc.channel(self.target, self.tls)  # inside the running loop
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         return self
 
@@ -169,7 +178,7 @@ class Client:
     ) -> AsyncIterator[Event]:
         """Stream one generation: TokenChunk events as tokens are made, then one Finished."""
         req = build_request(prompt, token_ids, params, include_text, request_id)
-        call = self.stub.Generate(req, timeout=timeout or self.timeout)
+        call = self.stub.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
         try:
             async for msg in call:
                 yield event_from_proto(msg)
@@ -202,7 +211,7 @@ class Client:
         """Stream many generations at once: (index into `requests`, event), interleaved.
         Build each request with `build_request`."""
         call = self.stub.GenerateBatch(gateway_pb2.GenerateBatchRequest(requests=list(requests)),
-                                       timeout=timeout or self.timeout)
+                                       timeout=timeout or self.timeout, metadata=self.metadata)
         try:
             async for msg in call:
                 yield msg.index, event_from_proto(msg.response)
@@ -214,7 +223,7 @@ class Client:
     async def model_info(self, timeout: float = 10.0) -> gateway_pb2.ModelInfoResponse:
         """The model and the deployment serving it."""
         try:
-            return await self.stub.ModelInfo(gateway_pb2.ModelInfoRequest(), timeout=timeout)
+            return await self.stub.ModelInfo(gateway_pb2.ModelInfoRequest(), timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             _reraise(exc)
 
@@ -224,7 +233,8 @@ class Client:
 
         async def check() -> None:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0,
+                                         metadata=self.metadata)
             except grpc.aio.AioRpcError as exc:
                 raise UnavailableError(f"{exc.code().name}: {exc.details()}") from exc
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
@@ -238,13 +248,14 @@ class Client:
 
 
 def generate_remote(
-    target: str, prompt: str | None, token_ids: Sequence[int] | None, params: SamplingParams, timeout_s: float
+    target: str, prompt: str | None, token_ids: Sequence[int] | None, params: SamplingParams, timeout_s: float,
+    *, tls: TlsFiles | None = None, api_key: str | None = None,
 ) -> tuple[list[int], str]:
     """Synchronous one-shot generation through a gateway: (token ids, text). Raises MoemeshError."""
 
     async def once() -> Completion:
         """One generation on a channel made inside this loop."""
-        async with Client(target, timeout=timeout_s) as client:
+        async with Client(target, timeout=timeout_s, tls=tls, api_key=api_key) as client:
             return await client.generate_text(prompt, token_ids=token_ids, params=params)
 
     try:

@@ -33,6 +33,23 @@ class CapacityError(MoemeshError):
     """No room for more work right now: RESOURCE_EXHAUSTED."""
 
 
+class RateLimitedError(CapacityError):
+    """Over a per-client limit (an API key's requests per minute): RESOURCE_EXHAUSTED, with
+    `retry_after_s` (servers send it as the trailing metadata `retry-after`, whole seconds)."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnauthenticatedError(MoemeshError):
+    """No credential, or one that is not valid (a missing or unknown API key): UNAUTHENTICATED."""
+
+
+class PermissionDeniedError(MoemeshError):
+    """A known caller asked for something its role may not do (a non-admin SetPlacement): PERMISSION_DENIED."""
+
+
 class UnavailableError(MoemeshError):
     """A peer process is gone or not ready: UNAVAILABLE."""
 

@@ -7,7 +7,9 @@ worker that crashes (it rejoins the mesh as a new incarnation; the mesh heals ar
 meanwhile) and a coordinator that exits (on its port, from its state file in the state folder:
 it resumes the running world while workers and gateway serve on), and stops every process it
 started on Ctrl-C or SIGTERM (children also exit if `up` itself dies). The
-processes are started by the one launcher, moemesh.launch.
+processes are started by the one launcher, moemesh.launch. Everything binds loopback (the gateway:
+--host). With `--tls` up writes a CA and per-role certificates (moemesh.certs) into its run folder,
+every service runs mTLS, and the ready line says which files a client passes (--tls-cert ...).
 
 `UpProcess` runs `moemesh up` itself as a subprocess and reads its ready line: what tests of `up`
 and the measurements that drive a mesh from outside (moemesh.simulate.cpu_check, benchmarks) use.
@@ -33,7 +35,7 @@ from typing import Any, ClassVar
 from expert_worker.settings import WorkerSettings
 from moemesh.errors import ConfigError, MoemeshError
 from moemesh.launch import Mesh, MeshSpec
-from moemesh.settings import add_options, option, options, settings_from
+from moemesh.settings import add_options, option, options, parse_bool, settings_from
 
 DEFAULT_MODEL_SPEC: dict[str, Any] = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
                           heads=8, kv_heads=4, vocab=512, seed=0)
@@ -91,6 +93,8 @@ class UpSettings:
     overflow: str | None = _worker_option("overflow")
     capacity_factor: float | None = _worker_option("capacity_factor")
     dtype: str | None = _worker_option("dtype")
+    tls: bool = option("--tls", "mTLS between every service and for clients: certificates are written to the run "
+                       "folder, the ready line names them", parse_bool, default=False)
     start_timeout_s: float = 180.0  # no flag
     stop_timeout_s: float = 15.0  # no flag
 
@@ -160,6 +164,7 @@ def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
         worker_flags=("--threads", str(max(1, cpus // s.workers)), "--max-seqs", str(s.max_seqs),
                       "--micro-batches", str(s.micro_batches), *common, *to_workers),
         gateway_flags=common, start_timeout_s=s.start_timeout_s, stop_timeout_s=s.stop_timeout_s,
+        certs=state_dir / "certs" if s.tls else None,
     )
 
 
@@ -168,17 +173,32 @@ def run_up(s: UpSettings, state_dir: Path) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    mesh = Mesh(mesh_spec(s, state_dir, os.cpu_count() or 1))
+    spec = mesh_spec(s, state_dir, os.cpu_count() or 1)
+    if spec.certs is not None:
+        from moemesh.certs import write_certs
+
+        write_certs(spec.certs)
+    mesh = Mesh(spec)
     try:
         mesh.start()
         http = f"; OpenAI API at http://{mesh.http}/v1" if mesh.http_gateways else ""
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
-              f"model {s.model}{http}", flush=True)
+              f"model {s.model}{http}{_tls_note(spec.certs)}", flush=True)
         while not stop.wait(0.5):
             mesh.supervise(s.max_restarts)
         return 0
     finally:
         mesh.stop()
+
+
+def _tls_note(certs: Path | None) -> str:
+    """The ready line's mTLS part: the folder and the flags clients (and `placement set`, admin) pass."""
+    if certs is None:
+        return ""
+    from moemesh.certs import role_files
+
+    return (f"; mTLS certificates in {certs} (clients: {' '.join(role_files(certs, 'client').flags())}; "
+            f"placement set: {' '.join(role_files(certs, 'admin').flags())})")
 
 
 def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
@@ -194,7 +214,9 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
     return run
 
 
-READY = re.compile(r"gateway at (\S+); coordinator at (\S+);.*?(?:OpenAI API at http://(\S+)/v1)?$")
+READY = re.compile(r"gateway at (\S+); coordinator at (\S+);")
+READY_HTTP = re.compile(r"; OpenAI API at http://(\S+)/v1")
+READY_CERTS = re.compile(r"mTLS certificates in (\S+) ")
 
 
 class UpProcess:
@@ -219,7 +241,10 @@ class UpProcess:
                 tail = "".join(_tail(err, 15)) if err is not None else ""
                 raise MoemeshError(f"moemesh up with {workers} workers did not become ready: {line!r}\n{tail}")
         self.gateway, self.coordinator = match.group(1), match.group(2)
-        self.http = match.group(3) or ""  # HOST:PORT of the OpenAI-compatible API ("" = none)
+        http = READY_HTTP.search(line)
+        self.http = http.group(1) if http else ""  # HOST:PORT of the OpenAI-compatible API ("" = none)
+        certs = READY_CERTS.search(line)
+        self.certs = Path(certs.group(1)) if certs else None  # `up --tls`: the certificates' folder
         self.workers = workers
 
     def processes(self) -> list:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import MoemeshError
+from moemesh.tls import TlsFiles
 
 CANCELLED = "cancelled"  # RequestTiming.error of a request a stopped run did not finish
 FIRST_REGULAR_TOKEN = 3  # ids 0..2 are BOS, EOS, PAD in moemesh's tokenizer: random prompts avoid them
@@ -256,7 +257,7 @@ class LoadPlan:
 
 async def run_load(
     target: str, plan: LoadPlan, *, on_done: Callable[[RequestTiming], None] | None = None,
-    stop: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None, tls: TlsFiles | None = None, api_key: str | None = None,
 ) -> tuple[list[RequestTiming], float]:
     """Drive the gateway at `target` with `plan`; returns (timings in request order, wall seconds).
 
@@ -271,7 +272,7 @@ async def run_load(
         raise MoemeshError(f"{len(plan.arrivals)} arrival times for {n} requests")
     timings = [RequestTiming(prompt_tokens=len(r.prompt)) for r in plan.requests]
     gate = asyncio.Semaphore(plan.concurrency or max(n, 1))
-    async with Client(target, timeout=plan.timeout_s) as client:
+    async with Client(target, timeout=plan.timeout_s, tls=tls, api_key=api_key) as client:
         start = time.perf_counter()
 
         async def one(i: int) -> None:

@@ -5,7 +5,12 @@
   not parse (a string field with bad UTF-8, a truncated message) is INVALID_ARGUMENT saying so, not
   grpc's UNKNOWN.
 - `Server` owns one grpc.aio server with health and reflection, made inside the running loop,
-  and stops gracefully: health NOT_SERVING, then `stop(grace)`.
+  and stops gracefully: health NOT_SERVING, then `stop(grace)`. Given TLS files (moemesh.tls) it
+  serves only mTLS, and its `roles` rules say which certificate roles may call which method
+  (`RoleGate`: PERMISSION_DENIED otherwise); without TLS every method stays open.
+- Gates: checks the interceptor runs before every handler (authorization, API keys); a gate
+  raises a typed error to refuse the call (a RateLimitedError also sends `retry-after`).
+- `channel` dials over mTLS when given TLS files, else plaintext; every channel is made here.
 Everything here must be called from inside a running event loop.
 """
 
@@ -14,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moemesh.errors import InvalidRequestError, MoemeshError
+from moemesh.errors import InvalidRequestError, MoemeshError, PermissionDeniedError, RateLimitedError
 from moemesh.status import status_for
+from moemesh.tls import TlsFiles, peer_roles
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +49,76 @@ CHANNEL_OPTIONS = (
 )
 
 
+# A check run before a handler: (full method name "/pkg.Service/Method", the request or None for a
+# request stream, the call's context); raises a MoemeshError to refuse the call.
+Gate = Callable[[str, Any, grpc.aio.ServicerContext], None]
+
+
+class RoleGate:
+    """Authorization from the peer certificate's role (moemesh.tls.peer_roles). `rules` maps a full
+    method name, or a service prefix ending in "/" ("/moemesh.v1.Worker/"), to the roles that may
+    call it (the exact name wins over a prefix); a method no rule names is open to every peer (the
+    handshake already required a certificate signed by the CA)."""
+
+    def __init__(self, rules: Mapping[str, Iterable[str]]):
+        self.rules = {name: frozenset(roles) for name, roles in rules.items()}
+
+    def allowed(self, method: str) -> frozenset[str] | None:
+        """The roles that may call `method`; None when any peer may."""
+        if method in self.rules:
+            return self.rules[method]
+        service = method[: method.rfind("/") + 1]
+        return self.rules.get(service)
+
+    def __call__(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        allowed = self.allowed(method)
+        if allowed is None:
+            return
+        roles = peer_roles(context.auth_context())
+        if not roles & allowed:
+            raise PermissionDeniedError(f"{method} needs the role {' or '.join(sorted(allowed))}; the caller's "
+                                        f"certificate names {', '.join(sorted(roles)) or 'no moemesh role'}")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps MoemeshError raised by any handler to its status code with the error's message, and a
-    request that does not parse to INVALID_ARGUMENT (see `_Undecodable`)."""
+    """Runs the `gates` before every handler, then maps MoemeshError raised by a gate or by the
+    handler to its status code with the error's message, and a request that does not parse to
+    INVALID_ARGUMENT (see `_Undecodable`)."""
+
+    def __init__(self, gates: Sequence[Gate] = ()):
+        self.gates = tuple(gates)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         parse, reply = _tolerant(handler.request_deserializer), handler.response_serializer
+        gate = _gate(self.gates, handler_call_details.method)
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), parse, reply)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, gate), parse, reply)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), parse, reply)
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, gate), parse, reply)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, streamed=True), parse, reply)
+                _wrap_unary(handler.stream_unary, gate, streamed=True), parse, reply)
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, streamed=True), parse, reply)
+            _wrap_stream(handler.stream_stream, gate, streamed=True), parse, reply)
+
+
+def _gate(gates: tuple[Gate, ...], method: str) -> Callable[[Any, grpc.aio.ServicerContext], None]:
+    def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+        for gate in gates:
+            gate(method, request, context)
+
+    return check
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: MoemeshError) -> None:
+    """End the call with `exc`'s status code (and a rate limit's `retry-after` trailing metadata)."""
+    trailing: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, RateLimitedError):
+        trailing = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+    await context.abort(status_for(exc), str(exc), trailing_metadata=trailing)
 
 
 class _Undecodable:
@@ -100,30 +160,32 @@ async def _checked_stream(requests):
         yield _checked(request)
 
 
-def _wrap_unary(behaviour: Callable, streamed: bool = False) -> Callable:
+def _wrap_unary(behaviour: Callable, gate: Callable, streamed: bool = False) -> Callable:
     async def wrapped(request, context):
         try:
+            gate(None if streamed else request, context)
             request = _checked_stream(request) if streamed else _checked(request)
             return await behaviour(request, context)
         except MoemeshError as exc:
-            await context.abort(status_for(exc), str(exc))
+            await _abort(context, exc)
 
     return wrapped
 
 
-def _wrap_stream(behaviour: Callable, streamed: bool = False) -> Callable:
+def _wrap_stream(behaviour: Callable, gate: Callable, streamed: bool = False) -> Callable:
     """A streaming handler is an async generator (ours), or a coroutine that writes with
     context.write() (grpc's health servicer's Watch): each is wrapped as what it is."""
     if not inspect.isasyncgenfunction(behaviour):
-        return _wrap_unary(behaviour, streamed)
+        return _wrap_unary(behaviour, gate, streamed)
 
     async def wrapped(request, context):
         try:
+            gate(None if streamed else request, context)
             request = _checked_stream(request) if streamed else _checked(request)
             async for item in behaviour(request, context):
                 yield item
         except MoemeshError as exc:
-            await context.abort(status_for(exc), str(exc))
+            await _abort(context, exc)
 
     return wrapped
 
@@ -132,12 +194,20 @@ class Server:
     """One grpc.aio server: services + health ("" and each named service) + reflection.
 
     `max_concurrent_rpcs` bounds the calls in progress at once (health and reflection included):
-    grpc answers RESOURCE_EXHAUSTED to any call over it before a handler runs; None = no bound."""
+    grpc answers RESOURCE_EXHAUSTED to any call over it before a handler runs; None = no bound.
+    With `tls` the port is mTLS only and `roles` (RoleGate's rules) authorize each method by the
+    caller's certificate; without it `roles` is not enforced (plaintext: no identities). `gates`
+    run before every handler either way (after the role check)."""
 
-    def __init__(self, service_names: Iterable[str], max_concurrent_rpcs: int | None = None):
+    def __init__(self, service_names: Iterable[str], max_concurrent_rpcs: int | None = None, *,
+                 tls: TlsFiles | None = None, roles: Mapping[str, Iterable[str]] | None = None,
+                 gates: Sequence[Gate] = ()):
         self.service_names = tuple(service_names)
+        self.tls = tls
+        checks: tuple[Gate, ...] = (RoleGate(roles or {}), *gates) if tls is not None else tuple(gates)
         self.grpc = grpc.aio.server(
-            interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs
+            interceptors=[ErrorInterceptor(checks)], options=CHANNEL_OPTIONS,
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -148,7 +218,11 @@ class Server:
 
     async def start(self, host: str, port: int) -> int:
         """Bind (port 0 = any free port), start, report NOT_SERVING until `set_ready()`."""
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if self.tls is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, self.tls.server_credentials())
         if self.port == 0:
             raise MoemeshError(f"cannot bind {host}:{port}")
         await self.grpc.start()
@@ -189,8 +263,11 @@ def write_port_file(path: Path | None, port: int) -> None:
     tmp.replace(path)
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """A channel to `target`: mTLS with `tls` (this process's certificate, the CA it trusts), else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS)
 
 
 async def exit_with_parent(stop: asyncio.Event, poll_s: float = 0.5) -> None:

@@ -16,6 +16,8 @@ from moemesh.errors import (
     InvalidRequestError,
     MoemeshError,
     NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -26,6 +28,8 @@ STATUS_OF: tuple[tuple[type[MoemeshError], grpc.StatusCode], ...] = (
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (MoemeshError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 

@@ -9,6 +9,9 @@ Every service binds port 0 and publishes its port in `state_dir/NAME.port` (a ga
 in `NAME.http.port`; `mesh.http` is the first gateway's HTTP address); `start()` returns once
 every gateway reports SERVING (a gateway started before the workers waits for the world itself).
 Processes are named "coordinator", "worker0".."workerN-1", "gateway" (then "gateway1", ...).
+Every process binds loopback (gateways: `gateway_host`). With `certs` (a folder `moemesh certs`
+wrote) every process runs mTLS with its role's certificate and the launcher itself checks health
+with the admin one (`Mesh.tls(role)` gives any role's files to a caller).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moemesh.certs import role_files
 from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.launch.processes import Processes
 from moemesh.retry import Backoff, retry_sync
+from moemesh.tls import TlsFiles
 
 GATEWAY_SERVICE = "moemesh.v1.Gateway"
 STATE_FLAG = "--state-file"  # a coordinator started with it can be restarted (coordinator/durable.py)
@@ -51,6 +56,7 @@ class MeshSpec:
     per_worker_flags: tuple[tuple[str, ...], ...] = ()
     gateway_flags: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # added to every child's environment
+    certs: Path | None = None  # mTLS: a folder written by `moemesh certs` (moemesh.certs); None = plaintext
     start_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
 
@@ -76,6 +82,16 @@ class Mesh:
     def model_dir(self) -> Path:
         return self.spec.model
 
+    def tls(self, role: str = "admin") -> TlsFiles | None:
+        """`role`'s certificate, key and CA when the mesh runs mTLS (`spec.certs`); None otherwise."""
+        if self.spec.certs is None:
+            return None
+        files = role_files(self.spec.certs, role)
+        return TlsFiles(files.cert, files.key, files.ca)
+
+    def _tls_flags(self, role: str) -> tuple[str, ...]:
+        return role_files(self.spec.certs, role).flags() if self.spec.certs is not None else ()
+
     @property
     def gateway(self) -> str:
         """The first gateway's address."""
@@ -97,14 +113,16 @@ class Mesh:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         port = self._start_and_wait("coordinator", ["coordinator", "--model", str(s.model), "--workers",
                                                     str(s.workers), "--host", "127.0.0.1", "--port", "0",
-                                                    *s.coordinator_flags])
+                                                    *self._tls_flags("coordinator"), *s.coordinator_flags])
         self.coordinator = f"127.0.0.1:{port}"
         if s.gateway_first:
             self._start_gateways()
         for i in range(s.workers):
             own = s.per_worker_flags[i] if i < len(s.per_worker_flags) else ()
             self.processes.start(f"worker{i}", ["worker", "--coordinator", self.coordinator, "--port", "0",
-                                                "--worker-id", f"worker-{i}", *s.worker_flags, *own])
+                                                "--host", "127.0.0.1", "--worker-id", f"worker-{i}",
+                                                *self._tls_flags("worker"),
+                                                *s.worker_flags, *own])
         if not s.gateway_first:
             self._start_gateways()
         for address in self.gateways.values():
@@ -119,7 +137,8 @@ class Mesh:
         http_file.unlink(missing_ok=True)
         http_flags = ("--http-port", str(http_port), *(("--http-port-file", str(http_file)) if http_port >= 0 else ()))
         port = self._start_and_wait(name, ["gateway", "--coordinator", self.coordinator, "--model", str(s.model),
-                                           "--host", s.gateway_host, "--port", str(port), *http_flags, *flags])
+                                           "--host", s.gateway_host, "--port", str(port), *http_flags,
+                                           *self._tls_flags("gateway"), *flags])
         self.gateways[name] = f"{s.gateway_host}:{port}"
         if http_port >= 0:  # the gateway writes this file before its gRPC port file
             bound = self.processes.wait_port(name, http_file, s.start_timeout_s)
@@ -130,7 +149,9 @@ class Mesh:
         """Poll `address`'s health service until the Gateway service is SERVING; MoemeshError with
         the logs if a process dies or the time runs out."""
         timeout_s = self.spec.start_timeout_s if timeout_s is None else timeout_s
-        with grpc.insecure_channel(address) as channel:
+        tls = self.tls("admin")
+        with (grpc.insecure_channel(address) if tls is None
+              else grpc.secure_channel(address, tls.channel_credentials())) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
 
             def check() -> None:

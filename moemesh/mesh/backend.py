@@ -58,17 +58,19 @@ def choose_backend(requested: str, device: str) -> BackendChoice:
 
 
 def join_world(choice: BackendChoice, host: str, port: int, prefix: str, rank: int, world_size: int,
-               device: str, timeout_s: float, micro_batches: int = 1, abandoned: Callable[[], bool] = lambda: False):
+               device: str, timeout_s: float, micro_batches: int = 1, abandoned: Callable[[], bool] = lambda: False,
+               bind_host: str | None = None):
     """Blocks until every rank has joined; returns the Collective. `micro_batches` per step sizes
     NCCL's ring of receive buffers (2 per micro-batch; see moemesh.mesh.nccl.RecvRing).
     `timeout_s` bounds the rendezvous and, for both backends, every collective afterwards (NCCL:
     a wait past it aborts the communicator and raises CollectiveError). `abandoned()` turns true
     once a newer world generation exists: a collective that has waited a while then gives up
-    (CollectiveError) instead of waiting for peers that already left."""
+    (CollectiveError) instead of waiting for peers that already left. `bind_host`: the interface
+    gloo listens on (NCCL picks its own: NCCL_SOCKET_IFNAME)."""
     if choice.name == "gloo":
         from moemesh.mesh.gloo import init_gloo
 
-        return init_gloo(host, port, prefix, rank, world_size, timeout_s, abandoned)
+        return init_gloo(host, port, prefix, rank, world_size, timeout_s, abandoned, bind_host)
     import torch.distributed as dist
 
     from moemesh.mesh.nccl import NcclCollective, make_unique_id

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -268,16 +269,30 @@ class _StoreClient:
 
 def init_gloo(
     store_host: str, store_port: int, prefix: str, rank: int, world_size: int, timeout_s: float,
-    abandoned: Callable[[], bool] = _never,
+    abandoned: Callable[[], bool] = _never, bind_host: str | None = None,
 ) -> GlooCollective:
     """Join one world generation: blocks until all `world_size` ranks have joined (CollectiveError
-    if they do not within `timeout_s`). `prefix` is the generation's own key prefix."""
+    if they do not within `timeout_s`). `prefix` is the generation's own key prefix. `bind_host`:
+    the address gloo listens on and tells its peers (the worker's advertised host); None or a
+    wildcard: gloo's default (the address this machine's name resolves to, or GLOO_SOCKET_IFNAME)."""
     if world_size == 1:
         return GlooCollective(rank, 1, None, abandoned)
     timeout = timedelta(seconds=timeout_s)
     try:
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
-        group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, timeout)
+        group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, _options(timeout, bind_host))
     except (RuntimeError, dist.DistStoreError) as exc:
         raise CollectiveError(f"rank {rank}: could not join the world at {prefix!r}: {exc}") from exc
     return GlooCollective(rank, world_size, group, abandoned)
+
+
+def _options(timeout: timedelta, bind_host: str | None) -> Any:
+    """Gloo's options (ProcessGroupGloo._Options, untyped in torch's stubs): `timeout`, and one
+    device on `bind_host` when it names an interface."""
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timeout
+    if bind_host and bind_host not in ("0.0.0.0", "::", "[::]"):
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
+    else:
+        options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    return options

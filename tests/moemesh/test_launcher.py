@@ -4,6 +4,8 @@ against the single-process engine, on real checkpoints."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import time
 import urllib.request
 
@@ -179,3 +181,42 @@ def test_gating_policy_rebalances_live_and_loses_no_request(tmp_path, mesh_facto
     assert after.placement_epoch > before.placement_epoch  # the coordinator published new factors
     assert watch.switched_mid_stream(), f"no epoch switch seen while generating: {watch.seen}"
     assert mesh.stop() == []
+
+
+def test_up_tls_serves_only_clients_with_its_certificates_and_listens_on_loopback(tmp_path, capsys):
+    """`moemesh up --tls`: every service runs mTLS with certificates up wrote into its run folder
+    (the ready line names them); a plaintext client is refused, the CLI with the client flags gets
+    the reference tokens, `placement show` needs a service or admin certificate; every socket the
+    mesh listens on is a loopback one (the TCPStore included)."""
+    from moemesh.certs import role_files
+    from moemesh.errors import UnavailableError
+    from moemesh.launcher import UpProcess
+
+    model = write_tiny_model(tmp_path / "model", _spec("mixtral"))
+    engine = Engine(build_model(model, RuntimeShape(max_seqs=1, max_model_len=256)))
+    expected = generate(engine, [PROMPTS[0]], SamplingParams(max_new_tokens=6))[0]
+    up = UpProcess(model, 2, ["--tls"], quiet=True)
+    try:
+        assert up.certs is not None and (up.certs / "ca.pem").is_file()
+        listening = {ipaddress.ip_address(c.laddr.ip) for p in up.processes() for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening and all(ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback)
+                                 for ip in listening), listening
+
+        async def plaintext() -> None:
+            async with Client(up.gateway, timeout=10) as client:
+                await client.model_info(timeout=10)
+
+        with pytest.raises((UnavailableError, grpc.aio.AioRpcError)):
+            asyncio.run(plaintext())
+        client, admin = role_files(up.certs, "client").flags(), role_files(up.certs, "admin").flags()
+        capsys.readouterr()
+        assert cli_main(["generate", "--target", up.gateway, "--token-ids", ",".join(map(str, PROMPTS[0])),
+                         "--max-new-tokens", "6", "--json", *client]) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+        assert cli_main(["placement", "show", "--coordinator", up.coordinator, *client]) == 2
+        assert "PERMISSION_DENIED" in capsys.readouterr().err
+        assert cli_main(["placement", "show", "--coordinator", up.coordinator, *admin]) == 0
+        assert "placement epoch" in capsys.readouterr().out
+    finally:
+        assert up.stop() == []

@@ -121,3 +121,88 @@ def test_a_call_over_max_concurrent_rpcs_is_resource_exhausted():
     code, first = asyncio.run(_over_the_limit_scenario())
     assert first == NOT_SERVING
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# --- mTLS, the role rules and gates (real certificates from moemesh.certs, a real server) ---
+
+CHECK = "/grpc.health.v1.Health/Check"
+
+
+def _tls(folder, role: str):
+    from moemesh.certs import role_files
+    from moemesh.tls import TlsFiles
+
+    files = role_files(folder, role)
+    return TlsFiles(files.cert, files.key, files.ca)
+
+
+async def _check(port: int, tls) -> grpc.StatusCode:
+    """The status of one health Check over mTLS with `tls` (None: plaintext)."""
+    from moemesh.rpc import channel
+
+    async with channel(f"127.0.0.1:{port}", tls) as ch:
+        try:
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_an_mtls_server_refuses_peers_without_a_ca_signed_certificate_and_applies_role_rules(tmp_path):
+    from moemesh.certs import write_certs
+    from moemesh.tls import TlsFiles
+
+    write_certs(tmp_path / "ca")
+    write_certs(tmp_path / "other")
+    mine = _tls(tmp_path / "ca", "client")
+    callers = {
+        "admin": _tls(tmp_path / "ca", "admin"),
+        "client": mine,
+        "plaintext": None,
+        "another CA": _tls(tmp_path / "other", "admin"),
+        "wrong key": TlsFiles(mine.cert, _tls(tmp_path / "ca", "admin").key, mine.ca),
+        "admin again": _tls(tmp_path / "ca", "admin"),  # the server still serves after the refusals
+    }
+
+    async def scenario():
+        server = Server([SERVICE], tls=_tls(tmp_path / "ca", "coordinator"), roles={CHECK: ("admin",)})
+        port = await server.start("127.0.0.1", 0)
+        try:
+            return {name: await _check(port, tls) for name, tls in callers.items()}
+        finally:
+            await server.stop(0.1)
+
+    codes = asyncio.run(scenario())
+    assert codes == {"admin": grpc.StatusCode.OK, "client": grpc.StatusCode.PERMISSION_DENIED,
+                     "plaintext": grpc.StatusCode.UNAVAILABLE, "another CA": grpc.StatusCode.UNAVAILABLE,
+                     "wrong key": grpc.StatusCode.UNAVAILABLE, "admin again": grpc.StatusCode.OK}
+
+
+def test_without_tls_role_rules_are_not_enforced_and_a_gates_rate_limit_sends_retry_after():
+    from moemesh.errors import RateLimitedError
+
+    seen: list[str] = []
+
+    def gate(method, request, context):
+        seen.append(method)
+        if len(seen) > 1:
+            raise RateLimitedError("slow down", retry_after_s=2.2)
+
+    async def scenario():
+        server = Server([SERVICE], roles={CHECK: ("admin",)}, gates=[gate])
+        port = await server.start("127.0.0.1", 0)
+        try:
+            first = await _check(port, None)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    return first, exc.code(), dict(exc.trailing_metadata() or ())
+        finally:
+            await server.stop(0.1)
+        return first, grpc.StatusCode.OK, {}
+
+    first, limited, trailing = asyncio.run(scenario())
+    assert first == grpc.StatusCode.OK and seen[0] == CHECK
+    assert limited == grpc.StatusCode.RESOURCE_EXHAUSTED and trailing.get("retry-after") == "3"
