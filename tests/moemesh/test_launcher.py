@@ -120,6 +120,17 @@ def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, 
     assert mesh.stop() == []
 
 
+def test_deepseek_v3_mesh_is_token_identical_to_local(tmp_path_factory, mesh_factory):
+    """MLA with its latent cache, the grouped sigmoid router with its bias and the shared expert,
+    on 4 workers holding one routed expert each (1 dense layer, then 1 MoE layer). The only
+    DeepSeek-V3 mesh run: colocation, overlap, shards and epoch switches are family-independent
+    code that the two families above run."""
+    model, expected = _model_and_expected("deepseek_v3", tmp_path_factory)
+    mesh = mesh_factory(model, 4)
+    assert asyncio.run(_staggered(mesh.gateway)) == expected
+    assert mesh.stop() == []
+
+
 def test_mesh_with_every_expert_split_is_token_identical_to_local(tmp_path_factory, mesh_factory):
     """Expert tensor parallelism: every expert as two column/row-parallel shards on two of the
     4 workers (`moemesh up --expert-shards 2`). The split is family-independent code (the
