@@ -152,6 +152,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
         raise ConfigError(f"{source}: num_attention_heads={heads} not divisible by num_key_value_heads={kv_heads}")
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act={raw['hidden_act']!r} unsupported (only silu)")
+    if raw.get("quantization_config"):
+        raise ConfigError(f"{source}: quantized checkpoints (quantization_config) are unsupported; "
+                          "dequantize to bf16 or fp32 first")
     if raw.get("clip_qkv") is not None:
         raise ConfigError(f"{source}: clip_qkv={raw['clip_qkv']!r} unsupported")
     yarn = _yarn(raw, source)
