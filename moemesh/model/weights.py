@@ -282,20 +282,46 @@ def load_layer_experts(
     device: str,
     shards: Iterable[Shard] | None = None,
 ) -> LayerExperts:
-    """Read only the given experts of one layer (only `shards[i]`'s columns of expert i)."""
+    """Read only the given experts of one layer (only `shards[i]`'s columns of expert i), from
+    per-expert tensors or from the fused (E, 2F, D) gate_up_proj / (E, D, F) down_proj layout."""
     ids = tuple(experts)
     parts = tuple(shards) if shards is not None else (WHOLE,) * len(ids)
+    fused = f"model.layers.{layer}.{_PREFIX[cfg.family]}.experts"
+    read = _read_fused if reader.has(f"{fused}.gate_up_proj") else _read_per_expert
     w13, w2 = [], []
     for e, shard in zip(ids, parts, strict=True):
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} out of range 0..{cfg.num_experts - 1}")
-        shapes = expert_tensor_shapes(cfg, layer, e)
-        gate_name, up_name, down_name = shapes
-        cols = shard.columns(cfg.expert_intermediate_size)
-        slices = {gate_name: (cols,), up_name: (cols,), down_name: (slice(None), cols)}
-        t = reader.read(shapes, dtype=dtype, device=device, slices=slices if shard != WHOLE else None)
+        gate, up, down = read(reader, cfg, layer, e, shard, dtype, device)  # (F_i, D), (F_i, D), (D, F_i)
         # (D, 2F_i): stored transposed because streaming it this way is ~2x faster for the few
         # rows a decode step sends each expert (measured in docs/architecture.md).
-        w13.append(torch.cat([t[gate_name], t[up_name]]).t().contiguous())
-        w2.append(t[down_name].contiguous())  # (D, F_i)
+        w13.append(torch.cat([gate, up]).t().contiguous())
+        w2.append(down.contiguous())  # (D, F_i)
     return LayerExperts(expert_ids=ids, w13=tuple(w13), w2=tuple(w2), shards=parts)
+
+
+_Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _read_per_expert(reader: CheckpointReader, cfg: ModelConfig, layer: int, e: int, shard: Shard,
+                     dtype: torch.dtype, device: str) -> _Parts:
+    shapes = expert_tensor_shapes(cfg, layer, e)
+    gate_name, up_name, down_name = shapes
+    cols = shard.columns(cfg.expert_intermediate_size)
+    slices = {gate_name: (cols,), up_name: (cols,), down_name: (slice(None), cols)}
+    t = reader.read(shapes, dtype=dtype, device=device, slices=slices if shard != WHOLE else None)
+    return t[gate_name], t[up_name], t[down_name]
+
+
+def _read_fused(reader: CheckpointReader, cfg: ModelConfig, layer: int, e: int, shard: Shard,
+                dtype: torch.dtype, device: str) -> _Parts:
+    """Expert e's rows of the stacked tensors: gate rows [0, F), up rows [F, 2F) of gate_up_proj."""
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    p = f"model.layers.{layer}.{_PREFIX[cfg.family]}.experts"
+    gate_up, down = {f"{p}.gate_up_proj": (E, 2 * F, D)}, {f"{p}.down_proj": (E, D, F)}
+    cols, one = shard.columns(F), slice(e, e + 1)
+    up_cols = slice(F + cols.start, F + cols.stop)
+    gate = reader.read(gate_up, dtype, device, slices={f"{p}.gate_up_proj": (one, cols)})  # (1, F_i, D)
+    up = reader.read(gate_up, dtype, device, slices={f"{p}.gate_up_proj": (one, up_cols)})  # (1, F_i, D)
+    d = reader.read(down, dtype, device, slices={f"{p}.down_proj": (one, slice(None), cols)})  # (1, D, F_i)
+    return gate[f"{p}.gate_up_proj"][0], up[f"{p}.gate_up_proj"][0], d[f"{p}.down_proj"][0]

@@ -120,12 +120,14 @@ def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, 
     assert mesh.stop() == []
 
 
-def test_deepseek_v3_mesh_is_token_identical_to_local(tmp_path_factory, mesh_factory):
-    """MLA with its latent cache, the grouped sigmoid router with its bias and the shared expert,
-    on 4 workers holding one routed expert each (1 dense layer, then 1 MoE layer). The only
-    DeepSeek-V3 mesh run: colocation, overlap, shards and epoch switches are family-independent
-    code that the two families above run."""
-    model, expected = _model_and_expected("deepseek_v3", tmp_path_factory)
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "olmoe"])
+def test_newer_family_mesh_is_token_identical_to_local(arch, tmp_path_factory, mesh_factory):
+    """One mesh run per newer family, 4 workers holding one routed expert each. DeepSeek-V3: MLA
+    with its latent cache, the grouped sigmoid router with its bias and the shared expert (1 dense
+    layer, then 1 MoE layer); Qwen2-MoE: the gated shared expert; OLMoE: full q/k norms.
+    Colocation, overlap, shards and epoch switches are family-independent code that the two
+    families above run; these families do not run them again (each mesh run costs minutes here)."""
+    model, expected = _model_and_expected(arch, tmp_path_factory)
     mesh = mesh_factory(model, 4)
     assert asyncio.run(_staggered(mesh.gateway)) == expected
     assert mesh.stop() == []
