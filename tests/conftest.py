@@ -65,6 +65,14 @@ def save_hf_model(
             **{**common, **mla, **extra},
         )
         cls = transformers.DeepseekV3ForCausalLM
+    elif arch == "glm4_moe":
+        glm = dict(n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+                   use_qk_norm=True, attention_bias=True, head_dim=hidden // heads)
+        cfg = transformers.Glm4MoeConfig(
+            n_routed_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,
+            **{**common, **glm, **extra},
+        )
+        cls = transformers.Glm4MoeForCausalLM
     else:
         cfg = transformers.Qwen3MoeConfig(
             num_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,

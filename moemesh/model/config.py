@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass built from a checkpoint's config.json.
 
 Supports the MoE families whose Hugging Face implementations are our reference: Mixtral,
-Qwen3-MoE, Qwen2-MoE, OLMoE and DeepSeek-V3. Field names follow Hugging Face; the
+Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V3 and GLM-4.5. Field names follow Hugging Face; the
 family-specific spellings (``num_local_experts`` vs ``num_experts`` vs ``n_routed_experts``, old
 ``rope_theta``/``rope_scaling`` vs ``rope_parameters``) are normalised here so nothing downstream
 branches on them: a family's differences are data (an `MLAShape`, a `GroupedRouting`, a shared
@@ -25,6 +25,7 @@ ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 _FAMILY_OF = {arch: family for family, arch in ARCHITECTURES.items()}
@@ -114,6 +115,7 @@ class ModelConfig:
     grouped_routing: GroupedRouting | None = None  # None: softmax top-k
     mla: MLAShape | None = None  # None: grouped-query attention
     yarn: Yarn | None = None  # None: plain RoPE
+    rotary_dim: int = 0  # leading dims of each head that RoPE rotates; 0 = all of head_dim (GLM-4.5: half)
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -177,7 +179,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("qkv_bias", True)) if family == "qwen2_moe" else bias,
-        qk_norm=family in ("qwen3_moe", "olmoe"),
+        qk_norm=family in ("qwen3_moe", "olmoe") or bool(raw.get("use_qk_norm")),
         sliding_window=_sliding_window(raw, family),
         moe_layers=_moe_layers(raw, family, num_layers, num_experts),
         bos_token_id=raw.get("bos_token_id"),
@@ -192,12 +194,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
                        shared_expert_gate=True)
     if family == "deepseek_v3":
         return _deepseek(cfg, raw, get, source)
+    if family == "glm4_moe":
+        return _glm4_moe(cfg, raw, get, source)
     return cfg
 
 
-def _deepseek(cfg: ModelConfig, raw: dict[str, Any], get: _Getter, source: str) -> ModelConfig:
-    if cfg.attention_bias:
-        raise ConfigError(f"{source}: attention_bias=true unsupported for DeepSeek-V3")
+def _grouped_routing(cfg: ModelConfig, raw: dict[str, Any], get: _Getter, source: str) -> GroupedRouting:
     if raw.get("topk_method", "noaux_tc") != "noaux_tc" or raw.get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"{source}: only sigmoid scoring with noaux_tc top-k (DeepSeek-V3's router) is supported")
     n_group, topk_group = get.int("n_group"), get.int("topk_group")
@@ -206,6 +208,31 @@ def _deepseek(cfg: ModelConfig, raw: dict[str, Any], get: _Getter, source: str) 
                           f"topk_group={topk_group}: groups must split the experts and 1 <= topk_group <= n_group")
     if cfg.num_experts // n_group < 2 or cfg.top_k > topk_group * (cfg.num_experts // n_group):
         raise ConfigError(f"{source}: each group needs >= 2 experts and top-k must fit in topk_group groups")
+    return GroupedRouting(n_group, topk_group, float(raw.get("routed_scaling_factor", 1.0)))
+
+
+def _glm4_moe(cfg: ModelConfig, raw: dict[str, Any], get: _Getter, source: str) -> ModelConfig:
+    """GLM-4.5: DeepSeek-V3's router and shared experts over grouped-query attention with partial rotary."""
+    first_dense = int(raw.get("first_k_dense_replace", 0) or 0)
+    return replace(
+        cfg,
+        o_bias=False,  # attention_bias is q/k/v's only
+        norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+        moe_layers=tuple(i >= first_dense for i in range(cfg.num_layers)),
+        shared_intermediate_size=cfg.expert_intermediate_size * int(raw.get("n_shared_experts") or 0),
+        grouped_routing=_grouped_routing(cfg, raw, get, source),
+        rotary_dim=int(cfg.head_dim * _partial_rotary(raw)),
+    )
+
+
+def _partial_rotary(raw: dict[str, Any]) -> float:
+    params = raw.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5)))
+
+
+def _deepseek(cfg: ModelConfig, raw: dict[str, Any], get: _Getter, source: str) -> ModelConfig:
+    if cfg.attention_bias:
+        raise ConfigError(f"{source}: attention_bias=true unsupported for DeepSeek-V3")
     q_lora = raw.get("q_lora_rank")
     mla = MLAShape(
         q_lora_rank=int(q_lora) if q_lora else None,
@@ -223,7 +250,7 @@ def _deepseek(cfg: ModelConfig, raw: dict[str, Any], get: _Getter, source: str) 
         norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
         moe_layers=tuple(i >= first_dense for i in range(cfg.num_layers)),
         shared_intermediate_size=cfg.expert_intermediate_size * int(raw.get("n_shared_experts") or 0),
-        grouped_routing=GroupedRouting(n_group, topk_group, float(raw.get("routed_scaling_factor", 1.0))),
+        grouped_routing=_grouped_routing(cfg, raw, get, source),
         mla=mla,
     )
 
@@ -272,8 +299,8 @@ def _yarn(raw: dict[str, Any], source: str) -> Yarn | None:
         return None
     if kind != "yarn":
         raise ConfigError(f"{source}: rope_type={kind!r} unsupported (default RoPE or yarn)")
-    if raw.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"{source}: partial_rotary_factor unsupported")
+    if raw.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor with yarn unsupported")
 
     def opt(key: str) -> float | None:
         return None if params.get(key) is None else float(params[key])
@@ -287,7 +314,7 @@ def _yarn(raw: dict[str, Any], source: str) -> Yarn | None:
 
 
 def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
-    if family in ("deepseek_v3", "olmoe"):
+    if family in ("deepseek_v3", "olmoe", "glm4_moe"):
         return None
     if family != "mixtral" and not raw.get("use_sliding_window"):
         return None
@@ -297,8 +324,8 @@ def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
 
 def _moe_layers(raw: dict[str, Any], family: str, num_layers: int, num_experts: int) -> tuple[bool, ...]:
     """Per layer: sparse? Mixtral and OLMoE: all; Qwen: mlp_only_layers and decoder_sparse_step
-    (DeepSeek-V3's first_k_dense_replace is applied in `_deepseek`)."""
-    if family in ("mixtral", "olmoe", "deepseek_v3"):
+    (first_k_dense_replace is applied in `_deepseek` and `_glm4_moe`)."""
+    if family in ("mixtral", "olmoe", "deepseek_v3", "glm4_moe"):
         return (True,) * num_layers
     dense_only = set(raw.get("mlp_only_layers") or [])
     step = int(raw.get("decoder_sparse_step", 1) or 1)

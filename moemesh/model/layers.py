@@ -38,7 +38,9 @@ class Rope:
     """
 
     def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype, device: str,
-                 yarn: Yarn | None = None, interleave: bool = False):
+                 yarn: Yarn | None = None, interleave: bool = False, rotary_dim: int = 0):
+        self.rotary_dim = rotary_dim if 0 < rotary_dim < head_dim else 0  # 0: the whole head rotates
+        head_dim = self.rotary_dim or head_dim  # the tables cover the rotated dims only
         if yarn is None:
             inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
             scaling = 1.0
@@ -53,6 +55,12 @@ class Rope:
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (T, heads, Dh), positions: (T,) int64 -> rotated (T, heads, Dh)."""
+        if self.rotary_dim:  # partial rotary: the first rotary_dim dims rotate, the rest pass
+            rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # (T, heads, Dr), (T, heads, Dh - Dr)
+            return torch.cat([self._rotate(rot, positions), rest], dim=-1)
+        return self._rotate(x, positions)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos = self.cos[positions].unsqueeze(1)  # (T, 1, Dh)
         sin = self.sin[positions].unsqueeze(1)  # (T, 1, Dh)
         half = x.shape[-1] // 2
@@ -189,7 +197,7 @@ class GroupedQueryAttention:
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: str):
         self.cache = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device)
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, dtype, device, cfg.yarn)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, dtype, device, cfg.yarn, rotary_dim=cfg.rotary_dim)
         self.shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.eps = cfg.rms_norm_eps
         self.sliding_window = cfg.sliding_window

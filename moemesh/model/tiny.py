@@ -40,8 +40,10 @@ from moemesh.settings import option, parse_bool
 ARCHS = ARCHITECTURES  # family -> architecture name (moemesh.model.config)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSFORMERS_VERSION = "5.23.0"  # the version whose save_pretrained output these files mirror
-_ROPE_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4, "qwen2_moe": 1e6, "olmoe": 1e4, "deepseek_v3": 1e4}  # HF defaults
-_RMS_EPS = {"mixtral": 1e-5, "qwen3_moe": 1e-6, "qwen2_moe": 1e-6, "olmoe": 1e-5, "deepseek_v3": 1e-6}
+_ROPE_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4, "qwen2_moe": 1e6, "olmoe": 1e4, "deepseek_v3": 1e4,
+               "glm4_moe": 1e4}  # Hugging Face's per-family defaults
+_RMS_EPS = {"mixtral": 1e-5, "qwen3_moe": 1e-6, "qwen2_moe": 1e-6, "olmoe": 1e-5, "deepseek_v3": 1e-6, "glm4_moe": 1e-5}
+_GROUPED = ("deepseek_v3", "glm4_moe")  # families with DeepSeek-V3's grouped sigmoid router
 _LOGIT_STD = 3.0  # std of the logits for a unit-RMS final hidden state
 # gain per tensor-name suffix: N(0, gain / sqrt(fan_in)); output RMS ~ gain * input RMS
 _GAINS = {
@@ -88,9 +90,9 @@ class TinySpec:
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
     shards: int = 1  # safetensors files; > 1 also writes model.safetensors.index.json
     norm_topk_prob: bool = True  # Qwen and OLMoE (Mixtral always renormalises; DeepSeek-V3's default is True)
-    groups: int = 0  # DeepSeek-V3 n_group; 0 = min(4, experts // 2)
-    topk_group: int = 0  # DeepSeek-V3 groups kept per token; 0 = half the groups (at least 1)
-    shared_experts: int = 1  # DeepSeek-V3 n_shared_experts (Qwen2-MoE: one shared expert of this many x F)
+    groups: int = 0  # DeepSeek-V3 / GLM-4.5 n_group; 0 = min(4, experts // 2)
+    topk_group: int = 0  # DeepSeek-V3 / GLM-4.5 groups kept per token; 0 = half the groups (at least 1)
+    shared_experts: int = 1  # DeepSeek-V3 / GLM-4.5 n_shared_experts (Qwen2-MoE: one shared expert of this many x F)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -111,18 +113,18 @@ class TinySpec:
             raise ConfigError(f"hidden={self.hidden} must split into heads={self.heads} of even size (RoPE)")
         if self.heads % self.kv_heads:
             raise ConfigError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
-        if self.arch == "deepseek_v3":
-            self._check_deepseek()
+        if self.arch in _GROUPED:
+            self._check_grouped()
 
-    def _check_deepseek(self) -> None:
-        groups, kept = self.n_group, self.kept_groups
+    def _check_grouped(self) -> None:
+        groups, kept, a = self.n_group, self.kept_groups, self.arch
         if self.head_dim % 4 or self.hidden % 4:
-            raise ConfigError(f"deepseek_v3: hidden={self.hidden} / heads={self.heads} must be a multiple of 4")
+            raise ConfigError(f"{a}: hidden={self.hidden} / heads={self.heads} must be a multiple of 4 (half rope)")
         if groups < 1 or self.experts % groups or self.experts // groups < 2 or not 1 <= kept <= groups:
-            raise ConfigError(f"deepseek_v3: experts={self.experts} must split into groups={groups} of >= 2, "
+            raise ConfigError(f"{a}: experts={self.experts} must split into groups={groups} of >= 2, "
                               f"topk_group={kept} in 1..groups")
         if self.top_k > kept * (self.experts // groups):
-            raise ConfigError(f"deepseek_v3: top_k={self.top_k} exceeds the experts of {kept} groups")
+            raise ConfigError(f"{a}: top_k={self.top_k} exceeds the experts of {kept} groups")
 
     @property
     def n_group(self) -> int:
@@ -179,6 +181,8 @@ def _family_config(spec: TinySpec) -> dict[str, Any]:
                 "norm_topk_prob": spec.norm_topk_prob, "num_experts": spec.experts}
     if spec.arch == "deepseek_v3":
         return _deepseek_config(spec)
+    if spec.arch == "glm4_moe":
+        return _glm4_moe_config(spec)
     family = {
         "attention_bias": False,
         "decoder_sparse_step": 1,
@@ -206,6 +210,18 @@ def _deepseek_config(spec: TinySpec) -> dict[str, Any]:
         "qk_nope_head_dim": Dh, "qk_rope_head_dim": Dh // 2, "rope_interleave": True, "routed_scaling_factor": 2.5,
         "topk_group": spec.kept_groups, "v_head_dim": Dh, "head_dim": Dh // 2,
         "num_key_value_heads": spec.heads,  # MLA expands the latent into every head
+    }
+
+
+def _glm4_moe_config(spec: TinySpec) -> dict[str, Any]:
+    """GLM-4.5's layout: q/k/v biases, per-head q/k norms, rope over half of each head."""
+    return {
+        "attention_bias": True, "first_k_dense_replace": 1 if spec.layers > 1 else 0,
+        "intermediate_size": 2 * spec.intermediate, "moe_intermediate_size": spec.intermediate,
+        "n_group": spec.n_group, "n_routed_experts": spec.experts, "n_shared_experts": spec.shared_experts,
+        "norm_topk_prob": spec.norm_topk_prob, "routed_scaling_factor": 1.5, "topk_group": spec.kept_groups,
+        "use_qk_norm": True, "rope_parameters": {"partial_rotary_factor": 0.5, "rope_theta": _ROPE_THETA["glm4_moe"],
+                                                 "rope_type": "default"},
     }
 
 
@@ -364,10 +380,11 @@ class TinyModelSettings:
     dtype: str = option("--dtype", "weight dtype", default=_D.dtype, choices=sorted(DTYPES))
     tie_word_embeddings: bool = option("--tie-embeddings", "share embedding and lm head", parse_bool,
                                        default=_D.tie_word_embeddings)
-    groups: int = option("--groups", "deepseek_v3 expert groups (0: min(4, experts/2))", int, default=_D.groups)
-    topk_group: int = option("--topk-group", "deepseek_v3 groups kept per token (0: half)", int,
+    groups: int = option("--groups", "deepseek_v3 / glm4_moe expert groups (0: min(4, experts/2))", int,
+                         default=_D.groups)
+    topk_group: int = option("--topk-group", "deepseek_v3 / glm4_moe groups kept per token (0: half)", int,
                              default=_D.topk_group)
-    shared_experts: int = option("--shared-experts", "deepseek_v3 / qwen2_moe shared experts", int,
+    shared_experts: int = option("--shared-experts", "deepseek_v3 / glm4_moe / qwen2_moe shared experts", int,
                                  default=_D.shared_experts)
 
     def __post_init__(self) -> None:

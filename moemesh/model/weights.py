@@ -19,11 +19,13 @@ from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig
 from moemesh.model.shard import WHOLE, Shard
 
-_PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen2_moe": "mlp", "olmoe": "mlp", "deepseek_v3": "mlp"}
+_PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen2_moe": "mlp", "olmoe": "mlp", "deepseek_v3": "mlp",
+           "glm4_moe": "mlp"}
 # (gate, up, down) projection names inside one expert
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2")}  # every other family: _SWIGLU
-_SHARED = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}  # the shared expert's module name
+# the shared expert's module name
+_SHARED = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts", "glm4_moe": "shared_experts"}
 
 
 def _attention_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:

@@ -24,6 +24,11 @@ CONFIGS = {
                                        norm_topk_prob=True),
     # 8 routed experts top-2 in 4 groups (2 kept), 1 shared expert, q_lora_rank set, first layer dense.
     "deepseek-v3-mla-grouped-shared": dict(arch="deepseek_v3", layers=3, top_k=2, heads=4, kv_heads=4),
+    # GLM-4.5: partial rotary (half of each head), q/k/v biases, per-head q/k norms, grouped sigmoid
+    # routing (2 groups, 1 kept), a shared expert, the first layer dense.
+    "glm4-moe-partial-rotary-grouped": dict(arch="glm4_moe", layers=3, top_k=2, heads=4, kv_heads=2),
+    "glm4-moe-one-group-top4": dict(arch="glm4_moe", layers=2, top_k=4, heads=4, kv_heads=1, n_group=1, topk_group=1,
+                                    use_qk_norm=False, attention_bias=False),
     "deepseek-v3-plain-q-yarn-rotate-half": dict(
         arch="deepseek_v3", layers=3, top_k=3, heads=2, kv_heads=2, q_lora_rank=None, rope_interleave=False,
         n_group=2, topk_group=2, routed_scaling_factor=1.0, norm_topk_prob=False,

@@ -204,7 +204,7 @@ def test_cli_flags_are_checked_like_a_spec() -> None:
         parser.parse_args(["d", "--dtype", "int8"])
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "olmoe", "glm4_moe"])
 def test_new_families_load_in_transformers_and_compute_the_same(tmp_path: Path, arch: str) -> None:
     """Every name and shape is the reference's (a strict load), the router bias and shared experts
     included; our forward pass on the written file equals transformers' on it."""
@@ -216,7 +216,9 @@ def test_new_families_load_in_transformers_and_compute_the_same(tmp_path: Path, 
     written = _read_all(out)
     model = _load_hf(out)
     cfg = load_config(out)
-    if arch == "deepseek_v3":
+    if arch == "glm4_moe":
+        assert cfg.rotary_dim == cfg.head_dim // 2 and cfg.attention_bias and cfg.qk_norm
+    if arch in ("deepseek_v3", "glm4_moe"):
         assert cfg.moe_layers == (False, True, True) and cfg.grouped_routing is not None
         assert (cfg.grouped_routing.n_group, cfg.grouped_routing.topk_group) == (4, 2)
         bias = written["model.layers.1.mlp.gate.e_score_correction_bias"]
