@@ -3,6 +3,10 @@ this machine's roofline, all measured in one run (these machines are noisy: comp
 
 Model: Mixtral layout, hidden 512, intermediate 1024, 16 experts, top-2, 4 layers; batch 16,
 128-token prompts, 64 new tokens. Both engines compute in fp32 with the same torch threads.
+A second row runs the DeepSeek-V3 layout at the same sizes (MLA with q_lora_rank 256, kv_lora_rank
+128, rope 32 of 64+32 per head; 1 dense layer then 3 MoE layers of 16 routed experts top-2 in 4
+groups (2 kept) plus 1 shared expert), against transformers' DeepseekV3ForCausalLM; its roofline is
+not modelled (the roofline line is Mixtral's).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from moemesh.settings import option, parse_settings
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8,
                 kv_heads=8, vocab=512, seed=0)
+DEEPSEEK_SPEC = TinySpec(arch="deepseek_v3", layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8,
+                         kv_heads=8, vocab=512, seed=0, groups=4, topk_group=2, shared_experts=1)
 
 
 @dataclass(frozen=True)
@@ -136,22 +142,29 @@ def main(argv: list[str] | None = None) -> int:
         machine = measure_machine(s.threads)
         ours = run_engine(model_dir, prompts, s.new_tokens)
         theirs = run_transformers(model_dir, prompts, s.new_tokens)
+        ds_dir = write_tiny_model(Path(tmp) / "deepseek", DEEPSEEK_SPEC)
+        ds_ours = run_engine(ds_dir, prompts, s.new_tokens)
+        ds_ours.pop("model")
+        ds_theirs = run_transformers(ds_dir, prompts, s.new_tokens)
         machine2 = measure_machine(s.threads)
     machine = {k: max(machine[k], machine2[k]) for k in machine}
     context = s.prompt_len + s.new_tokens // 2  # the mean context over the decode steps
     roof = roofline(ours.pop("model"), s.batch, context, ours["experts_hit_per_layer"], machine)
-    report(s, machine, ours, theirs, roof)
+    report(s, machine, ours, theirs, roof, ds_ours, ds_theirs)
     if s.json_path:
-        report_json = {"machine": machine, "engine": ours, "transformers": theirs, "roofline": roof}
+        report_json = {"machine": machine, "engine": ours, "transformers": theirs, "roofline": roof,
+                       "deepseek_v3": {"engine": ds_ours, "transformers": ds_theirs}}
         s.json_path.write_text(json.dumps(report_json, indent=2))
     return 0
 
 
-def report(s: BenchCoreSettings, machine, ours, theirs, roof) -> None:
+def report(s: BenchCoreSettings, machine, ours, theirs, roof, ds_ours, ds_theirs) -> None:
     B, P = s.batch, s.prompt_len
     rows = [
         ("prefill tokens/s", B * P / ours["prefill_s"], B * P / theirs["prefill_s"]),
         ("decode tokens/s", B / ours["decode_step_s"], B / theirs["decode_step_s"]),
+        ("DSv3 prefill tok/s", B * P / ds_ours["prefill_s"], B * P / ds_theirs["prefill_s"]),
+        ("DSv3 decode tok/s", B / ds_ours["decode_step_s"], B / ds_theirs["decode_step_s"]),
     ]
     print(f"bench-core: Mixtral layout D=512 F=1024 E=16 top-2 L=4; batch {B}, prompt {P}, {s.new_tokens} new; "
           f"{s.threads} torch threads, fp32")

@@ -48,6 +48,31 @@ def save_hf_model(
     if arch == "mixtral":
         cfg = transformers.MixtralConfig(num_local_experts=experts, intermediate_size=intermediate, **common, **extra)
         cls = transformers.MixtralForCausalLM
+    elif arch == "olmoe":
+        cfg = transformers.OlmoeConfig(num_experts=experts, intermediate_size=intermediate, **common, **extra)
+        cls = transformers.OlmoeForCausalLM
+    elif arch == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(
+            num_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,
+            shared_expert_intermediate_size=intermediate, **common, **extra,
+        )
+        cls = transformers.Qwen2MoeForCausalLM
+    elif arch == "deepseek_v3":
+        mla = dict(q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                   n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
+        cfg = transformers.DeepseekV3Config(
+            n_routed_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,
+            **{**common, **mla, **extra},
+        )
+        cls = transformers.DeepseekV3ForCausalLM
+    elif arch == "glm4_moe":
+        glm = dict(n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+                   use_qk_norm=True, attention_bias=True, head_dim=hidden // heads)
+        cfg = transformers.Glm4MoeConfig(
+            n_routed_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,
+            **{**common, **glm, **extra},
+        )
+        cls = transformers.Glm4MoeForCausalLM
     else:
         cfg = transformers.Qwen3MoeConfig(
             num_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,
@@ -62,6 +87,9 @@ def save_hf_model(
                 p.normal_(1.0, 0.1)
             else:
                 p.normal_(0.0, 0.25)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a real checkpoint's bias is not zero
+                b.normal_(0.0, 0.1)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(out, **kwargs)
     return model

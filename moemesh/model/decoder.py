@@ -4,7 +4,8 @@ Shape legend: T tokens in the step (all sequences flattened), R rows whose logit
 D hidden, V vocab, E experts, E_loc experts on this rank.
 
 One `MoEModel` serves every deployment: the MoE layers go through `MoELayer`, whose transport
-decides whether experts are local or spread over the mesh.
+decides whether experts are local or spread over the mesh. The attention kind (grouped-query or
+latent) and the router kind are chosen once here, from the config, and never branched on again.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import torch.nn.functional as F
 
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig, load_config
-from moemesh.model.layers import AttentionPlan, KVCache, Rope, attention, rms_norm
+from moemesh.model.layers import AttentionPlan, GroupedQueryAttention, KVCache, rms_norm
+from moemesh.model.mla import LatentAttention, LatentCache
 from moemesh.model.moe import (
     GroupedExperts,
+    GroupedSigmoidRouter,
     LocalTransport,
     MoELayer,
+    Router,
     RoutingObserver,
     SoftmaxTopKRouter,
     Transport,
@@ -56,10 +60,14 @@ class MoEModel:
         self.runtime = runtime
         max_len = min(runtime.max_model_len, cfg.max_position_embeddings)
         self.max_len = max_len
-        self.cache = KVCache(cfg.num_layers, runtime.max_seqs, cfg.num_kv_heads, max_len, cfg.head_dim,
-                             runtime.dtype, runtime.device)
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, runtime.dtype, runtime.device)
-        self._attn_shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.attention: GroupedQueryAttention | LatentAttention = (
+            GroupedQueryAttention if cfg.mla is None else LatentAttention
+        )(cfg, runtime.max_seqs, max_len, runtime.dtype, runtime.device)
+
+    @property
+    def cache(self) -> KVCache | LatentCache:
+        """The attention's cache: K/V heads (S, G, L, Dh) per layer, or MLA latents (S, L, C + Dr)."""
+        return self.attention.cache
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, plan: AttentionPlan, logit_rows: torch.Tensor,
@@ -91,11 +99,10 @@ class MoEModel:
         for i, lw in enumerate(self.dense.layers):
             x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
             if h.shape[0]:
-                h = h + attention(x, lw.attn, i, self.cache, plan, self.rope, self._attn_shape,
-                                  cfg.rms_norm_eps, cfg.sliding_window)
+                h = h + self.attention(x, lw.attn, i, plan)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
             if lw.router is not None:
-                h = h + (yield from self.moe.stages(i, x, lw.router, t_max))
+                h = h + (yield from self.moe.stages(i, x, lw.router, t_max, lw.shared))
             else:
                 assert lw.dense_w13 is not None and lw.dense_w2 is not None, "a layer without a router is dense"
                 gate, up = F.linear(x, lw.dense_w13).chunk(2, dim=-1)  # (T, Fd) each
@@ -140,10 +147,19 @@ def build_model(
     dense = load_dense(reader, cfg, runtime.dtype, runtime.device)
     experts = GroupedExperts(load_experts(reader, cfg, assignment, runtime, shards))
     moe: MoELayer = MoELayer(
-        router=SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob, overflow, capacity_factor),
+        router=make_router(cfg, dense, overflow, capacity_factor),
         transport=transport or LocalTransport(cfg.num_experts),
         experts=experts,
         recorder=recorder,
         device=runtime.device,
     )
     return MoEModel(cfg, dense, moe, runtime)
+
+
+def make_router(cfg: ModelConfig, dense: DenseWeights, overflow: str = "dropless", capacity_factor: float = 1.2
+                ) -> Router:
+    """The family's router: grouped sigmoid (with each layer's correction bias) or softmax top-k."""
+    if cfg.grouped_routing is None:
+        return SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob, overflow, capacity_factor)
+    biases = {i: lw.router_bias for i, lw in enumerate(dense.layers) if lw.router_bias is not None}
+    return GroupedSigmoidRouter(cfg.top_k, cfg.grouped_routing, cfg.norm_topk_prob, biases, overflow, capacity_factor)

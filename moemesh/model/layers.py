@@ -3,18 +3,22 @@
 Shape legend: T tokens in a step (all sequences flattened), B decoding sequences, S cache slots,
 L cache length (max context), D hidden, H query heads, G key/value heads, Dh head dim.
 
-Numerics follow Hugging Face's Mixtral/Qwen3-MoE implementations (fp32 norm statistics, RoPE
-angles computed in fp32, softmax attention via SDPA).
+Numerics follow Hugging Face's implementations (fp32 norm statistics, RoPE angles computed in
+fp32, softmax attention via SDPA). The attention kind is a seam: `GroupedQueryAttention` here,
+`LatentAttention` (moemesh.model.mla) for DeepSeek-V3; each owns its cache, whose per-layer shape
+is its own (K/V heads here, one compressed latent there). The decoder picks one at build time.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from moemesh.model.weights import AttentionWeights
+from moemesh.model.config import ModelConfig, Yarn
+from moemesh.model.weights import AttentionWeights, MLAWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,23 +30,77 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Rope:
-    """Precomputed rotary tables for positions 0..max_positions-1 (HF "default" rope)."""
+    """Precomputed rotary tables for positions 0..max_positions-1 (HF "default" or "yarn" rope).
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype, device: str):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    `interleave`: rotate interleaved pairs (x0, x1), (x2, x3), ... and write the result in
+    rotate-half layout, as DeepSeek's reference does (the same for queries and keys, so their
+    dot products are the pairs' dot products).
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype, device: str,
+                 yarn: Yarn | None = None, interleave: bool = False, rotary_dim: int = 0):
+        self.rotary_dim = rotary_dim if 0 < rotary_dim < head_dim else 0  # 0: the whole head rotates
+        head_dim = self.rotary_dim or head_dim  # the tables cover the rotated dims only
+        if yarn is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = yarn_inv_freq(head_dim, theta, yarn)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # (L, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, Dh)
-        self.cos = emb.cos().to(dtype=dtype, device=device)  # (L, Dh)
-        self.sin = emb.sin().to(dtype=dtype, device=device)  # (L, Dh)
+        self.cos = (emb.cos() * scaling).to(dtype=dtype, device=device)  # (L, Dh)
+        self.sin = (emb.sin() * scaling).to(dtype=dtype, device=device)  # (L, Dh)
+        self.interleave = interleave
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (T, heads, Dh), positions: (T,) int64 -> rotated (T, heads, Dh)."""
+        if self.rotary_dim:  # partial rotary: the first rotary_dim dims rotate, the rest pass
+            rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # (T, heads, Dr), (T, heads, Dh - Dr)
+            return torch.cat([self._rotate(rot, positions), rest], dim=-1)
+        return self._rotate(x, positions)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos = self.cos[positions].unsqueeze(1)  # (T, 1, Dh)
         sin = self.sin[positions].unsqueeze(1)  # (T, 1, Dh)
         half = x.shape[-1] // 2
+        if self.interleave:
+            cos, sin = cos[..., :half], sin[..., :half]  # (T, 1, Dh/2): one angle per pair
+            x1, x2 = x[..., 0::2], x[..., 1::2]  # (T, heads, Dh/2) each
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (T, heads, Dh)
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (T, heads, Dh)
         return x * cos + rotated * sin
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(dim: int, base: float, yarn: Yarn) -> tuple[torch.Tensor, float]:
+    """(Dh/2,) inverse frequencies and the cos/sin scaling, as transformers' _compute_yarn_parameters."""
+    factor = yarn.factor
+    attention_factor = yarn.attention_factor
+    if attention_factor is None:
+        if yarn.mscale and yarn.mscale_all_dim:
+            attention_factor = yarn_mscale(factor, yarn.mscale) / yarn_mscale(factor, yarn.mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        original = yarn.original_max_position_embeddings
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the reference's guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)  # (Dh/2,)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)  # (Dh/2,)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
 
 
 @dataclass(frozen=True)
@@ -118,6 +176,10 @@ def _consecutive_start(slots: list[int]) -> int | None:
 class KVCache:
     """Per layer key and value tensors (S, G, L, Dh), one slot per running sequence."""
 
+    def values_per_token(self, layer: int) -> int:
+        """Cached values per token in `layer`: K and V of every key/value head."""
+        return 2 * self.k[layer].shape[1] * self.k[layer].shape[3]
+
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: str):
         shape = (slots, kv_heads, max_len, head_dim)
@@ -128,6 +190,22 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+
+
+class GroupedQueryAttention:
+    """The attention seam for Mixtral, Qwen and OLMoE: H query heads over G cached K/V heads."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: str):
+        self.cache = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, dtype, device, cfg.yarn, rotary_dim=cfg.rotary_dim)
+        self.shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.eps = cfg.rms_norm_eps
+        self.sliding_window = cfg.sliding_window
+
+    def __call__(self, x: torch.Tensor, w: AttentionWeights | MLAWeights, layer: int, plan: AttentionPlan
+                 ) -> torch.Tensor:
+        assert isinstance(w, AttentionWeights), "grouped-query attention needs q/k/v weights"
+        return attention(x, w, layer, self.cache, plan, self.rope, self.shape, self.eps, self.sliding_window)
 
 
 def attention(
@@ -146,10 +224,14 @@ def attention(
     T = x.shape[0]
     qkv = F.linear(x, w.wqkv, w.bqkv)  # (T, (H + 2G) * Dh)
     q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
+    full_norm = w.q_norm is not None and w.q_norm.shape[0] == H * Dh != Dh
+    if full_norm:  # OLMoE: over the whole projection, before the split into heads
+        assert w.q_norm is not None and w.k_norm is not None, "q_norm and k_norm come together"
+        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
     q = q.view(T, H, Dh)  # (T, H, Dh)
     k = k.view(T, G, Dh)  # (T, G, Dh)
     v = v.view(T, G, Dh)  # (T, G, Dh)
-    if w.q_norm is not None:
+    if w.q_norm is not None and not full_norm:
         assert w.k_norm is not None, "q_norm and k_norm come together (Qwen3)"
         q = rms_norm(q, w.q_norm, eps)
         k = rms_norm(k, w.k_norm, eps)

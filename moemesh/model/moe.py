@@ -4,6 +4,10 @@ Shape legend: T tokens on this rank, K experts per token (top-k), E experts per 
 E_loc experts held on this rank, N token copies this rank's experts receive, D hidden,
 F expert hidden.
 
+Routers: `SoftmaxTopKRouter` (Mixtral, Qwen, OLMoE) and `GroupedSigmoidRouter` (DeepSeek-V3). A
+layer's shared experts (DeepSeek-V3, Qwen2-MoE) are dense work on this rank's own tokens: they run
+after Dispatch is posted, while the routed exchange is in flight, and never go through the seams.
+
 Router, Experts and the combine arithmetic are the same everywhere; what differs between a
 single process and the mesh is only the `Transport` (dispatch + combine): `LocalTransport`
 here, the gloo/NCCL all-to-all transports in `moemesh.mesh`. A transport is chosen once at
@@ -23,8 +27,9 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
+from moemesh.model.config import GroupedRouting
 from moemesh.model.overflow import OVERFLOW_POLICIES, enforce_capacity, expert_capacity
-from moemesh.model.weights import LayerExperts
+from moemesh.model.weights import LayerExperts, SharedExpertWeights
 
 if TYPE_CHECKING:
     from moemesh.mesh.placement import Placement
@@ -133,13 +138,74 @@ class SoftmaxTopKRouter:
             top_i = torch.topk(probs * factors, self.top_k, dim=-1).indices  # (T, K) adjusted choice
             top_p = torch.gather(probs, 1, top_i)  # (T, K) the model's own probabilities
         if self.overflow != "dropless":
-            T, E = probs.shape
-            top_i = enforce_capacity(top_i, probs, expert_capacity(T, self.top_k, E, self.capacity_factor),
-                                     self.overflow)  # (T, K), -1 = dropped
-            top_p = torch.gather(probs, 1, top_i.clamp(min=0)) * (top_i >= 0)  # (T, K)
+            top_i, top_p = _apply_overflow(top_i, probs, self.top_k, self.overflow, self.capacity_factor)
         if self.normalize:  # (a token whose every copy was dropped keeps zero weights)
             top_p = top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top_p.dtype).tiny)
         return Routing(expert_ids=top_i, weights=top_p.to(x.dtype))
+
+
+def _apply_overflow(top_i: torch.Tensor, probs: torch.Tensor, top_k: int, policy: str, capacity_factor: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_i (T, K), probs (T, E) -> (T, K) ids after the overflow policy (-1 = dropped), (T, K) their probs."""
+    T, E = probs.shape
+    top_i = enforce_capacity(top_i, probs, expert_capacity(T, top_k, E, capacity_factor), policy)  # (T, K)
+    return top_i, torch.gather(probs, 1, top_i.clamp(min=0)) * (top_i >= 0)  # (T, K)
+
+
+class GroupedSigmoidRouter:
+    """DeepSeek-V3's router: sigmoid scores, a selection-only bias, group-limited top-k.
+
+    The same torch operations as the reference (`DeepseekV3TopkRouter`), in the same order, so ties
+    break exactly as torch.topk breaks them there. `biases[layer]` (E,) is the layer's
+    e_score_correction_bias; `factors[layer]` (E,) the load-aware gating factors, which scale the
+    selection scores only, like the bias.
+    """
+
+    def __init__(self, top_k: int, grouping: GroupedRouting, normalize: bool, biases: Mapping[int, torch.Tensor],
+                 overflow: str = "dropless", capacity_factor: float = 1.2):
+        assert overflow in OVERFLOW_POLICIES, f"unknown overflow policy {overflow!r}"
+        self.top_k = top_k
+        self.grouping = grouping
+        self.normalize = normalize
+        self.biases = dict(biases)
+        self.overflow = overflow
+        self.capacity_factor = capacity_factor
+        self.factors: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing:
+        G, kept = self.grouping.n_group, self.grouping.topk_group
+        # Step 1: sigmoid scores in fp32.
+        scores = F.linear(x.float(), weight.float()).sigmoid()  # (T, E)
+        T, E = scores.shape
+        # Step 2: the selection score adds the correction bias (and any gating factors).
+        choice = scores + self.biases[layer].float() if layer in self.biases else scores  # (T, E)
+        if layer in self.factors:
+            choice = choice * self.factors[layer]
+        # Step 3: a group's score is the sum of its two best selection scores; keep topk_group groups.
+        group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # (T, G)
+        group_idx = torch.topk(group_scores, k=kept, dim=-1, sorted=False)[1]  # (T, topk_group)
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, G)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(T, E)  # (T, E)
+        choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))  # (T, E)
+        # Step 4: top-k experts among the kept groups.
+        top_i = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]  # (T, K)
+        # Step 5: weights from the unbiased scores, normalised, times routed_scaling_factor.
+        top_w = scores.gather(1, top_i)  # (T, K)
+        if self.overflow != "dropless":
+            top_i, top_w = _apply_overflow(top_i, scores, self.top_k, self.overflow, self.capacity_factor)
+        if self.normalize:
+            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+        top_w = top_w * self.grouping.routed_scaling_factor
+        return Routing(expert_ids=top_i, weights=top_w.to(x.dtype))
+
+
+def shared_experts(x: torch.Tensor, w: SharedExpertWeights) -> torch.Tensor:
+    """x: (T, D) -> (T, D): the shared SwiGLU expert(s), gated by sigmoid(x @ gate.T) when it has a gate."""
+    gate, up = F.linear(x, w.w13).chunk(2, dim=-1)  # (T, Fs) each
+    y = F.linear(F.silu(gate) * up, w.w2)  # (T, D)
+    if w.gate is not None:
+        y = torch.sigmoid(F.linear(x, w.gate)) * y  # (T, 1) * (T, D)
+    return y
 
 
 class GroupedExperts:
@@ -237,15 +303,18 @@ class MoELayer(Generic[H]):
                                for layer, f in placement.gating.items()}
 
     def stages(
-        self, layer: int, x: torch.Tensor, router_weight: torch.Tensor, t_max: int | None = None
+        self, layer: int, x: torch.Tensor, router_weight: torch.Tensor, t_max: int | None = None,
+        shared: SharedExpertWeights | None = None,
     ) -> Generator[None, None, torch.Tensor]:
         """x: (T, D) -> (T, D), yielding while dispatch and while combine are in flight.
         T may be 0 on a mesh rank with no tokens: it still joins both exchanges. `t_max`: the
-        micro-batch's most tokens on any rank (the step header's); None in a single process."""
+        micro-batch's most tokens on any rank (the step header's); None in a single process.
+        `shared`: the layer's shared experts, computed while the dispatch is in flight."""
         routing = self.router(x, router_weight, layer)
         if self.recorder is not None:
             self.recorder.routed(layer, routing)
         pending = self.transport.dispatch(layer, x, routing, t_max)
+        dense = shared_experts(x, shared) if shared is not None else None  # (T, D): overlaps the dispatch
         yield
         batch, handle = pending.wait()
         y = self.experts(layer, batch)  # (N, D)
@@ -253,11 +322,12 @@ class MoELayer(Generic[H]):
         yield
         per_copy = pending_out.wait()  # (T, K, D)
         # Sum over K in a fixed order (not scatter-add order): identical on every deployment.
-        return (per_copy * routing.weights.unsqueeze(-1)).sum(dim=1)  # (T, D)
+        routed = (per_copy * routing.weights.unsqueeze(-1)).sum(dim=1)  # (T, D)
+        return routed if dense is None else routed + dense
 
     def __call__(self, layer: int, x: torch.Tensor, router_weight: torch.Tensor,
-                 t_max: int | None = None) -> torch.Tensor:
-        return run_to_end(self.stages(layer, x, router_weight, t_max))
+                 t_max: int | None = None, shared: SharedExpertWeights | None = None) -> torch.Tensor:
+        return run_to_end(self.stages(layer, x, router_weight, t_max, shared))
 
 
 def run_to_end(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:

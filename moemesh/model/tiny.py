@@ -1,4 +1,5 @@
-"""Write small random-initialised Mixtral / Qwen3-MoE checkpoints in the Hugging Face layout.
+"""Write small random-initialised MoE checkpoints (every family of ARCHITECTURES) in the Hugging
+Face layout.
 
 The output folder is what `save_pretrained` would produce (config.json, generation_config.json,
 model.safetensors or shards + model.safetensors.index.json, tokenizer files) and loads with
@@ -39,8 +40,10 @@ from moemesh.settings import option, parse_bool
 ARCHS = ARCHITECTURES  # family -> architecture name (moemesh.model.config)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSFORMERS_VERSION = "5.23.0"  # the version whose save_pretrained output these files mirror
-_ROPE_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4}  # Hugging Face's per-family defaults
-_RMS_EPS = {"mixtral": 1e-5, "qwen3_moe": 1e-6}
+_ROPE_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4, "qwen2_moe": 1e6, "olmoe": 1e4, "deepseek_v3": 1e4,
+               "glm4_moe": 1e4}  # Hugging Face's per-family defaults
+_RMS_EPS = {"mixtral": 1e-5, "qwen3_moe": 1e-6, "qwen2_moe": 1e-6, "olmoe": 1e-5, "deepseek_v3": 1e-6, "glm4_moe": 1e-5}
+_GROUPED = ("deepseek_v3", "glm4_moe")  # families with DeepSeek-V3's grouped sigmoid router
 _LOGIT_STD = 3.0  # std of the logits for a unit-RMS final hidden state
 # gain per tensor-name suffix: N(0, gain / sqrt(fan_in)); output RMS ~ gain * input RMS
 _GAINS = {
@@ -55,7 +58,13 @@ _GAINS = {
     "up_proj.weight": 1.0,
     "w2.weight": 0.5,
     "down_proj.weight": 0.5,
+    "q_a_proj.weight": 1.0,  # MLA (DeepSeek-V3)
+    "q_b_proj.weight": 1.0,
+    "kv_a_proj_with_mqa.weight": 1.0,
+    "kv_b_proj.weight": 1.0,
+    "shared_expert_gate.weight": 1.0,  # Qwen2-MoE
 }
+_VECTOR_STD = 0.1  # biases and DeepSeek's e_score_correction_bias: a bias that changes some selections
 # With tied embeddings the embedding rows are small (they double as the lm head), so the
 # residual branches need a larger gain; else the head mostly echoes the input token.
 _TIED_BRANCH_GAIN = 2.0
@@ -80,7 +89,10 @@ class TinySpec:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
     shards: int = 1  # safetensors files; > 1 also writes model.safetensors.index.json
-    norm_topk_prob: bool = True  # Qwen3 only (Mixtral always renormalises the top-k)
+    norm_topk_prob: bool = True  # Qwen and OLMoE (Mixtral always renormalises; DeepSeek-V3's default is True)
+    groups: int = 0  # DeepSeek-V3 / GLM-4.5 n_group; 0 = min(4, experts // 2)
+    topk_group: int = 0  # DeepSeek-V3 / GLM-4.5 groups kept per token; 0 = half the groups (at least 1)
+    shared_experts: int = 1  # DeepSeek-V3 / GLM-4.5 n_shared_experts (Qwen2-MoE: one shared expert of this many x F)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -101,6 +113,26 @@ class TinySpec:
             raise ConfigError(f"hidden={self.hidden} must split into heads={self.heads} of even size (RoPE)")
         if self.heads % self.kv_heads:
             raise ConfigError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        if self.arch in _GROUPED:
+            self._check_grouped()
+
+    def _check_grouped(self) -> None:
+        groups, kept, a = self.n_group, self.kept_groups, self.arch
+        if self.head_dim % 4 or self.hidden % 4:
+            raise ConfigError(f"{a}: hidden={self.hidden} / heads={self.heads} must be a multiple of 4 (half rope)")
+        if groups < 1 or self.experts % groups or self.experts // groups < 2 or not 1 <= kept <= groups:
+            raise ConfigError(f"{a}: experts={self.experts} must split into groups={groups} of >= 2, "
+                              f"topk_group={kept} in 1..groups")
+        if self.top_k > kept * (self.experts // groups):
+            raise ConfigError(f"{a}: top_k={self.top_k} exceeds the experts of {kept} groups")
+
+    @property
+    def n_group(self) -> int:
+        return self.groups or max(1, min(4, self.experts // 2))
+
+    @property
+    def kept_groups(self) -> int:
+        return self.topk_group or max(1, self.n_group // 2)
 
     @property
     def head_dim(self) -> int:
@@ -136,21 +168,61 @@ def hf_config(spec: TinySpec) -> dict[str, Any]:
         "use_cache": True,
         "vocab_size": spec.vocab,
     }
-    if spec.arch == "mixtral":
-        family: dict[str, Any] = {"intermediate_size": spec.intermediate, "num_local_experts": spec.experts,
-                                  "router_jitter_noise": 0.0}
-    else:
-        family = {
-            "attention_bias": False,
-            "decoder_sparse_step": 1,
-            "intermediate_size": 2 * spec.intermediate,  # dense MLP, used only by mlp_only_layers
-            "mlp_only_layers": [],
-            "moe_intermediate_size": spec.intermediate,
-            "norm_topk_prob": spec.norm_topk_prob,
-            "num_experts": spec.experts,  # the spelling of Qwen3 checkpoints on the Hub
-            "use_sliding_window": False,
-        }
+    family = _family_config(spec)
     return dict(sorted({**common, **family}.items()))
+
+
+def _family_config(spec: TinySpec) -> dict[str, Any]:
+    F = spec.intermediate
+    if spec.arch == "mixtral":
+        return {"intermediate_size": F, "num_local_experts": spec.experts, "router_jitter_noise": 0.0}
+    if spec.arch == "olmoe":
+        return {"attention_bias": False, "clip_qkv": None, "intermediate_size": F,
+                "norm_topk_prob": spec.norm_topk_prob, "num_experts": spec.experts}
+    if spec.arch == "deepseek_v3":
+        return _deepseek_config(spec)
+    if spec.arch == "glm4_moe":
+        return _glm4_moe_config(spec)
+    family = {
+        "attention_bias": False,
+        "decoder_sparse_step": 1,
+        "intermediate_size": 2 * F,  # dense MLP, used only by mlp_only_layers
+        "mlp_only_layers": [],
+        "moe_intermediate_size": F,
+        "norm_topk_prob": spec.norm_topk_prob,
+        "num_experts": spec.experts,  # the spelling of Qwen checkpoints on the Hub
+        "use_sliding_window": False,
+    }
+    if spec.arch == "qwen2_moe":
+        family.update(qkv_bias=True, shared_expert_intermediate_size=spec.shared_experts * F,
+                      max_window_layers=spec.layers)
+    return family
+
+
+def _deepseek_config(spec: TinySpec) -> dict[str, Any]:
+    """MLA ranks derived from the head size: rope half a head, latent a quarter of the hidden size."""
+    Dh = spec.head_dim
+    return {
+        "attention_bias": False, "first_k_dense_replace": 1 if spec.layers > 1 else 0,
+        "intermediate_size": 2 * spec.intermediate, "kv_lora_rank": spec.hidden // 4, "moe_intermediate_size":
+        spec.intermediate, "n_group": spec.n_group, "n_routed_experts": spec.experts, "n_shared_experts":
+        spec.shared_experts, "norm_topk_prob": spec.norm_topk_prob, "q_lora_rank": spec.hidden // 2,
+        "qk_nope_head_dim": Dh, "qk_rope_head_dim": Dh // 2, "rope_interleave": True, "routed_scaling_factor": 2.5,
+        "topk_group": spec.kept_groups, "v_head_dim": Dh, "head_dim": Dh // 2,
+        "num_key_value_heads": spec.heads,  # MLA expands the latent into every head
+    }
+
+
+def _glm4_moe_config(spec: TinySpec) -> dict[str, Any]:
+    """GLM-4.5's layout: q/k/v biases, per-head q/k norms, rope over half of each head."""
+    return {
+        "attention_bias": True, "first_k_dense_replace": 1 if spec.layers > 1 else 0,
+        "intermediate_size": 2 * spec.intermediate, "moe_intermediate_size": spec.intermediate,
+        "n_group": spec.n_group, "n_routed_experts": spec.experts, "n_shared_experts": spec.shared_experts,
+        "norm_topk_prob": spec.norm_topk_prob, "routed_scaling_factor": 1.5, "topk_group": spec.kept_groups,
+        "use_qk_norm": True, "rope_parameters": {"partial_rotary_factor": 0.5, "rope_theta": _ROPE_THETA["glm4_moe"],
+                                                 "rope_type": "default"},
+    }
 
 
 def generation_config(spec: TinySpec) -> dict[str, Any]:
@@ -234,6 +306,8 @@ def _init_std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float | No
     head_std = _LOGIT_STD / math.sqrt(cfg.hidden_size)
     if name.endswith("norm.weight"):
         return None
+    if name.endswith((".bias", "e_score_correction_bias")):
+        return _VECTOR_STD
     if name == "lm_head.weight":
         return head_std
     if name == "model.embed_tokens.weight":
@@ -249,9 +323,10 @@ def _check_config(cfg: ModelConfig, spec: TinySpec) -> None:
     """Assert that config_from_dict reads back exactly what `spec` asked for."""
     got = (cfg.family, cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.hidden_size,
            cfg.expert_intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
-           cfg.tie_word_embeddings, cfg.torch_dtype, all(cfg.moe_layers))
+           cfg.tie_word_embeddings, cfg.torch_dtype, cfg.moe_layers[-1])
+    kv_heads = spec.heads if spec.arch == "deepseek_v3" else spec.kv_heads  # MLA: one latent, H heads
     want = (spec.arch, spec.layers, spec.experts, spec.top_k, spec.hidden, spec.intermediate,
-            spec.heads, spec.kv_heads, spec.vocab, spec.tie_word_embeddings, spec.dtype, True)
+            spec.heads, kv_heads, spec.vocab, spec.tie_word_embeddings, spec.dtype, True)
     assert got == want, f"config round-trip mismatch: {got} != {want}"
 
 
@@ -321,6 +396,12 @@ class TinyModelSettings:
     dtype: str = option("--dtype", "weight dtype", default=_D.dtype, choices=sorted(DTYPES))
     tie_word_embeddings: bool = option("--tie-embeddings", "share embedding and lm head", parse_bool,
                                        default=_D.tie_word_embeddings)
+    groups: int = option("--groups", "deepseek_v3 / glm4_moe expert groups (0: min(4, experts/2))", int,
+                         default=_D.groups)
+    topk_group: int = option("--topk-group", "deepseek_v3 / glm4_moe groups kept per token (0: half)", int,
+                             default=_D.topk_group)
+    shared_experts: int = option("--shared-experts", "deepseek_v3 / glm4_moe / qwen2_moe shared experts", int,
+                                 default=_D.shared_experts)
 
     def __post_init__(self) -> None:
         self.spec()  # a bad combination (top-k > experts, ...) is a ConfigError here, before any work

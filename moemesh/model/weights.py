@@ -1,10 +1,11 @@
 """Tensor names, shapes and in-memory layout of a checkpoint's weights.
 
 Shape legend: V vocab, D hidden, H query heads, G key/value heads, Dh head dim,
-E experts per layer, E_loc experts held by this process, F expert hidden, Fd dense-MLP hidden.
+E experts per layer, E_loc experts held by this process, F expert hidden, Fd dense-MLP hidden,
+Fs shared-expert hidden; MLA: Q q_lora_rank, C kv_lora_rank, Dn/Dr/Dv nope/rope/value head dims.
 
-The dense part (embeddings, attention, norms, routers, dense MLPs, lm head) is what every
-worker replicates; experts are loaded per (layer, expert) so a worker holds only its own.
+The dense part (embeddings, attention, norms, routers, dense MLPs, shared experts, lm head) is what
+every worker replicates; routed experts are loaded per (layer, expert) so a worker holds only its own.
 """
 
 from __future__ import annotations
@@ -18,14 +19,60 @@ from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig
 from moemesh.model.shard import WHOLE, Shard
 
-_PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
+_PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen2_moe": "mlp", "olmoe": "mlp", "deepseek_v3": "mlp",
+           "glm4_moe": "mlp"}
 # (gate, up, down) projection names inside one expert
-_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+_SWIGLU = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2")}  # every other family: _SWIGLU
+# the shared expert's module name
+_SHARED = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts", "glm4_moe": "shared_experts"}
+
+
+def _attention_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """Grouped-query attention of layer prefix `p` (optional biases, per-head or full q/k norms)."""
+    D, Dh = cfg.hidden_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    for proj, rows in (("q", cfg.num_heads * Dh), ("k", cfg.num_kv_heads * Dh), ("v", cfg.num_kv_heads * Dh)):
+        shapes[f"{p}.self_attn.{proj}_proj.weight"] = (rows, D)
+        if cfg.attention_bias:
+            shapes[f"{p}.self_attn.{proj}_proj.bias"] = (rows,)
+    shapes[f"{p}.self_attn.o_proj.weight"] = (D, cfg.num_heads * Dh)
+    if cfg.o_bias:
+        shapes[f"{p}.self_attn.o_proj.bias"] = (D,)
+    if cfg.qk_norm:
+        full = cfg.qk_norm_full
+        shapes[f"{p}.self_attn.q_norm.weight"] = (cfg.num_heads * Dh,) if full else (Dh,)
+        shapes[f"{p}.self_attn.k_norm.weight"] = (cfg.num_kv_heads * Dh,) if full else (Dh,)
+    return shapes
+
+
+def _mla_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """Multi-head latent attention of layer prefix `p` (DeepSeek-V3 names)."""
+    m = cfg.mla
+    assert m is not None, "only MLA configs have MLA tensors"
+    D, H, a = cfg.hidden_size, cfg.num_heads, f"{p}.self_attn"
+    shapes: dict[str, tuple[int, ...]] = {}
+    if m.q_lora_rank is None:
+        shapes[f"{a}.q_proj.weight"] = (H * m.qk_head_dim, D)
+    else:
+        shapes[f"{a}.q_a_proj.weight"] = (m.q_lora_rank, D)
+        shapes[f"{a}.q_a_layernorm.weight"] = (m.q_lora_rank,)
+        shapes[f"{a}.q_b_proj.weight"] = (H * m.qk_head_dim, m.q_lora_rank)
+    shapes[f"{a}.kv_a_proj_with_mqa.weight"] = (m.cache_width, D)
+    shapes[f"{a}.kv_a_layernorm.weight"] = (m.kv_lora_rank,)
+    shapes[f"{a}.kv_b_proj.weight"] = (H * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+    shapes[f"{a}.o_proj.weight"] = (D, H * m.v_head_dim)
+    return shapes
+
+
+def _mlp_shapes(prefix: str, D: int, F: int) -> dict[str, tuple[int, ...]]:
+    gate, up, down = _SWIGLU
+    return {f"{prefix}.{gate}.weight": (F, D), f"{prefix}.{up}.weight": (F, D), f"{prefix}.{down}.weight": (D, F)}
 
 
 def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every dense tensor (what each worker replicates)."""
-    D, Dh = cfg.hidden_size, cfg.head_dim
+    D = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (cfg.vocab_size, D),
         "model.norm.weight": (D,),
@@ -36,30 +83,25 @@ def dense_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = (D,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (D,)
-        for proj, rows in (("q", cfg.num_heads * Dh), ("k", cfg.num_kv_heads * Dh), ("v", cfg.num_kv_heads * Dh)):
-            shapes[f"{p}.self_attn.{proj}_proj.weight"] = (rows, D)
-            if cfg.attention_bias:
-                shapes[f"{p}.self_attn.{proj}_proj.bias"] = (rows,)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (D, cfg.num_heads * Dh)
-        if cfg.attention_bias:
-            shapes[f"{p}.self_attn.o_proj.bias"] = (D,)
-        if cfg.qk_norm:
-            shapes[f"{p}.self_attn.q_norm.weight"] = (Dh,)
-            shapes[f"{p}.self_attn.k_norm.weight"] = (Dh,)
-        if cfg.moe_layers[i]:
-            shapes[f"{p}.{_PREFIX[cfg.family]}.gate.weight"] = (cfg.num_experts, D)
-        else:
-            Fd = cfg.dense_intermediate_size
-            shapes[f"{p}.mlp.gate_proj.weight"] = (Fd, D)
-            shapes[f"{p}.mlp.up_proj.weight"] = (Fd, D)
-            shapes[f"{p}.mlp.down_proj.weight"] = (D, Fd)
+        shapes.update(_mla_shapes(cfg, p) if cfg.mla is not None else _attention_shapes(cfg, p))
+        if not cfg.moe_layers[i]:
+            shapes.update(_mlp_shapes(f"{p}.mlp", D, cfg.dense_intermediate_size))
+            continue
+        moe = f"{p}.{_PREFIX[cfg.family]}"
+        shapes[f"{moe}.gate.weight"] = (cfg.num_experts, D)
+        if cfg.grouped_routing is not None:
+            shapes[f"{moe}.gate.e_score_correction_bias"] = (cfg.num_experts,)
+        if cfg.shared_intermediate_size:
+            shapes.update(_mlp_shapes(f"{moe}.{_SHARED[cfg.family]}", D, cfg.shared_intermediate_size))
+        if cfg.shared_expert_gate:
+            shapes[f"{moe}.shared_expert_gate.weight"] = (1, D)
     return shapes
 
 
 def expert_tensor_shapes(cfg: ModelConfig, layer: int, expert: int) -> dict[str, tuple[int, ...]]:
     """Name -> shape of the three projections of one expert, in (gate, up, down) order."""
     D, F = cfg.hidden_size, cfg.expert_intermediate_size
-    gate, up, down = _EXPERT_PROJ[cfg.family]
+    gate, up, down = _EXPERT_PROJ.get(cfg.family, _SWIGLU)
     p = f"model.layers.{layer}.{_PREFIX[cfg.family]}.experts.{expert}"
     return {f"{p}.{gate}.weight": (F, D), f"{p}.{up}.weight": (F, D), f"{p}.{down}.weight": (D, F)}
 
@@ -70,18 +112,45 @@ class AttentionWeights:
     bqkv: torch.Tensor | None  # (H*Dh + 2*G*Dh,)
     wo: torch.Tensor  # (D, H*Dh)
     bo: torch.Tensor | None  # (D,)
-    q_norm: torch.Tensor | None  # (Dh,) Qwen3 only
-    k_norm: torch.Tensor | None  # (Dh,) Qwen3 only
+    q_norm: torch.Tensor | None  # (Dh,) per head (Qwen3) or (H*Dh,) over the projection (OLMoE)
+    k_norm: torch.Tensor | None  # (Dh,) or (G*Dh,)
+
+
+@dataclass(frozen=True)
+class MLAWeights:
+    """Multi-head latent attention. kv_b_proj is kept split per head into W_UK and W_UV: the
+    unabsorbed path expands the latent with them, the absorbed decode path folds them into the
+    query and the output."""
+
+    q_a: torch.Tensor | None  # (Q, D); None when the checkpoint has a plain q_proj
+    q_a_norm: torch.Tensor | None  # (Q,)
+    q_b: torch.Tensor  # (H*(Dn+Dr), Q), or q_proj's (H*(Dn+Dr), D)
+    kv_a: torch.Tensor  # (C+Dr, D): the latent and the shared rope key, one matmul
+    kv_a_norm: torch.Tensor  # (C,)
+    w_uk: torch.Tensor  # (H, Dn, C)
+    w_uv: torch.Tensor  # (H, Dv, C)
+    wo: torch.Tensor  # (D, H*Dv)
+
+
+@dataclass(frozen=True)
+class SharedExpertWeights:
+    """The shared expert(s) every token of a MoE layer uses: dense work on each rank's own tokens."""
+
+    w13: torch.Tensor  # (2*Fs, D) gate and up fused
+    w2: torch.Tensor  # (D, Fs)
+    gate: torch.Tensor | None  # (1, D): output scaled by sigmoid(x @ gate.T) (Qwen2-MoE); None = unscaled
 
 
 @dataclass(frozen=True)
 class LayerWeights:
     input_norm: torch.Tensor  # (D,)
     post_norm: torch.Tensor  # (D,)
-    attn: AttentionWeights
+    attn: AttentionWeights | MLAWeights
     router: torch.Tensor | None  # (E, D) for MoE layers
     dense_w13: torch.Tensor | None  # (2*Fd, D) gate and up fused, for dense MLP layers
     dense_w2: torch.Tensor | None  # (D, Fd)
+    router_bias: torch.Tensor | None = None  # (E,) e_score_correction_bias: selection only (DeepSeek-V3)
+    shared: SharedExpertWeights | None = None
 
 
 @dataclass(frozen=True)
@@ -153,24 +222,56 @@ def load_dense(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype, d
 
 def _layer_weights(t: Mapping[str, torch.Tensor], cfg: ModelConfig, i: int) -> LayerWeights:
     p = f"model.layers.{i}"
-    a = f"{p}.self_attn"
-    bias = cfg.attention_bias
-    attn = AttentionWeights(
-        wqkv=torch.cat([t[f"{a}.q_proj.weight"], t[f"{a}.k_proj.weight"], t[f"{a}.v_proj.weight"]]),
-        bqkv=torch.cat([t[f"{a}.q_proj.bias"], t[f"{a}.k_proj.bias"], t[f"{a}.v_proj.bias"]]) if bias else None,
+    attn = _mla_weights(t, cfg, f"{p}.self_attn") if cfg.mla is not None else _attention_weights(t, f"{p}.self_attn")
+    if not cfg.moe_layers[i]:
+        return LayerWeights(
+            input_norm=t[f"{p}.input_layernorm.weight"], post_norm=t[f"{p}.post_attention_layernorm.weight"],
+            attn=attn, router=None, dense_w13=_w13(t, f"{p}.mlp"), dense_w2=t[f"{p}.mlp.down_proj.weight"],
+        )
+    moe = f"{p}.{_PREFIX[cfg.family]}"
+    shared = None
+    if cfg.shared_intermediate_size:
+        s = f"{moe}.{_SHARED[cfg.family]}"
+        shared = SharedExpertWeights(w13=_w13(t, s), w2=t[f"{s}.down_proj.weight"],
+                                     gate=t.get(f"{moe}.shared_expert_gate.weight"))
+    return LayerWeights(
+        input_norm=t[f"{p}.input_layernorm.weight"], post_norm=t[f"{p}.post_attention_layernorm.weight"],
+        attn=attn, router=t[f"{moe}.gate.weight"], dense_w13=None, dense_w2=None,
+        router_bias=t.get(f"{moe}.gate.e_score_correction_bias"), shared=shared,
+    )
+
+
+def _w13(t: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    return torch.cat([t[f"{prefix}.gate_proj.weight"], t[f"{prefix}.up_proj.weight"]])  # (2F, D)
+
+
+def _attention_weights(t: Mapping[str, torch.Tensor], a: str) -> AttentionWeights:
+    qkv = [f"{a}.{x}_proj" for x in "qkv"]
+    return AttentionWeights(
+        wqkv=torch.cat([t[f"{n}.weight"] for n in qkv]),
+        bqkv=torch.cat([t[f"{n}.bias"] for n in qkv]) if f"{a}.q_proj.bias" in t else None,
         wo=t[f"{a}.o_proj.weight"],
-        bo=t[f"{a}.o_proj.bias"] if bias else None,
+        bo=t.get(f"{a}.o_proj.bias"),
         q_norm=t.get(f"{a}.q_norm.weight"),
         k_norm=t.get(f"{a}.k_norm.weight"),
     )
-    sparse = cfg.moe_layers[i]
-    return LayerWeights(
-        input_norm=t[f"{p}.input_layernorm.weight"],
-        post_norm=t[f"{p}.post_attention_layernorm.weight"],
-        attn=attn,
-        router=t[f"{p}.{_PREFIX[cfg.family]}.gate.weight"] if sparse else None,
-        dense_w13=None if sparse else torch.cat([t[f"{p}.mlp.gate_proj.weight"], t[f"{p}.mlp.up_proj.weight"]]),
-        dense_w2=None if sparse else t[f"{p}.mlp.down_proj.weight"],
+
+
+def _mla_weights(t: Mapping[str, torch.Tensor], cfg: ModelConfig, a: str) -> MLAWeights:
+    m = cfg.mla
+    assert m is not None, "only MLA configs have MLA tensors"
+    kv_b = t[f"{a}.kv_b_proj.weight"].view(cfg.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+    w_uk, w_uv = kv_b.split([m.qk_nope_head_dim, m.v_head_dim], dim=1)  # (H, Dn, C), (H, Dv, C)
+    lora = m.q_lora_rank is not None
+    return MLAWeights(
+        q_a=t[f"{a}.q_a_proj.weight"] if lora else None,
+        q_a_norm=t[f"{a}.q_a_layernorm.weight"] if lora else None,
+        q_b=t[f"{a}.q_b_proj.weight"] if lora else t[f"{a}.q_proj.weight"],
+        kv_a=t[f"{a}.kv_a_proj_with_mqa.weight"],
+        kv_a_norm=t[f"{a}.kv_a_layernorm.weight"],
+        w_uk=w_uk.contiguous(),
+        w_uv=w_uv.contiguous(),
+        wo=t[f"{a}.o_proj.weight"],
     )
 
 
@@ -183,20 +284,46 @@ def load_layer_experts(
     device: str,
     shards: Iterable[Shard] | None = None,
 ) -> LayerExperts:
-    """Read only the given experts of one layer (only `shards[i]`'s columns of expert i)."""
+    """Read only the given experts of one layer (only `shards[i]`'s columns of expert i), from
+    per-expert tensors or from the fused (E, 2F, D) gate_up_proj / (E, D, F) down_proj layout."""
     ids = tuple(experts)
     parts = tuple(shards) if shards is not None else (WHOLE,) * len(ids)
+    fused = f"model.layers.{layer}.{_PREFIX[cfg.family]}.experts"
+    read = _read_fused if reader.has(f"{fused}.gate_up_proj") else _read_per_expert
     w13, w2 = [], []
     for e, shard in zip(ids, parts, strict=True):
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} out of range 0..{cfg.num_experts - 1}")
-        shapes = expert_tensor_shapes(cfg, layer, e)
-        gate_name, up_name, down_name = shapes
-        cols = shard.columns(cfg.expert_intermediate_size)
-        slices = {gate_name: (cols,), up_name: (cols,), down_name: (slice(None), cols)}
-        t = reader.read(shapes, dtype=dtype, device=device, slices=slices if shard != WHOLE else None)
+        gate, up, down = read(reader, cfg, layer, e, shard, dtype, device)  # (F_i, D), (F_i, D), (D, F_i)
         # (D, 2F_i): stored transposed because streaming it this way is ~2x faster for the few
         # rows a decode step sends each expert (measured in docs/architecture.md).
-        w13.append(torch.cat([t[gate_name], t[up_name]]).t().contiguous())
-        w2.append(t[down_name].contiguous())  # (D, F_i)
+        w13.append(torch.cat([gate, up]).t().contiguous())
+        w2.append(down.contiguous())  # (D, F_i)
     return LayerExperts(expert_ids=ids, w13=tuple(w13), w2=tuple(w2), shards=parts)
+
+
+_Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _read_per_expert(reader: CheckpointReader, cfg: ModelConfig, layer: int, e: int, shard: Shard,
+                     dtype: torch.dtype, device: str) -> _Parts:
+    shapes = expert_tensor_shapes(cfg, layer, e)
+    gate_name, up_name, down_name = shapes
+    cols = shard.columns(cfg.expert_intermediate_size)
+    slices = {gate_name: (cols,), up_name: (cols,), down_name: (slice(None), cols)}
+    t = reader.read(shapes, dtype=dtype, device=device, slices=slices if shard != WHOLE else None)
+    return t[gate_name], t[up_name], t[down_name]
+
+
+def _read_fused(reader: CheckpointReader, cfg: ModelConfig, layer: int, e: int, shard: Shard,
+                dtype: torch.dtype, device: str) -> _Parts:
+    """Expert e's rows of the stacked tensors: gate rows [0, F), up rows [F, 2F) of gate_up_proj."""
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    p = f"model.layers.{layer}.{_PREFIX[cfg.family]}.experts"
+    gate_up, down = {f"{p}.gate_up_proj": (E, 2 * F, D)}, {f"{p}.down_proj": (E, D, F)}
+    cols, one = shard.columns(F), slice(e, e + 1)
+    up_cols = slice(F + cols.start, F + cols.stop)
+    gate = reader.read(gate_up, dtype, device, slices={f"{p}.gate_up_proj": (one, cols)})  # (1, F_i, D)
+    up = reader.read(gate_up, dtype, device, slices={f"{p}.gate_up_proj": (one, up_cols)})  # (1, F_i, D)
+    d = reader.read(down, dtype, device, slices={f"{p}.down_proj": (one, slice(None), cols)})  # (1, D, F_i)
+    return gate[f"{p}.gate_up_proj"][0], up[f"{p}.gate_up_proj"][0], d[f"{p}.down_proj"][0]

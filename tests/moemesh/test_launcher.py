@@ -125,6 +125,20 @@ def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, 
     assert mesh.stop() == []
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "olmoe", "glm4_moe"])
+def test_newer_family_mesh_is_token_identical_to_local(arch, tmp_path_factory, mesh_factory):
+    """One mesh run per newer family, 4 workers holding one routed expert each. DeepSeek-V3: MLA
+    with its latent cache, the grouped sigmoid router with its bias and the shared expert (1 dense
+    layer, then 1 MoE layer); Qwen2-MoE: the gated shared expert; OLMoE: full q/k norms; GLM-4.5:
+    partial rotary, q/k/v biases, grouped routing and a shared expert.
+    Colocation, overlap, shards and epoch switches are family-independent code that the two
+    families above run; these families do not run them again (each mesh run costs minutes here)."""
+    model, expected = _model_and_expected(arch, tmp_path_factory)
+    mesh = mesh_factory(model, 4)
+    assert asyncio.run(_staggered(mesh.gateway)) == expected
+    assert mesh.stop() == []
+
+
 def test_mesh_with_every_expert_split_is_token_identical_to_local(tmp_path_factory, mesh_factory):
     """Expert tensor parallelism: every expert as two column/row-parallel shards on two of the
     4 workers (`moemesh up --expert-shards 2`). The split is family-independent code (the

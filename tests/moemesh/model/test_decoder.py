@@ -17,6 +17,24 @@ CONFIGS = {
     "qwen3-top2-norm-tied-dense-layer": dict(
         arch="qwen3_moe", layers=3, top_k=2, tie=True, norm_topk_prob=True, mlp_only_layers=[1]
     ),
+    "qwen2-shared-gated-qkv-bias": dict(arch="qwen2_moe", top_k=2, heads=4, kv_heads=2, norm_topk_prob=True),
+    "qwen2-top4-unnormalised-sharded": dict(arch="qwen2_moe", top_k=4, heads=4, kv_heads=1, shard_size="200KB"),
+    "olmoe-full-qk-norm": dict(arch="olmoe", top_k=2, heads=4, kv_heads=2),
+    "olmoe-top8-normalised-tied": dict(arch="olmoe", experts=16, top_k=8, heads=4, kv_heads=4, tie=True,
+                                       norm_topk_prob=True),
+    # 8 routed experts top-2 in 4 groups (2 kept), 1 shared expert, q_lora_rank set, first layer dense.
+    "deepseek-v3-mla-grouped-shared": dict(arch="deepseek_v3", layers=3, top_k=2, heads=4, kv_heads=4),
+    # GLM-4.5: partial rotary (half of each head), q/k/v biases, per-head q/k norms, grouped sigmoid
+    # routing (2 groups, 1 kept), a shared expert, the first layer dense.
+    "glm4-moe-partial-rotary-grouped": dict(arch="glm4_moe", layers=3, top_k=2, heads=4, kv_heads=2),
+    "glm4-moe-one-group-top4": dict(arch="glm4_moe", layers=2, top_k=4, heads=4, kv_heads=1, n_group=1, topk_group=1,
+                                    use_qk_norm=False, attention_bias=False),
+    "deepseek-v3-plain-q-yarn-rotate-half": dict(
+        arch="deepseek_v3", layers=3, top_k=3, heads=2, kv_heads=2, q_lora_rank=None, rope_interleave=False,
+        n_group=2, topk_group=2, routed_scaling_factor=1.0, norm_topk_prob=False,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128,
+                             mscale=1.0, mscale_all_dim=0.707, beta_fast=32, beta_slow=1),
+    ),
 }
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [100, 200, 250, 3, 4, 5, 6, 7, 8, 9, 10, 11, 290], [42]]
 
@@ -39,6 +57,8 @@ def test_logits_and_greedy_match_transformers(hf_model, name):
     cfg = dict(CONFIGS[name])
     ckpt, ref = hf_model(cfg.pop("arch"), **cfg)
     model = build_model(ckpt, RuntimeShape(max_seqs=8, max_model_len=128))
+    if "rope_parameters" in cfg:
+        assert model.cfg.yarn is not None and model.cfg.yarn.factor == 4.0
     for ours, prompt in zip(_all_logits(model, PROMPTS), PROMPTS):
         with torch.no_grad():
             theirs = ref(torch.tensor([prompt])).logits[0]  # (n, V)

@@ -121,3 +121,83 @@ def test_load_recorder_counts_equal_hand_computed():
     # layer 3: e0 -> 0; e1 -> 1, twice; e2 -> 0 (its own replica), twice
     assert sample.link_counts.tolist() == [[5, 2], [3, 2]]
     assert recorder.take().expert_counts.sum() == 0  # the window starts again
+
+
+# DeepSeek-V3's router against the reference's own module (transformers' DeepseekV3TopkRouter), on
+# logits chosen directly: the router weight is the identity, so x is the logits.
+GE, GROUPS = 8, 4  # 8 routed experts in 4 groups of 2
+
+
+def _grouped(top_k: int, topk_group: int, bias: list[float], normalize: bool = True, scale: float = 2.5):
+    import transformers
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from moemesh.model.config import GroupedRouting
+    from moemesh.model.moe import GroupedSigmoidRouter
+
+    cfg = transformers.DeepseekV3Config(n_routed_experts=GE, num_experts_per_tok=top_k, n_group=GROUPS,
+                                        topk_group=topk_group, hidden_size=GE, norm_topk_prob=normalize,
+                                        routed_scaling_factor=scale)
+    ref = DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+        ref.weight.copy_(torch.eye(GE))
+        ref.e_score_correction_bias.copy_(torch.tensor(bias))
+    ours = GroupedSigmoidRouter(top_k, GroupedRouting(GROUPS, topk_group, scale), normalize,
+                                {0: torch.tensor(bias)})
+    return ours, ref
+
+
+def _route_both(ours, ref, logits: torch.Tensor) -> tuple[Routing, tuple[torch.Tensor, torch.Tensor]]:
+    routing = ours(logits, torch.eye(GE), 0)
+    with torch.no_grad():
+        _, weights, ids = ref(logits)
+    assert torch.equal(routing.expert_ids, ids), "same experts, in the same order"
+    assert torch.allclose(routing.weights, weights, rtol=0, atol=1e-7)
+    return routing, (weights, ids)
+
+
+def test_grouped_router_equals_the_reference_on_random_scores_and_bias():
+    g = torch.Generator().manual_seed(3)
+    bias = (0.2 * torch.randn(GE, generator=g)).tolist()
+    for top_k, kept in ((2, 2), (3, 2), (4, 3), (1, 1)):
+        ours, ref = _grouped(top_k, kept, bias)
+        routing, _ = _route_both(ours, ref, 2 * torch.randn(64, GE, generator=g))
+        groups = routing.expert_ids // (GE // GROUPS)  # (T, K)
+        assert all(len(set(row)) <= kept for row in groups.tolist()), "experts span at most topk_group groups"
+
+
+def test_ties_in_group_scores_break_as_the_reference():
+    # Groups 0, 1 and 2 score the same (two experts at logit 1 each); 2 groups are kept.
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -3.0, -3.0],
+                           [0.5, 0.5, 2.0, -9.0, 0.5, 0.5, 1.0, 1.0]])  # row 1: ties inside groups too
+    ours, ref = _grouped(2, 2, [0.0] * GE)
+    routing, _ = _route_both(ours, ref, logits)
+    kept_groups = set((routing.expert_ids[0] // 2).tolist())
+    assert kept_groups < {0, 1, 2} and routing.weights[0].allclose(torch.tensor([1.25, 1.25]))
+
+
+def test_topk_group_equal_to_n_group_is_plain_topk_of_the_biased_scores():
+    g = torch.Generator().manual_seed(4)
+    bias = (0.3 * torch.randn(GE, generator=g)).tolist()
+    ours, ref = _grouped(3, GROUPS, bias)
+    logits = torch.randn(32, GE, generator=g)
+    routing, _ = _route_both(ours, ref, logits)
+    plain = torch.topk(logits.sigmoid() + torch.tensor(bias), 3, dim=-1).indices  # (T, K)
+    assert torch.equal(routing.expert_ids.sort(-1).values, plain.sort(-1).values)
+
+
+def test_bias_changes_the_selection_but_not_the_weights():
+    logits = torch.tensor([[2.0, -4.0, 1.0, -4.0, 0.9, -4.0, -4.0, -4.0]])  # expert 2 just beats expert 4
+    scores = logits.sigmoid()[0]
+    unbiased, ref = _grouped(2, GROUPS, [0.0] * GE)
+    routing, _ = _route_both(unbiased, ref, logits)
+    assert sorted(routing.expert_ids[0].tolist()) == [0, 2]
+    biased, ref = _grouped(2, GROUPS, [0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.0, 0.0])
+    routing, _ = _route_both(biased, ref, logits)
+    ids = routing.expert_ids[0].tolist()
+    assert sorted(ids) == [0, 4], "the bias made expert 4 win the selection"
+    # ...but its weight is its own unbiased score: normalised over the two, times the scaling factor.
+    want = scores[ids] / scores[ids].sum() * 2.5
+    assert torch.allclose(routing.weights[0], want, rtol=0, atol=1e-7)
+    chosen_by = scores[ids] + torch.tensor([0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.0, 0.0])[ids]  # the biased scores
+    assert not torch.allclose(routing.weights[0], chosen_by / chosen_by.sum() * 2.5, rtol=0, atol=1e-4)
