@@ -63,7 +63,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     stop = rpc.stop_event_on_signals() if stop is None else stop
     watchdog = asyncio.create_task(rpc.exit_with_parent(stop)) if settings.exit_with_parent else None
     tls = tls_of(settings)
-    gates = _gates(settings)
+    keys = _keys(settings)
+    gates = (ApiKeyGate(keys, settings.default_max_new_tokens, settings.api_keys_guard_health),) if keys else ()
     coordinator = CoordinatorClient(settings.coordinator, settings.call_timeout_s, tls)
     pool = WorkerPool(settings.max_inflight, settings.call_timeout_s, settings.max_migrations,
                       settings.recovery_wait_s, tls)
@@ -71,7 +72,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator), server.grpc)
     serving = Serving()
     port = await server.start(settings.host, settings.port)
-    http = HttpServer(create_app(model, pool, lambda: serving.reason)) if settings.http else None
+    http = HttpServer(create_app(model, pool, lambda: serving.reason, keys=keys,
+                                 guard_health=settings.api_keys_guard_health)) if settings.http else None
     follower = health = None
     try:
         if http is not None:
@@ -103,14 +105,15 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
         await _cancel(watchdog)
 
 
-def _gates(settings: GatewaySettings) -> tuple[rpc.Gate, ...]:
-    """The API key gate when --api-keys-file is set (read once, at start-up); none otherwise."""
+def _keys(settings: GatewaySettings) -> KeyGuard | None:
+    """The one KeyGuard of both fronts (gRPC and HTTP share each key's limits) when --api-keys-file
+    is set (read once, at start-up); None otherwise."""
     if settings.api_keys_file is None:
-        return ()
+        return None
     keys = load_key_file(settings.api_keys_file)
-    log.info("API keys required (%d keys from %s; health and reflection %s)", len(keys.entries),
+    log.info("API keys required (%d keys from %s; health, reflection and metrics %s)", len(keys.entries),
              settings.api_keys_file, "need one too" if settings.api_keys_guard_health else "open")
-    return (ApiKeyGate(KeyGuard(keys), settings.default_max_new_tokens, settings.api_keys_guard_health),)
+    return KeyGuard(keys)
 
 
 async def _follow_worlds(coordinator: CoordinatorClient, pool: WorkerPool, stop: asyncio.Event) -> None:

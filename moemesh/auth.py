@@ -164,10 +164,8 @@ class KeyGuard:
         self.keys = keys
         self.limiter = RateLimiter()
 
-    def admit(self, authorization: str | None, now: float, requests: int = 1, max_tokens: int = 0) -> KeyEntry:
-        """The caller's entry, once its request passes its limits: `requests` prompts asking for up to
-        `max_tokens` new tokens each. UnauthenticatedError without a valid key; CapacityError over
-        max_tokens; RateLimitedError (with retry_after_s) over the per-minute rate."""
+    def authenticate(self, authorization: str | None) -> KeyEntry:
+        """The caller's entry (no limit is charged); UnauthenticatedError without a valid key."""
         key = bearer_key(authorization)
         if key is None:
             raise UnauthenticatedError("an API key is required: send the metadata / header "
@@ -175,6 +173,13 @@ class KeyGuard:
         entry = self.keys.verify(key)
         if entry is None:
             raise UnauthenticatedError("the API key is not valid")
+        return entry
+
+    def admit(self, authorization: str | None, now: float, requests: int = 1, max_tokens: int = 0) -> KeyEntry:
+        """The caller's entry, once its request passes its limits: `requests` prompts asking for up to
+        `max_tokens` new tokens each. UnauthenticatedError without a valid key; CapacityError over
+        max_tokens; RateLimitedError (with retry_after_s) over the per-minute rate."""
+        entry = self.authenticate(authorization)
         if entry.max_tokens is not None and max_tokens > entry.max_tokens:
             raise CapacityError(f"this API key allows at most {entry.max_tokens} new tokens per request, "
                                 f"asked for {max_tokens}; ask for fewer")

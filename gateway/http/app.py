@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from gateway.http.errors import BadParamError, UnknownModelError, error_body, ht
 from gateway.http.params import Sampled, chat_params, completion_params, generate_request, tokens_param
 from gateway.served_model import INLINE_TOKENIZE_CHARS, ServedModel
 from gateway.workers import WorkerPool
+from moemesh.auth import KeyGuard
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -56,7 +58,7 @@ def _answering(handler: Handler) -> Handler:
             return Response(status_code=499)  # nobody reads it
         except Exception as exc:
             error = http_error(exc)
-            return JSONResponse(error.body, error.status)
+            return JSONResponse(error.body, error.status, headers=error.headers)
 
     return wrapped
 
@@ -110,12 +112,17 @@ class _Asgi:
 
 class OpenAIApi:
     """The handlers, over the gateway's ServedModel and WorkerPool; `health()` is why the gateway
-    does not serve now ("" while it serves)."""
+    does not serve now ("" while it serves). With `keys` (--api-keys-file) every route needs
+    `Authorization: Bearer <key>` and a generation is charged to the key's limits, by the same
+    KeyGuard as the gRPC API; /health (and /metrics) too only with `guard_health`."""
 
-    def __init__(self, model: ServedModel, pool: WorkerPool, health: Callable[[], str]):
+    def __init__(self, model: ServedModel, pool: WorkerPool, health: Callable[[], str],
+                 keys: KeyGuard | None = None, guard_health: bool = False):
         self.model = model
         self.pool = pool
         self.health = health
+        self.keys = keys
+        self.guard_health = guard_health
         self.name = model.spec().name
         self.chat_template = ChatTemplate.load(model.model_dir, add_bos=model.codec.bos is not None)
         self.max_body_bytes = model.max_prompt_bytes * 4 + BODY_SLACK_BYTES  # JSON may escape each byte
@@ -133,11 +140,14 @@ class OpenAIApi:
         return await self._generate(request, prompt, params.common, chat=True)
 
     async def models(self, request: Request) -> Response:
+        self._authenticate(request)
         card = {"id": self.name, "object": "model", "created": 0, "owned_by": "moemesh",
                 "root": self.name, "max_model_len": self.model.context}
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health_check(self, request: Request) -> Response:
+        if self.guard_health:
+            self._authenticate(request)
         reason = self.health()
         if reason:
             return JSONResponse({"status": "NOT_SERVING", "reason": reason}, 503)
@@ -146,6 +156,7 @@ class OpenAIApi:
     async def tokenize(self, request: Request) -> Response:
         """vLLM's: {prompt, add_special_tokens=true} or {messages, add_generation_prompt=true}
         -> {count, max_model_len, tokens}; the ids a completion's prompt would get."""
+        self._authenticate(request)
         body = await self._json(request)
         self._check_model(body.get("model"))
         if "messages" in body:
@@ -164,6 +175,7 @@ class OpenAIApi:
 
     async def detokenize(self, request: Request) -> Response:
         """vLLM's: {tokens} -> {prompt}."""
+        self._authenticate(request)
         body = await self._json(request)
         self._check_model(body.get("model"))
         ids = tokens_param(body.get("tokens"), "tokens")
@@ -177,6 +189,9 @@ class OpenAIApi:
     async def _generate(self, request: Request, prompt: str | tuple[int, ...], common: Sampled,
                         chat: bool) -> Response:
         self._check_model(common.model)
+        if self.keys is not None:
+            self.keys.admit(request.headers.get("authorization"), time.monotonic(), requests=1,
+                            max_tokens=common.sampling.max_new_tokens)
         request_id = uuid.uuid4().hex[:16]
         prepared = await self.model.prepare_off_loop(generate_request(prompt, common.sampling), request_id)
         outputs = run_completion(self.pool, self.model, prepared, common.stop)
@@ -191,6 +206,10 @@ class OpenAIApi:
             raise
         return _Stream(_events(reply, first, outputs, common.include_usage),
                        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _authenticate(self, request: Request) -> None:
+        if self.keys is not None:
+            self.keys.authenticate(request.headers.get("authorization"))
 
     def _check_model(self, name: Any) -> None:
         if name is not None and name != self.name:
@@ -240,6 +259,27 @@ async def _events(reply: Reply, first: Delta | End, outputs: AsyncGenerator[Delt
     yield sse.DONE
 
 
+def _metrics_behind(keys: KeyGuard | None, app: ASGIApp) -> Handler:
+    """/metrics as a handler that authenticates first, then lets `app` answer."""
+    async def handler(request: Request) -> Response:
+        assert keys is not None
+        keys.authenticate(request.headers.get("authorization"))
+        return _AsgiResponse(app)
+
+    return handler
+
+
+class _AsgiResponse(Response):
+    """A Response whose sending is an ASGI app's answer to the same request."""
+
+    def __init__(self, app: ASGIApp):
+        super().__init__()
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 404
     detail = exc.detail if isinstance(exc, HTTPException) else "Not Found"
@@ -248,9 +288,11 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 def create_app(model: ServedModel, pool: WorkerPool, health: Callable[[], str],
-               metrics_app: ASGIApp | None = None) -> Starlette:
-    """The ASGI app of the OpenAI-compatible API; `metrics_app` is served at /metrics when given."""
-    api = OpenAIApi(model, pool, health)
+               metrics_app: ASGIApp | None = None, keys: KeyGuard | None = None,
+               guard_health: bool = False) -> Starlette:
+    """The ASGI app of the OpenAI-compatible API; `metrics_app` is served at /metrics when given
+    (behind the API keys only with `guard_health`)."""
+    api = OpenAIApi(model, pool, health, keys, guard_health)
     routes = [
         Route("/v1/completions", _answering(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", _answering(api.chat_completions), methods=["POST"]),
@@ -260,5 +302,7 @@ def create_app(model: ServedModel, pool: WorkerPool, health: Callable[[], str],
         Route("/detokenize", _answering(api.detokenize), methods=["POST"]),
     ]
     if metrics_app is not None:
-        routes.append(Route("/metrics", _Asgi(metrics_app)))
+        guarded = keys is not None and guard_health
+        endpoint = _answering(_metrics_behind(keys, metrics_app)) if guarded else _Asgi(metrics_app)
+        routes.append(Route("/metrics", endpoint))
     return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})

@@ -11,12 +11,13 @@ a MoemeshError is a bug: it is logged with its traceback and answered 500 with a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from moemesh.errors import InvalidRequestError, MoemeshError, NotFoundError
+from moemesh.errors import InvalidRequestError, MoemeshError, NotFoundError, RateLimitedError
 from moemesh.status import RelayedStatusError, status_for
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,12 @@ class GenerationFailedError(RelayedStatusError):
 
 @dataclass(frozen=True)
 class HttpError:
-    """What the client receives: the status and the OpenAI-shaped body."""
+    """What the client receives: the status, the OpenAI-shaped body, and headers (Retry-After when
+    an API key is over its rate, in whole seconds, as gRPC's trailing `retry-after`)."""
 
     status: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
@@ -84,5 +87,6 @@ def http_error(exc: BaseException) -> HttpError:
         return HttpError(status, error_body(f"internal error ({type(exc).__name__}); see the gateway's log", kind))
     grpc_code = status_for(exc)
     status, kind = HTTP_OF.get(grpc_code, INTERNAL)
+    headers = {"Retry-After": str(math.ceil(exc.retry_after_s))} if isinstance(exc, RateLimitedError) else {}
     return HttpError(status, error_body(str(exc), kind, getattr(exc, "param", None),
-                                        getattr(exc, "openai_code", None)))
+                                        getattr(exc, "openai_code", None)), headers)

@@ -225,3 +225,37 @@ def test_nothing_to_serve_is_503_on_health_and_requests(mesh, tmp_path: Path):
         assert procs.terminate("lonely") == 0
     finally:
         procs.stop()
+
+
+def test_api_keys_guard_the_api_and_charge_its_limits_with_retry_after(mesh, tmp_path: Path):
+    """A gateway with --api-keys-file: no key or a wrong one is 401 (AuthenticationError), a key
+    over its rate is 429 with Retry-After, over its max tokens 429; /health stays open."""
+    from moemesh.auth import new_key
+
+    open_key, open_line = new_key(name="open")
+    slow_key, slow_line = new_key(requests_per_minute=1, max_tokens=4, name="slow")
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{open_line}\n{slow_line}\n")
+    mesh.add_gateway("gateway-keys", ["--api-keys-file", str(keys_file)])
+    try:
+        mesh.wait_serving(mesh.gateways["gateway-keys"])
+        address = mesh.http_gateways["gateway-keys"]
+        assert http(address, "/health")[0] == 200
+        status, body = http(address, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert status == 401 and body["error"]["type"] == "authentication_error"  # no Authorization header
+        wrong = openai.OpenAI(base_url=f"http://{address}/v1", api_key="not-a-key", max_retries=0, timeout=DEADLINE_S)
+        with pytest.raises(openai.AuthenticationError, match="API key is not valid"):
+            wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        good = openai.OpenAI(base_url=f"http://{address}/v1", api_key=open_key, max_retries=0, timeout=DEADLINE_S)
+        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        slow = openai.OpenAI(base_url=f"http://{address}/v1", api_key=slow_key, max_retries=0, timeout=DEADLINE_S)
+        with pytest.raises(openai.RateLimitError, match="at most 4 new tokens"):
+            slow.completions.create(model=MODEL, prompt="hi", max_tokens=5)
+        assert slow.completions.create(model=MODEL, prompt="hi", max_tokens=4).usage.completion_tokens == 4
+        with pytest.raises(openai.RateLimitError, match="per minute") as over:
+            slow.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert 1 <= int(over.value.response.headers["retry-after"]) <= 60
+    finally:
+        assert mesh.terminate("gateway-keys") == 0
