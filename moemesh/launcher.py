@@ -168,6 +168,9 @@ def run_up(s: UpSettings, state_dir: Path) -> int:
         mesh.start()
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
               f"model {s.model}", flush=True)
+        print("moemesh metrics: " + ", ".join(f"{name} http://{address}/metrics"
+                                               for name, address in mesh.metrics().items())
+              + f"; watch them with `moemesh top --coordinator {mesh.coordinator}`", flush=True)
         while not stop.wait(0.5):
             mesh.supervise(s.max_restarts)
         return 0
