@@ -18,12 +18,14 @@ import logging
 import uvloop
 
 from gateway.coordinator_client import CoordinatorClient
+from gateway.metrics import GatewayMetrics
 from gateway.served_model import ServedModel
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkerPool
 from moemesh import rpc
 from moemesh.errors import UnavailableError
+from moemesh.metrics import model_name, new_registry, serve_metrics
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,15 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     coordinator = CoordinatorClient(settings.coordinator, settings.call_timeout_s)
     pool = WorkerPool(settings.max_inflight, settings.call_timeout_s, settings.max_migrations,
                       settings.recovery_wait_s)
+    metrics = GatewayMetrics(new_registry(), model_name(settings.model_dir), model.context)
+    metrics.watch_pool(pool, asyncio.get_running_loop())
     server = rpc.Server([SERVICE_NAME], settings.concurrent_rpcs_limit)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator), server.grpc)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator, metrics), server.grpc)
     port = await server.start(settings.host, settings.port)
+    exporter = serve_metrics(metrics.registry, settings.host, settings.metrics_port)
+    if exporter is not None:
+        rpc.write_port_file(settings.metrics_port_file, exporter.port)
+        log.info("metrics on http://%s/metrics", exporter.address)
     rpc.write_port_file(settings.port_file, port)
     address = f"{settings.host}:{port}"
     log.info("gateway listening on %s (NOT_SERVING until every worker stream is open)", address)
@@ -73,6 +81,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
         await pool.close()
         await coordinator.close()
         await _cancel(watchdog)
+        if exporter is not None:
+            await asyncio.to_thread(exporter.stop)
 
 
 async def _follow_worlds(coordinator: CoordinatorClient, pool: WorkerPool, stop: asyncio.Event) -> None:

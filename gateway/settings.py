@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from moemesh.errors import MoemeshError
+from moemesh.metrics import METRICS_PORT_HELP, check_metrics_port
 from moemesh.settings import option, parse_bool
 
 ENV_PREFIX = "MOEMESH_GATEWAY_"
@@ -27,6 +28,10 @@ class GatewaySettings:
     host: str = option("--host", "address to bind", default="127.0.0.1")
     port: int = option("--port", "port to bind; 0 = any free port (see --port-file)", int, default=50051)
     port_file: Path | None = option("--port-file", "write the bound port to this file", Path, default=None)
+    metrics_port: int = option("--metrics-port", f"{METRICS_PORT_HELP}; default 0 (the log and "
+                               "--metrics-port-file say which)", int, default=0)
+    metrics_port_file: Path | None = option("--metrics-port-file", "write the bound metrics port to this file", Path,
+                                            default=None)
     max_model_len: int = option("--max-model-len", "the workers' context in tokens; effective = min(this, "
                                 "max_position_embeddings)", int, default=2048)
     max_new_tokens_limit: int = option("--max-new-tokens-limit", "largest max_new_tokens accepted", int,
@@ -60,6 +65,7 @@ class GatewaySettings:
                 raise MoemeshError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise MoemeshError(f"port must be in 0..65535, got {self.port}")
+        check_metrics_port(self.metrics_port)
         if self.call_timeout_s <= 0 or self.grace_s < 0:
             raise MoemeshError("call_timeout_s must be > 0 and grace_s >= 0")
         if self.max_migrations < 0 or self.recovery_wait_s < 0:
