@@ -133,8 +133,7 @@ async def _register(coord, settings: WorkerSettings, me: Identity, addresses: tu
     reg = await _retry_until_up(
         lambda: coord.RegisterWorker(cpb.RegisterWorkerRequest(
             worker_id=me.worker_id, incarnation=me.incarnation, address=address, metrics_address=metrics_address,
-            device=settings.device,
-            node=settings.node, memory_bytes=settings.expert_memory_bytes,
+            device=settings.device, node=settings.node, memory_bytes=settings.expert_memory_bytes,
             weight_bytes_per_element=compute_dtype(settings.dtype, settings.device).itemsize),
             timeout=settings.rpc_timeout_s), stop, "coordinator")
     if reg is not None:
