@@ -51,6 +51,7 @@ class WorkerInfo:
     node: str = ""
     memory_bytes: int = 0  # for expert weights; 0 = unknown
     weight_bytes_per_element: int = 0  # bytes per stored weight element; 0 = unknown
+    metrics_address: str = ""  # host:port of its Prometheus endpoint; empty = metrics off
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from coordinator import durable
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.policies import ModelFacts, RebalanceSettings, resolve_policy
 from coordinator.probe import HealthProbe
 from coordinator.reformation import reform_worlds
@@ -34,6 +35,7 @@ from coordinator.state import CoordinatorState
 from coordinator.worlds import DataPlane, roster
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement_file import load_placement
+from moemesh.metrics import MetricsServer, model_name, new_registry, serve_metrics
 from moemesh.model.config import load_config
 from moemesh.model.spec import model_spec
 from moemesh.rpc import Server, exit_with_parent, stop_event_on_signals, write_port_file
@@ -65,6 +67,7 @@ class CoordinatorServer:
         self.state: CoordinatorState | None = None
         self.store: dist.TCPStore | None = None
         self.server: Server | None = None
+        self.metrics: MetricsServer | None = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
 
@@ -110,6 +113,7 @@ class CoordinatorServer:
             self.server = Server([SERVICE_NAME], s.max_concurrent_rpcs, tls=tls_of(s), roles=ACCESS)
             pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server.grpc)
             self.port = await self.server.start(s.host, s.port)
+            self._serve_metrics()
         except BaseException:
             self.store = None  # dropping the last reference closes the store's socket
             raise
@@ -137,8 +141,20 @@ class CoordinatorServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
         self.store = None
         log.info("coordinator stopped")
+
+    def _serve_metrics(self) -> None:
+        assert self.state is not None
+        registry = new_registry()
+        registry.register(CoordinatorMetrics(self.state, model_name(self.settings.model_dir)))
+        self.metrics = serve_metrics(registry, self.settings.host, self.settings.metrics_port)
+        if self.metrics is not None:
+            write_port_file(self.settings.metrics_port_file, self.metrics.port)
+            log.info("metrics on http://%s/metrics", self.metrics.address)
 
     async def _watch_heartbeats(self) -> None:
         assert self.state is not None

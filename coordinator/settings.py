@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from moemesh.errors import ConfigError
+from moemesh.metrics import METRICS_PORT_HELP, check_metrics_port
 from moemesh.settings import option, parse_bool
 from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
@@ -36,6 +37,10 @@ class CoordinatorSettings:
     host: str = option("--host", "interface to bind", default="127.0.0.1")
     port: int = option("--port", "gRPC port; 0 = any free port", int, default=50050)
     port_file: Path | None = option("--port-file", "write the bound gRPC port to this file", Path, default=None)
+    metrics_port: int = option("--metrics-port", f"{METRICS_PORT_HELP}; default 0 (the log and "
+                               "--metrics-port-file say which)", int, default=0)
+    metrics_port_file: Path | None = option("--metrics-port-file", "write the bound metrics port to this file", Path,
+                                            default=None)
     transport: str = option("--transport", f"data-plane transport handed to workers: {', '.join(TRANSPORTS)}",
                             default="gloo")
     heartbeat_interval_s: float = option("--heartbeat-interval", "seconds between worker heartbeats", float,
@@ -109,6 +114,7 @@ class CoordinatorSettings:
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"--max-concurrent-rpcs must be at least 1, got {self.max_concurrent_rpcs}")
         tls_of(self)  # all three TLS files or none
+        check_metrics_port(self.metrics_port)
 
     @property
     def store_host(self) -> str:

@@ -54,6 +54,7 @@ from coordinator.worlds import (
     Published,
     Registration,
     World,
+    bytes_moved,
     describe,
     expert_bytes,
     roster,
@@ -125,10 +126,12 @@ class CoordinatorState:
         self._loss_probed = 0  # the generation whose members were last handed out to probe
         self._reporters: set[str] = set()  # members that reported that loss (alive: no probe)
         self._forced: Forced = ()  # groups of the current placement beyond memory (an unservable world)
-        # Counters (metrics come later).
+        # Counters (coordinator/metrics.py exports them).
         self.generations_formed = 0
         self.recoveries = 0  # generations formed because a member was lost or the data plane broke
         self.evictions = 0  # registrations removed because the worker was dead or silent
+        self.rebalances = 0  # epochs a balancing policy published
+        self.bytes_moved = 0  # expert weight bytes workers loaded for epochs published within a world
 
     def _checked_initial(self, p: Placement | None, world_size: int) -> Placement | None:
         if p is None:
@@ -256,8 +259,7 @@ class CoordinatorState:
         """Record a heartbeat (UnknownWorkerError if not registered); return what is newest."""
         if self.membership.touch(worker_id, incarnation):
             log.info("worker %r is heartbeating again", worker_id)
-        epoch = self._history[-1].placement.epoch if self._history else 0
-        return Beat(world_generation=self.membership.generation, placement_epoch=epoch)
+        return Beat(world_generation=self.membership.generation, placement_epoch=self.newest_epoch)
 
     def check_heartbeats(self, timeout_s: float) -> list[Silence]:
         """Log (WARNING) each worker that went silent for longer than `timeout_s`; once the first
@@ -349,6 +351,7 @@ class CoordinatorState:
         if proposal is not None:
             epoch = self._next_epoch()
             self._publish(replace(proposal, epoch=epoch), self.membership.generation)
+            self.rebalances += 1
             log.info("placement epoch %d published (%s)", epoch, proposal.origin)
         return True
 
@@ -362,6 +365,12 @@ class CoordinatorState:
         if not self._history:
             raise NoPlacementError("no placement yet: the first world has not formed")
         return self._history[-1]
+
+    @property
+    def newest_epoch(self) -> int:
+        """The newest published placement epoch; 0 before the first."""
+        history = self._history
+        return history[-1].placement.epoch if history else 0
 
     def published(self, epoch: int) -> Published:
         """Epoch `epoch` as published (0: the one in force); NotFoundError if it never was."""
@@ -419,6 +428,8 @@ class CoordinatorState:
 
     def _publish(self, p: Placement, generation: int) -> Published:
         published = Published(p, generation)
+        if self._history and self._history[-1].world_generation == generation and self._world is not None:
+            self.bytes_moved += bytes_moved(self._history[-1].placement, p, self._expert_bytes(self._world.members))
         self._history.append(published)
         self._signal.notify()
         self._persist()

@@ -14,7 +14,7 @@ def worker_info(req: pb.RegisterWorkerRequest) -> WorkerInfo:
     return WorkerInfo(
         worker_id=req.worker_id, incarnation=req.incarnation, address=req.address,
         device=req.device or "cpu", node=req.node, memory_bytes=req.memory_bytes,
-        weight_bytes_per_element=req.weight_bytes_per_element,
+        weight_bytes_per_element=req.weight_bytes_per_element, metrics_address=req.metrics_address,
     )
 
 
@@ -35,7 +35,8 @@ def world_to_proto(world: World, rank: int) -> pb.World:
     )
     for r, m in enumerate(world.members):
         msg.members.add(
-            rank=r, worker_id=m.worker_id, incarnation=m.incarnation, address=m.address, device=m.device, node=m.node
+            rank=r, worker_id=m.worker_id, incarnation=m.incarnation, address=m.address, device=m.device, node=m.node,
+            metrics_address=m.metrics_address,
         )
     return msg
 

@@ -117,3 +117,20 @@ def shards_for(expert_shards: int, facts: ModelFacts | None, members: Sequence[W
     elif shards > 1:
         log.info("experts split %d ways to fit the workers' reported memory", shards)
     return shards
+
+
+def bytes_moved(old: Placement, new: Placement, whole_expert_bytes: int) -> int:
+    """Expert weight bytes the ranks of one world load to go from `old` to `new`: every piece
+    (expert, shard) a rank holds in `new` and held neither as such nor whole in `old` (a shard of
+    an expert held whole is cut from it, not loaded)."""
+    # Step 1: what each rank holds, as (layer, rank, expert, shard index, shards).
+    def pieces(p: Placement) -> set[tuple[int, int, int, int, int]]:
+        return {(layer, rank, expert, i, len(group))
+                for layer, table in p.replicas.items() for expert, groups in enumerate(table)
+                for group in groups for i, rank in enumerate(group)}
+
+    before = pieces(old)
+    # Step 2: sum the new pieces, each a 1/shards part of a whole expert.
+    moved = sum(whole_expert_bytes // count for layer, rank, expert, i, count in pieces(new) - before
+                if (layer, rank, expert, 0, 1) not in before)
+    return int(moved)

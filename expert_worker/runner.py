@@ -32,7 +32,7 @@ from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import CollectiveError, MoemeshError, UnavailableError
 from moemesh.mesh.lockstep import HeaderCollective, StepHeader, Waker, exchange_header
 from moemesh.mesh.placement import Placement
-from moemesh.mesh.routing_counts import LoadRecorder, LoadSample
+from moemesh.mesh.routing_counts import LoadRecorder, LoadSample, LoadTotals
 from moemesh.mesh.transport import AllToAllTransport, Collective
 from moemesh.model.weights import LayerExperts
 
@@ -138,6 +138,7 @@ class MeshRunner:
         self.hidden_seconds = 0.0  # the part of exchange_seconds overlapped with compute (not in wait())
         self._exchanges_seen = (0.0, 0.0)  # the collective's (exchange, hidden) counters when last read
         self.tokens = 0
+        self.load_totals: LoadTotals | None = None  # the recorder's totals after the last executed step (metrics)
         self.failure: BaseException | None = None
         self._finished = False
 
@@ -314,6 +315,10 @@ class MeshRunner:
         events = self.engine.execute(batch, header.max_tokens)
         self.steps += 1
         self.tokens += batch.num_tokens
+        if self.recorder is not None:  # one small read-back per step, after the step's own; before its events go
+            # out, so a client that saw its last token finds that step counted (metrics read it)
+            self.load_totals = dataclasses.replace(self.recorder.totals(), generation=self.generation,
+                                                   rank=self.collective.rank)
         if events:
             self.on_events(list(events))
         if self.on_load is not None and self.recorder is not None and self.recorder.tokens >= self.report_every:

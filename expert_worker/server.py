@@ -27,6 +27,7 @@ import grpc
 import torch
 
 from expert_worker.epochs import prepare_epoch
+from expert_worker.metrics import WorkerMetrics
 from expert_worker.runner import MeshRunner
 from expert_worker.servicer import MeshMember, WorkerServicer
 from expert_worker.settings import WorkerSettings
@@ -35,6 +36,7 @@ from moemesh.engine.engine import Engine, EngineSettings
 from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.mesh.routing_counts import LoadRecorder
 from moemesh.mesh.transport import AllToAllTransport
+from moemesh.metrics import model_name, new_registry, serve_metrics
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.retry import Backoff, retry
@@ -69,14 +71,23 @@ async def serve(settings: WorkerSettings) -> int:
     sys.setswitchinterval(settings.gil_switch_interval_s)
     stop = stop_event_on_signals()
     parent_watch = asyncio.create_task(exit_with_parent(stop)) if settings.exit_with_parent else None
+    registry, metrics = new_registry(), WorkerMetrics("")
+    registry.register(metrics)
+    exporter = serve_metrics(registry, settings.host, settings.metrics_port)  # up before registering: it is listed
+    if exporter is not None:
+        write_port_file(settings.metrics_port_file, exporter.port)
+        log.info("metrics on http://%s/metrics", exporter.address)
     try:
-        return await _serve(settings, stop)
+        return await _serve(settings, stop, metrics,
+                            f"{settings.advertise_host}:{exporter.port}" if exporter is not None else "")
     finally:
         if parent_watch is not None:
             parent_watch.cancel()
+        if exporter is not None:
+            await asyncio.to_thread(exporter.stop)
 
 
-async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
+async def _serve(settings: WorkerSettings, stop: asyncio.Event, metrics: WorkerMetrics, metrics_address: str) -> int:
     servicer = WorkerServicer()
     server = Server(["moemesh.v1.Worker"], settings.max_concurrent_rpcs, tls=tls_of(settings), roles=ACCESS)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server.grpc)
@@ -90,10 +101,11 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
         beats: asyncio.Task | None = None
         try:
             while True:
-                reg = await _register(coord, settings, me, address, stop)
+                reg = await _register(coord, settings, me, (address, metrics_address), stop)
                 if reg is None:
                     await server.stop(1.0)
                     return 0
+                metrics.model = model_name(reg.model_path)
                 # Heartbeats start with the registration: loading weights must not look like a stall.
                 if beats is None:
                     beats = asyncio.create_task(_heartbeat(coord, settings, servicer, me,
@@ -112,6 +124,7 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event) -> int:
             node, reader = await asyncio.get_running_loop().run_in_executor(
                 None, _build_node, settings, Path(reg.model_path), world, placement)
             servicer.attach(node)
+            metrics.attach(node)
             return await _run(settings, server, servicer, node, reader, coord, me, stop)
         finally:
             if beats is not None:
@@ -122,11 +135,13 @@ class _NotRegistered(Exception):
     """The coordinator answered a world that does not list this worker and is not new."""
 
 
-async def _register(coord, settings: WorkerSettings, me: Identity, address: str, stop: asyncio.Event):
+async def _register(coord, settings: WorkerSettings, me: Identity, addresses: tuple[str, str], stop: asyncio.Event):
+    """`addresses`: its Worker service's and its metrics endpoint's ("" = off)."""
+    address, metrics_address = addresses
     reg = await _retry_until_up(
         lambda: coord.RegisterWorker(cpb.RegisterWorkerRequest(
-            worker_id=me.worker_id, incarnation=me.incarnation, address=address, device=settings.device,
-            node=settings.node, memory_bytes=settings.expert_memory_bytes,
+            worker_id=me.worker_id, incarnation=me.incarnation, address=address, metrics_address=metrics_address,
+            device=settings.device, node=settings.node, memory_bytes=settings.expert_memory_bytes,
             weight_bytes_per_element=compute_dtype(settings.dtype, settings.device).itemsize),
             timeout=settings.rpc_timeout_s), stop, "coordinator")
     if reg is not None:

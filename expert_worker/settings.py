@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from moemesh.errors import ConfigError
+from moemesh.metrics import METRICS_PORT_HELP, check_metrics_port
 from moemesh.settings import option, parse_bool
 from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
@@ -39,6 +40,10 @@ class WorkerSettings:
     port: int = option("--port", "port to bind (0 = any free port)", int, default=0)
     advertise_host: str = option("--advertise-host", "address peers use (default --host)", default="")
     port_file: Path | None = option("--port-file", "write the bound port here", Path, default=None)
+    metrics_port: int = option("--metrics-port", f"{METRICS_PORT_HELP}; default 0, so that N workers on one host "
+                               "never collide (the coordinator lists each worker's)", int, default=0)
+    metrics_port_file: Path | None = option("--metrics-port-file", "write the bound metrics port here", Path,
+                                            default=None)
     device: str = option("--device", "torch device of this worker: cpu, cuda:N", default="cpu")
     node: str = option("--node", "node name (for topology-aware placement)", default="local")
     worker_id: str = option("--worker-id", "stable worker id (empty = a fresh uuid)", default="")
@@ -84,3 +89,4 @@ class WorkerSettings:
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"--max-concurrent-rpcs must be at least 1, got {self.max_concurrent_rpcs}")
         tls_of(self)  # all three TLS files or none
+        check_metrics_port(self.metrics_port)

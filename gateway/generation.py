@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from gateway.errors import WorkerFailedError
 from gateway.events import Event, Failed, Finished, Tokens
+from gateway.metrics import GatewayMetrics, finished_reason
 from gateway.served_model import Prepared, ServedModel
 from gateway.workers import Handle, WorkerPool
 from moemesh.v1 import common_pb2, gateway_pb2
@@ -29,14 +30,20 @@ Response = gateway_pb2.GenerateResponse
 
 
 class Progress:
-    """One prompt's response state: text decoding and timing; token counts are the handle's."""
+    """One prompt's response state: text decoding and timing; token counts are the handle's.
+    `metrics` (optional) hears of the request once it is placed, of each chunk and of its end."""
 
-    def __init__(self, model: ServedModel, handle: Handle, received_at: float):
+    def __init__(self, model: ServedModel, handle: Handle, received_at: float, metrics: GatewayMetrics | None = None):
         self.handle = handle
         self.prepared: Prepared = handle.prepared
         self.received_at = received_at
         self.decoder = model.decoder() if self.prepared.include_text else None
         self.first_token_at: float | None = None
+        self.last_chunk_at = received_at
+        self.metrics = metrics
+        self.ended = False  # its end was counted (by finished, failed or abandoned)
+        if metrics is not None:
+            metrics.placed(len(self.prepared.prompt))
 
     def on_event(self, event: Event, strict: bool) -> tuple[Response, bool]:
         """(response, ended) for one coalesced event; `strict`: see `failed`."""
@@ -55,8 +62,12 @@ class Progress:
     def chunk(self, tokens: Tokens) -> Response:
         """A TokenChunk for `tokens`, with their text when asked for."""
         text = self.decoder.push(list(tokens.ids)) if self.decoder is not None else ""
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.streamed(len(tokens.ids), now - self.last_chunk_at, first=self.first_token_at is None)
+        self.last_chunk_at = now
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = now
         return Response(chunk=Response.TokenChunk(token_ids=tokens.ids, text=text, offset=tokens.offset))
 
     def undecodable(self, tokens: Tokens, exc: Exception) -> Response:
@@ -69,6 +80,7 @@ class Progress:
         """THE failure rule. `strict` (a single Generate) and no token yet: raise, so the call fails
         with the event's status code; otherwise end this generation with Finished{ERROR}."""
         if strict and self.handle.tokens == 0:
+            self._count_end("error", 0)
             raise WorkerFailedError(event.code, event.message)
         return self.finished(common_pb2.FINISH_REASON_ERROR, f"{event.code.name}: {event.message}")
 
@@ -82,7 +94,18 @@ class Progress:
             ttft_seconds=ttft, latency_seconds=now - self.received_at, request_id=self.prepared.request_id,
             error=error if reason == common_pb2.FINISH_REASON_ERROR else "",
         )
+        self._count_end(finished_reason(reason), msg.completion_tokens, now)
         return Response(finished=msg)
+
+    def abandoned(self) -> None:
+        """The call ended before its Finished (the client went away, its deadline passed)."""
+        self._count_end("cancelled", self.handle.tokens)
+
+    def _count_end(self, reason: str, generated: int, now: float | None = None) -> None:
+        if self.metrics is not None and not self.ended:
+            now = time.monotonic() if now is None else now
+            self.metrics.ended(reason, now - self.received_at, generated)
+        self.ended = True
 
 
 def coalesce(items: Sequence[tuple[int, Event]]) -> list[tuple[int, Event]]:
@@ -117,12 +140,13 @@ async def next_events(sink: asyncio.Queue) -> list[tuple[int, Event]]:
 
 
 async def generate_one(pool: WorkerPool, model: ServedModel, prepared: Prepared, received_at: float,
-                       deadline: float | None = None) -> AsyncIterator[Response]:
+                       deadline: float | None = None, metrics: GatewayMetrics | None = None
+                       ) -> AsyncIterator[Response]:
     """Run one request: chunks as tokens arrive, then exactly one Finished. `deadline`: when the
     call ends (time.monotonic()), bounding any wait for a worker and every migration."""
     sink: asyncio.Queue = asyncio.Queue()
     (handle,) = await pool.submit([prepared], sink, deadline)
-    progress = Progress(model, handle, received_at)
+    progress = Progress(model, handle, received_at, metrics)
     try:
         while True:
             for _, event in await next_events(sink):
@@ -131,15 +155,17 @@ async def generate_one(pool: WorkerPool, model: ServedModel, prepared: Prepared,
                 if ended:
                     return
     finally:
+        progress.abandoned()
         pool.release(handle)
 
 
 async def generate_batch(pool: WorkerPool, model: ServedModel, items: Sequence[Prepared], received_at: float,
-                         deadline: float | None = None) -> AsyncIterator[gateway_pb2.GenerateBatchResponse]:
+                         deadline: float | None = None, metrics: GatewayMetrics | None = None
+                         ) -> AsyncIterator[gateway_pb2.GenerateBatchResponse]:
     """Run all requests concurrently; responses tagged with their index, interleaved."""
     sink: asyncio.Queue = asyncio.Queue()
     handles = await pool.submit(items, sink, deadline)
-    progress = [Progress(model, h, received_at) for h in handles]
+    progress = [Progress(model, h, received_at, metrics) for h in handles]
     over: set[int] = set()  # tags that ended (a gateway-side failure ends one before its worker does)
     try:
         while len(over) < len(handles):
@@ -152,5 +178,6 @@ async def generate_batch(pool: WorkerPool, model: ServedModel, items: Sequence[P
                     over.add(tag)
                     pool.release(handles[tag])
     finally:
-        for handle in handles:
+        for handle, each in zip(handles, progress):
+            each.abandoned()
             pool.release(handle)

@@ -23,6 +23,7 @@ from gateway.api_keys import ApiKeyGate
 from gateway.coordinator_client import CoordinatorClient
 from gateway.http.app import create_app
 from gateway.http.server import HttpServer
+from gateway.metrics import GatewayMetrics
 from gateway.served_model import ServedModel
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
@@ -30,6 +31,7 @@ from gateway.workers import WorkerPool
 from moemesh import rpc
 from moemesh.auth import KeyGuard, load_key_file
 from moemesh.errors import UnavailableError
+from moemesh.metrics import model_name, new_registry, serve_metrics
 from moemesh.tls import tls_of
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -68,11 +70,17 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     coordinator = CoordinatorClient(settings.coordinator, settings.call_timeout_s, tls)
     pool = WorkerPool(settings.max_inflight, settings.call_timeout_s, settings.max_migrations,
                       settings.recovery_wait_s, tls)
+    metrics = GatewayMetrics(new_registry(), model_name(settings.model_dir), model.context)
+    metrics.watch_pool(pool, asyncio.get_running_loop())
     server = rpc.Server([SERVICE_NAME], settings.concurrent_rpcs_limit, tls=tls, gates=gates)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator), server.grpc)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(model, pool, coordinator, metrics), server.grpc)
     serving = Serving()
     port = await server.start(settings.host, settings.port)
-    http = HttpServer(create_app(model, pool, lambda: serving.reason, keys=keys,
+    exporter = serve_metrics(metrics.registry, settings.host, settings.metrics_port)
+    if exporter is not None:
+        rpc.write_port_file(settings.metrics_port_file, exporter.port)
+        log.info("metrics on http://%s/metrics", exporter.address)
+    http = HttpServer(create_app(model, pool, lambda: serving.reason, metrics=metrics, keys=keys,
                                  guard_health=settings.api_keys_guard_health)) if settings.http else None
     follower = health = None
     try:
@@ -103,6 +111,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
         await pool.close()
         await coordinator.close()
         await _cancel(watchdog)
+        if exporter is not None:
+            await asyncio.to_thread(exporter.stop)
 
 
 def _keys(settings: GatewaySettings) -> KeyGuard | None:

@@ -15,6 +15,7 @@ import grpc
 
 from gateway.coordinator_client import CoordinatorClient
 from gateway.generation import generate_batch, generate_one
+from gateway.metrics import GatewayMetrics
 from gateway.served_model import ServedModel
 from gateway.workers import WorkerPool
 from moemesh.errors import InvalidRequestError
@@ -34,10 +35,12 @@ def _deadline(context: grpc.aio.ServicerContext, received_at: float) -> float | 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Generate, GenerateBatch and ModelInfo."""
 
-    def __init__(self, model: ServedModel, pool: WorkerPool, coordinator: CoordinatorClient):
+    def __init__(self, model: ServedModel, pool: WorkerPool, coordinator: CoordinatorClient,
+                 metrics: GatewayMetrics | None = None):
         self.model = model
         self.pool = pool
         self.coordinator = coordinator
+        self.metrics = metrics
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -46,7 +49,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         received_at = time.monotonic()
         prepared = await self.model.prepare_off_loop(request, _new_request_id())
         async for response in generate_one(self.pool, self.model, prepared, received_at,
-                                           _deadline(context, received_at)):
+                                           _deadline(context, received_at), self.metrics):
             yield response  # a WorkerFailedError keeps the worker's code (moemesh.status)
 
     async def GenerateBatch(
@@ -65,7 +68,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         items = [await self.model.prepare_off_loop(r, _new_request_id(), where=f"requests[{i}]: ")
                  for i, r in enumerate(request.requests)]
         async for response in generate_batch(self.pool, self.model, items, received_at,
-                                             _deadline(context, received_at)):
+                                             _deadline(context, received_at), self.metrics):
             yield response
 
     async def ModelInfo(

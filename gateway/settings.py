@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from moemesh.errors import MoemeshError
+from moemesh.metrics import METRICS_PORT_HELP, check_metrics_port
 from moemesh.settings import option, parse_bool
 from moemesh.tls import ca_option, cert_option, key_option, tls_of
 
@@ -32,6 +33,10 @@ class GatewaySettings:
                             "port (see --http-port-file), -1 = no HTTP API", int, default=8000)
     http_port_file: Path | None = option("--http-port-file", "write the bound HTTP port to this file", Path,
                                          default=None)
+    metrics_port: int = option("--metrics-port", f"{METRICS_PORT_HELP}; default 0 (the log and "
+                               "--metrics-port-file say which)", int, default=0)
+    metrics_port_file: Path | None = option("--metrics-port-file", "write the bound metrics port to this file", Path,
+                                            default=None)
     max_model_len: int = option("--max-model-len", "the workers' context in tokens; effective = min(this, "
                                 "max_position_embeddings)", int, default=2048)
     max_new_tokens_limit: int = option("--max-new-tokens-limit", "largest max_new_tokens accepted", int,
@@ -76,6 +81,7 @@ class GatewaySettings:
             raise MoemeshError(f"port must be in 0..65535, got {self.port}")
         if not -1 <= self.http_port < 65536:
             raise MoemeshError(f"http_port must be in 0..65535, or -1 for no HTTP API, got {self.http_port}")
+        check_metrics_port(self.metrics_port)
         if self.call_timeout_s <= 0 or self.grace_s < 0:
             raise MoemeshError("call_timeout_s must be > 0 and grace_s >= 0")
         if self.max_migrations < 0 or self.recovery_wait_s < 0:

@@ -204,10 +204,11 @@ def _commands() -> tuple:
     from moemesh.launcher import add_up_command
     from moemesh.planner.cli import add_plan_command
     from moemesh.simulate.cli import add_simulate_command
+    from moemesh.top import add_top_command
 
     return (_add_tiny_model, _add_train, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
             add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command,
-            _add_certs, _add_api_key)
+            _add_certs, _add_api_key, add_top_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,6 +184,9 @@ def run_up(s: UpSettings, state_dir: Path) -> int:
         http = f"; OpenAI API at http://{mesh.http}/v1" if mesh.http_gateways else ""
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
               f"model {s.model}{http}{_tls_note(spec.certs)}", flush=True)
+        print("moemesh metrics: " + ", ".join(f"{name} http://{address}/metrics"
+                                               for name, address in mesh.metrics().items())
+              + f"; watch them with `moemesh top --coordinator {mesh.coordinator}`", flush=True)
         while not stop.wait(0.5):
             mesh.supervise(s.max_restarts)
         return 0

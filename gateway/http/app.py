@@ -5,7 +5,7 @@
     GET  /v1/models              the served model (its id is ModelInfo's ModelSpec.name)
     GET  /health                 200 while serving, 503 otherwise (the truth gRPC health reports)
     POST /tokenize, /detokenize  vLLM's shapes
-    /metrics                     the ASGI app given as `metrics_app`, when given
+    GET  /metrics                the gateway's Prometheus registry (gateway/metrics.py), when given
 
 Every handler runs inside `_answering`: an exception becomes its OpenAI-shaped error
 (gateway.http.errors). A streamed completion waits for its first delta before the response
@@ -36,6 +36,7 @@ from gateway.http.chat import ChatTemplate
 from gateway.http.completion import Delta, End, Reply, collect, run_completion
 from gateway.http.errors import BadParamError, UnknownModelError, error_body, http_error
 from gateway.http.params import Sampled, chat_params, completion_params, generate_request, tokens_param
+from gateway.metrics import GatewayMetrics
 from gateway.served_model import INLINE_TOKENIZE_CHARS, ServedModel
 from gateway.workers import WorkerPool
 from moemesh.auth import KeyGuard
@@ -117,8 +118,9 @@ class OpenAIApi:
     KeyGuard as the gRPC API; /health (and /metrics) too only with `guard_health`."""
 
     def __init__(self, model: ServedModel, pool: WorkerPool, health: Callable[[], str],
-                 keys: KeyGuard | None = None, guard_health: bool = False):
+                 keys: KeyGuard | None = None, guard_health: bool = False, metrics: GatewayMetrics | None = None):
         self.model = model
+        self.metrics = metrics
         self.pool = pool
         self.health = health
         self.keys = keys
@@ -194,7 +196,7 @@ class OpenAIApi:
                             max_tokens=common.sampling.max_new_tokens)
         request_id = uuid.uuid4().hex[:16]
         prepared = await self.model.prepare_off_loop(generate_request(prompt, common.sampling), request_id)
-        outputs = run_completion(self.pool, self.model, prepared, common.stop)
+        outputs = run_completion(self.pool, self.model, prepared, common.stop, self.metrics)
         reply = Reply.new(request_id, self.name, chat)
         if not common.stream:
             text, end = await _unless_disconnected(request, collect(outputs))
@@ -288,11 +290,13 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 def create_app(model: ServedModel, pool: WorkerPool, health: Callable[[], str],
-               metrics_app: ASGIApp | None = None, keys: KeyGuard | None = None,
+               metrics: GatewayMetrics | None = None, keys: KeyGuard | None = None,
                guard_health: bool = False) -> Starlette:
-    """The ASGI app of the OpenAI-compatible API; `metrics_app` is served at /metrics when given
-    (behind the API keys only with `guard_health`)."""
-    api = OpenAIApi(model, pool, health, keys, guard_health)
+    """The ASGI app of the OpenAI-compatible API; with `metrics` its requests are counted as the
+    gRPC API's are, and its registry is served at /metrics (behind the API keys only with
+    `guard_health`)."""
+    api = OpenAIApi(model, pool, health, keys, guard_health, metrics)
+    metrics_app = metrics.asgi_app() if metrics is not None else None
     routes = [
         Route("/v1/completions", _answering(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", _answering(api.chat_completions), methods=["POST"]),

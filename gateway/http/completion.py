@@ -22,6 +22,7 @@ from typing import Any
 from gateway.generation import generate_one
 from gateway.http.errors import GenerationFailedError
 from gateway.http.stops import StopCutter
+from gateway.metrics import GatewayMetrics
 from gateway.served_model import Prepared, ServedModel
 from gateway.workers import WorkerPool
 from moemesh.v1 import common_pb2
@@ -49,14 +50,14 @@ class End:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def run_completion(pool: WorkerPool, model: ServedModel, prepared: Prepared,
-                         stops: Sequence[str]) -> AsyncGenerator[Delta | End, None]:
+async def run_completion(pool: WorkerPool, model: ServedModel, prepared: Prepared, stops: Sequence[str],
+                         metrics: GatewayMetrics | None = None) -> AsyncGenerator[Delta | End, None]:
     """Deltas of text (never empty), then exactly one End. Errors before the first token raise what
     the gRPC API fails with (CapacityError, NoWorkerError, WorkerFailedError); a generation that
     fails after it started raises GenerationFailedError."""
     cutter = StopCutter(stops)
     streamed = 0
-    responses = generate_one(pool, model, prepared, time.monotonic())  # an async generator
+    responses = generate_one(pool, model, prepared, time.monotonic(), metrics=metrics)  # an async generator
     async with contextlib.aclosing(responses):  # type: ignore[type-var]
         async for response in responses:
             if response.WhichOneof("event") == "chunk":

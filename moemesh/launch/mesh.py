@@ -113,7 +113,8 @@ class Mesh:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         port = self._start_and_wait("coordinator", ["coordinator", "--model", str(s.model), "--workers",
                                                     str(s.workers), "--host", "127.0.0.1", "--port", "0",
-                                                    *self._tls_flags("coordinator"), *s.coordinator_flags])
+                                                   *self._tls_flags("coordinator"), *self._metrics_flags("coordinator"),
+                                                   *s.coordinator_flags])
         self.coordinator = f"127.0.0.1:{port}"
         if s.gateway_first:
             self._start_gateways()
@@ -121,7 +122,7 @@ class Mesh:
             own = s.per_worker_flags[i] if i < len(s.per_worker_flags) else ()
             self.processes.start(f"worker{i}", ["worker", "--coordinator", self.coordinator, "--port", "0",
                                                 "--host", "127.0.0.1", "--worker-id", f"worker-{i}",
-                                                *self._tls_flags("worker"),
+                                                *self._tls_flags("worker"), *self._metrics_flags(f"worker{i}"),
                                                 *s.worker_flags, *own])
         if not s.gateway_first:
             self._start_gateways()
@@ -138,7 +139,7 @@ class Mesh:
         http_flags = ("--http-port", str(http_port), *(("--http-port-file", str(http_file)) if http_port >= 0 else ()))
         port = self._start_and_wait(name, ["gateway", "--coordinator", self.coordinator, "--model", str(s.model),
                                            "--host", s.gateway_host, "--port", str(port), *http_flags,
-                                           *self._tls_flags("gateway"), *flags])
+                                           *self._tls_flags("gateway"), *self._metrics_flags(name), *flags])
         self.gateways[name] = f"{s.gateway_host}:{port}"
         if http_port >= 0:  # the gateway writes this file before its gRPC port file
             bound = self.processes.wait_port(name, http_file, s.start_timeout_s)
@@ -199,6 +200,17 @@ class Mesh:
             restarted.append(child.name)
         return restarted
 
+    def metrics(self) -> dict[str, str]:
+        """HOST:PORT of the metrics endpoint of each process that published one, by name (every
+        service serves one on a free port unless its flags say `--metrics-port -1`)."""
+        out = {}
+        for name in self.procs:
+            port_file = self.spec.state_dir / f"{name}.metrics.port"
+            if port_file.exists():
+                host = self.spec.gateway_host if name.startswith("gateway") else "127.0.0.1"
+                out[name] = f"{host}:{port_file.read_text().strip()}"
+        return out
+
     def log_tail(self, lines: int = 30) -> str:
         return self.processes.log_tail(lines)
 
@@ -219,6 +231,12 @@ class Mesh:
         for i in range(s.gateways):
             self.add_gateway("gateway" if i == 0 else f"gateway{i}", s.gateway_flags,
                              port=s.gateway_port if i == 0 else 0, http_port=s.gateway_http_port if i == 0 else 0)
+
+    def _metrics_flags(self, name: str) -> tuple[str, ...]:
+        """Metrics on a free port, published in state_dir/NAME.metrics.port (flags given later win)."""
+        port_file = self.spec.state_dir / f"{name}.metrics.port"
+        port_file.unlink(missing_ok=True)
+        return ("--metrics-port", "0", "--metrics-port-file", str(port_file))
 
     def _start_and_wait(self, name: str, argv: list[str]) -> int:
         port_file = self.spec.state_dir / f"{name}.port"

@@ -5,7 +5,9 @@ Shape legend: L MoE layers, E experts per layer, R ranks, T tokens, K top-k, P p
 Kept apart from dispatch (as vLLM keeps expert-load capture apart from prepare/finalize): the
 MoE layer feeds `routed` with the router's output, the all-to-all transport feeds `sent` with
 its destinations. Both count on the device with scatter-add (no host sync); `take` reads the
-window back once, when the worker reports it.
+window back once, when the worker reports it. Every window is also folded into running totals
+(`totals`: expert counts since the recorder was made, link counts since its world began) that
+the worker's metrics read once per step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ class LoadSample:
     rank: int = 0  # what is current when it is sent)
 
 
+@dataclass(frozen=True)
+class LoadTotals:
+    """Running totals of one rank (host tensors): what the metrics export as counters."""
+
+    expert_counts: torch.Tensor  # (L, E) int64 token copies per (MoE layer, expert) since the recorder was made
+    link_counts: torch.Tensor  # (L, R) int64 token copies sent to each destination rank in the current world
+    tokens: int  # tokens routed since the recorder was made
+    generation: int = 0  # world generation and rank the link counts were counted in (stamped by the
+    rank: int = 0  # engine thread, like LoadSample's)
+
+
 class LoadRecorder:
     """Counts since the last `take()`; rows follow `layer_order` (MoE layers ascending)."""
 
@@ -40,7 +53,11 @@ class LoadRecorder:
         self._row = {layer: i for i, layer in enumerate(self.layer_order)}  # MoE layer -> row
         self.num_experts, self.world_size = num_experts, world_size
         self.device = torch.device(device)
-        self.reset()
+        L = len(self.layer_order)
+        self._experts_total = torch.zeros(L, num_experts + 1, dtype=torch.int64, device=self.device)  # (L, E + 1)
+        self._links_total = torch.zeros(L, world_size + 1, dtype=torch.int64, device=self.device)  # (L, R + 1)
+        self._tokens_total = 0
+        self._clear()
 
     @classmethod
     def for_placement(cls, placement: Placement, device: str | torch.device = "cpu") -> LoadRecorder:
@@ -49,11 +66,22 @@ class LoadRecorder:
         return cls(placement.layers, E, placement.world_size, device)
 
     def resize(self, world_size: int) -> None:
-        """A new world generation with `world_size` ranks: link counts change shape; the window restarts."""
-        self.world_size = world_size
+        """A new world generation with `world_size` ranks: link counts change shape and their totals
+        restart (ranks mean other workers now); the window restarts."""
         self.reset()
+        self.world_size = world_size
+        self._links_total = torch.zeros(len(self.layer_order), world_size + 1, dtype=torch.int64,
+                                        device=self.device)  # (L, R + 1)
+        self._clear()
 
     def reset(self) -> None:
+        """Start a new window; what the old one counted stays in the totals."""
+        self._experts_total += self._experts
+        self._links_total += self._links
+        self._tokens_total += self.tokens
+        self._clear()
+
+    def _clear(self) -> None:
         L = len(self.layer_order)
         self._experts = torch.zeros(L, self.num_experts + 1, dtype=torch.int64, device=self.device)  # (L, E + 1)
         self._links = torch.zeros(L, self.world_size + 1, dtype=torch.int64, device=self.device)  # (L, R + 1)
@@ -79,3 +107,10 @@ class LoadRecorder:
                             self.tokens)
         self.reset()
         return sample
+
+    def totals(self) -> LoadTotals:
+        """The running totals, the current window included (one read-back to the host)."""
+        E, R = self.num_experts, self.world_size
+        both = torch.cat([(self._experts_total + self._experts)[:, :E],
+                          (self._links_total + self._links)[:, :R]], dim=1).cpu()  # (L, E + R)
+        return LoadTotals(both[:, :E], both[:, E:], self._tokens_total + self.tokens)

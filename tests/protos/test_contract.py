@@ -109,6 +109,7 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "node": (5, "string"),
         "memory_bytes": (6, "uint64"),
         "weight_bytes_per_element": (7, "uint32"),
+        "metrics_address": (8, "string"),
     },
     "RegisterWorkerResponse": {
         "rank": (1, "uint32"),
@@ -183,6 +184,7 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "address": (4, "string"),
         "device": (5, "string"),
         "node": (6, "string"),
+        "metrics_address": (7, "string"),
     },
     "Rendezvous": {"store_host": (1, "string"), "store_port": (2, "uint32"), "store_prefix": (3, "string")},
     "World": {

@@ -259,3 +259,19 @@ def test_api_keys_guard_the_api_and_charge_its_limits_with_retry_after(mesh, tmp
         assert 1 <= int(over.value.response.headers["retry-after"]) <= 60
     finally:
         assert mesh.terminate("gateway-keys") == 0
+
+
+def test_http_requests_are_counted_and_served_at_metrics_on_the_http_port(mesh):
+    """GET /metrics on the HTTP port is the gateway's registry; an HTTP completion counts as a gRPC
+    one does (its prompt and generated tokens, one request finished by length)."""
+    from moemesh.metrics import scrape, value
+
+    name = "moemesh:generation_tokens_total"
+    before = scrape(mesh.http)
+    reply = client(mesh.http).completions.create(model=MODEL, prompt="count me", max_tokens=5, **GREEDY)
+    after = scrape(mesh.http)
+    assert value(after, name) - value(before, name) == reply.usage.completion_tokens == 5
+    assert (value(after, "moemesh:prompt_tokens_total") - value(before, "moemesh:prompt_tokens_total")
+            == reply.usage.prompt_tokens)
+    finished = "moemesh:request_success_total"
+    assert value(after, finished, finished_reason="length") - value(before, finished, finished_reason="length") == 1
