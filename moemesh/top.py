@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import grpc
@@ -25,6 +26,7 @@ import grpc
 from moemesh.errors import ConfigError, UnavailableError
 from moemesh.metrics import scrape
 from moemesh.settings import add_options, option, parse_bool, settings_from
+from moemesh.tls import ca_option, cert_option, key_option, tls_of
 from moemesh.top_screen import Member, Reading, Screen, render, screen_of
 from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -43,12 +45,16 @@ class TopSettings:
     timeout_s: float = option("--timeout", "deadline of each call to the coordinator and each scrape, s", float,
                               default=2.0)
     once: bool = option("--once", "print one screen to stdout and exit (no curses)", parse_bool, default=False)
+    tls_cert: Path | None = cert_option(env="MOEMESH_TLS_CERT")  # mTLS to the coordinator: all three or none
+    tls_key: Path | None = key_option(env="MOEMESH_TLS_KEY")
+    tls_ca: Path | None = ca_option(env="MOEMESH_TLS_CA")
 
     def __post_init__(self) -> None:
         if not self.coordinator or ":" not in self.coordinator:
             raise ConfigError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
         if self.refresh_s <= 0 or self.timeout_s <= 0:
             raise ConfigError("--refresh and --timeout must be positive")
+        tls_of(self)  # all three TLS files or none
 
 
 class MeshReader:
@@ -56,7 +62,9 @@ class MeshReader:
 
     def __init__(self, settings: TopSettings):
         self.s = settings
-        self._channel = grpc.insecure_channel(settings.coordinator)
+        tls = tls_of(settings)
+        self._channel = (grpc.insecure_channel(settings.coordinator) if tls is None
+                         else grpc.secure_channel(settings.coordinator, tls.channel_credentials()))
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
