@@ -113,7 +113,12 @@ def _generate_local(s: GenerateSettings, params) -> tuple[list[int], str]:
     return ids, codec.decode(ids)
 
 
-def _commands() -> tuple:
+def _commands(argv: list[str] | None = None) -> tuple:
+    """Every subcommand; only `probe` for a probe (a healthcheck every few seconds must not import torch)."""
+    from moemesh.probe import add_probe_command
+
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["probe"]:
+        return (add_probe_command,)
     from coordinator.cli import add_coordinator_command, add_placement_command
     from expert_worker.cli import add_worker_command
     from gateway.cli import add_gateway_command
@@ -123,11 +128,12 @@ def _commands() -> tuple:
     from moemesh.simulate.cli import add_simulate_command
 
     return (_add_tiny_model, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
-            add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command)
+            add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command,
+            add_probe_command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, _commands(), description=__doc__.splitlines()[0])
+    return run(argv, _commands(argv), description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
