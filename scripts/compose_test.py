@@ -4,7 +4,8 @@ Sets up the engine and the base image (scripts/docker_setup.sh), builds the imag
 (scripts/compose_build.sh), then under a project name of its own and on free ports: `up` with
 3 workers and waits for health, a generate and a short bench through the gateway's published port,
 `--scale worker=4` and sees the 4th join the coordinator's world (4 ranks, the new rank holding
-experts) and serve, `docker kill`s a worker and sees it restarted and back in a newer world, serving,
+experts) and serve, crashes a worker (SIGKILL to its process) and sees Docker restart it (restart:
+on-failure) and the coordinator take it back into a newer world, serving,
 and finally `down -v`, asserting no container, network or volume of the project is left. `down` runs
 in a `finally`. Every step is bounded and prints a progress line with its time.
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,9 +34,32 @@ from moemesh.settings import option, parse_settings  # noqa: E402
 
 COMPOSE_FILE = REPO / "compose" / "compose.yaml"
 MOEMESH = [sys.executable, "-m", "moemesh.cli"]
-WORLD = re.compile(r"world generation (\d+), (\d+) ranks")
-EXPERT_ROW = re.compile(r"^\s+\d+\s+([\d,]+)\s", re.MULTILINE)
 T = TypeVar("T")
+# Run inside the coordinator's container: its newest world (WaitForWorld after generation 0 answers at
+# once) and the ranks holding a piece of some expert in the placement in force, as JSON.
+WORLD_QUERY = """
+import json, grpc
+from moemesh.v1 import coordinator_pb2 as pb, coordinator_pb2_grpc as rpc
+with grpc.insecure_channel("127.0.0.1:50050") as ch:
+    stub = rpc.CoordinatorStub(ch)
+    world = stub.WaitForWorld(pb.WaitForWorldRequest(), timeout=20)
+    placement = stub.GetPlacement(pb.GetPlacementRequest(), timeout=20).placement
+holders = {r for layer in placement.layers for e in layer.experts
+           for r in [*e.ranks, *(r for g in e.shard_groups for r in g.ranks)]}
+if placement.world_generation != world.generation:
+    holders = set()  # the new world's placement is not published yet
+print(json.dumps({"generation": world.generation, "members": [m.address for m in world.members],
+                  "holders": sorted(holders)}))
+"""
+
+
+@dataclass(frozen=True)
+class World:
+    """The coordinator's world: its generation, members' addresses by rank, ranks holding experts."""
+
+    generation: int
+    members: tuple[str, ...]
+    holders: frozenset[int]
 
 
 class ComposeTestError(RuntimeError):
@@ -131,16 +155,15 @@ class Project:
     def moemesh(self, *args: str, timeout_s: float = 180.0) -> str:
         return self.run.sh([*MOEMESH, *args], timeout_s, self.env)
 
-    def world(self) -> tuple[int, int, set[int]]:
-        """The coordinator's world: (generation, ranks, ranks holding an expert), asked inside its container."""
+    def world(self) -> World:
+        """The coordinator's newest world and its placement, asked inside its container (its port is
+        not published) with grpc and the stubs only: no torch import per poll."""
         (coordinator,) = self.containers("coordinator")
-        text = self.run.sh(["docker", "exec", coordinator, "moemesh", "placement", "show", "--coordinator",
-                            "127.0.0.1:50050"], 120)
-        found = WORLD.search(text)
-        if found is None:
-            raise ComposeTestError(f"no world in `placement show`:\n{text[:500]}")
-        holders = {int(r) for row in EXPERT_ROW.findall(text) for r in row.split(",")}
-        return int(found[1]), int(found[2]), holders
+        reply = json.loads(self.run.sh(["docker", "exec", coordinator, "python", "-c", WORLD_QUERY], 120))
+        return World(reply["generation"], tuple(reply["members"]), frozenset(reply["holders"]))
+
+    def hostname(self, container: str) -> str:
+        return self.run.sh(["docker", "inspect", "-f", "{{.Config.Hostname}}", container], 60).strip()
 
     def generate(self) -> list[int]:
         out = self.moemesh("generate", "--target", self.grpc, "--prompt", "Hello, mesh", "--max-new-tokens", "8",
@@ -190,9 +213,8 @@ def serve_and_bench(p: Project) -> None:
     with p.run.step(f"up: coordinator, {p.s.workers} workers, gateway; healthy"):
         p.up(p.s.workers)
         until("gateway SERVING on the published port", p.serving, p.s.step_timeout_s)
-        generation, ranks, _ = until(f"a world of {p.s.workers}", lambda: _world_of(p, p.s.workers),
-                                     p.s.step_timeout_s)
-        p.run.say(f"world generation {generation}: {ranks} ranks")
+        world = until(f"a world of {p.s.workers}", lambda: _world_of(p, p.s.workers), p.s.step_timeout_s)
+        p.run.say(f"world generation {world.generation}: {', '.join(world.members)}")
     with p.run.step(f"generate through {p.grpc}"):
         p.run.say(f"tokens {p.generate()}")
     with p.run.step("bench through the published port"):
@@ -207,41 +229,54 @@ def serve_and_bench(p: Project) -> None:
                   f"{m['output_tokens_per_s']:.1f} tok/s, TTFT mean {m['ttft_mean_s'] * 1e3:.0f} ms")
 
 
-def _world_of(p: Project, ranks: int, after: int = 0) -> tuple[int, int, set[int]] | None:
-    generation, size, holders = p.world()
-    return (generation, size, holders) if size == ranks and generation > after else None
+def _world_of(p: Project, ranks: int, after: int = 0, member: str = "") -> World | None:
+    """The coordinator's world once it has `ranks` members, a generation after `after`, `member`'s
+    host among them (when given) and its placement published; else None."""
+    world = p.world()
+    hosts = {address.rsplit(":", 1)[0] for address in world.members}
+    ok = (len(world.members) == ranks and world.generation > after and bool(world.holders)
+          and (not member or member in hosts))
+    return world if ok else None
 
 
-def scale_up(p: Project) -> int:
-    """One more worker joins a newer world, holds experts, serves; the generation it formed."""
+def scale_up(p: Project) -> World:
+    """One more worker container joins a newer world, holds experts, serves."""
     n = p.s.workers + 1
-    before, _, _ = p.world()
+    before = p.world()
     with p.run.step(f"--scale worker={n}: the new worker joins"):
         p.up(n)
-        generation, _, holders = until(f"a world of {n} after generation {before}",
-                                       lambda: _world_of(p, n, before), p.s.step_timeout_s)
-        if n - 1 not in holders:
-            raise ComposeTestError(f"rank {n - 1} holds no expert in generation {generation} ({holders})")
+        members = {address.rsplit(":", 1)[0] for address in before.members}
+        (new,) = [c for c in p.containers("worker") if p.hostname(c) not in members]
+        host = p.hostname(new)
+        world = until(f"{host} in a world of {n} after generation {before.generation}",
+                      lambda: _world_of(p, n, before.generation, host), p.s.step_timeout_s)
+        rank = [a.rsplit(":", 1)[0] for a in world.members].index(host)
+        if rank not in world.holders:
+            raise ComposeTestError(f"{host} (rank {rank}) holds no expert in generation {world.generation}")
         until("gateway SERVING", p.serving, p.s.step_timeout_s)
-        p.run.say(f"world generation {generation}: {n} ranks; rank {n - 1} holds experts; tokens {p.generate()}")
-    return generation
+        p.run.say(f"world generation {world.generation}: {n} ranks; {host} is rank {rank}, holds experts; "
+                  f"tokens {p.generate()}")
+    return world
 
 
-def kill_and_rejoin(p: Project, generation: int) -> None:
+def crash_and_rejoin(p: Project, world: World) -> None:
     n = p.s.workers + 1
     victim = p.containers("worker")[1]
-    with p.run.step(f"docker kill worker container {victim[:12]}: restarted, rejoins"):
-        p.run.sh(["docker", "kill", victim], 60)
+    host = p.hostname(victim)
+    with p.run.step(f"worker container {host} crashes (SIGKILL): restarted, rejoins"):
+        # A crash: its process SIGKILLed from the host. `docker kill` would not do: Docker counts it as a
+        # manual stop, and a manually stopped container is not restarted whatever its restart policy.
+        os.kill(int(p.run.sh(["docker", "inspect", "-f", "{{.State.Pid}}", victim], 60)), signal.SIGKILL)
 
         def restarted() -> bool | None:
             state = json.loads(p.run.sh(["docker", "inspect", "-f", "{{json .}}", victim], 60))
             return True if state["RestartCount"] >= 1 and state["State"]["Running"] else None
 
-        until("the killed container restarted", restarted, p.s.step_timeout_s)
-        newer, _, _ = until(f"a world of {n} after generation {generation}", lambda: _world_of(p, n, generation),
-                            p.s.step_timeout_s)
+        until("the crashed container restarted", restarted, p.s.step_timeout_s)
+        newer = until(f"{host} back in a world of {n} after generation {world.generation}",
+                      lambda: _world_of(p, n, world.generation, host), p.s.step_timeout_s)
         until("gateway SERVING", p.serving, p.s.step_timeout_s)
-        p.run.say(f"world generation {newer}: {n} ranks again; tokens {p.generate()}")
+        p.run.say(f"world generation {newer.generation}: {n} ranks again, {host} among them; tokens {p.generate()}")
 
 
 def down(p: Project) -> None:
@@ -264,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         run.say(f"project {p.name}, gateway gRPC published on {p.grpc}")
         try:
             serve_and_bench(p)
-            kill_and_rejoin(p, scale_up(p))
+            crash_and_rejoin(p, scale_up(p))
         except BaseException:
             print(p.logs(), file=sys.stderr)
             raise
