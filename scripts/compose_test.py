@@ -5,9 +5,10 @@ Sets up the engine and the base image (scripts/docker_setup.sh), builds the imag
 3 workers and waits for health, a generate and a short bench through the gateway's published port,
 `--scale worker=4` and sees the 4th join the coordinator's world (4 ranks, the new rank holding
 experts) and serve, crashes a worker (SIGKILL to its process) and sees Docker restart it (restart:
-on-failure) and the coordinator take it back into a newer world, serving,
-and finally `down -v`, asserting no container, network or volume of the project is left. `down` runs
-in a `finally`. Every step is bounded and prints a progress line with its time.
+on-failure) and the coordinator take it back into a newer world, serving; every generate is greedy
+and token for token the first world's. Finally `down -v`, asserting no container, network or volume
+of the project is left; `down` runs in a `finally`. Every step is bounded and prints a progress line
+with its time.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class Project:
         self.run, self.s = run, s
         self.name = f"moemeshct{os.getpid()}"
         self.grpc = f"127.0.0.1:{free_port()}"
+        self.first_tokens: list[int] | None = None  # the first world's greedy answer
         self.env = {**os.environ, "MOEMESH_IMAGE": s.image, "MOEMESH_MODEL_DIR": str(model),
                     "MOEMESH_WORKERS": str(s.workers), "MOEMESH_PUBLISH_GRPC": self.grpc,
                     "MOEMESH_PUBLISH_HTTP": f"127.0.0.1:{free_port()}", "PYTHONPATH": str(REPO)}
@@ -171,6 +173,10 @@ class Project:
         ids = json.loads(out)["token_ids"]
         if len(ids) != 8:
             raise ComposeTestError(f"generate gave {len(ids)} tokens, wanted 8: {out}")
+        if self.first_tokens is None:
+            self.first_tokens = ids
+        elif ids != self.first_tokens:  # greedy: every world serves the same model, token for token
+            raise ComposeTestError(f"generate gave {ids}, the first world gave {self.first_tokens}")
         return ids
 
     def serving(self) -> bool | None:
