@@ -7,8 +7,8 @@ Sets up the engine and the base image (scripts/docker_setup.sh), builds the imag
 experts) and serve, crashes a worker (SIGKILL to its process) and sees Docker restart it (restart:
 on-failure) and the coordinator take it back into a newer world, serving; every generate is greedy
 and token for token the first world's. Finally `down -v`, asserting no container, network or volume
-of the project is left; `down` runs in a `finally`. Every step is bounded and prints a progress line
-with its time.
+of the project is left; `down` runs in a `finally`, and an engine this run started is stopped again.
+Every step is bounded and prints a progress line with its time.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from moemesh.settings import option, parse_settings  # noqa: E402
 
 COMPOSE_FILE = REPO / "compose" / "compose.yaml"
+DOCKERD_PID = Path("/var/run/docker.pid")
 MOEMESH = [sys.executable, "-m", "moemesh.cli"]
 T = TypeVar("T")
 # Run inside the coordinator's container: its newest world (WaitForWorld after generation 0 answers at
@@ -293,9 +294,33 @@ def down(p: Project) -> None:
             raise ComposeTestError(f"left behind by `down -v`: {left}")
 
 
+def engine_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=60, check=False).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+def stop_engine(run: Run) -> None:
+    """Stop the dockerd that docker_setup.sh started for this run (its pid file), bounded."""
+    with run.step("stopping the engine this run started"):
+        pid = int(DOCKERD_PID.read_text())
+        os.kill(pid, signal.SIGTERM)
+        until("dockerd gone", lambda: None if Path(f"/proc/{pid}").exists() else True, 60, every_s=0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     s = parse_settings(ComposeTestSettings, argv, __doc__.splitlines()[0])
     run = Run()
+    started_engine = not s.skip_setup and not engine_answers()
+    try:
+        return _main(s, run)
+    finally:
+        if started_engine:
+            stop_engine(run)
+
+
+def _main(s: ComposeTestSettings, run: Run) -> int:
     model_root = Path(tempfile.mkdtemp(prefix="moemesh-ct-model-"))
     model_root.chmod(0o755)
     model = model_root / "tiny"
