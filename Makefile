@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # protoc finds its mypy plugin in the virtualenv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup stubs lint test run train bench bench-core bench-mesh bench-balance bench-chaos clean gpu-check
+.PHONY: setup stubs lint test run train bench bench-core bench-mesh bench-balance bench-chaos clean gpu-check compose-test
 
 setup: $(STAMP) stubs
 
@@ -35,6 +35,11 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q --durations=15 tests
+
+# compose/compose.yaml on a real Docker engine (not part of `make test`): sets up the engine and the base
+# image itself (scripts/docker_setup.sh, as root), builds the image, up / scale / kill / down.
+compose-test: setup
+	$(PY) scripts/compose_test.py
 
 # The paper's deployment on the embedded tiny model: one expert per worker (8 workers).
 run: setup

@@ -196,11 +196,17 @@ def _add_api_key(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
     return run
 
 
-def _commands() -> tuple:
+def _commands(argv: list[str] | None = None) -> tuple:
+    """Every subcommand; only `probe` for a probe (a healthcheck every few seconds must not import torch)."""
+    from moemesh.probe import add_probe_command
+
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["probe"]:
+        return (add_probe_command,)
     from coordinator.cli import add_coordinator_command, add_placement_command
     from expert_worker.cli import add_worker_command
     from gateway.cli import add_gateway_command
     from moemesh.bench_cli import add_bench_command
+    from moemesh.compose_gpu import add_compose_gpu_command
     from moemesh.launcher import add_up_command
     from moemesh.planner.cli import add_plan_command
     from moemesh.simulate.cli import add_simulate_command
@@ -208,11 +214,11 @@ def _commands() -> tuple:
 
     return (_add_tiny_model, _add_train, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
             add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command,
-            _add_certs, _add_api_key, add_top_command)
+            _add_certs, _add_api_key, add_top_command, add_probe_command, add_compose_gpu_command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, _commands(), description=__doc__.splitlines()[0])
+    return run(argv, _commands(argv), description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

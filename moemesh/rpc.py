@@ -47,6 +47,14 @@ CHANNEL_OPTIONS = (
     # coordinator within its heartbeat timeout.
     ("grpc.max_reconnect_backoff_ms", 1_000),
 )
+# Servers accept those keepalive pings: by default a server allows one ping per 5 minutes on a call
+# that sends no data, so the 10 s pings on an idle Serve stream (a gateway's to its workers) earned
+# strikes and a GOAWAY "too_many_pings" that reset the stream (seen in compose, see gRPC's keepalive guide).
+SERVER_OPTIONS = (
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
 
 
 # A check run before a handler: (full method name "/pkg.Service/Method", the request or None for a
@@ -206,7 +214,7 @@ class Server:
         self.tls = tls
         checks: tuple[Gate, ...] = (RoleGate(roles or {}), *gates) if tls is not None else tuple(gates)
         self.grpc = grpc.aio.server(
-            interceptors=[ErrorInterceptor(checks)], options=CHANNEL_OPTIONS,
+            interceptors=[ErrorInterceptor(checks)], options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()
