@@ -201,3 +201,33 @@ def test_bias_changes_the_selection_but_not_the_weights():
     assert torch.allclose(routing.weights[0], want, rtol=0, atol=1e-7)
     chosen_by = scores[ids] + torch.tensor([0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.0, 0.0])[ids]  # the biased scores
     assert not torch.allclose(routing.weights[0], chosen_by / chosen_by.sum() * 2.5, rtol=0, atol=1e-4)
+
+
+def test_gpt_oss_router_equals_the_reference_and_gating_keeps_its_weights():
+    """GPT-OSS: top-k of the biased logits, softmax over those k: the reference's ids and weights
+    exactly. Gating factors change the selection; the weights stay the softmax over the chosen
+    experts' logits."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    from moemesh.model.moe import TopKSoftmaxRouter
+
+    g = torch.Generator().manual_seed(5)
+    ref = GptOssTopKRouter(transformers.GptOssConfig(num_local_experts=E, num_experts_per_tok=K, hidden_size=D))
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(E, D, generator=g))
+        ref.bias.copy_(torch.randn(E, generator=g))
+    x = torch.randn(32, D, generator=g)  # (T, D)
+    ours = TopKSoftmaxRouter(K, {0: ref.bias.detach()})
+    routing = ours(x, ref.weight.detach(), 0)
+    with torch.no_grad():
+        logits, weights, ids = ref(x)
+    assert torch.equal(routing.expert_ids, ids) and torch.equal(routing.weights, weights)
+    ruled_out = int(ids[0, 0])
+    factors = torch.ones(E)
+    factors[ruled_out] = 0.0  # token 0's first choice is never chosen
+    ours.factors = {0: factors}
+    gated = ours(x, ref.weight.detach(), 0)
+    assert not (gated.expert_ids == ruled_out).any() and (ids == ruled_out).sum() > 1
+    want = torch.softmax(torch.gather(logits, 1, gated.expert_ids), dim=-1)  # (T, K)
+    assert torch.equal(gated.weights, want)
