@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moemesh.model.activations import expert_activation
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig, load_config
 from moemesh.model.layers import AttentionPlan, GroupedQueryAttention, KVCache, rms_norm
@@ -31,7 +32,6 @@ from moemesh.model.moe import (
     SoftmaxTopKRouter,
     TopKSoftmaxRouter,
     Transport,
-    expert_activation,
     run_interleaved,
     run_to_end,
 )

@@ -6,7 +6,7 @@ F expert hidden.
 
 Routers: `SoftmaxTopKRouter` (Mixtral, Qwen, OLMoE), `TopKSoftmaxRouter` (GPT-OSS: biased logits,
 softmax over the top-k) and `GroupedSigmoidRouter` (DeepSeek-V3, GLM-4.5). Experts: `GroupedExperts`
-with the family's activation (`swiglu`, or GPT-OSS's `ClampedSwiGLUActivation`) and optional biases. A
+with the family's activation (moemesh.model.activations: SwiGLU, or GPT-OSS's clamped one) and optional biases. A
 layer's shared experts (DeepSeek-V3, Qwen2-MoE) are dense work on this rank's own tokens: they run
 after Dispatch is posted, while the routed exchange is in flight, and never go through the seams.
 
@@ -22,14 +22,15 @@ micro-batch's compute meanwhile (two-batch overlap). Run to completion it is the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from moemesh.model.config import ClampedSwiGLU, GroupedRouting
+from moemesh.model.activations import Activation, swiglu
+from moemesh.model.config import GroupedRouting
 from moemesh.model.overflow import OVERFLOW_POLICIES, enforce_capacity, expert_capacity
 from moemesh.model.weights import LayerExperts, SharedExpertWeights
 
@@ -237,30 +238,6 @@ def shared_experts(x: torch.Tensor, w: SharedExpertWeights) -> torch.Tensor:
     if w.gate is not None:
         y = torch.sigmoid(F.linear(x, w.gate)) * y  # (T, 1) * (T, D)
     return y
-
-
-Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate (n, F), up (n, F)) -> (n, F)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-class ClampedSwiGLUActivation:
-    """GPT-OSS's expert activation (the reference's `_apply_gate`, on de-interleaved gate and up)."""
-
-    def __init__(self, shape: ClampedSwiGLU):
-        self.alpha, self.limit = shape.alpha, shape.limit
-
-    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate = gate.clamp(min=None, max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-
-
-def expert_activation(shape: ClampedSwiGLU | None) -> Activation:
-    """The family's activation, chosen once at build time."""
-    return swiglu if shape is None else ClampedSwiGLUActivation(shape)
 
 
 class GroupedExperts:

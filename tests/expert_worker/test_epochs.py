@@ -53,7 +53,8 @@ def test_biased_experts_move_with_their_biases(tmp_path):
     """GPT-OSS's expert biases are part of what an epoch loads, cuts and reuses: after a switch to
     split experts the two ranks' pieces (the down bias on shard 0 only) compute the whole biased
     expert, whether a piece was cut from a held expert or read from the checkpoint."""
-    from moemesh.model.moe import ExpertBatch, GroupedExperts, expert_activation
+    from moemesh.model.activations import expert_activation
+    from moemesh.model.moe import ExpertBatch, GroupedExperts
 
     ckpt = write_tiny_model(tmp_path / "model", dataclasses.replace(SPEC, arch="gpt_oss"))
     cfg = load_config(ckpt)

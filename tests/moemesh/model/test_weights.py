@@ -111,8 +111,9 @@ def test_gpt_oss_experts_load_only_their_slices_with_biases_and_compute_like_the
     down_proj (E, F, D), both biased): a worker reads only its experts' slices (a shard: only its
     columns), de-interleaved into w13; the biases travel in LayerExperts (the down bias on shard 0
     only); the pieces' outputs sum to the reference expert's output."""
+    from moemesh.model.activations import expert_activation
     from moemesh.model.config import ClampedSwiGLU
-    from moemesh.model.moe import ExpertBatch, GroupedExperts, expert_activation
+    from moemesh.model.moe import ExpertBatch, GroupedExperts
 
     ckpt, ref = hf_model("gpt_oss", layers=2, experts=8, intermediate=96, swiglu_limit=1.0)
     cfg = load_config(ckpt)
