@@ -168,11 +168,10 @@ class TopKSoftmaxRouter(SoftmaxTopKRouter):
             top_i = torch.topk(torch.softmax(logits, dim=-1) * factors, self.top_k, dim=-1).indices  # (T, K)
             top_logits = torch.gather(logits, 1, top_i)  # (T, K)
         top_w = torch.softmax(top_logits, dim=-1)  # (T, K)
-        if self.overflow != "dropless":  # a dropped copy (-1) keeps zero weight, the others theirs
-            top_i = enforce_capacity(top_i, torch.softmax(logits, dim=-1),
-                                     expert_capacity(logits.shape[0], self.top_k, logits.shape[1],
-                                                     self.capacity_factor), self.overflow)  # (T, K)
-            top_w = torch.softmax(torch.gather(logits, 1, top_i.clamp(min=0)), dim=-1) * (top_i >= 0)  # (T, K)
+        if self.overflow != "dropless":  # like SoftmaxTopKRouter: renormalised over the copies kept
+            top_i, top_p = _apply_overflow(top_i, torch.softmax(logits, dim=-1), self.top_k, self.overflow,
+                                           self.capacity_factor)  # (T, K), a dropped copy (-1) at zero
+            top_w = top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top_p.dtype).tiny)  # (T, K)
         return Routing(expert_ids=top_i, weights=top_w.to(x.dtype))
 
 

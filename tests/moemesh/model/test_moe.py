@@ -231,3 +231,18 @@ def test_gpt_oss_router_equals_the_reference_and_gating_keeps_its_weights():
     assert not (gated.expert_ids == ruled_out).any() and (ids == ruled_out).sum() > 1
     want = torch.softmax(torch.gather(logits, 1, gated.expert_ids), dim=-1)  # (T, K)
     assert torch.equal(gated.weights, want)
+
+
+def test_gpt_oss_router_under_the_drop_policy_renormalises_over_the_copies_kept():
+    from moemesh.model.moe import TopKSoftmaxRouter
+    from moemesh.model.overflow import expert_capacity
+
+    g = torch.Generator().manual_seed(6)
+    x, weight, bias = torch.randn(40, D, generator=g), torch.randn(E, D, generator=g), torch.randn(E, generator=g)
+    routing = TopKSoftmaxRouter(K, {0: bias}, "drop", capacity_factor=1.0)(x, weight, 0)
+    dropped = routing.expert_ids < 0  # (T, K)
+    assert dropped.any() and (routing.weights[dropped] == 0).all()
+    kept = routing.expert_ids[~dropped]
+    assert torch.bincount(kept, minlength=E).max() <= expert_capacity(40, K, E, 1.0)
+    sums = routing.weights.sum(dim=-1)  # (T,)
+    assert torch.allclose(sums[~dropped.all(-1)], torch.ones(1), atol=1e-6)
