@@ -15,7 +15,7 @@ from expert_worker.runner import PreparedEpoch
 from moemesh.mesh.placement import Placement
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig
-from moemesh.model.weights import LayerExperts, load_layer_experts
+from moemesh.model.weights import ExpertPiece, LayerExperts, load_layer_experts
 
 
 def prepare_epoch(
@@ -44,14 +44,15 @@ def prepare_epoch(
 def _assemble(layer: int, wanted: tuple[int, ...], pieces: tuple, held: LayerExperts | None,
               reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype, device: str) -> LayerExperts:
     """The pieces `wanted`/`pieces` of one layer, from `held` where possible."""
-    reused = {}
+    reused: dict[int, ExpertPiece] = {}
     for e, shard in zip(wanted, pieces):
         found = held.piece(e, shard) if held is not None else None
         if found is not None:
-            reused[e] = found  # (D, 2F_i), (D, F_i)
+            reused[e] = found  # (D, 2F_i), (D, F_i) and the expert's biases, if it has any
     missing = [(e, s) for e, s in zip(wanted, pieces) if e not in reused]
     fresh = load_layer_experts(reader, cfg, layer, [e for e, _ in missing], dtype, device, [s for _, s in missing])
-    for i, e in enumerate(fresh.expert_ids):
-        reused[e] = (fresh.w13[i], fresh.w2[i])
-    return LayerExperts(expert_ids=wanted, w13=tuple(reused[e][0] for e in wanted),
-                        w2=tuple(reused[e][1] for e in wanted), shards=pieces)
+    for e, shard in missing:
+        found = fresh.piece(e, shard)
+        assert found is not None, "just loaded"
+        reused[e] = found
+    return LayerExperts.of_pieces(wanted, [reused[e] for e in wanted], pieces)

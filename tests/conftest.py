@@ -73,6 +73,14 @@ def save_hf_model(
             **{**common, **glm, **extra},
         )
         cls = transformers.Glm4MoeForCausalLM
+    elif arch == "gpt_oss":
+        # Sliding and full layers alternate; a window of 4 that the test prompts cross; the
+        # reference's default yarn rope (factor 32, no truncation).
+        oss = dict(sliding_window=4, head_dim=hidden // heads)
+        cfg = transformers.GptOssConfig(
+            num_local_experts=experts, intermediate_size=intermediate, **{**common, **oss, **extra},
+        )
+        cls = transformers.GptOssForCausalLM
     else:
         cfg = transformers.Qwen3MoeConfig(
             num_experts=experts, moe_intermediate_size=intermediate, intermediate_size=2 * intermediate,

@@ -1,11 +1,11 @@
 """Model configuration: one frozen dataclass built from a checkpoint's config.json.
 
 Supports the MoE families whose Hugging Face implementations are our reference: Mixtral,
-Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V3 and GLM-4.5. Field names follow Hugging Face; the
+Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V3, GLM-4.5 and GPT-OSS. Field names follow Hugging Face; the
 family-specific spellings (``num_local_experts`` vs ``num_experts`` vs ``n_routed_experts``, old
 ``rope_theta``/``rope_scaling`` vs ``rope_parameters``) are normalised here so nothing downstream
 branches on them: a family's differences are data (an `MLAShape`, a `GroupedRouting`, a shared
-expert's size, a `Yarn`), never a family-name test outside the tensor-name tables.
+expert's size, a `Yarn`, a `ClampedSwiGLU`), never a family-name test outside the tensor-name tables.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 _FAMILY_OF = {arch: family for family, arch in ARCHITECTURES.items()}
-_EXPERT_SIZE_KEY = {"mixtral": "intermediate_size", "olmoe": "intermediate_size"}  # else moe_intermediate_size
+# else moe_intermediate_size
+_EXPERT_SIZE_KEY = {"mixtral": "intermediate_size", "olmoe": "intermediate_size", "gpt_oss": "intermediate_size"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,15 @@ class GroupedRouting:
     n_group: int
     topk_group: int
     routed_scaling_factor: float
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation: gate clamped above and up clamped both sides at `limit`, then
+    gate * sigmoid(alpha * gate) * (up + 1)."""
+
+    alpha: float
+    limit: float
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,14 @@ class ModelConfig:
     mla: MLAShape | None = None  # None: grouped-query attention
     yarn: Yarn | None = None  # None: plain RoPE
     rotary_dim: int = 0  # leading dims of each head that RoPE rotates; 0 = all of head_dim (GLM-4.5: half)
+    full_attention_layers: tuple[int, ...] = ()  # layers that ignore sliding_window (GPT-OSS: every other one)
+    attention_sinks: bool = False  # a learned per-head logit in each softmax's denominator (GPT-OSS)
+    router_bias: bool = False  # the router's linear has a bias; softmax over the top-k biased logits (GPT-OSS)
+    clamped_swiglu: ClampedSwiGLU | None = None  # None: the experts' plain SwiGLU; GPT-OSS: clamped, (up + 1)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention; None = full causal attention."""
+        return None if layer in self.full_attention_layers else self.sliding_window
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -196,7 +215,26 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
         return _deepseek(cfg, raw, get, source)
     if family == "glm4_moe":
         return _glm4_moe(cfg, raw, get, source)
+    if family == "gpt_oss":
+        return _gpt_oss(cfg, raw, source)
     return cfg
+
+
+def _gpt_oss(cfg: ModelConfig, raw: dict[str, Any], source: str) -> ModelConfig:
+    """GPT-OSS: attention sinks, sliding and full attention layers by `layer_types`, biased
+    q/k/v/o, a biased router, biased experts with the clamped SwiGLU."""
+    kinds = raw.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                       for i in range(cfg.num_layers)]
+    if len(kinds) != cfg.num_layers or set(kinds) - {"sliding_attention", "full_attention"}:
+        raise ConfigError(f"{source}: layer_types must name sliding_attention or full_attention for each layer")
+    return replace(
+        cfg,
+        norm_topk_prob=True,  # softmax over the top-k logits: the chosen experts' weights sum to 1
+        full_attention_layers=tuple(i for i, kind in enumerate(kinds) if kind == "full_attention"),
+        attention_sinks=True,
+        router_bias=True,
+        clamped_swiglu=ClampedSwiGLU(float(raw.get("swiglu_alpha", 1.702)), float(raw.get("swiglu_limit", 7.0))),
+    )
 
 
 def _grouped_routing(cfg: ModelConfig, raw: dict[str, Any], get: _Getter, source: str) -> GroupedRouting:
@@ -288,7 +326,7 @@ def _rope_theta(raw: dict[str, Any], family: str) -> float:
     params = raw.get("rope_parameters") or {}
     theta = params.get("rope_theta", raw.get("rope_theta"))
     if theta is None:
-        theta = 1e6 if family == "mixtral" else 1e4
+        theta = {"mixtral": 1e6, "gpt_oss": 1.5e5}.get(family, 1e4)
     return float(theta)
 
 
@@ -316,7 +354,7 @@ def _yarn(raw: dict[str, Any], source: str) -> Yarn | None:
 def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
     if family in ("deepseek_v3", "olmoe", "glm4_moe"):
         return None
-    if family != "mixtral" and not raw.get("use_sliding_window"):
+    if family not in ("mixtral", "gpt_oss") and not raw.get("use_sliding_window"):
         return None
     sliding = raw.get("sliding_window")
     return int(sliding) if sliding else None
@@ -325,7 +363,7 @@ def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
 def _moe_layers(raw: dict[str, Any], family: str, num_layers: int, num_experts: int) -> tuple[bool, ...]:
     """Per layer: sparse? Mixtral and OLMoE: all; Qwen: mlp_only_layers and decoder_sparse_step
     (first_k_dense_replace is applied in `_deepseek` and `_glm4_moe`)."""
-    if family in ("mixtral", "olmoe", "deepseek_v3", "glm4_moe"):
+    if family in ("mixtral", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss"):
         return (True,) * num_layers
     dense_only = set(raw.get("mlp_only_layers") or [])
     step = int(raw.get("decoder_sparse_step", 1) or 1)

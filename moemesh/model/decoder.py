@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moemesh.model.activations import expert_activation
 from moemesh.model.checkpoint import CheckpointReader
 from moemesh.model.config import ModelConfig, load_config
 from moemesh.model.layers import AttentionPlan, GroupedQueryAttention, KVCache, rms_norm
@@ -29,6 +30,7 @@ from moemesh.model.moe import (
     Router,
     RoutingObserver,
     SoftmaxTopKRouter,
+    TopKSoftmaxRouter,
     Transport,
     run_interleaved,
     run_to_end,
@@ -145,7 +147,8 @@ def build_model(
     if assignment is None:
         assignment = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
     dense = load_dense(reader, cfg, runtime.dtype, runtime.device)
-    experts = GroupedExperts(load_experts(reader, cfg, assignment, runtime, shards))
+    held = load_experts(reader, cfg, assignment, runtime, shards)
+    experts = GroupedExperts(held, expert_activation(cfg.clamped_swiglu))
     moe: MoELayer = MoELayer(
         router=make_router(cfg, dense, overflow, capacity_factor),
         transport=transport or LocalTransport(cfg.num_experts),
@@ -158,7 +161,11 @@ def build_model(
 
 def make_router(cfg: ModelConfig, dense: DenseWeights, overflow: str = "dropless", capacity_factor: float = 1.2
                 ) -> Router:
-    """The family's router: grouped sigmoid (with each layer's correction bias) or softmax top-k."""
+    """The family's router: grouped sigmoid (with each layer's correction bias), top-k softmax over
+    biased logits (with each layer's router bias), or softmax top-k."""
+    if cfg.router_bias:
+        logit_biases = {i: b for i, lw in enumerate(dense.layers) if (b := lw.router_logit_bias) is not None}
+        return TopKSoftmaxRouter(cfg.top_k, logit_biases, overflow, capacity_factor)
     if cfg.grouped_routing is None:
         return SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob, overflow, capacity_factor)
     biases = {i: lw.router_bias for i, lw in enumerate(dense.layers) if lw.router_bias is not None}

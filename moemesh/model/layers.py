@@ -4,9 +4,13 @@ Shape legend: T tokens in a step (all sequences flattened), B decoding sequences
 L cache length (max context), D hidden, H query heads, G key/value heads, Dh head dim.
 
 Numerics follow Hugging Face's implementations (fp32 norm statistics, RoPE angles computed in
-fp32, softmax attention via SDPA). The attention kind is a seam: `GroupedQueryAttention` here,
-`LatentAttention` (moemesh.model.mla) for DeepSeek-V3; each owns its cache, whose per-layer shape
-is its own (K/V heads here, one compressed latent there). The decoder picks one at build time.
+fp32, softmax attention via SDPA; with attention sinks (GPT-OSS) the reference's explicit softmax,
+a learned per-head logit joining each row's denominator). A layer attends to a sliding window or
+to the whole context as the config says for that layer (`ModelConfig.window`).
+
+The attention kind is a seam: `GroupedQueryAttention` here, `LatentAttention` (moemesh.model.mla)
+for DeepSeek-V3; each owns its cache, whose per-layer shape is its own (K/V heads here, one
+compressed latent there). The decoder picks one at build time.
 """
 
 from __future__ import annotations
@@ -128,6 +132,15 @@ class AttentionPlan:
     decode_len: int  # Lb: longest decode context this step
     segments: tuple[Segment, ...]
     decode_first_slot: int | None = None  # set when decode_slots are consecutive ascending
+    window: int | None = None  # the sliding window decode_mask applies (None: full causal)
+    decode_full_mask: torch.Tensor | None = None  # (B, 1, 1, Lb) without the window; set when window is
+
+    def decode_mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The decode mask of a layer attending to `window` (None: the whole context)."""
+        if window is None and self.window is not None:
+            return self.decode_full_mask
+        assert window == self.window or self.num_decode == 0, "the plan was built for another sliding window"
+        return self.decode_mask
 
     @property
     def num_decode(self) -> int:
@@ -147,14 +160,15 @@ def build_attention_plan(
     for seg in segments:
         positions.extend(range(seg.start_pos, seg.start_pos + seg.length))
         slots.extend([seg.slot] * seg.length)
-    mask, longest = None, 0
+    mask, full_mask, longest = None, None, 0
     if decode_slots:
         lengths = torch.tensor(decode_positions, dtype=torch.int64) + 1  # (B,)
         longest = int(lengths.max())
         cols = torch.arange(longest)  # (Lb,)
         keep = cols[None, :] < lengths[:, None]  # (B, Lb)
         if sliding_window is not None:
-            keep &= cols[None, :] > (lengths[:, None] - 1 - sliding_window)
+            full_mask = keep[:, None, None, :].to(device)  # (B, 1, 1, Lb) for full-attention layers
+            keep = keep & (cols[None, :] > (lengths[:, None] - 1 - sliding_window))
         mask = keep[:, None, None, :].to(device)  # (B, 1, 1, Lb)
     return AttentionPlan(
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
@@ -164,6 +178,8 @@ def build_attention_plan(
         decode_len=longest,
         segments=tuple(segments),
         decode_first_slot=_consecutive_start(decode_slots),
+        window=sliding_window,
+        decode_full_mask=full_mask,
     )
 
 
@@ -200,12 +216,12 @@ class GroupedQueryAttention:
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, dtype, device, cfg.yarn, rotary_dim=cfg.rotary_dim)
         self.shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.eps = cfg.rms_norm_eps
-        self.sliding_window = cfg.sliding_window
+        self.windows = tuple(cfg.window(i) for i in range(cfg.num_layers))
 
     def __call__(self, x: torch.Tensor, w: AttentionWeights | MLAWeights, layer: int, plan: AttentionPlan
                  ) -> torch.Tensor:
         assert isinstance(w, AttentionWeights), "grouped-query attention needs q/k/v weights"
-        return attention(x, w, layer, self.cache, plan, self.rope, self.shape, self.eps, self.sliding_window)
+        return attention(x, w, layer, self.cache, plan, self.rope, self.shape, self.eps, self.windows[layer])
 
 
 def attention(
@@ -243,15 +259,16 @@ def attention(
     out = torch.empty(T, H, Dh, dtype=x.dtype, device=x.device)  # (T, H, Dh)
     B = plan.num_decode
     if B:
-        out[:B] = _decode_attention(q[:B], kc, vc, plan)
+        out[:B] = _decode_attention(q[:B], kc, vc, plan, plan.decode_mask_for(sliding_window), w.sinks)
     for seg in plan.segments:
         rows = slice(seg.offset, seg.offset + seg.length)
-        out[rows] = _prefill_attention(q[rows], kc, vc, seg, sliding_window)
+        out[rows] = _prefill_attention(q[rows], kc, vc, seg, sliding_window, w.sinks)
     return F.linear(out.view(T, H * Dh), w.wo, w.bo)  # (T, D)
 
 
-def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """q: (B, H, Dh) one token per sequence -> (B, H, Dh)."""
+def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: AttentionPlan,
+                      mask: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """q: (B, H, Dh) one token per sequence -> (B, H, Dh); mask (B, 1, 1, Lb)."""
     if plan.decode_first_slot is not None:  # slots a..a+B-1 in order: a view, no copy
         rows = slice(plan.decode_first_slot, plan.decode_first_slot + plan.num_decode)
         keys = kc[rows, :, : plan.decode_len]  # (B, G, Lb, Dh)
@@ -259,21 +276,42 @@ def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan:
     else:
         keys = kc[plan.decode_slots, :, : plan.decode_len]  # gather (B, G, Lb, Dh)
         values = vc[plan.decode_slots, :, : plan.decode_len]  # gather (B, G, Lb, Dh)
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=plan.decode_mask, enable_gqa=True
-    )  # (B, H, 1, Dh)
+    o = _attend(q.unsqueeze(2), keys, values, mask, sinks)  # (B, H, 1, Dh)
     return o.squeeze(2)
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+            sinks: torch.Tensor | None) -> torch.Tensor:
+    """q (B, H, n, Dh), keys and values (B, G, L, Dh), mask (B or 1, 1, n or 1, L) bool (True =
+    attend; None = every key) -> (B, H, n, Dh), scaled by Dh^-0.5. Without sinks: SDPA. With sinks
+    (H,): the reference's eager computation, the sink a last column of each row's logits that is
+    dropped after the softmax."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    B, H, n, Dh = q.shape
+    repeat = H // keys.shape[1]
+    keys = keys.repeat_interleave(repeat, dim=1)  # (B, H, L, Dh): query head h reads key head h // repeat
+    values = values.repeat_interleave(repeat, dim=1)  # (B, H, L, Dh)
+    logits = torch.matmul(q, keys.transpose(2, 3)) * Dh**-0.5  # (B, H, n, L)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    sink = sinks.view(1, H, 1, 1).expand(B, H, n, 1).to(logits.dtype)  # (B, H, n, 1)
+    combined = torch.cat([logits, sink], dim=-1)  # (B, H, n, L + 1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1)[..., :-1]  # (B, H, n, L): the sink's share dropped
+    return torch.matmul(probs.to(values.dtype), values)
+
+
 def _prefill_attention(
-    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, seg: Segment, sliding_window: int | None
+    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, seg: Segment, sliding_window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (n, H, Dh) one sequence's new tokens -> (n, H, Dh), causal over its cached context."""
     end = seg.start_pos + seg.length
     keys = kc[seg.slot, :, :end].unsqueeze(0)  # (1, G, end, Dh)
     values = vc[seg.slot, :, :end].unsqueeze(0)  # (1, G, end, Dh)
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, Dh)
-    if seg.start_pos == 0 and sliding_window is None:
+    if seg.start_pos == 0 and sliding_window is None and sinks is None:
         o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, enable_gqa=True)
     else:
         rows = torch.arange(seg.start_pos, end, device=q.device)[:, None]  # (n, 1)
@@ -281,5 +319,5 @@ def _prefill_attention(
         keep = cols <= rows
         if sliding_window is not None:
             keep &= cols > rows - sliding_window
-        o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=keep, enable_gqa=True)
+        o = _attend(qh, keys, values, keep, sinks)  # (1, H, n, Dh)
     return o.squeeze(0).transpose(0, 1)  # (n, H, Dh)

@@ -4,7 +4,9 @@ Shape legend: T tokens on this rank, K experts per token (top-k), E experts per 
 E_loc experts held on this rank, N token copies this rank's experts receive, D hidden,
 F expert hidden.
 
-Routers: `SoftmaxTopKRouter` (Mixtral, Qwen, OLMoE) and `GroupedSigmoidRouter` (DeepSeek-V3). A
+Routers: `SoftmaxTopKRouter` (Mixtral, Qwen, OLMoE), `TopKSoftmaxRouter` (GPT-OSS: biased logits,
+softmax over the top-k) and `GroupedSigmoidRouter` (DeepSeek-V3, GLM-4.5). Experts: `GroupedExperts`
+with the family's activation (moemesh.model.activations: SwiGLU, or GPT-OSS's clamped one) and optional biases. A
 layer's shared experts (DeepSeek-V3, Qwen2-MoE) are dense work on this rank's own tokens: they run
 after Dispatch is posted, while the routed exchange is in flight, and never go through the seams.
 
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
+from moemesh.model.activations import Activation, swiglu
 from moemesh.model.config import GroupedRouting
 from moemesh.model.overflow import OVERFLOW_POLICIES, enforce_capacity, expert_capacity
 from moemesh.model.weights import LayerExperts, SharedExpertWeights
@@ -144,6 +147,34 @@ class SoftmaxTopKRouter:
         return Routing(expert_ids=top_i, weights=top_p.to(x.dtype))
 
 
+class TopKSoftmaxRouter(SoftmaxTopKRouter):
+    """GPT-OSS's router: logits from a biased linear, the top-k logits, a softmax over those k
+    (the reference's operations, so its weights to the last bit). `biases[layer]` (E,) is the
+    router's bias. With gating factors or an overflow policy, experts are chosen like
+    `SoftmaxTopKRouter` (by probability, x factor) and weighted by the softmax over the chosen
+    experts' logits, which is the same value computed the same way in the default case."""
+
+    def __init__(self, top_k: int, biases: Mapping[int, torch.Tensor], overflow: str = "dropless",
+                 capacity_factor: float = 1.2):
+        super().__init__(top_k, True, overflow, capacity_factor)
+        self.biases = dict(biases)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: int) -> Routing:
+        logits = F.linear(x, weight, self.biases.get(layer)).float()  # (T, E)
+        factors = self.factors.get(layer)
+        if factors is None:
+            top_logits, top_i = torch.topk(logits, self.top_k, dim=-1)  # (T, K)
+        else:
+            top_i = torch.topk(torch.softmax(logits, dim=-1) * factors, self.top_k, dim=-1).indices  # (T, K)
+            top_logits = torch.gather(logits, 1, top_i)  # (T, K)
+        top_w = torch.softmax(top_logits, dim=-1)  # (T, K)
+        if self.overflow != "dropless":  # like SoftmaxTopKRouter: renormalised over the copies kept
+            top_i, top_p = _apply_overflow(top_i, torch.softmax(logits, dim=-1), self.top_k, self.overflow,
+                                           self.capacity_factor)  # (T, K), a dropped copy (-1) at zero
+            top_w = top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top_p.dtype).tiny)  # (T, K)
+        return Routing(expert_ids=top_i, weights=top_w.to(x.dtype))
+
+
 def _apply_overflow(top_i: torch.Tensor, probs: torch.Tensor, top_k: int, policy: str, capacity_factor: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """top_i (T, K), probs (T, E) -> (T, K) ids after the overflow policy (-1 = dropped), (T, K) their probs."""
@@ -209,10 +240,12 @@ def shared_experts(x: torch.Tensor, w: SharedExpertWeights) -> torch.Tensor:
 
 
 class GroupedExperts:
-    """SwiGLU experts of every MoE layer on this rank, one matmul pair per expert with tokens."""
+    """Gated experts of every MoE layer on this rank, one matmul pair per expert with tokens;
+    biased experts (GPT-OSS) add their biases, the down bias once per expert (its shard 0)."""
 
-    def __init__(self, layers: dict[int, LayerExperts]):
+    def __init__(self, layers: dict[int, LayerExperts], activation: Activation = swiglu):
         self.layers = layers
+        self.activation = activation
 
     def replace(self, layer: int, experts: LayerExperts) -> None:
         self.layers[layer] = experts
@@ -228,8 +261,14 @@ class GroupedExperts:
         for i, n in enumerate(batch.counts):
             if n:
                 rows = batch.x[start : start + n]  # (n, D)
-                gate, up = torch.mm(rows, experts.w13[i]).chunk(2, dim=-1)  # (n, F) each
-                torch.mm(F.silu(gate) * up, experts.w2[i].t(), out=out[start : start + n])  # (n, D)
+                h = torch.mm(rows, experts.w13[i]) if not experts.biased else torch.addmm(
+                    experts.b13[i], rows, experts.w13[i])  # (n, 2F)
+                gate, up = h.chunk(2, dim=-1)  # (n, F) each
+                b2 = experts.b2[i] if experts.biased else None
+                if b2 is None:
+                    torch.mm(self.activation(gate, up), experts.w2[i].t(), out=out[start : start + n])  # (n, D)
+                else:
+                    torch.addmm(b2, self.activation(gate, up), experts.w2[i].t(), out=out[start : start + n])
                 start += n
         return out
 

@@ -34,15 +34,17 @@ from moemesh.model.tokenizer import (
     TOKENIZER_VOCAB_SIZE,
     save_tokenizer,
 )
-from moemesh.model.weights import dense_tensor_shapes, expert_tensor_shapes
+from moemesh.model.weights import dense_tensor_shapes, layer_expert_tensor_shapes
 from moemesh.settings import option, parse_bool
 
 ARCHS = ARCHITECTURES  # family -> architecture name (moemesh.model.config)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSFORMERS_VERSION = "5.23.0"  # the version whose save_pretrained output these files mirror
 _ROPE_THETA = {"mixtral": 1e6, "qwen3_moe": 1e4, "qwen2_moe": 1e6, "olmoe": 1e4, "deepseek_v3": 1e4,
-               "glm4_moe": 1e4}  # Hugging Face's per-family defaults
-_RMS_EPS = {"mixtral": 1e-5, "qwen3_moe": 1e-6, "qwen2_moe": 1e-6, "olmoe": 1e-5, "deepseek_v3": 1e-6, "glm4_moe": 1e-5}
+               "glm4_moe": 1e4, "gpt_oss": 1.5e5}  # Hugging Face's per-family defaults
+_RMS_EPS = {"mixtral": 1e-5, "qwen3_moe": 1e-6, "qwen2_moe": 1e-6, "olmoe": 1e-5, "deepseek_v3": 1e-6, "glm4_moe": 1e-5,
+            "gpt_oss": 1e-5}
+_GPT_OSS_WINDOW = 8  # the tiny GPT-OSS's sliding window: short prompts and their outputs cross it
 _GROUPED = ("deepseek_v3", "glm4_moe")  # families with DeepSeek-V3's grouped sigmoid router
 _LOGIT_STD = 3.0  # std of the logits for a unit-RMS final hidden state
 # gain per tensor-name suffix: N(0, gain / sqrt(fan_in)); output RMS ~ gain * input RMS
@@ -63,12 +65,16 @@ _GAINS = {
     "kv_a_proj_with_mqa.weight": 1.0,
     "kv_b_proj.weight": 1.0,
     "shared_expert_gate.weight": 1.0,  # Qwen2-MoE
+    "router.weight": 2.0,  # GPT-OSS's router, like "gate.weight"
+    "experts.gate_up_proj": 1.0,  # GPT-OSS's stacked experts (E, D, 2F): fan-in D
+    "experts.down_proj": 0.5,  # (E, F, D): fan-in F
 }
+_SINK_STD = 1.0  # GPT-OSS's attention sinks: logits of the size of a row's scores, so they take a real share
 _VECTOR_STD = 0.1  # biases and DeepSeek's e_score_correction_bias: a bias that changes some selections
 # With tied embeddings the embedding rows are small (they double as the lm head), so the
 # residual branches need a larger gain; else the head mostly echoes the input token.
 _TIED_BRANCH_GAIN = 2.0
-_BRANCH_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")
+_BRANCH_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight", "experts.down_proj")
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,8 @@ def _family_config(spec: TinySpec) -> dict[str, Any]:
         return _deepseek_config(spec)
     if spec.arch == "glm4_moe":
         return _glm4_moe_config(spec)
+    if spec.arch == "gpt_oss":
+        return _gpt_oss_config(spec)
     family = {
         "attention_bias": False,
         "decoder_sparse_step": 1,
@@ -222,6 +230,19 @@ def _glm4_moe_config(spec: TinySpec) -> dict[str, Any]:
         "norm_topk_prob": spec.norm_topk_prob, "routed_scaling_factor": 1.5, "topk_group": spec.kept_groups,
         "use_qk_norm": True, "rope_parameters": {"partial_rotary_factor": 0.5, "rope_theta": _ROPE_THETA["glm4_moe"],
                                                  "rope_type": "default"},
+    }
+
+
+def _gpt_oss_config(spec: TinySpec) -> dict[str, Any]:
+    """GPT-OSS's layout: sliding and full attention layers alternating, yarn rope as the reference
+    configures it (factor 32 over 4096 positions, no truncation), biased attention and experts."""
+    return {
+        "attention_bias": True, "intermediate_size": spec.intermediate, "num_local_experts": spec.experts,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.layers)],
+        "sliding_window": _GPT_OSS_WINDOW, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+        "rope_parameters": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                            "original_max_position_embeddings": 4096, "rope_theta": _ROPE_THETA["gpt_oss"],
+                            "rope_type": "yarn", "truncate": False},
     }
 
 
@@ -275,10 +296,8 @@ def write_checkpoint(out_dir: str | Path, spec: TinySpec, tensors: dict[str, tor
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the checkpoint, in Hugging Face's order: embeddings, layer 0..L-1, norm, head."""
     shapes = dict(dense_tensor_shapes(cfg))
-    for layer in range(cfg.num_layers):
-        if cfg.moe_layers[layer]:
-            for expert in range(cfg.num_experts):
-                shapes.update(expert_tensor_shapes(cfg, layer, expert))
+    for layer in cfg.moe_layer_ids:
+        shapes.update(layer_expert_tensor_shapes(cfg, layer))
 
     def position(name: str) -> int:
         if name.startswith("model.layers."):
@@ -306,17 +325,20 @@ def _init_std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float | No
     head_std = _LOGIT_STD / math.sqrt(cfg.hidden_size)
     if name.endswith("norm.weight"):
         return None
-    if name.endswith((".bias", "e_score_correction_bias")):
+    if name.endswith((".bias", "_bias", "e_score_correction_bias")):
         return _VECTOR_STD
+    if name.endswith(".sinks"):
+        return _SINK_STD
     if name == "lm_head.weight":
         return head_std
     if name == "model.embed_tokens.weight":
         return head_std if cfg.tie_word_embeddings else 1.0
     suffix = ".".join(name.split(".")[-2:])
-    if suffix not in _GAINS or len(shape) != 2:
+    if suffix not in _GAINS or len(shape) not in (2, 3):
         raise AssertionError(f"no initialisation rule for tensor {name} {shape}")
     gain = _TIED_BRANCH_GAIN if cfg.tie_word_embeddings and suffix in _BRANCH_OUTPUTS else _GAINS[suffix]
-    return gain / math.sqrt(shape[1])
+    fan_in = shape[1] if len(shape) == 3 else shape[-1]  # stacked (E, in, out) experts, else (out, in)
+    return gain / math.sqrt(fan_in)
 
 
 def _check_config(cfg: ModelConfig, spec: TinySpec) -> None:

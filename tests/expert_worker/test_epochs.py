@@ -3,6 +3,8 @@ holds and reads from the checkpoint only what it cannot derive."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from expert_worker.epochs import prepare_epoch
@@ -45,3 +47,30 @@ def test_splitting_held_experts_reads_nothing_and_unsplitting_reads_them(tmp_pat
     assert len(reader.reads) == 3 * 2 * len(layers)
     again = prepare_epoch(whole, 0, back.layers, reader, cfg, torch.float32, "cpu")
     assert all(again.layers[layer] is back.layers[layer] for layer in layers)
+
+
+def test_biased_experts_move_with_their_biases(tmp_path):
+    """GPT-OSS's expert biases are part of what an epoch loads, cuts and reuses: after a switch to
+    split experts the two ranks' pieces (the down bias on shard 0 only) compute the whole biased
+    expert, whether a piece was cut from a held expert or read from the checkpoint."""
+    from moemesh.model.activations import expert_activation
+    from moemesh.model.moe import ExpertBatch, GroupedExperts
+
+    ckpt = write_tiny_model(tmp_path / "model", dataclasses.replace(SPEC, arch="gpt_oss"))
+    cfg = load_config(ckpt)
+    layer = cfg.moe_layer_ids[0]
+    reader = CheckpointReader(ckpt)
+    everything = load_layer_experts(reader, cfg, layer, range(4), torch.float32, "cpu")
+    held = {0: {layer: load_layer_experts(reader, cfg, layer, [0, 1], torch.float32, "cpu")},
+            1: {layer: load_layer_experts(reader, cfg, layer, [2, 3], torch.float32, "cpu")}}
+    split = split_placement(4, [layer], world_size=2, shards=2)
+    pieces = {r: prepare_epoch(split, r, held[r], reader, cfg, torch.float32, "cpu").layers[layer] for r in (0, 1)}
+    assert pieces[0].biased and all(b is not None for b in pieces[0].b2)  # shard 0 adds the down bias
+    assert pieces[1].biased and all(b is None for b in pieces[1].b2)
+    act = expert_activation(cfg.clamped_swiglu)
+    x = torch.randn(5, cfg.hidden_size)  # (T, D)
+    for e in range(4):
+        counts = [5 if i == e else 0 for i in range(4)]
+        whole = GroupedExperts({layer: everything}, act)(layer, ExpertBatch(x, counts))  # (T, D)
+        split_out = sum(GroupedExperts({layer: pieces[r]}, act)(layer, ExpertBatch(x, counts)) for r in (0, 1))
+        torch.testing.assert_close(split_out, whole, rtol=1e-5, atol=1e-5)

@@ -55,3 +55,19 @@ async def watch_stream(client: Client, worker: str, token_ids: list[int], params
                 if watching is not None:
                     watching.set()
     return Watched(tokens, seen)
+
+
+async def move_every_expert(coordinator: str, world_size: int) -> int:
+    """Publish a placement with expert e on rank (e + 1) mod `world_size` alone, in every layer
+    (SetPlacement, as `moemesh placement set` does); returns the new epoch."""
+    async with grpc.aio.insecure_channel(coordinator) as ch:
+        stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+        current = (await stub.GetPlacement(coordinator_pb2.GetPlacementRequest(), timeout=RPC_TIMEOUT_S)).placement
+        new = coordinator_pb2.Placement(world_generation=current.world_generation, world_size=world_size)
+        for layer in current.layers:
+            lp = new.layers.add(layer=layer.layer)
+            for e in range(len(layer.experts)):
+                lp.experts.add(ranks=[(e + 1) % world_size])
+        await stub.SetPlacement(coordinator_pb2.SetPlacementRequest(placement=new, expected_epoch=current.epoch),
+                                timeout=RPC_TIMEOUT_S)
+    return current.epoch + 1

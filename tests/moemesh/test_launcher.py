@@ -21,7 +21,7 @@ from moemesh.launcher import resolve_workers
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.moemesh.epoch_watch import first_worker, watch_stream
+from tests.moemesh.epoch_watch import first_worker, move_every_expert, watch_stream
 
 pytestmark = pytest.mark.slow  # starts `moemesh up` meshes
 
@@ -125,18 +125,74 @@ def test_mesh_output_is_token_identical_to_local(family, mesh_factory, workers, 
     assert mesh.stop() == []
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "olmoe", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe", "glm4_moe", "gpt_oss"])
 def test_newer_family_mesh_is_token_identical_to_local(arch, tmp_path_factory, mesh_factory):
-    """One mesh run per newer family, 4 workers holding one routed expert each. DeepSeek-V3: MLA
-    with its latent cache, the grouped sigmoid router with its bias and the shared expert (1 dense
-    layer, then 1 MoE layer); Qwen2-MoE: the gated shared expert; OLMoE: full q/k norms; GLM-4.5:
-    partial rotary, q/k/v biases, grouped routing and a shared expert.
+    """One mesh run per newer family, 4 workers holding one routed expert each. Qwen2-MoE: the
+    gated shared expert; OLMoE: full q/k norms; GLM-4.5: partial rotary, q/k/v biases, grouped
+    routing and a shared expert; GPT-OSS: attention sinks, sliding and full layers (the requests
+    cross the window), a biased router, biased experts (each worker loads its experts' biases).
+    DeepSeek-V3 runs in the next test, colocated, redundant and across an epoch switch.
     Colocation, overlap, shards and epoch switches are family-independent code that the two
     families above run; these families do not run them again (each mesh run costs minutes here)."""
     model, expected = _model_and_expected(arch, tmp_path_factory)
     mesh = mesh_factory(model, 4)
     assert asyncio.run(_staggered(mesh.gateway)) == expected
     assert mesh.stop() == []
+
+
+LONG_TOKENS = 200  # the watched generation outlives the switch (prompt + 200 fits the mesh's 256)
+
+
+def test_deepseek_v3_mesh_colocated_redundant_across_an_epoch_switch_is_token_identical(
+        tmp_path_factory, mesh_factory):
+    """DeepSeek-V3, the family whose work on a worker differs most (MLA latent cache, shared
+    experts, grouped sigmoid routing; 1 dense layer, then 1 MoE layer), on 4 workers with
+    `--redundant-experts 1`: every routed expert on two workers, two experts per worker
+    (colocated; an expert's replicas share its tokens). The staggered requests equal the
+    single-process engine's; then a long generation sees an epoch switch mid-stream to one expert
+    per worker (expert e moves to worker e + 1, which loads it unless it held a replica) and
+    still equals the engine's, token for token. One mesh for all of it (each start costs ~10-20 s)."""
+    model, expected = _model_and_expected("deepseek_v3", tmp_path_factory)
+    mesh = mesh_factory(model, 4, "--redundant-experts", "1")
+    assert asyncio.run(_staggered(mesh.gateway)) == expected
+    before = asyncio.run(_worker_statuses(mesh.coordinator))
+    holders = sorted(e for s in before for layer in s.experts for e in layer.expert_ids)
+    assert holders == [0, 0, 1, 1, 2, 2, 3, 3], "every expert on two workers"
+    assert all([len(layer.expert_ids) for layer in s.experts] == [2] for s in before), "two per worker"
+
+    prompt, params = PROMPTS[0], SamplingParams(max_new_tokens=LONG_TOKENS, ignore_eos=True)
+    engine = Engine(build_model(model, RuntimeShape(max_seqs=1, max_model_len=256)))
+    want = generate(engine, [prompt], params)[0]
+    watch, epoch = asyncio.run(_generate_while_moving_experts(mesh, prompt, params))
+    assert watch.token_ids == want
+    assert [new for _, _, new in watch.switched_mid_stream()] == [epoch], f"no switch mid-stream: {watch.seen}"
+    for s in asyncio.run(_worker_statuses(mesh.coordinator)):
+        assert [list(layer.expert_ids) for layer in s.experts] == [[(s.rank - 1) % 4]] and s.loaded_epoch == epoch
+    assert mesh.stop() == []
+
+
+async def _worker_statuses(coordinator: str) -> list[worker_pb2.WorkerStatus]:
+    async with grpc.aio.insecure_channel(coordinator) as ch:
+        world = await coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(
+            coordinator_pb2.WaitForWorldRequest(), timeout=10)
+    statuses = []
+    for member in world.members:
+        async with grpc.aio.insecure_channel(member.address) as ch:
+            statuses.append(await worker_pb2_grpc.WorkerStub(ch).Status(worker_pb2.StatusRequest(), timeout=10))
+    return statuses
+
+
+async def _generate_while_moving_experts(mesh, prompt: list[int], params: SamplingParams):
+    """Stream `prompt`, reading rank 0's epoch after every chunk; once the first chunk is in, move
+    every expert. Returns the watched stream and the epoch published."""
+    worker = await first_worker(mesh.coordinator)
+    watching = asyncio.Event()
+    async with Client(mesh.gateway, timeout=120) as client:
+        async def move() -> int:
+            await watching.wait()
+            return await move_every_expert(mesh.coordinator, 4)
+
+        return await asyncio.gather(watch_stream(client, worker, prompt, params, watching), move())
 
 
 def test_mesh_with_every_expert_split_is_token_identical_to_local(tmp_path_factory, mesh_factory):

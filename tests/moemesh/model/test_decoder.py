@@ -35,6 +35,14 @@ CONFIGS = {
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128,
                              mscale=1.0, mscale_all_dim=0.707, beta_fast=32, beta_slow=1),
     ),
+    # GPT-OSS: attention sinks, sliding (window 4, which the prompts and the 32 tokens cross) and
+    # full layers alternating, biased q/k/v/o, router and experts, the reference's yarn (no truncation).
+    "gpt-oss-sinks-sliding-full-sliding": dict(arch="gpt_oss", layers=3, top_k=2, heads=4, kv_heads=2),
+    # A clamp that bites (limit 0.5: most gate and up values are clamped), full layer first, top-4, MHA, tied.
+    "gpt-oss-tight-clamp-full-first-top4": dict(
+        arch="gpt_oss", layers=2, top_k=4, heads=4, kv_heads=4, tie=True, swiglu_limit=0.5, swiglu_alpha=1.0,
+        layer_types=["full_attention", "sliding_attention"], sliding_window=3,
+    ),
 }
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [100, 200, 250, 3, 4, 5, 6, 7, 8, 9, 10, 11, 290], [42]]
 

@@ -201,3 +201,48 @@ def test_bias_changes_the_selection_but_not_the_weights():
     assert torch.allclose(routing.weights[0], want, rtol=0, atol=1e-7)
     chosen_by = scores[ids] + torch.tensor([0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.0, 0.0])[ids]  # the biased scores
     assert not torch.allclose(routing.weights[0], chosen_by / chosen_by.sum() * 2.5, rtol=0, atol=1e-4)
+
+
+def test_gpt_oss_router_equals_the_reference_and_gating_keeps_its_weights():
+    """GPT-OSS: top-k of the biased logits, softmax over those k: the reference's ids and weights
+    exactly. Gating factors change the selection; the weights stay the softmax over the chosen
+    experts' logits."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    from moemesh.model.moe import TopKSoftmaxRouter
+
+    g = torch.Generator().manual_seed(5)
+    ref = GptOssTopKRouter(transformers.GptOssConfig(num_local_experts=E, num_experts_per_tok=K, hidden_size=D))
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(E, D, generator=g))
+        ref.bias.copy_(torch.randn(E, generator=g))
+    x = torch.randn(32, D, generator=g)  # (T, D)
+    ours = TopKSoftmaxRouter(K, {0: ref.bias.detach()})
+    routing = ours(x, ref.weight.detach(), 0)
+    with torch.no_grad():
+        logits, weights, ids = ref(x)
+    assert torch.equal(routing.expert_ids, ids) and torch.equal(routing.weights, weights)
+    ruled_out = int(ids[0, 0])
+    factors = torch.ones(E)
+    factors[ruled_out] = 0.0  # token 0's first choice is never chosen
+    ours.factors = {0: factors}
+    gated = ours(x, ref.weight.detach(), 0)
+    assert not (gated.expert_ids == ruled_out).any() and (ids == ruled_out).sum() > 1
+    want = torch.softmax(torch.gather(logits, 1, gated.expert_ids), dim=-1)  # (T, K)
+    assert torch.equal(gated.weights, want)
+
+
+def test_gpt_oss_router_under_the_drop_policy_renormalises_over_the_copies_kept():
+    from moemesh.model.moe import TopKSoftmaxRouter
+    from moemesh.model.overflow import expert_capacity
+
+    g = torch.Generator().manual_seed(6)
+    x, weight, bias = torch.randn(40, D, generator=g), torch.randn(E, D, generator=g), torch.randn(E, generator=g)
+    routing = TopKSoftmaxRouter(K, {0: bias}, "drop", capacity_factor=1.0)(x, weight, 0)
+    dropped = routing.expert_ids < 0  # (T, K)
+    assert dropped.any() and (routing.weights[dropped] == 0).all()
+    kept = routing.expert_ids[~dropped]
+    assert torch.bincount(kept, minlength=E).max() <= expert_capacity(40, K, E, 1.0)
+    sums = routing.weights.sum(dim=-1)  # (T,)
+    assert torch.allclose(sums[~dropped.all(-1)], torch.ones(1), atol=1e-6)

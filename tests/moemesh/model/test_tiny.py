@@ -204,10 +204,11 @@ def test_cli_flags_are_checked_like_a_spec() -> None:
         parser.parse_args(["d", "--dtype", "int8"])
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "olmoe", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "olmoe", "glm4_moe", "gpt_oss"])
 def test_new_families_load_in_transformers_and_compute_the_same(tmp_path: Path, arch: str) -> None:
     """Every name and shape is the reference's (a strict load), the router bias and shared experts
-    included; our forward pass on the written file equals transformers' on it."""
+    included (GPT-OSS: sinks, router bias, stacked biased experts); our forward pass on the written
+    file equals transformers' on it."""
     from moemesh.model.decoder import RuntimeShape, build_model
     from moemesh.model.layers import Segment, build_attention_plan
 
@@ -224,10 +225,17 @@ def test_new_families_load_in_transformers_and_compute_the_same(tmp_path: Path, 
         bias = written["model.layers.1.mlp.gate.e_score_correction_bias"]
         assert torch.equal(model.state_dict()["model.layers.1.mlp.gate.e_score_correction_bias"], bias)
         assert bias.abs().min() > 0
-    if arch != "olmoe":
+    if arch not in ("olmoe", "gpt_oss"):
         assert cfg.shared_intermediate_size == 96
+    if arch == "gpt_oss":
+        assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+        assert cfg.full_attention_layers == (1,) and cfg.sliding_window == model.config.sliding_window == 8
+        assert cfg.attention_sinks and cfg.router_bias and cfg.clamped_swiglu is not None
+        assert torch.equal(model.state_dict()["model.layers.2.mlp.experts.gate_up_proj_bias"],
+                           written["model.layers.2.mlp.experts.gate_up_proj_bias"])
+        assert written["model.layers.0.self_attn.sinks"].abs().min() > 0
     ours_model = build_model(out, RuntimeShape(max_seqs=1, max_model_len=32))
-    prompt = [5, 6, 7, 8, 9, 10]
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # longer than the GPT-OSS window
     plan = build_attention_plan([], [], [Segment(0, 0, len(prompt), 0)], None, "cpu")
     ours = ours_model.forward(torch.tensor(prompt), plan, torch.arange(len(prompt)))  # (n, V)
     with torch.no_grad():

@@ -92,3 +92,62 @@ def test_fused_gate_up_proj_layout_loads_like_per_expert_tensors(hf_model, tmp_p
         torch.tensor(prompt), plan, torch.arange(len(prompt))) for d in (per_expert, fused)]
     # Equal experts (above); the logits within rounding (two models' buffers are aligned differently).
     assert (logits[0] - logits[1]).abs().max() / logits[1].abs().max() <= 1e-6
+
+
+class _SliceRecorder(CheckpointReader):
+    """A real reader that also notes which slice of each tensor it was asked for."""
+
+    def __init__(self, model_dir):
+        super().__init__(model_dir)
+        self.asked: list[tuple[str, tuple[slice, ...] | None]] = []
+
+    def read(self, expected, dtype=torch.float32, device="cpu", slices=None):
+        self.asked += [(name, (slices or {}).get(name)) for name in expected]
+        return super().read(expected, dtype, device, slices)
+
+
+def test_gpt_oss_experts_load_only_their_slices_with_biases_and_compute_like_the_reference(hf_model):
+    """GPT-OSS's stacked layout (gate_up_proj (E, D, 2F) with gate/up columns interleaved,
+    down_proj (E, F, D), both biased): a worker reads only its experts' slices (a shard: only its
+    columns), de-interleaved into w13; the biases travel in LayerExperts (the down bias on shard 0
+    only); the pieces' outputs sum to the reference expert's output."""
+    from moemesh.model.activations import expert_activation
+    from moemesh.model.config import ClampedSwiGLU
+    from moemesh.model.moe import ExpertBatch, GroupedExperts
+
+    ckpt, ref = hf_model("gpt_oss", layers=2, experts=8, intermediate=96, swiglu_limit=1.0)
+    cfg = load_config(ckpt)
+    assert cfg.clamped_swiglu == ClampedSwiGLU(alpha=1.702, limit=1.0)
+    reader = _SliceRecorder(ckpt)
+    whole = load_layer_experts(reader, cfg, 1, [5, 2], torch.float32, "cpu")
+    p = "model.layers.1.mlp.experts"
+    assert {name for name, _ in reader.asked} == {f"{p}.gate_up_proj", f"{p}.gate_up_proj_bias", f"{p}.down_proj",
+                                                  f"{p}.down_proj_bias"}
+    assert all(s is not None and s[0] in (slice(5, 6), slice(2, 3)) for _, s in reader.asked)  # one expert each
+    experts = ref.model.layers[1].mlp.experts
+    for i, e in enumerate((5, 2)):
+        gate_up, bias = experts.gate_up_proj[e].detach(), experts.gate_up_proj_bias[e].detach()  # (D, 2F), (2F,)
+        assert torch.equal(whole.w13[i], torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1))
+        assert torch.equal(whole.b13[i], torch.cat([bias[0::2], bias[1::2]]))
+        assert torch.equal(whole.w2[i], experts.down_proj[e].detach().t())
+        assert torch.equal(whole.b2[i], experts.down_proj_bias[e].detach())
+
+    shards = (Shard(0, 2), Shard(1, 2))
+    halves = [load_layer_experts(reader, cfg, 1, [5], torch.float32, "cpu", [s]) for s in shards]
+    assert reader.asked[-4][1] == (slice(5, 6), slice(None), slice(96, 192))  # shard 1: gate/up pairs 48..95
+    assert halves[0].b2[0] is not None and halves[1].b2[0] is None  # the down bias is added once
+    for half, shard in zip(halves, shards):
+        cut = whole.piece(5, shard)
+        assert cut is not None and torch.equal(cut.w13, half.w13[0]) and torch.equal(cut.b13, half.b13[0])
+        assert (cut.b2 is None) == (half.b2[0] is None)
+
+    x = torch.randn(6, cfg.hidden_size)  # (T, D)
+    act = expert_activation(cfg.clamped_swiglu)
+    ours = GroupedExperts({1: whole}, act)(1, ExpertBatch(x=x, counts=[6, 0]))  # (T, D) all through expert 5
+    split = sum(GroupedExperts({1: h}, act)(1, ExpertBatch(x=x, counts=[6])) for h in halves)  # (T, D)
+    with torch.no_grad():
+        h = x @ experts.gate_up_proj[5] + experts.gate_up_proj_bias[5]  # (T, 2F) interleaved
+        theirs = experts._apply_gate(h) @ experts.down_proj[5] + experts.down_proj_bias[5]  # (T, D)
+    assert (h[:, 0::2] > 1.0).any(), "the clamp is exercised"
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split, theirs, rtol=1e-5, atol=1e-5)
