@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from expert_worker.servicer import MeshMember
 from moemesh.mesh.routing_counts import LoadTotals
 from moemesh.metrics import MODEL_LABEL, PREFIX
+from moemesh.model.checkpoint import CheckpointReader
 
 Link = tuple[int, int]  # (source rank, destination rank)
 
@@ -66,18 +67,38 @@ def _add(into: dict[Link, int], more: dict[Link, int]) -> None:
         into[key] = into.get(key, 0) + n
 
 
+# A worker's start-up, in order: registering with the coordinator, waiting for a world that lists it,
+# loading its weights and joining the world's communicator, serving.
+STAGES = ("starting", "registering", "waiting", "loading", "serving")
+
+
 class WorkerMetrics(Collector):
     """`moemesh:*` series of one worker; nothing but the world generation until it joined a world."""
 
     def __init__(self, model_name: str):
         self.model = model_name
         self.node: MeshMember | None = None
+        self.stage = "starting"  # one of STAGES: where start-up is (`moemesh up` shows it)
+        self.reader: CheckpointReader | None = None  # its bytes_read while the weights load
         self._links = LinkBytes()
 
+    def at(self, stage: str) -> None:
+        assert stage in STAGES, stage
+        self.stage = stage
+
+    def loading(self, reader: CheckpointReader) -> None:
+        self.reader, self.stage = reader, "loading"
+
     def attach(self, node: MeshMember) -> None:
-        self.node = node
+        self.node, self.stage = node, "serving"
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stage = GaugeMetricFamily(f"{PREFIX}worker_stage", "1 for the start-up stage this worker is in: "
+                                  + ", ".join(STAGES) + ".", labels=[MODEL_LABEL, "stage"])
+        stage.add_metric([self.model, self.stage], 1)
+        yield stage
+        yield self._gauge("weights_loaded_bytes", "Checkpoint bytes this worker has read (dense part, its experts).",
+                          self.reader.bytes_read if self.reader is not None else 0)
         node = self.node
         if node is None:
             yield self._gauge("world_generation", "World generation this worker serves (0 = none yet).", 0)

@@ -101,6 +101,7 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event, metrics: WorkerM
         beats: asyncio.Task | None = None
         try:
             while True:
+                metrics.at("registering")
                 reg = await _register(coord, settings, me, (address, metrics_address), stop)
                 if reg is None:
                     await server.stop(1.0)
@@ -111,6 +112,7 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event, metrics: WorkerM
                     beats = asyncio.create_task(_heartbeat(coord, settings, servicer, me,
                                                            reg.heartbeat_interval_seconds or 1.0))
                 try:
+                    metrics.at("waiting")
                     first = await _first_world(coord, settings, me, stop)
                     break
                 except _NotRegistered:
@@ -121,8 +123,10 @@ async def _serve(settings: WorkerSettings, stop: asyncio.Event, metrics: WorkerM
                 await server.stop(1.0)
                 return 0
             world, placement = first
+            metrics.loading(CheckpointReader(Path(reg.model_path)))
+            assert metrics.reader is not None
             node, reader = await asyncio.get_running_loop().run_in_executor(
-                None, _build_node, settings, Path(reg.model_path), world, placement)
+                None, _build_node, settings, metrics.reader, world, placement)
             servicer.attach(node)
             metrics.attach(node)
             return await _run(settings, server, servicer, node, reader, coord, me, stop)
@@ -174,10 +178,10 @@ async def _retry_until_up(call, stop: asyncio.Event, what: str):
                        on_retry=lambda attempt, exc: log.info("waiting for %s (%s)", what, exc))
 
 
-def _build_node(settings: WorkerSettings, model_dir: Path, world, placement):
+def _build_node(settings: WorkerSettings, reader: CheckpointReader, world, placement):
     """Blocking: load weights, join the communicator, assemble engine and engine thread."""
     rank, size = world.rank, world.world_size
-    reader = CheckpointReader(model_dir)
+    model_dir = reader.model_dir
     runtime = RuntimeShape(max_seqs=settings.max_seqs, max_model_len=settings.max_model_len,
                            dtype=compute_dtype(settings.dtype, settings.device), device=settings.device)
     log.info("rank %d/%d: loading dense part and experts %s", rank, size, placement.assignment(rank))

@@ -180,7 +180,7 @@ def run_up(s: UpSettings, state_dir: Path) -> int:
         write_certs(spec.certs)
     mesh = Mesh(spec)
     try:
-        mesh.start()
+        mesh.start(progress=lambda line: print(line, file=sys.stderr, flush=True))
         http = f"; OpenAI API at http://{mesh.http}/v1" if mesh.http_gateways else ""
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
               f"model {s.model}{http}{_tls_note(spec.certs)}", flush=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moemesh.certs import role_files
 from moemesh.errors import MoemeshError, UnavailableError
 from moemesh.launch.processes import Processes
+from moemesh.launch.progress import StartupWatch
 from moemesh.retry import Backoff, retry_sync
 from moemesh.tls import TlsFiles
 
@@ -106,9 +107,10 @@ class Mesh:
     def procs(self) -> dict[str, subprocess.Popen]:
         return self.processes.procs
 
-    def start(self) -> Mesh:
+    def start(self, progress: Callable[[str], None] | None = None) -> Mesh:
         """Coordinator, then workers and gateways (in `gateway_first` order); returns once every
-        gateway serves. On failure the caller still owns `stop()` (`running` does that)."""
+        gateway serves. `progress` hears each worker's start-up stages meanwhile (moemesh.launch.progress).
+        On failure the caller still owns `stop()` (`running` does that)."""
         s = self.spec
         s.state_dir.mkdir(parents=True, exist_ok=True)
         port = self._start_and_wait("coordinator", ["coordinator", "--model", str(s.model), "--workers",
@@ -126,8 +128,13 @@ class Mesh:
                                                 *s.worker_flags, *own])
         if not s.gateway_first:
             self._start_gateways()
+        watch = None
+        if progress is not None:
+            watch = StartupWatch(lambda: {n: a for n, a in self.metrics().items() if n.startswith("worker")}, progress)
         for address in self.gateways.values():
-            self.wait_serving(address)
+            self.wait_serving(address, on_poll=watch.poll if watch is not None else None)
+        if watch is not None:
+            watch.poll_now()
         return self
 
     def add_gateway(self, name: str, flags: Sequence[str] = (), port: int = 0, http_port: int = 0) -> str:
@@ -146,7 +153,8 @@ class Mesh:
             self.http_gateways[name] = f"{s.gateway_host}:{bound}"
         return self.gateways[name]
 
-    def wait_serving(self, address: str, timeout_s: float | None = None) -> None:
+    def wait_serving(self, address: str, timeout_s: float | None = None,
+                     on_poll: Callable[[], None] | None = None) -> None:
         """Poll `address`'s health service until the Gateway service is SERVING; MoemeshError with
         the logs if a process dies or the time runs out."""
         timeout_s = self.spec.start_timeout_s if timeout_s is None else timeout_s
@@ -157,6 +165,8 @@ class Mesh:
 
             def check() -> None:
                 self.processes.check_alive()
+                if on_poll is not None:
+                    on_poll()
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=GATEWAY_SERVICE),
                                        timeout=HEALTH_CALL_TIMEOUT_S)
@@ -255,10 +265,10 @@ def with_flag(argv: Sequence[str], flag: str, value: str) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def running(spec: MeshSpec) -> Iterator[Mesh]:
-    """A started mesh; every process is stopped on exit, also when starting failed."""
+def running(spec: MeshSpec, progress: Callable[[str], None] | None = None) -> Iterator[Mesh]:
+    """A started mesh (`progress`: as `Mesh.start`); every process is stopped on exit, also when starting failed."""
     mesh = Mesh(spec)
     try:
-        yield mesh.start()
+        yield mesh.start(progress)
     finally:
         mesh.stop()

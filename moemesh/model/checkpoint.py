@@ -31,6 +31,7 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self.name_to_file = _index(self.model_dir)
         self.reads: list[str] = []
+        self.bytes_read = 0  # bytes of the tensors (or slices) read so far, as stored: load progress
 
     def has(self, name: str) -> bool:
         return name in self.name_to_file
@@ -65,6 +66,7 @@ class CheckpointReader:
                         )
                     tensor = view[slices[name]] if name in slices else handle.get_tensor(name)
                     self.reads.append(name)
+                    self.bytes_read += tensor.numel() * tensor.element_size()
                     out[name] = tensor.to(device=device, dtype=dtype)
         return out
 

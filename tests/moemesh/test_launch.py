@@ -14,6 +14,7 @@ from moemesh.chaos import make_requests, reference, run_load
 from moemesh.errors import MoemeshError
 from moemesh.launch import Mesh, MeshSpec, Processes, running
 from moemesh.launch.processes import STOP_ORDER, _stage
+from moemesh.launch.progress import WORDS
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.rpc import channel
 from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -165,7 +166,13 @@ def test_a_killed_coordinator_is_restarted_from_its_state_and_no_request_fails(t
         healed = await _world(mesh.coordinator, after=resumed.generation)
         return before, resumed, healed, rounds
 
-    with running(spec) as mesh:
+    said: list[str] = []
+    with running(spec, progress=said.append) as mesh:
+        # start-up progress, per worker, read from its metrics: every stage it was seen in, in order
+        for worker in ("worker0", "worker1"):
+            stages = [line.split(f"{worker} ", 1)[1] for line in said if f" {worker} " in line]
+            assert stages[-1].startswith("serving (") and "MB read)" in stages[-1], said
+            assert stages == [s for s in stages if s.split(" (")[0] in WORDS.values()], said
         before, resumed, healed, rounds = asyncio.run(scenario(mesh))
         argv = mesh.processes.children["coordinator"].argv
     assert argv[argv.index("--port") + 1] == mesh.coordinator.rsplit(":", 1)[1]  # restarted on its port
