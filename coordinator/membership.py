@@ -32,6 +32,7 @@ Rules (see protos/moemesh/v1/coordinator.proto):
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -308,10 +309,25 @@ class Membership:
             self._silent.discard(w.worker_id)
 
 
+# HOST:PORT of a worker's gRPC server: a DNS name or IPv4 address, or an IPv6 address in brackets.
+_ADDRESS = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+MAX_WORKER_ID_CHARS = 256
+
+
 def _check_info(info: WorkerInfo) -> None:
+    """The fields a member is named and dialled by (the fuzz campaign registered ids with control
+    characters and addresses such as "127.0.0.(:1", which then joined a world)."""
     if not info.worker_id:
         raise InvalidRequestError("worker_id must not be empty")
+    if (len(info.worker_id) > MAX_WORKER_ID_CHARS or not info.worker_id.isprintable()
+            or any(c.isspace() for c in info.worker_id)):
+        raise InvalidRequestError(f"worker_id {info.worker_id[:MAX_WORKER_ID_CHARS]!r} must be at most "
+                                  f"{MAX_WORKER_ID_CHARS} printable characters without spaces")
     if not info.address:
         raise InvalidRequestError(f"worker {info.worker_id!r}: address (host:port of its Worker service) is empty")
+    port = _ADDRESS.fullmatch(info.address)
+    if port is None or int(port.group(1)) > 65535:
+        raise InvalidRequestError(f"worker {info.worker_id!r}: address {info.address[:300]!r} is not HOST:PORT "
+                                  "(a name or IPv4 address, or [IPv6], and a port up to 65535)")
     if info.incarnation < 0:
         raise InvalidRequestError(f"worker {info.worker_id!r}: incarnation must not be negative")

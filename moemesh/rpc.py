@@ -56,6 +56,18 @@ SERVER_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
 )
 
+# gRPC core cancels calls that arrive while more than `grpc.server.max_pending_requests` (default
+# 1000) are still waiting for the Python server to pick them up: under a burst of a few thousand
+# calls some clients got CANCELLED instead of an answer (found by the overload test). With this
+# backlog every call reaches the server, which answers RESOURCE_EXHAUSTED over its limits; a
+# backlog holds only a call's headers until it is picked up.
+PENDING_CALLS = 16_384
+SERVER_OPTIONS = (
+    *CHANNEL_OPTIONS,
+    ("grpc.server.max_pending_requests", PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+)
+
 
 # A check run before a handler: (full method name "/pkg.Service/Method", the request or None for a
 # request stream, the call's context); raises a MoemeshError to refuse the call.

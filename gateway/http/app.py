@@ -236,6 +236,8 @@ class OpenAIApi:
             body = json.loads(b"".join(parts))
         except ValueError as exc:
             raise BadParamError("body", f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:  # json's decoder refuses deep nesting so; a 500 before the fuzz campaign
+            raise BadParamError("body", "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise BadParamError("body", "the request body must be a JSON object")
         return body

@@ -105,10 +105,22 @@ def test_after_forming_newcomers_and_restarts_wait_as_joiners_and_retries_are_fi
 @pytest.mark.parametrize("info, message", [
     (WorkerInfo("", 1, "h:1"), "worker_id"),
     (WorkerInfo("w", 1, ""), "address"),
+    (WorkerInfo("\x7fw", 1, "h:1"), "printable"),
+    (WorkerInfo("w 1", 1, "h:1"), "printable"),
+    (WorkerInfo("w" * 257, 1, "h:1"), "printable"),
+    (WorkerInfo("w", 1, "127.0.0.(:1"), "HOST:PORT"),
+    (WorkerInfo("w", 1, "h"), "HOST:PORT"),
+    (WorkerInfo("w", 1, "h:65536"), "HOST:PORT"),
+    (WorkerInfo("w", 1, "h:1:2"), "HOST:PORT"),
 ])
 def test_registration_needs_id_and_address(info, message):
     with pytest.raises(InvalidRequestError, match=message):
         Membership(1).admit(info)
+
+
+@pytest.mark.parametrize("address", ["h:1", "127.0.0.1:50051", "node-3.cluster.local:7000", "[::1]:65535"])
+def test_registration_takes_names_and_ip_addresses(address):
+    assert Membership(1).admit(WorkerInfo("node0/cpu1", 1, address)).rank == 0
 
 
 def test_heartbeats_and_silence_are_reported_once():

@@ -4,6 +4,7 @@ Watch (which runs through the same error interceptor as every handler)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -121,6 +122,34 @@ def test_a_call_over_max_concurrent_rpcs_is_resource_exhausted():
     code, first = asyncio.run(_over_the_limit_scenario())
     assert first == NOT_SERVING
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def _burst_scenario(calls: int) -> collections.Counter[str]:
+    server = Server([SERVICE], max_concurrent_rpcs=64)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+
+            async def one() -> str:
+                try:
+                    await stub.Check(request, timeout=CALL_TIMEOUT_S * 6)
+                    return "OK"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+            return collections.Counter(await asyncio.gather(*(one() for _ in range(calls))))
+    finally:
+        await server.stop(0)
+
+
+def test_a_burst_of_calls_is_answered_never_cancelled_by_grpcs_backlog_limit():
+    """gRPC core cancels calls over its backlog of 1000 waiting to be picked up (CANCELLED, as if the
+    client had given up); a Server keeps a larger backlog, so each call gets its answer: OK, or
+    RESOURCE_EXHAUSTED over max_concurrent_rpcs."""
+    seen = asyncio.run(_burst_scenario(2500))
+    assert set(seen) <= {"OK", "RESOURCE_EXHAUSTED"} and seen["OK"], seen
 
 
 # --- mTLS, the role rules and gates (real certificates from moemesh.certs, a real server) ---
