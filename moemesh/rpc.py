@@ -47,15 +47,6 @@ CHANNEL_OPTIONS = (
     # coordinator within its heartbeat timeout.
     ("grpc.max_reconnect_backoff_ms", 1_000),
 )
-# Servers accept those keepalive pings: by default a server allows one ping per 5 minutes on a call
-# that sends no data, so the 10 s pings on an idle Serve stream (a gateway's to its workers) earned
-# strikes and a GOAWAY "too_many_pings" that reset the stream (seen in compose, see gRPC's keepalive guide).
-SERVER_OPTIONS = (
-    *CHANNEL_OPTIONS,
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
-
 # gRPC core cancels calls that arrive while more than `grpc.server.max_pending_requests` (default
 # 1000) are still waiting for the Python server to pick them up: under a burst of a few thousand
 # calls some clients got CANCELLED instead of an answer (found by the overload test). With this
@@ -66,6 +57,11 @@ SERVER_OPTIONS = (
     *CHANNEL_OPTIONS,
     ("grpc.server.max_pending_requests", PENDING_CALLS),
     ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+    # the channels' 10 s keepalive pings (above) are welcome: by default a server allows one ping per
+    # 5 minutes on a call that sends no data, so an idle Serve stream (a gateway's to its workers)
+    # earned strikes and a GOAWAY "too_many_pings" that reset it (seen in compose; gRPC's keepalive guide)
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
 )
 
 
