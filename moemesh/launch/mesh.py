@@ -229,7 +229,10 @@ class Mesh:
         self.processes.kill(name)
 
     def terminate(self, name: str, timeout_s: float = 15.0) -> int:
-        """SIGTERM one process, SIGKILL after `timeout_s`; its exit status."""
+        """SIGTERM one process, SIGKILL after `timeout_s`; its exit status. The mesh forgets it (a
+        gateway leaves `gateways` and `http_gateways`)."""
+        self.gateways.pop(name, None)
+        self.http_gateways.pop(name, None)
         return self.processes.terminate(name, timeout_s)
 
     def stop(self) -> None:

@@ -125,10 +125,11 @@ class Processes:
             proc.wait(timeout=KILL_WAIT_S)
 
     def terminate(self, name: str, timeout_s: float = 15.0) -> int:
-        """SIGTERM one process and wait for it (SIGKILL after `timeout_s`); its exit status."""
+        """SIGTERM one process and wait for it (SIGKILL after `timeout_s`); its exit status. It is
+        then forgotten: an exit asked for is no crash for `check_alive`, `exited` or a restart."""
         self._signal_all([name])
         self._reap([name], timeout_s)
-        return self.children[name].proc.returncode
+        return self.children.pop(name).proc.returncode
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the gateways, then the workers, then the coordinator, each group given `timeout_s`
