@@ -49,7 +49,8 @@ class PlanSettings:
                                 default=None)
     skew: str = option("--skew", "synthetic routing: zipf:S[,groups:N][,affinity:A] or uniform", default="zipf:1.2")
     seed: int = option("--seed", "seed of the synthetic routing", int, default=0)
-    method: str = option("--method", "placement method", default="ours", choices=("ours", "swap", "round-robin"))
+    method: str = option("--method", "placement method", default="ours",
+                         choices=("ours", "swap", "round-robin", "aligned"))
     slots: int | None = option("--slots", "experts per device per layer (> ceil(E/G) adds replica slots)", int,
                                default=None)
     tokens_per_device: float = option("--tokens-per-device", "batch each device routes per layer", float,
