@@ -162,7 +162,8 @@ def simulate_deepseek() -> str:
     per-layer timeline cut to its first MoE layers (the others repeat them)."""
     from moemesh.simulate.cli import SimulateSettings, simulate
 
-    s = SimulateSettings(topology="h100x64", model="deepseek-v3", deployment="ep64", sweep=DEEPSEEK_SWEEP)
+    s = SimulateSettings(topology="h100x64", model="deepseek-v3", deployment="ep64", sweep=DEEPSEEK_SWEEP,
+                         out=ROOT / "docs" / "ep-scaling-deepseek-v3.png")
     text = io.StringIO()
     with redirect_stdout(text):
         simulate(s)
@@ -377,7 +378,8 @@ DEEPSEEK_SWEEP = (16, 64, 256, 1024)
 DEEPSEEK_TEMPLATE = """
 ## DeepSeek-V3 on H100 clusters, simulated
 
-`moemesh simulate --topology h100x64 --model deepseek-v3 --deployment ep64 --sweep 16,64,256,1024`:
+`moemesh simulate --topology h100x64 --model deepseek-v3 --deployment ep64 --sweep 16,64,256,1024
+--out docs/ep-scaling-deepseek-v3.png`:
 DeepSeek-V3's real sizes (`moemesh/simulate/shapes.py` `DEEPSEEK_V3_CONFIG`, the values of
 deepseek-ai/DeepSeek-V3's config: 61 layers of which the first 3 dense (MLP 18432), hidden 7168,
 MLA with 128 heads (q_lora_rank 1536, kv_lora_rank 512, qk_nope 128, qk_rope 64, v_head 128),
@@ -420,9 +422,11 @@ The EP scaling table (weak scaling, 64 sequences per device) reads as for the pa
 "E fixed" replicates the 256 routed experts over the devices, "E = G" gives every device its own
 expert. On 16 GPUs DeepSeek-V3 does not fit (16 routed experts per device x 58 layers x 88 MB =
 82 GB before attention and cache; the prediction is made anyway and says so in its memory line);
-from 32 it fits (57 GB per device on 64). Per device, decode throughput peaks around 64 GPUs and
+from 32 it fits (57 GB per device on 64). Per device, decode throughput peaks at 32-64 GPUs and
 falls beyond: with 8 copies per token the exchange reaches ever more nodes through each node's one
 InfiniBand port, 42 ms of exchanges per step on 256 GPUs, more than all the compute of the step.
+
+![DeepSeek-V3 EP scaling](ep-scaling-deepseek-v3.png)
 """
 
 
