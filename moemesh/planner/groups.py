@@ -51,7 +51,7 @@ def expected_remote_nodes(node_of_expert: np.ndarray, top_k: int, n_group: int, 
     nodes = np.asarray(node_of_expert, dtype=np.int64)  # (E,)
     share = np.asarray(source_share, dtype=np.float64)  # (N,)
     E, N = len(nodes), len(share)
-    _check(E, top_k, n_group, topk_group)
+    check_group_limit(E, top_k, n_group, topk_group)
     if math.comb(n_group, topk_group) > MAX_SUBSETS:
         raise ConfigError(f"{n_group} groups choose {topk_group}: too many subsets to enumerate")
     # Step 1: experts of each group on each node
@@ -105,7 +105,8 @@ def sampled_remote_nodes(node_of_expert: np.ndarray, top_k: int, group_limit: tu
     return remote_nodes(route(scores, top_k, group_limit), node_of_expert, source_share)
 
 
-def _check(E: int, top_k: int, n_group: int, topk_group: int) -> None:
+def check_group_limit(E: int, top_k: int, n_group: int, topk_group: int) -> None:
+    """ConfigError unless n_group groups split E experts and K experts fit in topk_group groups."""
     if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group:
         raise ConfigError(f"{E} experts in {n_group} groups, {topk_group} kept: groups must split the experts "
                           "and 1 <= topk_group <= n_group")

@@ -7,10 +7,9 @@ Per MoE layer, two matrices describe one batch of tokens (a step, or a measured 
 
 Three sources:
 - `synthetic`: Zipf-skewed expert popularity (a fresh random ranking per layer, seeded), optional
-  co-activation clusters, optional group-limited routing (DeepSeek-V3: top-k inside the
-  topk_group groups with the best top-2 score sums), tokens spread evenly over the source ranks;
-  drawn by sampling top-k sets, so inclusion probabilities never exceed 1 and co-activation is
-  consistent with counts.
+  co-activation clusters, optional group-limited routing (DeepSeek-V3's), tokens spread evenly over
+  the source ranks; drawn by sampling top-k sets, so inclusion probabilities never exceed 1 and
+  co-activation is consistent with counts.
 - `from_counts`: the coordinator's load window (int64 [moe_layers, experts], or [sources,
   moe_layers, experts] per source); without per-source data, tokens are spread evenly over
   sources; without co-activation, experts are assumed to co-fire independently.
@@ -37,7 +36,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from moemesh.errors import InvalidRequestError, read_text
-from moemesh.planner.groups import limit_to_groups
+from moemesh.planner.groups import check_group_limit, limit_to_groups
 
 TRACE_FORMAT = "moemesh-trace"
 TRACE_VERSION = 1
@@ -161,11 +160,7 @@ def synthetic(
     if not 1 <= top_k <= num_experts:
         raise InvalidRequestError(f"top_k must be in 1..{num_experts}, got {top_k}")
     if group_limit is not None:
-        n_group, kept = group_limit
-        if num_experts % n_group or num_experts // n_group < 2 or not 1 <= kept <= n_group \
-                or top_k > kept * (num_experts // n_group):
-            raise InvalidRequestError(f"group_limit {group_limit}: {num_experts} experts must split into groups of "
-                                      f">= 2 and top_k={top_k} fit in the kept groups")
+        check_group_limit(num_experts, top_k, *group_limit)
     rng = np.random.default_rng(seed)
     L, E, T = len(layer_ids), num_experts, sample_tokens
     counts = np.zeros((L, E))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moemesh.errors import InvalidRequestError
+from moemesh.errors import ConfigError, InvalidRequestError
 from moemesh.planner.traffic import (
     Skew,
     dump_trace,
@@ -137,5 +137,5 @@ def test_group_limited_synthetic_traffic_stays_inside_the_kept_groups():
     across = group[:, None] != group[None, :]
     assert (t.coactivation[:, across] == 0).all() and t.coactivation.sum() > 0
     assert t.tokens.sum() == pytest.approx(2 * 2 * 10 * 3)
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(ConfigError):
         synthetic(16, 1, 2, top_k=5, group_limit=(4, 1))  # 5 experts from one group of 4
