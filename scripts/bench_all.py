@@ -157,6 +157,31 @@ def simulate_paper(gpu_check: Path | None) -> str:
     return text.getvalue()
 
 
+def simulate_deepseek() -> str:
+    """`moemesh simulate --model deepseek-v3` on 64 H100 (8 nodes = 8 expert groups), as text, the
+    per-layer timeline cut to its first MoE layers (the others repeat them)."""
+    from moemesh.simulate.cli import SimulateSettings, simulate
+
+    s = SimulateSettings(topology="h100x64", model="deepseek-v3", deployment="ep64", sweep=DEEPSEEK_SWEEP,
+                         out=ROOT / "docs" / "ep-scaling-deepseek-v3.png")
+    text = io.StringIO()
+    with redirect_stdout(text):
+        simulate(s)
+    return elide_layers(text.getvalue(), keep=5)
+
+
+def elide_layers(text: str, keep: int) -> str:
+    """Keep the first `keep` rows of a per-layer timeline and its last one."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("layer "))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("step "))
+    rows = lines[start + 1:end]
+    if len(rows) <= keep + 1:
+        return text
+    cut = [*rows[:keep], f"  ... {len(rows) - keep - 1} more layers like the last shown ...", rows[-1]]
+    return "\n".join([*lines[:start + 1], *cut, *lines[end:]]) + "\n"
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor() or "unknown")
@@ -178,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         check = _step("prediction check", lambda: check_cpu_mesh(model, CheckSettings(rounds=s.check_rounds))) \
             if s.check_rounds else None
     paper = _step("simulate --model paper", lambda: simulate_paper(s.gpu_check))
+    deepseek = _step("simulate --model deepseek-v3", simulate_deepseek)
     took = time.perf_counter() - started
     table = rows_table(rows)
     print(table)
     chart = plot(rows, s.out.with_suffix(".png"))
-    s.out.write_text(render(s, rows, table, check, paper, chart, took))
+    s.out.write_text(render(s, rows, table, check, paper, chart, took) + DEEPSEEK_TEMPLATE.format(deepseek=deepseek))
     print(f"wrote {s.out} and {chart} in {took / 60:.1f} min")
     if s.json_path:
         s.json_path.write_text(json.dumps({"rows": rows, "check_error": check.error if check else None}, indent=2))
@@ -346,6 +372,61 @@ taken as zero, so the GPU rows are bounds (highest TPS, lowest TPOT the hardware
 ```
 
 ![EP scaling](ep-scaling.png)
+"""
+
+DEEPSEEK_SWEEP = (16, 64, 256, 1024)
+DEEPSEEK_TEMPLATE = """
+## DeepSeek-V3 on H100 clusters, simulated
+
+`moemesh simulate --topology h100x64 --model deepseek-v3 --deployment ep64 --sweep 16,64,256,1024
+--out docs/ep-scaling-deepseek-v3.png`:
+DeepSeek-V3's real sizes (`moemesh/simulate/shapes.py` `DEEPSEEK_V3_CONFIG`, the values of
+deepseek-ai/DeepSeek-V3's config: 61 layers of which the first 3 dense (MLP 18432), hidden 7168,
+MLA with 128 heads (q_lora_rank 1536, kv_lora_rank 512, qk_nope 128, qk_rope 64, v_head 128),
+256 routed experts of 2048 plus 1 shared, top-8 inside 4 of 8 groups, vocabulary 129280), bf16
+weights (moemesh serves dequantized checkpoints), on the paper's H100 links, 64 decoding sequences
+per device at context 1024. What the model counts for this family: MLA's weights and its latent
+cache (576 values per token and layer, 1152 B), decode in the absorbed form (per head and key, 576
++ 512 multiply-adds against the cache), the dense first layers, the shared expert as compute that
+runs while the dispatch flies (the "shared" column: it fits under the dispatch), and only the
+routed experts placed and dispatched. The planner's traffic is group-limited (DeepSeek-V3's group
+choice on i.i.d. scores), so the cost model's InfiniBand crossings see the groups.
+
+The group table: a token's experts lie in at most 4 of the 8 groups. "remote nodes/token" is the
+mean number of nodes other than the token's own that receive it (with DeepEP's send-once-per-node
+dispatch, one InfiniBand crossing each, each way): without the limit (exact combinatorics), with the
+limit and groups spread over the nodes, with the limit and groups aligned with nodes (the planner's
+`aligned` placement: contiguous experts, so group g on node g at 8 nodes), sampled from the router
+on 8192 tokens, and the uniform model's value for the aligned layout (moemesh/planner/groups.py;
+it underestimates because the router keeps groups whose two best scores are high, so a kept group
+nearly always gives the token an expert). "IB MB/dev/step" is what one device's 64 tokens send
+across nodes in a decode step over 58 MoE layers, dispatch and combine. The last two columns are
+the cost model's exchange time per step (context 128) with the planner's `ours` and `aligned`
+placements.
+
+```
+{deepseek}
+```
+
+What the limit saves: nothing unless the groups are aligned with nodes (the "spread" column equals
+"no limit"). Aligned, it saves the most where nodes = groups: on 8 nodes (64 GPUs) a token reaches
+3.5 remote nodes instead of 4.6, a quarter of the InfiniBand bytes, and the cost model's exchange
+time falls from 19.5 ms (ours) to 13.9 ms (aligned) per step. With fewer nodes most tokens reach
+every node anyway; with more, each group spans N / 8 nodes and the 4 kept groups cover up to half
+the nodes, so from 32 nodes on the saving is a few percent and `ours`, which balances every node's
+InfiniBand port, prices lower than `aligned`. Hence `aligned` is a placement option
+(`moemesh plan --method aligned`, `moemesh simulate --placement aligned`), not the default
+(docs/planner.md).
+
+The EP scaling table (weak scaling, 64 sequences per device) reads as for the paper's model:
+"E fixed" replicates the 256 routed experts over the devices, "E = G" gives every device its own
+expert. On 16 GPUs DeepSeek-V3 does not fit (16 routed experts per device x 58 layers x 88 MB =
+82 GB before attention and cache; the prediction is made anyway and says so in its memory line);
+from 32 it fits (57 GB per device on 64). Per device, decode throughput peaks at 32-64 GPUs and
+falls beyond: with 8 copies per token the exchange reaches ever more nodes through each node's one
+InfiniBand port, 42 ms of exchanges per step on 256 GPUs, more than all the compute of the step.
+
+![DeepSeek-V3 EP scaling](ep-scaling-deepseek-v3.png)
 """
 
 

@@ -49,7 +49,8 @@ class PlanSettings:
                                 default=None)
     skew: str = option("--skew", "synthetic routing: zipf:S[,groups:N][,affinity:A] or uniform", default="zipf:1.2")
     seed: int = option("--seed", "seed of the synthetic routing", int, default=0)
-    method: str = option("--method", "placement method", default="ours", choices=("ours", "swap", "round-robin"))
+    method: str = option("--method", "placement method", default="ours",
+                         choices=("ours", "swap", "round-robin", "aligned"))
     slots: int | None = option("--slots", "experts per device per layer (> ceil(E/G) adds replica slots)", int,
                                default=None)
     tokens_per_device: float = option("--tokens-per-device", "batch each device routes per layer", float,
@@ -124,6 +125,7 @@ def build_problem(s: PlanSettings):
     from moemesh.planner.traffic import load_trace, parse_skew, synthetic
 
     topo = resolve_topology(s.topology, s.devices)
+    limit = None  # (n_group, topk_group) of a model with group-limited routing
     # Step 1: experts, layers, top-k and expert size: from the model or the flags
     if s.model is not None:
         from moemesh.model.config import load_config
@@ -131,6 +133,8 @@ def build_problem(s: PlanSettings):
         cfg = load_config(s.model)
         experts, layer_ids, top_k = cfg.num_experts, cfg.moe_layer_ids, s.top_k or cfg.top_k
         shape = ExpertShape.from_config(cfg)
+        grouped = cfg.grouped_routing
+        limit = (grouped.n_group, grouped.topk_group) if grouped else None
     else:
         if s.experts is None or s.experts < 1 or s.layers is None or s.layers < 1:
             raise InvalidRequestError("--experts and --layers must be positive")
@@ -146,7 +150,7 @@ def build_problem(s: PlanSettings):
                                       f"the model's MoE layers are {list(layer_ids)}")
     else:
         traffic = synthetic(experts, layer_ids, topo.devices, top_k=top_k, skew=parse_skew(s.skew),
-                            tokens_per_source=s.tokens_per_device, seed=s.seed)
+                            tokens_per_source=s.tokens_per_device, seed=s.seed, group_limit=limit)
     return Problem(topo, traffic, shape, CostOptions(dedupe_per_node=s.dedupe), slots=s.slots)
 
 

@@ -7,8 +7,9 @@ Per MoE layer, two matrices describe one batch of tokens (a step, or a measured 
 
 Three sources:
 - `synthetic`: Zipf-skewed expert popularity (a fresh random ranking per layer, seeded), optional
-  co-activation clusters, tokens spread evenly over the source ranks; drawn by sampling top-k
-  sets, so inclusion probabilities never exceed 1 and co-activation is consistent with counts.
+  co-activation clusters, optional group-limited routing (DeepSeek-V3's), tokens spread evenly over
+  the source ranks; drawn by sampling top-k sets, so inclusion probabilities never exceed 1 and
+  co-activation is consistent with counts.
 - `from_counts`: the coordinator's load window (int64 [moe_layers, experts], or [sources,
   moe_layers, experts] per source); without per-source data, tokens are spread evenly over
   sources; without co-activation, experts are assumed to co-fire independently.
@@ -35,6 +36,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from moemesh.errors import InvalidRequestError, read_text
+from moemesh.planner.groups import check_group_limit, limit_to_groups
 
 TRACE_FORMAT = "moemesh-trace"
 TRACE_VERSION = 1
@@ -140,6 +142,7 @@ def synthetic(
     tokens_per_source: float = 256,
     seed: int = 0,
     sample_tokens: int = 2048,
+    group_limit: tuple[int, int] | None = None,
 ) -> Traffic:
     """Skewed routing for `layers` (a count or MoE layer ids), spread evenly over `sources`.
 
@@ -147,6 +150,8 @@ def synthetic(
         skew: Skew or a Zipf exponent; each layer ranks its experts by a fresh random permutation
         tokens_per_source: tokens each source routes per layer (the batch the cost model prices)
         sample_tokens: top-k sets drawn per layer to estimate counts and co-activation
+        group_limit: (n_group, topk_group): experts in n_group contiguous groups, a token's top-k
+            drawn from the topk_group groups with the highest sum of their two best scores
     Returns:
         Traffic with tokens [L, sources, E] and coactivation [L, E, E], scaled to the batch
     """
@@ -154,6 +159,8 @@ def synthetic(
     layer_ids = tuple(range(layers)) if isinstance(layers, int) else tuple(layers)
     if not 1 <= top_k <= num_experts:
         raise InvalidRequestError(f"top_k must be in 1..{num_experts}, got {top_k}")
+    if group_limit is not None:
+        check_group_limit(num_experts, top_k, *group_limit)
     rng = np.random.default_rng(seed)
     L, E, T = len(layer_ids), num_experts, sample_tokens
     counts = np.zeros((L, E))
@@ -168,6 +175,8 @@ def synthetic(
             cluster_of = rng.permutation(E) % skew.groups  # [E]
             token_cluster = rng.integers(skew.groups, size=T)  # [T]
             scores += np.float32(math.log(skew.affinity)) * (cluster_of[None, :] == token_cluster[:, None])
+        if group_limit is not None:
+            scores = limit_to_groups(scores, *group_limit)
         # Step 3: top-k by Gumbel-max sampling without replacement; count experts and pairs
         top = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]  # [T, K]
         counts[l] = np.bincount(top.ravel(), minlength=E)

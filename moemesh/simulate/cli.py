@@ -1,13 +1,16 @@
 """`moemesh simulate`: predict a deployment's per-layer timeline, TPOT and TPS from first principles.
 
     moemesh simulate --topology paper-16xh100 --model paper --deployment ep16
+    moemesh simulate --topology paper-16xh100 --model deepseek-v3 --deployment ep64
     moemesh simulate --topology cluster.yaml --model ./ckpt --deployment tp8pp2 --batch 256 --seq 2048
     moemesh simulate --topology local --model ./ckpt --deployment ep2 --measure   # this machine's rates
 
 Prints the per-layer timeline (attention, dispatch, expert compute, combine, hidden share), the
 step summary and an EP scaling table (16 .. 1024 devices); with `--model paper` also the paper's
-table beside our predictions and where the paper's numbers disagree with each other; `--out PNG`
-writes the scaling chart, `--json FILE` everything as JSON.
+table beside our predictions and where the paper's numbers disagree with each other; for a model
+with group-limited routing (`--model deepseek-v3`) the nodes a token reaches with and without the
+limit and what aligning groups with nodes saves (moemesh.simulate.grouped); `--out PNG` writes the
+scaling chart, `--json FILE` everything as JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, ClassVar
 from moemesh.errors import MoemeshError
 from moemesh.settings import add_options, option, parse_bool, settings_from
 
-PLACEMENTS = ("round-robin", "swap", "ours")
+PLACEMENTS = ("round-robin", "swap", "ours", "aligned")  # moemesh.planner.search.METHODS
 SHORT_CONTEXT = 128  # the scaling sweep also runs at this context, where weights and links dominate
 
 
@@ -51,7 +54,7 @@ class SimulateSettings:
 
     topology: str = option("--topology", "preset (paper-16xh100, h100x64, local, ...) or YAML",
                            default="paper-16xh100")
-    model: str = option("--model", 'checkpoint folder or "paper"', default="paper")
+    model: str = option("--model", 'checkpoint folder or a preset: "paper", "deepseek-v3"', default="paper")
     deployment: str = option("--deployment", "ep<N>, colocated<k> or tp<T>pp<P>", default="ep16")
     # sequences, whole deployment (None: the paper's 1024, else 64 per device)
     batch: int | None = option("--batch", "sequences in flight, whole deployment", int, default=None)
@@ -89,10 +92,10 @@ def _inputs(s: SimulateSettings):
     from moemesh.model.config import load_config
     from moemesh.planner.topology import resolve_topology
     from moemesh.simulate.hardware import profile_for
-    from moemesh.simulate.shapes import ModelShape
+    from moemesh.simulate.shapes import PRESETS, ModelShape, preset
 
-    if s.model == "paper":
-        shape = ModelShape.paper()
+    if s.model in PRESETS:
+        shape = preset(s.model)
     else:
         shape = ModelShape.from_config(load_config(s.model), name=Path(s.model).name)
     if s.top_k:
@@ -115,7 +118,7 @@ def _measured(s: SimulateSettings, shape, dep, work):
     from moemesh.simulate.measure import Calibrator
     from moemesh.simulate.step_cost import predict
 
-    if s.model == "paper":
+    if not Path(s.model).is_dir():
         raise MoemeshError("--measure measures this CPU: give --model DIR (a checkpoint the CPU mesh serves)")
     shape = replace(shape, dtype_bytes=4)  # the CPU engine computes in fp32
     with Calibrator(dep.devices) as cal:
@@ -166,6 +169,14 @@ def simulate(s: SimulateSettings) -> int:
             print(f"{i:>2}. {f.claim}: {f.derived}")
         report["paper"] = [{"deployment": d, "workload": w, **prediction_dict(p)} for d, w, p in preds]
         report["findings"] = [asdict(f) for f in notes]
+    if shape.grouped and s.sweep:
+        from moemesh.simulate.grouped import group_effect, group_table
+
+        rows = group_effect(shape, topo, s.sweep, max(1, round(batch / dep.devices)), profile)
+        print(f"\ngroup-limited routing (top-{shape.top_k} in {shape.grouped.topk_group} of {shape.grouped.n_group} "
+              f"groups), decode, uniform routing; remote nodes per token and InfiniBand bytes (dispatch + combine):")
+        print(group_table(rows))
+        report["groups"] = [asdict(r) for r in rows]
     if s.sweep:
         per_device = max(1, round(batch / dep.devices))
         contexts = sorted({seq, SHORT_CONTEXT}, reverse=True)
@@ -187,14 +198,17 @@ def timeline_table(p) -> str:
     """The per-layer timeline and the step summary of one prediction, as text (times in ms)."""
     a, b = p.comm_labels
     w = p.workload
+    shared_head = f" {'shared':>10}" if any(r.shared_s for r in p.rows) else ""  # shared experts, beside the dispatch
     lines = [f"deployment {p.deployment.name}: {p.deployment.devices} devices, exchange group {p.deployment.group}"
              f"{f', {p.deployment.pp} stages' if p.deployment.pp > 1 else ''}; placement: {p.placement}",
              f"workload: {w.phase}, batch {w.batch}, {'context' if w.phase == 'decode' else 'prompt'} {w.seq}, "
              f"{p.parts.get('micro_batches', w.micro_batches)} micro-batch(es)",
-             f"{'layer':>5} {'attention':>10} {a:>10} {'experts':>10} {b:>10} {'layer span':>11} {'hidden':>7}   (ms)"]
+             f"{'layer':>5} {'attention':>10} {a:>10}{shared_head} {'experts':>10} {b:>10} {'layer span':>11} "
+             f"{'hidden':>7}   (ms)"]
     for r in p.rows:
         h = "-" if r.hidden_share is None else f"{r.hidden_share:.0%}"
-        lines.append(f"{r.layer:>5} {r.attention_s * 1e3:>10.3f} {r.dispatch_s * 1e3:>10.3f} "
+        sh = f" {r.shared_s * 1e3:>10.3f}" if shared_head else ""
+        lines.append(f"{r.layer:>5} {r.attention_s * 1e3:>10.3f} {r.dispatch_s * 1e3:>10.3f}{sh} "
                      f"{r.experts_s * 1e3:>10.3f} {r.combine_s * 1e3:>10.3f} {r.span_s * 1e3:>11.3f} {h:>7}")
     if p.deployment.kind == "tp":
         lines.append(f"(one pipeline stage, one micro-batch; a token crosses {p.deployment.pp} stages: "

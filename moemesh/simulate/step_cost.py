@@ -18,6 +18,13 @@ Per layer and micro-batch, every stage is the slowest device's time (the mesh ru
   bandwidth) + per-peer message cost; combine mirrors it;
 - experts = roofline(token copies x FLOPs per copy, weights of the experts that receive tokens)
   + per-expert overhead; an expert receives a token with probability 1 - exp(-expected copies).
+  Only routed experts are placed and dispatched;
+- shared = roofline(the device's tokens x the shared experts' FLOPs, their weights): dense work
+  every device runs for its own tokens, scheduled while the dispatch flies (moemesh.simulate.timeline);
+- attention: MLA decodes absorbed and prefills unabsorbed (ModelShape.attention_flops), reading
+  its latent cache (C + Dr values per token per layer);
+- grouped routing (DeepSeek-V3): the planner's synthetic traffic is group-limited, so its
+  co-activation (and the InfiniBand crossings the cost model derives from it) carries the groups.
 A step = the scheduled layers (moemesh.simulate.timeline) + lm head + step and serving overheads
 + header (the lockstep agreement collective).
 Decode: TPOT = step time, TPS = batch / step. Prefill: TPS = prompt tokens / step.
@@ -90,6 +97,7 @@ class LayerRow:
     combine_s: float
     span_s: float  # wall time of the layer in the scheduled step
     hidden_share: float | None  # of this layer's communication; None = no communication
+    shared_s: float = 0.0  # shared experts (overlapping the dispatch)
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,8 @@ def _hit(expected_copies: np.ndarray | float) -> np.ndarray:
 def _attention_s(shape: ModelShape, profile: DeviceProfile, seqs: float, work: Workload, shards: int = 1) -> float:
     """One attention block + router for `seqs` sequences on one device (1/shards of the heads)."""
     tokens = seqs * (1 if work.phase == "decode" else work.seq)
-    flops = shape.attention_flops(tokens, work.context) / shards + 2.0 * tokens * shape.router_params
+    flops = (shape.attention_flops(tokens, work.context, absorbed=work.phase == "decode") / shards
+             + 2.0 * tokens * shape.router_params)
     kv = seqs * work.seq * shape.kv_bytes_per_token / shards
     weights = shape.attn_weight_bytes / shards + shape.router_params * shape.dtype_bytes
     return profile.roofline_s(flops, weights + kv) + profile.layer_overhead_s
@@ -165,7 +174,8 @@ def _kv_bytes(shape: ModelShape, seqs: float, work: Workload, layers: int, shard
 def _rows(tl: Timeline, layer_ids: list[int]) -> tuple[LayerRow, ...]:
     return tuple(LayerRow(layer_ids[l], attention_s=tl.stage_s(l, "attention"), dispatch_s=tl.stage_s(l, "dispatch"),
                           experts_s=tl.stage_s(l, "experts"), combine_s=tl.stage_s(l, "combine"),
-                          span_s=tl.layer_span_s(l), hidden_share=tl.layer_hidden_share(l)) for l in range(tl.layers))
+                          span_s=tl.layer_span_s(l), hidden_share=tl.layer_hidden_share(l),
+                          shared_s=tl.stage_s(l, "shared")) for l in range(tl.layers))
 
 
 # ---- expert parallel ------------------------------------------------------------------------
@@ -182,7 +192,7 @@ def _predict_ep(shape: ModelShape, dep: Deployment, work: Workload, topo: Topolo
     overhead = profile.step_overhead_s + profile.serving_overhead_s
     step = tl.makespan_s + head + overhead + header
     P = max(1, math.ceil(shape.experts / G)) if G < shape.experts else 1  # noqa: SIM300 - G is the rank count, not a constant
-    memory = (len(shape.moe_layer_ids) * P * shape.expert.expert_bytes
+    memory = (len(shape.moe_layer_ids) * (P * shape.expert.expert_bytes + shape.shared_params * shape.dtype_bytes)
               + shape.layers * (shape.attn_weight_bytes + shape.router_params * shape.dtype_bytes)
               + shape.dense_layers * 3 * shape.d_model * shape.dense_ff * shape.dtype_bytes
               + shape.head_params * shape.dtype_bytes + _kv_bytes(shape, seqs_dev, work, shape.layers))
@@ -195,12 +205,15 @@ def _ep_layers(shape: ModelShape, work: Workload, topo: Topology, profile: Devic
     """Stage times of one micro-batch in every layer, from the planner's placement and costs."""
     G = topo.devices
     moe = list(shape.moe_layer_ids)
+    limit = (shape.grouped.n_group, shape.grouped.topk_group) if shape.grouped else None
     traffic = synthetic(shape.experts, moe, sources=G, top_k=shape.top_k, skew=skew,
-                        tokens_per_source=max(tokens_mb, 1e-9), seed=seed)
-    problem = Problem(topo, traffic, shape.expert, CostOptions())
+                        tokens_per_source=max(tokens_mb, 1e-9), seed=seed, group_limit=limit)
+    # memory is the prediction's own column (memory_ok), so the planner prices any placement here
+    problem = Problem(topo, traffic, shape.expert, CostOptions(), memory_fraction=math.inf)
     chosen = plan(problem, method)
     cost = problem.model.evaluate(chosen.placement, traffic)  # the planner's per-link and per-device loads
     attention = _attention_s(shape, profile, seqs_mb, work)
+    shared = _shared_s(shape, profile, tokens_mb)
     per_copy = traffic.expert_tokens / np.maximum(chosen.report.replicas, 1)  # [L, E] copies per replica
     out = []
     for layer in range(shape.layers):
@@ -211,7 +224,7 @@ def _ep_layers(shape: ModelShape, work: Workload, topo: Topology, profile: Devic
         l = moe.index(layer)
         experts = _ep_experts_s(shape, profile, chosen.slots[l], per_copy[l], cost.device_tokens[l])
         exchange = _ep_exchange_s(cost.comm_s[l] / 2, profile, G, tokens_mb * shape.top_k)
-        out.append(StageTimes(attention, exchange, experts, exchange))
+        out.append(StageTimes(attention, exchange, experts, exchange, shared))
     origin = f"{chosen.report.method} over {G} device(s), traffic {traffic.origin}"
     return out, origin
 
@@ -233,6 +246,12 @@ def _ep_exchange_s(dispatch_s: np.ndarray, profile: DeviceProfile, G: int, copie
         return 0.0
     peers = min(G - 1, math.ceil(copies))
     return float(dispatch_s.max()) + peers * profile.per_peer_s
+
+
+def _shared_s(shape: ModelShape, profile: DeviceProfile, tokens: float, shards: int = 1) -> float:
+    """The shared experts of one MoE layer for `tokens` tokens on one device (0 without any)."""
+    params = shape.shared_params / shards
+    return profile.roofline_s(2.0 * tokens * params, params * shape.dtype_bytes) if params else 0.0
 
 
 def _dense_mlp_s(shape: ModelShape, profile: DeviceProfile, tokens: float, shards: int = 1) -> float:
@@ -270,7 +289,7 @@ def _predict_tp(
     copies = tokens_mb * shape.top_k
     hits = float(_hit(np.full(shape.experts, copies / shape.experts)).sum())
     experts = (profile.roofline_s(copies * e.flops_per_token / T, hits * e.expert_bytes / T)
-               + hits * profile.expert_overhead_s)
+               + hits * profile.expert_overhead_s + _shared_s(shape, profile, tokens_mb, T))
     per_stage = math.ceil(shape.layers / P)
     stage = schedule([StageTimes(attention, allreduce, experts if layer in shape.moe_layer_ids else
                                  _dense_mlp_s(shape, profile, tokens_mb, T), allreduce)
@@ -282,7 +301,8 @@ def _predict_tp(
     overhead = profile.step_overhead_s + profile.serving_overhead_s
     layers_s = P * (stage.makespan_s + hop)
     step = layers_s + head + overhead + header
-    memory = (per_stage * (shape.attn_weight_bytes + (shape.experts * e.expert_bytes if shape.moe_layer_ids else 0)) / T
+    moe_bytes = shape.experts * e.expert_bytes + shape.shared_params * shape.dtype_bytes if shape.moe_layer_ids else 0
+    memory = (per_stage * (shape.attn_weight_bytes + moe_bytes) / T
               + _kv_bytes(shape, work.batch / dep.replicas, work, per_stage, T))
     pred = _prediction(dep, work, topo, profile, ("all-reduce", "all-reduce"), stage, step, memory,
                        f"every expert split {T} ways; {per_stage} layers per stage; {m} micro-batches",

@@ -1,12 +1,16 @@
 """The per-layer timeline of one forward step: compute and communication on two resources. Pure.
 
-Each micro-batch runs, layer after layer, four stages in order: attention (compute), dispatch
-(network), experts (compute), combine (network). A device computes one thing at a time and its
-network moves one exchange at a time; different micro-batches may use the two at once, which is
-how communication hides behind compute (the paper's layer-wise pipelining; DeepSeek's two-batch
-overlap). `schedule` is a greedy list scheduler: whichever next stage of any micro-batch can start
-earliest runs first (ties: lower layer, then lower micro-batch). With one micro-batch nothing
-overlaps and the step is the plain sum.
+Each micro-batch runs, layer after layer, its stages in order: attention (compute), dispatch
+(network), shared (compute: the shared experts, layers that have them), experts (compute), combine
+(network). A device computes one thing at a time and its network moves one exchange at a time;
+different micro-batches may use the two at once, which is how communication hides behind compute
+(the paper's layer-wise pipelining; DeepSeek's two-batch overlap). The shared experts need only
+the attention's output, so they run while their own micro-batch's dispatch flies (as
+`MoELayer.stages` computes them after posting the dispatch), and the routed experts wait for both.
+`schedule` is a greedy list scheduler: whichever next stage of any micro-batch can start earliest
+runs first (ties: lower layer, then lower micro-batch). With one micro-batch the step is the plain
+sum, except that a layer's shared experts and dispatch overlap: attention + max(dispatch, shared)
++ experts + combine.
 
 Hidden share = 1 - exposed / total communication, where exposed communication is the time the
 compute resource sits idle (makespan - busy compute time).
@@ -17,8 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-STAGES = ("attention", "dispatch", "experts", "combine")
-RESOURCE = {"attention": "compute", "dispatch": "network", "experts": "compute", "combine": "network"}
+STAGES = ("attention", "dispatch", "shared", "experts", "combine")
+RESOURCE = {"attention": "compute", "dispatch": "network", "shared": "compute", "experts": "compute",
+            "combine": "network"}
+# what each stage of a layer waits for, in the same micro-batch (besides its resource); attention
+# waits for the previous layer's last stage
+AFTER = {"dispatch": ("attention",), "shared": ("attention",), "experts": ("dispatch", "shared"),
+         "combine": ("experts",)}
 
 
 @dataclass(frozen=True)
@@ -29,13 +38,14 @@ class StageTimes:
     dispatch_s: float
     experts_s: float
     combine_s: float
+    shared_s: float = 0.0  # shared experts: compute that overlaps this layer's dispatch
 
     def of(self, stage: str) -> float:
         return getattr(self, f"{stage}_s")
 
     @property
     def compute_s(self) -> float:
-        return self.attention_s + self.experts_s
+        return self.attention_s + self.shared_s + self.experts_s
 
     @property
     def comm_s(self) -> float:
@@ -110,10 +120,13 @@ class Timeline:
 
 
 def schedule(layers: Sequence[StageTimes], micro_batches: int = 1) -> Timeline:
-    """Schedule `micro_batches` identical micro-batches (each with `layers[l]` stage times)."""
-    tasks = [(l, stage) for l in range(len(layers)) for stage in STAGES]
+    """Schedule `micro_batches` identical micro-batches (each with `layers[l]` stage times); a
+    layer without shared experts has no shared stage."""
+    tasks = [(l, stage) for l in range(len(layers)) for stage in STAGES
+             if stage != "shared" or layers[l].shared_s > 0]
     next_task = [0] * micro_batches
-    ready = [0.0] * micro_batches
+    done: list[dict[tuple[int, str], float]] = [{} for _ in range(micro_batches)]  # end of each stage
+    last = [0.0] * micro_batches  # end of the micro-batch's previous layer
     free = {"compute": 0.0, "network": 0.0}
     out: list[Interval] = []
     while True:
@@ -122,7 +135,8 @@ def schedule(layers: Sequence[StageTimes], micro_batches: int = 1) -> Timeline:
             if next_task[m] == len(tasks):
                 continue
             l, stage = tasks[next_task[m]]
-            start = max(ready[m], free[RESOURCE[stage]])
+            ready = max((done[m].get((l, s), 0.0) for s in AFTER[stage]), default=0.0) if stage in AFTER else last[m]
+            start = max(ready, free[RESOURCE[stage]])
             key = (start, l, m)
             if best is None or key < best[0]:
                 best = (key, m, l, stage)
@@ -131,6 +145,8 @@ def schedule(layers: Sequence[StageTimes], micro_batches: int = 1) -> Timeline:
         (start, _, _), m, l, stage = best
         end = start + layers[l].of(stage)
         out.append(Interval(l, m, stage, start, end))
-        free[RESOURCE[stage]] = ready[m] = end
+        free[RESOURCE[stage]] = done[m][(l, stage)] = end
+        if stage == "combine":
+            last[m] = end
         next_task[m] += 1
     return Timeline(tuple(out), len(layers), micro_batches)

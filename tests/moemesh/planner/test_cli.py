@@ -81,3 +81,22 @@ def test_plan_wants_exactly_one_of_model_and_experts(tmp_path, capsys):
     assert "give one of --model DIR or --experts N" in capsys.readouterr().err
     assert main(["plan", "--topology", "local", "--model", str(tmp_path), "--layers", "4"]) == 2
     assert "--layers comes from --model" in capsys.readouterr().err
+
+
+def test_a_grouped_model_is_planned_on_group_limited_traffic(tmp_path):
+    """A DeepSeek-V3-layout config, 8 experts in 4 groups of 2, one group per token: the synthetic
+    routing never pairs experts of two groups."""
+    from moemesh.model.tiny import TinySpec, hf_config
+    from moemesh.planner.cli import build_problem
+
+    spec = TinySpec(arch="deepseek_v3", layers=2, experts=8, top_k=2, groups=4, topk_group=1)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(spec)))
+    parser = argparse.ArgumentParser()
+    add_plan_command(parser.add_subparsers())
+    s = settings_from(PlanSettings, parser.parse_args(["plan", "--model", str(tmp_path), "--topology", "local",
+                                                       "--devices", "4", "--method", "aligned"]), {})
+    problem = build_problem(s)
+    group = [e // 2 for e in range(8)]
+    across = [(e, f) for e in range(8) for f in range(8) if group[e] != group[f]]
+    assert problem.traffic.layer_ids == (1,) and problem.traffic.coactivation.sum() > 0
+    assert all(problem.traffic.coactivation[0, e, f] == 0 for e, f in across)

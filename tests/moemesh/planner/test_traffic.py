@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moemesh.errors import InvalidRequestError
+from moemesh.errors import ConfigError, InvalidRequestError
 from moemesh.planner.traffic import (
     Skew,
     dump_trace,
@@ -127,3 +127,15 @@ def test_shift_moves_popularity_but_keeps_totals():
     np.testing.assert_allclose(np.sort(s.expert_tokens, axis=1), np.sort(t.expert_tokens, axis=1))
     assert not np.allclose(s.expert_tokens, t.expert_tokens)
     np.testing.assert_allclose(s.coactivation.sum(), t.coactivation.sum())
+
+
+def test_group_limited_synthetic_traffic_stays_inside_the_kept_groups():
+    """One group of 4 kept per token (4 groups): no token pairs experts of two groups, so the
+    co-activation between groups is 0; every token still has K copies."""
+    t = synthetic(16, 2, 2, top_k=3, skew=0.0, tokens_per_source=10, group_limit=(4, 1))
+    group = np.arange(16) // 4
+    across = group[:, None] != group[None, :]
+    assert (t.coactivation[:, across] == 0).all() and t.coactivation.sum() > 0
+    assert t.tokens.sum() == pytest.approx(2 * 2 * 10 * 3)
+    with pytest.raises(ConfigError):
+        synthetic(16, 1, 2, top_k=5, group_limit=(4, 1))  # 5 experts from one group of 4

@@ -39,3 +39,8 @@ def test_flags_parse_into_their_types():
 def test_a_placement_outside_the_planners_methods_is_refused():
     with pytest.raises(SystemExit):
         simulate_settings("--placement", "random")
+
+
+def test_model_presets_and_the_aligned_placement_parse():
+    s = simulate_settings("--model", "deepseek-v3", "--placement", "aligned")
+    assert (s.model, s.placement) == ("deepseek-v3", "aligned")

@@ -176,3 +176,34 @@ def test_ep_scaling_grows_nodes():
     points = ep_scaling(SMALL, _topo(4, 1e9, 1e-5), CPU, per_device_batch=4, seq=8, devices=(4, 8))
     assert [p.devices for p in points] == [4, 8]
     assert points[1].distinct.deployment.devices == 8 and points[1].replicated.workload.batch == 32
+
+
+# ---- DeepSeek-V3: MLA, dense layers first, shared experts ------------------------------------
+def test_deepseek_v3_layers_by_hand():
+    """EP64 (8 nodes of 8 H100), 64 decoding sequences per device at context 1024, one micro-batch.
+    Every stage below is bound by bytes at 3.35 TB/s (its FLOPs take less at 989 TFLOP/s):
+    attention reads the MLA weights (187,105,280 x 2 B), the router (7168 x 256 x 2 B) and 64 x 1024
+    tokens of latent cache (576 x 2 B); a dense layer reads its MLP (3 x 7168 x 18432 x 2 B); a MoE
+    layer's shared expert reads 3 x 7168 x 2048 x 2 B and runs under the dispatch."""
+    shape = ModelShape.deepseek_v3()
+    topo = Topology.preset("h100x64")
+    p = predict(shape, parse_deployment("ep64", 256, 64), Workload(64 * 64, 1024, "decode", 1), topo, H100_SXM,
+                "aligned")
+    attention = (187_105_280 * 2 + 7168 * 256 * 2 + 64 * 1024 * 1152) / 3.35e12
+    assert [r.attention_s for r in p.rows] == pytest.approx([attention] * 61)
+    dense, moe = p.rows[2], p.rows[3]
+    assert dense.dispatch_s == 0.0 and dense.shared_s == 0.0
+    assert dense.experts_s == pytest.approx(3 * 7168 * 18432 * 2 / 3.35e12)
+    assert moe.shared_s == pytest.approx(3 * 7168 * 2048 * 2 / 3.35e12)
+    assert moe.dispatch_s > moe.shared_s > 0
+    assert moe.span_s == pytest.approx(moe.attention_s + moe.dispatch_s + moe.experts_s + moe.combine_s)
+    assert p.memory_ok
+
+
+def test_a_model_that_does_not_fit_is_still_predicted():
+    """DeepSeek-V3 on 16 H100: 16 routed experts per device x 58 layers x 88 MB = 82 GB of experts
+    alone; the prediction says so instead of the planner refusing to place them."""
+    p = predict(ModelShape.deepseek_v3(), parse_deployment("ep16", 256, 16), Workload(1024, 128, "decode", 1),
+                Topology.preset("paper-16xh100"), H100_SXM, "round-robin")
+    assert not p.memory_ok and p.memory_bytes > 58 * 16 * 3 * 7168 * 2048 * 2
+    assert p.step_s > 0
