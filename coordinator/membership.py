@@ -138,7 +138,7 @@ class Membership:
 
     def admit(self, info: WorkerInfo) -> Admission:
         """Register `info`; see the module docstring for the rules."""
-        _check_info(info)
+        check_info(info)
         old = self._registered.get(info.worker_id)
         if old is not None and info.incarnation < old.incarnation:
             raise StaleIncarnationError(
@@ -314,7 +314,7 @@ _ADDRESS = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 MAX_WORKER_ID_CHARS = 256
 
 
-def _check_info(info: WorkerInfo) -> None:
+def check_info(info: WorkerInfo) -> None:
     """The fields a member is named and dialled by (the fuzz campaign registered ids with control
     characters and addresses such as "127.0.0.(:1", which then joined a world)."""
     if not info.worker_id:

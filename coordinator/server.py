@@ -109,7 +109,9 @@ class CoordinatorServer:
                 self.state.on_change = lambda snapshot: durable.write(path, snapshot)
                 durable.write(path, self.state.snapshot())
             spec = model_spec(cfg, s.model_dir.name)
-            servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s)
+            probe = HealthProbe(s.probe_timeout_s, tls_of(s))
+            servicer = CoordinatorServicer(self.state, spec, s.model_dir, s.heartbeat_interval_s,
+                                           probe if s.registration_probe else None)
             self.server = Server([SERVICE_NAME], s.max_concurrent_rpcs, tls=tls_of(s), roles=ACCESS)
             pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server.grpc)
             self.port = await self.server.start(s.host, s.port)
@@ -119,7 +121,6 @@ class CoordinatorServer:
             raise
         write_port_file(s.port_file, self.port)
         self._tasks.append(asyncio.create_task(self._watch_heartbeats(), name="heartbeat-monitor"))
-        probe = HealthProbe(s.probe_timeout_s, tls_of(s))
         self._tasks.append(asyncio.create_task(reform_worlds(self.state, probe, s.reform_settle_s),
                                                name="re-formation"))
         await self.server.set_ready()

@@ -13,7 +13,10 @@ from pathlib import Path
 import grpc
 
 from coordinator import wire
+from coordinator.membership import check_info
+from coordinator.probe import HealthProbe
 from coordinator.state import CoordinatorState
+from moemesh.errors import InvalidRequestError
 from moemesh.tensor_wire import from_proto, to_proto
 from moemesh.v1 import common_pb2
 from moemesh.v1 import coordinator_pb2 as pb
@@ -26,15 +29,24 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """Adapts CoordinatorState to moemesh.v1.Coordinator."""
 
     def __init__(
-        self, state: CoordinatorState, model: common_pb2.ModelSpec, model_path: Path, heartbeat_interval_s: float
+        self, state: CoordinatorState, model: common_pb2.ModelSpec, model_path: Path, heartbeat_interval_s: float,
+        probe: HealthProbe | None = None,
     ):
         self.state = state
         self.model = model
         self.model_path = str(model_path)
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.probe = probe  # asks a registering worker's address first (None: --no-registration-probe)
 
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context) -> pb.RegisterWorkerResponse:
-        reg = self.state.register(wire.worker_info(request))
+        info = wire.worker_info(request)
+        check_info(info)
+        if self.probe is not None and not await self.probe(info):
+            raise InvalidRequestError(
+                f"worker {info.worker_id!r}: nothing answers grpc.health at {info.address} within "
+                f"{self.probe.timeout_s:g} s; a member must be reachable there by its peers and the gateway "
+                "(is --advertise-host right?)")
+        reg = self.state.register(info)
         return pb.RegisterWorkerResponse(
             rank=reg.rank, world_size=reg.world_size, world_generation=reg.generation, model=self.model,
             model_path=self.model_path, heartbeat_interval_seconds=self.heartbeat_interval_s,

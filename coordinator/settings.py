@@ -68,6 +68,9 @@ class CoordinatorSettings:
     redundant_experts: int = option("--redundant-experts", "extra replicas of every expert on distinct workers, "
                                     "where workers and their memory allow (1 = every expert on two workers)",
                                     int, default=0)
+    registration_probe: bool = option("--no-registration-probe", "admit a registering worker without first checking "
+                                      "that its address answers grpc.health (for tests that register addresses "
+                                      "nobody serves)", parse_bool, default=True)
     probe_timeout_s: float = option("--probe-timeout", "deadline (s) of the health probe that tells a dead member "
                                     "from a live one before a new world forms (a killed one answers at once; a loaded "
                                     "machine may need a second to answer)", float, default=2.0)

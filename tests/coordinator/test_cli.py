@@ -61,7 +61,9 @@ def coordinator(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
     """A coordinator process for 2 workers on a free port; killed if a test leaves it running."""
     port_file = tmp_path / "coordinator.port"
     with open(tmp_path / "coordinator.log", "wb") as log:
-        proc = subprocess.Popen(coordinator_argv(tiny_model, port_file), cwd=REPO, stdout=log, stderr=log)
+        # the tests register addresses nobody serves
+        argv = coordinator_argv(tiny_model, port_file, "--no-registration-probe")
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=log)
     try:
         yield proc, wait_for_port(port_file, proc)
     finally:

@@ -35,6 +35,7 @@ DEADLINE = 5.0
 @contextlib.asynccontextmanager
 async def running(model: Path, workers: int = 2, **kwargs):
     """A started coordinator and a client stub for it; stopped on exit, whatever happened."""
+    kwargs.setdefault("registration_probe", False)  # most tests register addresses nobody serves
     settings = CoordinatorSettings(model_dir=model, workers=workers, port=0, shutdown_grace_s=0.2, **kwargs)
     server = CoordinatorServer(settings)
     try:
@@ -372,3 +373,29 @@ def test_a_coordinator_restarted_from_its_state_file_resumes_the_world_on_the_sa
     assert [(b.world_generation, b.placement_epoch) for b in beats] == [(1, 2), (1, 2)]
     assert (joined.generation, joined.world_size, joined.rank, joined.placement_epoch) == (2, 3, 2, 3)
     assert joined.rendezvous.store_port == store_port
+
+
+def test_a_registration_is_admitted_only_when_its_address_answers_health(tiny_model):
+    """By default the coordinator asks a registering worker's address for grpc.health first: an
+    address nobody serves is INVALID_ARGUMENT (and no member), one that answers is admitted."""
+    from moemesh.rpc import Server
+
+    async def scenario():
+        live = Server(["moemesh.v1.Worker"])  # a worker's server before it serves: health answers NOT_SERVING
+        port = await live.start("127.0.0.1", 0)
+        try:
+            async with running(tiny_model, workers=1, registration_probe=True) as (server, stub, _):
+                nobody = pb.RegisterWorkerRequest(worker_id="ghost", incarnation=1, address="127.0.0.1:1",
+                                                  device="cpu", node="n")
+                details = await expect_code(grpc.StatusCode.INVALID_ARGUMENT,
+                                            stub.RegisterWorker(nobody, timeout=DEADLINE))
+                assert "nothing answers grpc.health at 127.0.0.1:1" in details
+                assert server.state.membership.members == ()  # not registered
+                real = pb.RegisterWorkerRequest(worker_id="real", incarnation=1, address=f"127.0.0.1:{port}",
+                                                device="cpu", node="n")
+                reply = await stub.RegisterWorker(real, timeout=DEADLINE)
+                assert (reply.world_size, reply.world_generation) == (1, 1)
+        finally:
+            await live.stop(0)
+
+    asyncio.run(scenario())
