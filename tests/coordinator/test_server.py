@@ -280,7 +280,8 @@ def test_health_reports_serving(tiny_model):
 def test_stop_ends_open_watches_promptly(tiny_model):
     async def scenario():
         # A 120 s grace: were the open watch to hold it, stop() would outlast the 30 s hang bound below.
-        settings = CoordinatorSettings(model_dir=tiny_model, workers=1, port=0, shutdown_grace_s=120.0)
+        settings = CoordinatorSettings(model_dir=tiny_model, workers=1, port=0, shutdown_grace_s=120.0,
+                                       registration_probe=False)  # registers an address nobody serves
         server = CoordinatorServer(settings)
         try:
             await server.start()
