@@ -236,10 +236,18 @@ def test_open_loop_follows_arrivals_and_caps_concurrency():
 def test_stop_returns_partial_results_and_cancels_rpcs():
     async def body(target, servicer):
         stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(0.25, stop.set)
+
+        async def stop_once_both_stream() -> None:  # not after a fixed delay: a loaded machine may not
+            deadline = time.monotonic() + 30  # have sent them by then (hang bound)
+            while servicer.active < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            stop.set()
+
+        stopper = asyncio.create_task(stop_once_both_stream())
         started = time.perf_counter()
         timings, wall = await run_load(target, LoadPlan(_requests(8, 100), concurrency=2, timeout_s=30), stop=stop)
         stopped_first = stop.is_set()  # run_load returned because of the stop, not on its own
+        await stopper
         async with servicer.cancelled_changed:  # the server sees both cancellations
             await asyncio.wait_for(servicer.cancelled_changed.wait_for(lambda: servicer.cancelled >= 2),
                                    timeout=30)  # hang bound
