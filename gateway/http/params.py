@@ -3,10 +3,12 @@
 `completion_params` / `chat_params` read a decoded JSON body; every field has its type checked
 here (BadParamError names it), ranges are the domain's (`SamplingParams.validate`, run by
 `ServedModel.prepare`), and `generate_request` builds the one `gateway_pb2.GenerateRequest` the
-gRPC API takes too. Fields OpenAI defines that the gateway cannot honour (n > 1, logprobs, echo,
-best_of > 1, penalties, logit_bias, tools, a response_format other than text, a batch of
-prompts) are a 400 saying so, never silently dropped; fields it does not know (user, metadata,
-...) are ignored, as OpenAI does.
+gRPC API takes too. Fields OpenAI defines that the gateway cannot honour (n > 1, best_of > 1,
+penalties, logit_bias, tools, a response_format other than text, a batch of prompts, and chat's
+logprobs) are a 400 saying so, never silently dropped; fields it does not know (user, metadata,
+...) are ignored, as OpenAI does. Completions take `logprobs` (0..20 alternatives per token) and
+`echo` (the prompt in front of the completion; with logprobs, the prompt tokens' too: how a text
+is scored).
 
 Defaults: temperature 1 (OpenAI's; 0 = greedy), max_tokens the gateway's
 --default-max-new-tokens (OpenAI's completions default is 16, which is also the gateway's).
@@ -17,10 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.http.errors import BadParamError
+from moemesh.engine.logprobs import MAX_TOP_LOGPROBS
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import InvalidRequestError
@@ -60,6 +63,7 @@ class Sampled:
 class CompletionParams:
     prompt: str | tuple[int, ...]
     common: Sampled
+    echo: bool = False  # the prompt in front of the completion (and its logprobs, when asked)
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,15 @@ class ChatParams:
 
 def completion_params(body: Any, default_max_tokens: int) -> CompletionParams:
     """A /v1/completions body."""
-    body = _object(body)
-    return CompletionParams(_prompt(body.get("prompt")), _sampled(body, default_max_tokens, "max_tokens"))
+    body = _object(body, allowed=("logprobs", "echo"))
+    echo = body.get("echo") or False
+    _check(isinstance(echo, bool), "echo", "must be a boolean")
+    logprobs = body.get("logprobs")
+    _check(logprobs is None or (_is_int(logprobs) and logprobs >= 0), "logprobs",
+           f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token)")
+    common = _sampled(body, default_max_tokens, "max_tokens")
+    sampling = replace(common.sampling, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+    return CompletionParams(_prompt(body.get("prompt")), replace(common, sampling=sampling), echo)
 
 
 def chat_params(body: Any, default_max_tokens: int) -> ChatParams:
@@ -113,11 +124,11 @@ def tokens_param(value: Any, name: str) -> tuple[int, ...]:
 # --- fields -------------------------------------------------------------------------------------
 
 
-def _object(body: Any) -> Mapping[str, Any]:
+def _object(body: Any, allowed: tuple[str, ...] = ()) -> Mapping[str, Any]:
     if not isinstance(body, dict):
         raise BadParamError("body", "the request body must be a JSON object")
     for name, unset in UNSUPPORTED.items():
-        if body.get(name) not in unset:
+        if name not in allowed and body.get(name) not in unset:
             raise BadParamError(name, f"{name}={body[name]!r} is not supported by this server "
                                       f"(leave it out or send {unset[1]!r})")
     return body
