@@ -37,8 +37,9 @@ from moemesh.errors import ConfigError, MoemeshError
 from moemesh.launch import Mesh, MeshSpec
 from moemesh.settings import add_options, option, options, parse_bool, settings_from
 
-DEFAULT_MODEL_SPEC: dict[str, Any] = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
-                          heads=8, kv_heads=4, vocab=512, seed=0)
+# The shipped default: a small Mixtral-layout MoE (8 experts top-2) trained on Shakespeare by `make train`
+# (moemesh/train; its recipe and metrics in training.json, a held-out excerpt in held-out.txt).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shakespeare-moe"
 
 
 POLICIES = ("auto", "none", "gating", "replicate", "split")
@@ -65,7 +66,8 @@ class UpSettings:
 
     ENV_PREFIX: ClassVar[str] = "MOEMESH_UP_"
 
-    model: Path | None = option("--model", "checkpoint folder (unset: the tiny default model, in --cache-dir)",
+    model: Path | None = option("--model", "checkpoint folder (unset: the shipped default, a small MoE trained on "
+                                "Shakespeare)",
                                 _absolute, default=None)
     workers: int | None = option("--workers", "worker processes (unset: enough for --experts-per-worker, "
                                  "else one per expert)", int, default=None)
@@ -86,8 +88,6 @@ class UpSettings:
                                 "inside an expert)", int, default=1)
     redundant_experts: int = option("--redundant-experts", "extra replicas of every expert on distinct workers, so "
                                     "a lost worker orphans none (passed to the coordinator)", int, default=0)
-    cache_dir: Path = option("--cache-dir", "where the default model is written", Path,
-                             default=Path.home() / ".cache" / "moemesh")
     max_restarts: int = option("--max-restarts", "times a crashed worker is restarted before up gives up "
                                "(0 = stop everything at the first crash)", int, default=10)
     overflow: str | None = _worker_option("overflow")
@@ -113,15 +113,12 @@ class UpSettings:
             raise ConfigError(f"--redundant-experts must not be negative, got {self.redundant_experts}")
 
 
-def default_model_dir(cache: Path) -> Path:
-    """The embedded default: a tiny random Mixtral-layout checkpoint, written once."""
-    from moemesh.model.tiny import TinySpec, write_tiny_model
-
-    out = cache / "tiny-mixtral-8x"
-    if not (out / "config.json").is_file():
-        print(f"moemesh up: writing the default tiny model to {out}", file=sys.stderr)
-        write_tiny_model(out, TinySpec(**DEFAULT_MODEL_SPEC))
-    return out
+def default_model_dir() -> Path:
+    """The shipped default model's folder (inside the installed package)."""
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise ConfigError(f"the default model is missing from this installation ({DEFAULT_MODEL}); "
+                          f"give --model DIR, or write it with `make train OUT={DEFAULT_MODEL}`")
+    return DEFAULT_MODEL
 
 
 def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: int | None, shards: int = 1) -> int:
@@ -138,11 +135,11 @@ def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: i
 
 
 def resolved(s: UpSettings) -> UpSettings:
-    """`s` with the defaults that need the disk filled in: the model (the tiny default, written
-    once) and the worker count (from the model's experts)."""
+    """`s` with the defaults that need the disk filled in: the model (the shipped default) and the
+    worker count (from the model's experts)."""
     from moemesh.model.config import load_config
 
-    model = s.model or default_model_dir(s.cache_dir).resolve()
+    model = s.model or default_model_dir()
     workers = resolve_workers(load_config(model).num_experts, s.workers, s.experts_per_worker, s.expert_shards)
     return replace(s, model=model, workers=workers)
 
