@@ -11,6 +11,9 @@ link-local, 169.254.S.0/24 with S free on this machine, so nothing routes off it
                        |-- mm<id>h0 ==veth== mm<id>v0  169.254.S.10  namespace mm<id>n0 (node0's workers)
                        |-- mm<id>h1 ==veth== mm<id>v1  169.254.S.11  namespace mm<id>n1 (node1's workers)
 
+Where br_netfilter sends bridged frames through iptables (Docker's FORWARD policy is DROP), one
+FORWARD rule lets this bridge forward to itself; it is removed with the cluster.
+
 Each node's one link is shaped with tc's token bucket (`tbf`) at RATE in both directions: egress
 of the namespace's end (the node's out-port) and egress of the root end (its in-port): the
 planner's per-node InfiniBand port, `ib-out:n` / `ib-in:n`. Workers of one node share the
@@ -121,10 +124,16 @@ class ClusterPlan:
         return ["qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{self.rate_bits}bit",
                 "burst", str(self.burst_bytes), "latency", TBF_LATENCY]
 
+    def forward_rule(self) -> list[str]:
+        """iptables' FORWARD rule that lets the bridge carry node-to-node frames (with br_netfilter
+        loaded, bridged frames traverse FORWARD, whose policy Docker sets to DROP); `-I`/`-D` prepended."""
+        return ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+
     def up_commands(self) -> list[list[str]]:
-        """The `ip` / `tc` commands that make the cluster, in order."""
+        """The `ip` / `tc` / `iptables` commands that make the cluster, in order."""
         br = self.bridge
         cmds = [["ip", "link", "add", br, "mtu", str(MTU), "type", "bridge"],
+                ["iptables", "-I", *self.forward_rule()],
                 ["ip", "link", "set", br, "addrgenmode", "none"],
                 ["ip", "addr", "add", f"{self.bridge_address}/24", "dev", br],
                 ["ip", "link", "set", br, "up"]]
@@ -149,7 +158,7 @@ class ClusterPlan:
         namespace deletes its veth end, the pair's root end and both qdiscs with it."""
         return ([["ip", "netns", "del", n.netns] for n in self.nodes]
                 + [["ip", "link", "del", n.host_if] for n in self.nodes]
-                + [["ip", "link", "del", self.bridge]])
+                + [["ip", "link", "del", self.bridge], ["iptables", "-D", *self.forward_rule()]])
 
     def names(self) -> tuple[str, ...]:
         """Every namespace and link this plan creates."""
@@ -234,9 +243,11 @@ def unavailable_reason() -> str | None:
 
 def run_commands(cmds: Sequence[Sequence[str]], check: bool = True) -> list[str]:
     """Run each command (bounded); MoemeshError at the first failure when `check`, else the
-    failures' messages."""
+    failures' messages. iptables commands are skipped where iptables is not installed (no firewall)."""
     failures = []
     for cmd in cmds:
+        if cmd[0] == "iptables" and shutil.which("iptables") is None:
+            continue
         try:
             done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
             err = done.stderr.strip() if done.returncode else ""
@@ -258,6 +269,15 @@ def existing_names() -> list[str]:
     return [n for n in names if NAME.match(n)]
 
 
+def forward_rules() -> list[str]:
+    """Bridges named in iptables FORWARD rules a cluster added (`ClusterPlan.forward_rule`)."""
+    if shutil.which("iptables") is None:
+        return []
+    out = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    found = (re.fullmatch(r"-A FORWARD -i (\S+) -o (\S+) -j ACCEPT", line.strip()) for line in out.stdout.splitlines())
+    return [m.group(1) for m in found if m and m.group(1) == m.group(2) and NAME.match(m.group(1))]
+
+
 def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
@@ -267,8 +287,10 @@ def sweep() -> list[str]:
     gone = [n for n in existing_names() if not _alive(owner_of(n) or 0)]
     cmds = [["ip", "netns", "del", n] for n in gone if NAME.match(n).group(3) == "n"]  # type: ignore[union-attr]
     cmds += [["ip", "link", "del", n] for n in gone if NAME.match(n).group(3) in "hb"]  # type: ignore[union-attr]
+    rules = [b for b in forward_rules() if not _alive(owner_of(b) or 0)]
+    cmds += [["iptables", "-D", "FORWARD", "-i", b, "-o", b, "-j", "ACCEPT"] for b in rules]
     run_commands(cmds, check=False)  # a veth goes with its peer: some deletes find nothing
-    return gone
+    return [*gone, *(f"iptables FORWARD {b}" for b in rules)]
 
 
 def _used_addresses() -> list[str]:
@@ -309,7 +331,7 @@ def teardown(plan: ClusterPlan) -> list[str]:
     """Delete the cluster's namespaces and links; the names still present afterwards (none expected)."""
     run_commands(plan.down_commands(), check=False)
     mine = set(plan.names())
-    return [n for n in existing_names() if n in mine]
+    return [n for n in [*existing_names(), *forward_rules()] if n in mine]
 
 
 @contextlib.contextmanager

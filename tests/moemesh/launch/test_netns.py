@@ -51,8 +51,10 @@ def test_every_node_link_is_shaped_both_ways_and_teardown_names_everything():
         assert out[:3] == ["tc", "-n", n.netns]  # the node's out-port, inside its namespace
         assert next(c for c in shaped if n.host_if in c)[1] == "qdisc"  # its in-port, on the root end
     assert all("tbf" in c and "50000000bit" in c for c in shaped)
-    down = {c[-1] for c in plan.down_commands()}
+    down = {c[-1] for c in plan.down_commands() if c[0] == "ip"}
     assert down == {plan.bridge, *(n.netns for n in plan.nodes), *(n.host_if for n in plan.nodes)}
+    assert ["iptables", "-D", *plan.forward_rule()] in plan.down_commands()
+    assert ["iptables", "-I", *plan.forward_rule()] in plan.up_commands()
 
 
 def test_topology_file_round_trips_through_the_planner_reader(tmp_path):
@@ -86,9 +88,9 @@ def _require_netns() -> None:
 
 
 def _leftovers(run_id: str) -> list[str]:
-    """Namespaces, links and qdiscs of run `run_id` still present."""
+    """Namespaces, links, qdiscs and firewall rules of run `run_id` still present."""
     qdiscs = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True, timeout=20).stdout
-    return [n for n in netns.existing_names() if run_id in n] + [
+    return [n for n in [*netns.existing_names(), *netns.forward_rules()] if run_id in n] + [
         line for line in qdiscs.splitlines() if run_id in line]
 
 
@@ -187,7 +189,7 @@ def test_a_dead_owners_cluster_is_swept_and_a_live_ones_is_not():
     try:
         assert owner.stdout is not None
         run_id = owner.stdout.readline().strip()
-        assert len(_leftovers(run_id)) >= 5  # bridge, 2 namespaces, 2 root ends (+ their qdiscs)
+        assert len(_leftovers(run_id)) >= 5  # bridge, 2 namespaces, 2 root ends (+ their qdiscs, the rule)
         assert not any(run_id in n for n in netns.sweep())  # its owner lives: untouched
         assert _leftovers(run_id)
     finally:

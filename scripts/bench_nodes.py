@@ -1,0 +1,439 @@
+"""`make bench-nodes`: expert placements on an emulated cluster with shaped inter-node links,
+measured, against `moemesh simulate`'s prediction for the topology file the cluster implies. Root.
+
+Clusters: 2 nodes x 2 workers and 4 nodes x 1 (moemesh.launch.netns: one network namespace per
+node, every node's link shaped with tc tbf at --rate each way). Routing: Zipf-skewed gating factors
+(popularity 1 / rank^s over a random ranking of the experts per layer) in every placement, so the
+routing, which the placements do not change, is the same in every row; it is measured from the
+workers' own counts and handed to the planner and the simulator. Placements: round-robin, the
+paper's swap search, ours, ours with replicas (one spare slot per device), planned for the
+cluster's topology and the measured routing, and published to the running mesh as epochs.
+
+Per placement: a decode window of --requests concurrent requests (between every request's
+--window tokens), from every worker's Status counters (step time) and metrics
+(`moemesh:collective_bytes_total`: bytes per (source node, destination node)), and the kernel's
+counters of the node links; then the simulator's step time and its busiest inter-node port's
+bytes. The simulator is calibrated once (2x2, round-robin): its per-step serving overhead is set
+so that its compute time matches the measured step minus the time the workers were blocked in
+collectives; its links are the shaped rate and the loopback figures of the `local` topology.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from moemesh.launch import Mesh
+from moemesh.launch.netns import ClusterPlan, emulated_cluster, interface_bytes, topology_yaml
+from moemesh.launcher import UpSettings, mesh_spec, on_nodes
+from moemesh.mesh.placement import Placement
+from moemesh.model.tiny import TinySpec, write_tiny_model
+from moemesh.settings import option, parse_settings
+
+SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
+                vocab=512, seed=0)
+CLUSTERS = ((2, 2), (4, 1))
+METHODS = (("round-robin", "round-robin", None), ("swap", "swap", None), ("ours", "ours", None),
+           ("ours + replicas", "ours", 1))  # (row, planner method, spare slots per device)
+
+
+@dataclass(frozen=True)
+class BenchNodesSettings:
+    ENV_PREFIX: ClassVar[str | None] = None
+
+    rate: str = option("--rate", "every node link's rate, each way (tc units)", default="50mbit")
+    requests: int = option("--requests", "concurrent requests in each measured decode window", int, default=32)
+    prompt_len: int = option("--prompt-len", "tokens per prompt", int, default=16)
+    window: tuple[int, ...] = option("--window", "decode window: from every request's N-th token to its M-th", int,
+                                     default=(6, 30), many=True)
+    zipf: float = option("--zipf", "skew s of the gating factors (popularity 1 / rank^s)", float, default=1.2)
+    write: Path | None = option("--write", "write the table and the picture here (docs/topology.md)", Path,
+                                default=None)
+    json_path: Path | None = option("--json", "also write the rows here", Path, default=None, metavar="JSON")
+
+
+# ---- the mesh ----------------------------------------------------------------------------------------
+def _world(coordinator: str) -> list:
+    """The coordinator's world members, by rank."""
+    import grpc
+
+    from moemesh.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    with grpc.insecure_channel(coordinator) as ch:
+        world = coordinator_pb2_grpc.CoordinatorStub(ch).WaitForWorld(coordinator_pb2.WaitForWorldRequest(),
+                                                                       timeout=30)
+    return sorted(world.members, key=lambda m: m.rank)
+
+
+def _set_placement(coordinator: str, placement: Placement) -> int:
+    import grpc
+
+    from moemesh.mesh.placement_wire import placement_to_proto
+    from moemesh.v1 import coordinator_pb2 as pb
+    from moemesh.v1 import coordinator_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(coordinator) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        current = stub.GetPlacement(pb.GetPlacementRequest(), timeout=30).placement
+        msg = placement_to_proto(placement, world_generation=current.world_generation)
+        return stub.SetPlacement(pb.SetPlacementRequest(placement=msg), timeout=30).placement.epoch
+
+
+async def _generate(gateway: str, prompts: list[list[int]], new_tokens: int, marks: dict[int, asyncio.Event],
+                    streamed: list[int]) -> None:
+    from moemesh.client import Client, TokenChunk
+    from moemesh.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    async with Client(gateway, timeout=300) as client:
+        async def one(i: int) -> None:
+            async for ev in client.generate(token_ids=prompts[i], params=params, include_text=False):
+                if isinstance(ev, TokenChunk):
+                    streamed[i] += len(ev.token_ids)
+                    for k, event in marks.items():
+                        if min(streamed) >= k:
+                            event.set()
+
+        await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+
+def _scrape(members: list) -> dict[tuple[int, int], float]:
+    """Every worker's moemesh:collective_bytes_total by (src rank, dst rank)."""
+    out: dict[tuple[int, int], float] = {}
+    for m in members:
+        with urllib.request.urlopen(f"http://{m.metrics_address}/metrics", timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith("moemesh:collective_bytes_total{"):
+                    labels, value = line.rsplit(" ", 1)
+                    src = int(labels.split('src_rank="')[1].split('"')[0])
+                    dst = int(labels.split('dst_rank="')[1].split('"')[0])
+                    out[(src, dst)] = float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    at: float
+    statuses: list
+    wire: dict[tuple[int, int], float]
+    kernel: dict
+
+
+def _snapshot(coordinator: str, members: list, cluster: ClusterPlan) -> Snapshot:
+    from moemesh.simulate.measure import worker_statuses
+
+    kernel = interface_bytes(cluster)
+    return Snapshot(time.perf_counter(), asyncio.run(worker_statuses(coordinator)), _scrape(members), kernel)
+
+
+def _measure(mesh: Mesh, members: list, cluster: ClusterPlan, s: BenchNodesSettings) -> dict:
+    """One decode window: step time, tokens/s, bytes per node pair and link, kernel link bytes."""
+    rng = random.Random(0)
+    prompts = [[0, *(rng.randrange(3, SPEC.vocab) for _ in range(s.prompt_len - 1))] for _ in range(s.requests)]
+    first, last = s.window
+    streamed = [0] * s.requests
+    snaps: dict[int, Snapshot] = {}
+
+    async def run() -> None:
+        marks = {first: asyncio.Event(), last: asyncio.Event()}
+        load = asyncio.create_task(_generate(mesh.gateway, prompts, last + 4, marks, streamed))
+        for k in (first, last):
+            await marks[k].wait()
+            snaps[k] = await asyncio.to_thread(_snapshot, mesh.coordinator, members, cluster)
+        await load
+
+    asyncio.run(run())
+    a, b = snaps[first], snaps[last]
+    steps = max(y.steps - x.steps for x, y in zip(a.statuses, b.statuses))
+    node_of = {m.rank: int(m.node.removeprefix("node")) for m in members}
+    N = len(cluster.nodes)
+    pairs = np.zeros((N, N))
+    for (src, dst), n in b.wire.items():
+        pairs[node_of[src], node_of[dst]] += (n - a.wire.get((src, dst), 0.0)) / steps
+    np.fill_diagonal(pairs, 0.0)
+    links = [*(pairs[n].sum() for n in range(N)), *(pairs[:, n].sum() for n in range(N))]  # out-ports, in-ports
+    kernel = [(b.kernel[x.name].out_bytes - a.kernel[x.name].out_bytes) / steps for x in cluster.nodes]
+    return {
+        "steps": steps,
+        "step_ms": 1e3 * statistics.fmean((y.step_seconds - x.step_seconds) / steps
+                                          for x, y in zip(a.statuses, b.statuses)),
+        "collective_ms": 1e3 * statistics.fmean((y.collective_seconds - x.collective_seconds) / steps
+                                                for x, y in zip(a.statuses, b.statuses)),
+        "tokens_per_s": sum(y.tokens - x.tokens for x, y in zip(a.statuses, b.statuses)) / (b.at - a.at),
+        "max_link_bytes": max(links),
+        "pairs": pairs.tolist(),
+        "kernel_out_bytes": kernel,
+        "kernel_vs_workers": sum(kernel) / max(pairs.sum(), 1.0),
+        "routed": _routed(members),
+    }
+
+
+def _routed(members: list) -> list:
+    """[S, L, E] token copies each rank routed so far (moemesh:expert_tokens_routed_total)."""
+    out = np.zeros((len(members), SPEC.layers, SPEC.experts))
+    for m in members:
+        with urllib.request.urlopen(f"http://{m.metrics_address}/metrics", timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith("moemesh:expert_tokens_routed_total{"):
+                    labels, value = line.rsplit(" ", 1)
+                    layer = int(labels.split('layer="')[1].split('"')[0])
+                    expert = int(labels.split('expert="')[1].split('"')[0])
+                    out[m.rank, layer, expert] = float(value)
+    return out.tolist()
+
+
+# ---- placements and predictions (pure) ------------------------------------------------------------------
+def gating_factors(seed: int, zipf: float) -> dict[int, tuple[float, ...]]:
+    """Per layer: factor 1 / rank^zipf over a random ranking of the experts (the routing's skew)."""
+    rng = np.random.default_rng(seed)
+    return {layer: tuple(float(f) for f in (1.0 / (1.0 + rng.permutation(SPEC.experts)) ** zipf))
+            for layer in range(SPEC.layers)}
+
+
+def device_order(members: list) -> list[int]:
+    """Rank of planner device g: devices are numbered node by node (moemesh.planner.topology)."""
+    return [m.rank for m in sorted(members, key=lambda m: (int(m.node.removeprefix("node")), m.rank))]
+
+
+def on_ranks(p: Placement, rank_of: list[int], gating: dict[int, tuple[float, ...]]) -> Placement:
+    """A planner placement over devices as one over the mesh's ranks, with the routing's gating."""
+    table = {layer: tuple(tuple(tuple(rank_of[d] for d in g) for g in groups) for groups in experts)
+             for layer, experts in p.replicas.items()}
+    return Placement(epoch=0, world_size=p.world_size, replicas=table, origin="bench-nodes", gating=gating)
+
+
+def traffic_per_step(routed: list, rank_of: list[int], s: BenchNodesSettings):
+    """Measured copies [S, L, E] (rank order) -> one decode step's Traffic over devices."""
+    from moemesh.planner.traffic import from_counts
+
+    counts = np.asarray(routed)[rank_of]  # (G, L, E) in device order
+    traffic = from_counts(counts, SPEC.top_k, layer_ids=range(SPEC.layers), origin="measured (gated)")
+    per_step = s.requests * SPEC.top_k  # copies per layer in a decode step
+    return traffic.scaled(per_step / float(counts.sum(axis=(0, 2)).mean()))
+
+
+def padded_link_bytes(nodes: int, per_node: int, requests: int, max_local: int) -> float:
+    """Bytes per step through a node's busiest port as the transport sends them: every (source,
+    destination) block is C = T_max x min(K, experts a rank holds) rows of D + 1 fp32 values."""
+    rows = -(-requests // (nodes * per_node)) * min(SPEC.top_k, max_local)
+    return 2 * SPEC.layers * per_node * (nodes - 1) * per_node * rows * (SPEC.hidden + 1) * 4
+
+
+def predictions(model: Path, topo, traffic, requests: int, context: int, profile) -> dict[str, dict]:
+    """`moemesh simulate`'s step time and the planner's busiest inter-node port (bytes per step,
+    dispatch + combine) for each placement, with moemesh's transport (no send-once-per-node)."""
+    from moemesh.model.config import load_config
+    from moemesh.planner.cost import CostOptions
+    from moemesh.planner.search import Problem, plan
+    from moemesh.simulate.shapes import ModelShape, Workload
+    from moemesh.simulate.step_cost import Routing, parse_deployment, predict
+
+    shape = replace(ModelShape.from_config(load_config(model), name=model.name), dtype_bytes=4)
+    G = topo.devices
+    dep = parse_deployment(f"ep{G}", shape.experts, G)
+    work = Workload(batch=requests, seq=context, phase="decode", micro_batches=1)
+    options = CostOptions(dedupe_per_node=False)
+    least = -(-shape.experts // G)
+    out = {}
+    for row, method, spare in METHODS:
+        slots = least + spare if spare else None
+        pred = predict(shape, dep, work, topo, profile, method, routing=Routing(traffic, slots, options))
+        problem = Problem(topo, traffic.with_sources(G), shape.expert, options, memory_fraction=float("inf"),
+                          slots=slots)
+        chosen = plan(problem, method)
+        cost = problem.model.evaluate(chosen.placement, problem.traffic)
+        ib = [k for k, name in enumerate(cost.links.names) if name.startswith("ib-")]
+        out[row] = {"placement": chosen.placement, "step_ms": pred.step_s * 1e3, "tokens_per_s": pred.tps,
+                    "exposed_comm_ms": pred.exposed_comm_s * 1e3, "header_ms": pred.parts["header_s"] * 1e3,
+                    "max_link_bytes": 2 * float(cost.link_bytes[:, ib].sum(axis=0).max()),
+                    "max_local": int(max(len(chosen.placement.experts_on(r, layer)) for layer in range(SPEC.layers)
+                                         for r in range(G)))}
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+def _apply(mesh: Mesh, placement: Placement) -> int:
+    """Publish `placement` and drive steps until every worker runs it (an epoch switches at a step)."""
+    from moemesh.simulate.measure import worker_statuses
+
+    epoch = _set_placement(mesh.coordinator, placement)
+    for _ in range(120):  # hang bound: a tiny model's experts load in well under a second
+        asyncio.run(_generate(mesh.gateway, [[0, 5, 6]], 2, {}, [0]))
+        if all(st.placement_epoch >= epoch for st in asyncio.run(worker_statuses(mesh.coordinator))):
+            return epoch
+    raise RuntimeError(f"epoch {epoch} not in force on every worker")
+
+
+def run_cluster(model: Path, nodes: int, per_node: int, s: BenchNodesSettings, tmp: Path, profile) -> tuple:
+    """Measure every placement on one emulated cluster; (rows, profile used, topology text)."""
+    from moemesh.launch import running
+    from moemesh.planner.search import Problem, plan
+    from moemesh.planner.traffic import synthetic
+
+    up = UpSettings(model=model, workers=nodes * per_node, port=0, http_port=-1, policy="none", max_model_len=256,
+                    max_seqs=s.requests)
+    with emulated_cluster(nodes, per_node, s.rate) as cluster:
+        topo = cluster.topology()
+        text = topology_yaml(topo)
+        (tmp / f"topology-{nodes}x{per_node}.yaml").write_text(text)
+        spec = replace(mesh_spec(up, tmp / f"state-{nodes}x{per_node}", 2), log_dir=tmp / f"logs-{nodes}x{per_node}")
+        with running(on_nodes(spec, cluster)) as mesh:
+            members = _world(mesh.coordinator)
+            rank_of = device_order(members)
+            gating = gating_factors(0, s.zipf)
+            from moemesh.model.config import load_config
+            from moemesh.planner.cost import ExpertShape
+
+            any_traffic = synthetic(SPEC.experts, range(SPEC.layers), sources=topo.devices, top_k=SPEC.top_k)
+            rr = plan(Problem(topo, any_traffic, ExpertShape.from_config(load_config(model))), "round-robin")
+            _apply(mesh, on_ranks(rr.placement, rank_of, gating))
+            measured = {"round-robin": _measure(mesh, members, cluster, s)}
+            traffic = traffic_per_step(measured["round-robin"]["routed"], rank_of, s)
+            context = s.prompt_len + sum(s.window) // 2
+            if profile is None:  # calibrate on this cluster's round-robin row (module docstring)
+                from moemesh.simulate.hardware import FIELD_NOTES_CPU
+
+                first = predictions(model, topo, traffic, s.requests, context, FIELD_NOTES_CPU)["round-robin"]
+                m = measured["round-robin"]
+                compute_ms = first["step_ms"] - first["exposed_comm_ms"] - first["header_ms"]
+                profile = replace(FIELD_NOTES_CPU, serving_overhead_s=max(0.0, m["step_ms"] - m["collective_ms"]
+                                                                          - compute_ms) / 1e3)
+            predicted = predictions(model, topo, traffic, s.requests, context, profile)
+            for row, _, _ in METHODS[1:]:
+                _apply(mesh, on_ranks(predicted[row]["placement"], rank_of, gating))
+                measured[row] = _measure(mesh, members, cluster, s)
+    rows = []
+    for row, _, _ in METHODS:
+        p, m = predicted[row], measured[row]
+        rows.append({"cluster": f"{nodes}x{per_node}", "placement": row, **{k: v for k, v in m.items()
+                                                                          if k != "routed"},
+                     "pred_step_ms": p["step_ms"], "pred_tokens_per_s": p["tokens_per_s"],
+                     "pred_max_link_bytes": p["max_link_bytes"],
+                     "padded_link_bytes": padded_link_bytes(nodes, per_node, s.requests, p["max_local"]),
+                     "skew": _skew(measured["round-robin"]["routed"])})
+    return rows, profile, text
+
+
+def _skew(routed: list) -> float:
+    """max / mean of the experts' routed copies, worst layer."""
+    per = np.asarray(routed).sum(axis=0)  # (L, E)
+    return float((per.max(axis=1) / per.mean(axis=1)).max())
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'cluster':7} {'placement':16} {'link KB/step':>12} {'pred KB':>8} {'padded KB':>9} "
+            f"{'step ms':>8} {'pred ms':>8} {'err':>6} {'tok/s':>7} {'pred tok/s':>10} {'kernel/wkr':>10}")
+    lines = [head]
+    for r in rows:
+        err = r["pred_step_ms"] / r["step_ms"] - 1
+        lines.append(f"{r['cluster']:7} {r['placement']:16} {r['max_link_bytes'] / 1e3:12.1f} "
+                     f"{r['pred_max_link_bytes'] / 1e3:8.1f} {r['padded_link_bytes'] / 1e3:9.1f} {r['step_ms']:8.1f} "
+                     f"{r['pred_step_ms']:8.1f} {err:+6.0%} {r['tokens_per_s']:7.0f} {r['pred_tokens_per_s']:10.0f} "
+                     f"{r['kernel_vs_workers']:10.3f}")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """Whether the measured ordering of the placements matches the predicted one, per cluster, and
+    the simulator's worst step-time error."""
+    out = []
+    for cluster in dict.fromkeys(r["cluster"] for r in rows):
+        rs = [r for r in rows if r["cluster"] == cluster]
+        measured = [r["placement"] for r in sorted(rs, key=lambda r: r["step_ms"])]
+        predicted = [r["placement"] for r in sorted(rs, key=lambda r: r["pred_step_ms"])]
+        worst = max(abs(r["pred_step_ms"] / r["step_ms"] - 1) for r in rs)
+        spread = max(r["step_ms"] for r in rs) / min(r["step_ms"] for r in rs) - 1
+        out.append(f"{cluster}: measured fastest-first {measured}; predicted {predicted}: "
+                   f"{'same order' if measured == predicted else 'different order'}; slowest placement "
+                   f"{spread:.0%} slower than the fastest; simulator step error at most {worst:.0%}")
+    return out
+
+
+def picture(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["step_ms"] for r in rows], 0.4, label="measured")
+    ax.bar(x + 0.2, [r["pred_step_ms"] for r in rows], 0.4, label="moemesh simulate")
+    ax.set_xticks(x, [f"{r['cluster']}\n{r['placement']}" for r in rows], fontsize=7)
+    ax.set_ylabel("decode step, ms")
+    ax.set_title("Placements on emulated nodes (tbf-shaped links): measured vs predicted step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+BEGIN, END = "<!-- bench-nodes:begin -->", "<!-- bench-nodes:end -->"
+
+
+def write_doc(path: Path, s: BenchNodesSettings, text: str) -> None:
+    """Replace the generated part of `path` (between the markers), keeping the prose around it."""
+    picture_name = path.with_suffix(".png").name
+    body = f"{BEGIN}\n```\n{text}\n```\n\n![placements on emulated nodes]({picture_name})\n{END}"
+    old = path.read_text() if path.exists() else f"# Topology-aware placement on emulated nodes\n\n{BEGIN}\n{END}\n"
+    head, _, rest = old.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    path.write_text(head + body + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_settings(BenchNodesSettings, argv, __doc__.splitlines()[0])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the mesh, tear the cluster down
+    started = time.perf_counter()
+    rows: list[dict] = []
+    profile = None
+    with tempfile.TemporaryDirectory(prefix="bench-nodes-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        model = write_tiny_model(tmp / "model", SPEC)
+        topologies = []
+        for nodes, per_node in CLUSTERS:
+            got, profile, topo_text = run_cluster(model, nodes, per_node, s, tmp, profile)
+            rows += got
+            topologies.append(topo_text)
+    assert profile is not None
+    lines = [f"bench-nodes: Mixtral layout D={SPEC.hidden} F={SPEC.intermediate} E={SPEC.experts} top-{SPEC.top_k} "
+             f"L={SPEC.layers}, fp32, gloo; node links {s.rate} each way (tc tbf); {s.requests} concurrent requests, "
+             f"prompt {s.prompt_len}, decode window tokens {s.window[0]}..{s.window[1]}",
+             f"routing: gating factors 1/rank^{s.zipf} (Zipf) per layer; measured max/mean expert load "
+             f"{rows[0]['skew']:.2f} (worst layer); the planner and the simulator get the measured routing",
+             f"simulator calibration: serving overhead {profile.serving_overhead_s * 1e3:.1f} ms per step "
+             f"(from 2x2 round-robin); links: the shaped rate, loopback {LOCAL_NOTE}",
+             "", table(rows), "", *verdict(rows),
+             "link KB/step: busiest node port (out or in), bytes the workers' collectives sent per decode step; "
+             "pred KB: the planner's busiest inter-node port (payload rows, dispatch + combine); padded KB: the "
+             "transport's fixed-capacity blocks priced as sent; kernel/wkr: node links' bytes (kernel counters) "
+             "over the workers' inter-node bytes",
+             f"bench ran {time.perf_counter() - started:.0f} s"]
+    text = "\n".join(lines)
+    print(text)
+    if s.write:
+        write_doc(s.write, s, text)
+        picture(rows, s.write.with_suffix(".png"))
+        print(f"wrote {s.write} and {s.write.with_suffix('.png')}")
+    if s.json_path:
+        s.json_path.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+LOCAL_NOTE = "link of the `local` topology (1.6 GB/s, 0.2 ms) inside a node and as latency between nodes"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
