@@ -250,7 +250,7 @@ def run_commands(cmds: Sequence[Sequence[str]], check: bool = True) -> list[str]
             continue
         try:
             done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
-            err = done.stderr.strip() if done.returncode else ""
+            err = (done.stderr.strip() or f"exit status {done.returncode}") if done.returncode else ""
         except (OSError, subprocess.TimeoutExpired) as exc:
             err = str(exc)
         if err:
