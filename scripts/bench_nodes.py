@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from moemesh.launch import Mesh
-from moemesh.launch.netns import ClusterPlan, emulated_cluster, interface_bytes, topology_yaml
+from moemesh.launch.netns import ClusterPlan, bytes_between_nodes, emulated_cluster, interface_bytes, topology_yaml
 from moemesh.launcher import UpSettings, mesh_spec, on_nodes
 from moemesh.mesh.placement import Placement
 from moemesh.model.tiny import TinySpec, write_tiny_model
@@ -159,10 +159,8 @@ def _measure(mesh: Mesh, members: list, cluster: ClusterPlan, s: BenchNodesSetti
     steps = max(y.steps - x.steps for x, y in zip(a.statuses, b.statuses))
     node_of = {m.rank: int(m.node.removeprefix("node")) for m in members}
     N = len(cluster.nodes)
-    pairs = np.zeros((N, N))
-    for (src, dst), n in b.wire.items():
-        pairs[node_of[src], node_of[dst]] += (n - a.wire.get((src, dst), 0.0)) / steps
-    np.fill_diagonal(pairs, 0.0)
+    pairs = np.asarray(bytes_between_nodes(a.wire, b.wire, node_of, N)) / steps  # (source node, destination node)
+    np.fill_diagonal(pairs, 0.0)  # inside a node: never on a shaped link
     links = [*(pairs[n].sum() for n in range(N)), *(pairs[:, n].sum() for n in range(N))]  # out-ports, in-ports
     kernel = [(b.kernel[x.name].out_bytes - a.kernel[x.name].out_bytes) / steps for x in cluster.nodes]
     return {

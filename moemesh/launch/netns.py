@@ -39,7 +39,7 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +208,16 @@ def topology_yaml(topo: Topology) -> str:
            "device_flops_per_s": float(topo.device_flops_per_s), "intra_node": link(topo.intra),
            "inter_node": link(topo.inter)}
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def bytes_between_nodes(before: Mapping[tuple[int, int], float], after: Mapping[tuple[int, int], float],
+                        node_of_rank: Mapping[int, int], nodes: int) -> list[list[float]]:
+    """[source node][destination node] bytes sent between two readings of the workers' per
+    (source rank, destination rank) counters (`moemesh:collective_bytes_total`); pure."""
+    out = [[0.0] * nodes for _ in range(nodes)]
+    for (src, dst), n in after.items():
+        out[node_of_rank[src]][node_of_rank[dst]] += n - before.get((src, dst), 0.0)
+    return out
 
 
 def free_subnet(used_addresses: Sequence[str]) -> int:

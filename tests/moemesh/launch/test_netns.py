@@ -67,6 +67,12 @@ def test_topology_file_round_trips_through_the_planner_reader(tmp_path):
     assert topo.inter.bandwidth_bytes_per_s == 25e6  # 200 Mbit/s per node port, each way
 
 
+def test_bytes_between_nodes_sums_rank_pairs_by_node():
+    before = {(0, 2): 100.0, (2, 0): 50.0}
+    after = {(0, 1): 10.0, (0, 2): 400.0, (2, 0): 80.0, (3, 1): 7.0}
+    assert netns.bytes_between_nodes(before, after, {0: 0, 1: 0, 2: 1, 3: 1}, 2) == [[10.0, 300.0], [30.0, 7.0]]
+
+
 def test_rates_subnets_and_bad_input():
     assert netns.parse_rate("200mbit") == 200_000_000
     assert netns.parse_rate("1gbit") == 1_000_000_000
@@ -161,10 +167,9 @@ def test_two_node_mesh_is_token_identical_counts_its_bytes_and_leaves_nothing(tm
 
     node_of_rank = {src: int(name.removeprefix("worker")) // 2 for name, rows in after.items() for src, _ in rows}
     assert sorted(node_of_rank) == [0, 1, 2, 3]
-    matrix = [[0.0, 0.0], [0.0, 0.0]]  # bytes (source node, destination node) the workers counted
-    for name, rows in after.items():
-        for (src, dst), n in rows.items():
-            matrix[node_of_rank[src]][node_of_rank[dst]] += n - before[name].get((src, dst), 0.0)
+    merged_before = {k: v for rows in before.values() for k, v in rows.items()}
+    merged_after = {k: v for rows in after.values() for k, v in rows.items()}
+    matrix = netns.bytes_between_nodes(merged_before, merged_after, node_of_rank, 2)  # (source node, dest. node)
     counted = matrix[0][1] + matrix[1][0]
     kernel = sum(kernel_after[n].out_bytes - kernel_before[n].out_bytes for n in kernel_after)
     print(f"\nbytes per (source node, destination node): {matrix}; workers counted {counted:.0f} inter-node "
