@@ -58,7 +58,12 @@ class BenchNodesSettings:
     prompt_len: int = option("--prompt-len", "tokens per prompt", int, default=16)
     window: tuple[int, ...] = option("--window", "decode window: from every request's N-th token to its M-th", int,
                                      default=(6, 30), many=True)
-    zipf: float = option("--zipf", "skew s of the gating factors (popularity 1 / rank^s)", float, default=1.2)
+    model: Path | None = option("--model", "a trained checkpoint whose own routing to use (unset: the tiny random "
+                                "model with Zipf gating)", Path, default=None)
+    zipf: float | None = option("--zipf", "skew s of the gating factors (popularity 1 / rank^s); unset: 1.2 for "
+                                "the tiny model, none (the model's own routing) with --model", float, default=None)
+    passes: int = option("--passes", "measure every placement this often (forward, then reverse order, ...)", int,
+                         default=2)
     write: Path | None = option("--write", "write the table and the picture here (docs/topology.md)", Path,
                                 default=None)
     json_path: Path | None = option("--json", "also write the rows here", Path, default=None, metavar="JSON")
@@ -138,10 +143,10 @@ def _snapshot(coordinator: str, members: list, cluster: ClusterPlan) -> Snapshot
     return Snapshot(time.perf_counter(), asyncio.run(worker_statuses(coordinator)), _scrape(members), kernel)
 
 
-def _measure(mesh: Mesh, members: list, cluster: ClusterPlan, s: BenchNodesSettings) -> dict:
+def _measure(mesh: Mesh, members: list, cluster: ClusterPlan, s: BenchNodesSettings, cfg) -> dict:
     """One decode window: step time, tokens/s, bytes per node pair and link, kernel link bytes."""
     rng = random.Random(0)
-    prompts = [[0, *(rng.randrange(3, SPEC.vocab) for _ in range(s.prompt_len - 1))] for _ in range(s.requests)]
+    prompts = [[0, *(rng.randrange(3, cfg.vocab_size) for _ in range(s.prompt_len - 1))] for _ in range(s.requests)]
     first, last = s.window
     streamed = [0] * s.requests
     snaps: dict[int, Snapshot] = {}
@@ -174,13 +179,14 @@ def _measure(mesh: Mesh, members: list, cluster: ClusterPlan, s: BenchNodesSetti
         "pairs": pairs.tolist(),
         "kernel_out_bytes": kernel,
         "kernel_vs_workers": sum(kernel) / max(pairs.sum(), 1.0),
-        "routed": _routed(members),
+        "routed": _routed(members, cfg),
     }
 
 
-def _routed(members: list) -> list:
-    """[S, L, E] token copies each rank routed so far (moemesh:expert_tokens_routed_total)."""
-    out = np.zeros((len(members), SPEC.layers, SPEC.experts))
+def _routed(members: list, cfg) -> list:
+    """[S, L, E] token copies each rank routed so far (moemesh:expert_tokens_routed_total), L = MoE layers."""
+    moe = list(cfg.moe_layer_ids)
+    out = np.zeros((len(members), len(moe), cfg.num_experts))
     for m in members:
         with urllib.request.urlopen(f"http://{m.metrics_address}/metrics", timeout=10) as reply:
             for line in reply.read().decode().splitlines():
@@ -188,16 +194,17 @@ def _routed(members: list) -> list:
                     labels, value = line.rsplit(" ", 1)
                     layer = int(labels.split('layer="')[1].split('"')[0])
                     expert = int(labels.split('expert="')[1].split('"')[0])
-                    out[m.rank, layer, expert] = float(value)
+                    out[m.rank, moe.index(layer), expert] = float(value)
     return out.tolist()
 
 
 # ---- placements and predictions (pure) ------------------------------------------------------------------
-def gating_factors(seed: int, zipf: float) -> dict[int, tuple[float, ...]]:
-    """Per layer: factor 1 / rank^zipf over a random ranking of the experts (the routing's skew)."""
+def gating_factors(seed: int, zipf: float, cfg) -> dict[int, tuple[float, ...]]:
+    """Per MoE layer: factor 1 / rank^zipf over a random ranking of the experts (the routing's
+    skew); none for zipf 0 (the model's own routing)."""
     rng = np.random.default_rng(seed)
-    return {layer: tuple(float(f) for f in (1.0 / (1.0 + rng.permutation(SPEC.experts)) ** zipf))
-            for layer in range(SPEC.layers)}
+    return {layer: tuple(float(f) for f in (1.0 / (1.0 + rng.permutation(cfg.num_experts)) ** zipf))
+            for layer in cfg.moe_layer_ids} if zipf else {}
 
 
 def device_order(members: list) -> list[int]:
@@ -212,21 +219,21 @@ def on_ranks(p: Placement, rank_of: list[int], gating: dict[int, tuple[float, ..
     return Placement(epoch=0, world_size=p.world_size, replicas=table, origin="bench-nodes", gating=gating)
 
 
-def traffic_per_step(routed: list, rank_of: list[int], s: BenchNodesSettings):
+def traffic_per_step(routed: list, rank_of: list[int], s: BenchNodesSettings, cfg):
     """Measured copies [S, L, E] (rank order) -> one decode step's Traffic over devices."""
     from moemesh.planner.traffic import from_counts
 
     counts = np.asarray(routed)[rank_of]  # (G, L, E) in device order
-    traffic = from_counts(counts, SPEC.top_k, layer_ids=range(SPEC.layers), origin="measured (gated)")
-    per_step = s.requests * SPEC.top_k  # copies per layer in a decode step
+    traffic = from_counts(counts, cfg.top_k, layer_ids=cfg.moe_layer_ids, origin="measured")
+    per_step = s.requests * cfg.top_k  # copies per layer in a decode step
     return traffic.scaled(per_step / float(counts.sum(axis=(0, 2)).mean()))
 
 
-def padded_link_bytes(nodes: int, per_node: int, requests: int, max_local: int) -> float:
+def padded_link_bytes(nodes: int, per_node: int, requests: int, max_local: int, cfg) -> float:
     """Bytes per step through a node's busiest port as the transport sends them: every (source,
     destination) block is C = T_max x min(K, experts a rank holds) rows of D + 1 fp32 values."""
-    rows = -(-requests // (nodes * per_node)) * min(SPEC.top_k, max_local)
-    return 2 * SPEC.layers * per_node * (nodes - 1) * per_node * rows * (SPEC.hidden + 1) * 4
+    rows = -(-requests // (nodes * per_node)) * min(cfg.top_k, max_local)
+    return 2 * len(cfg.moe_layer_ids) * per_node * (nodes - 1) * per_node * rows * (cfg.hidden_size + 1) * 4
 
 
 def predictions(model: Path, topo, traffic, requests: int, context: int, profile) -> dict[str, dict]:
@@ -256,7 +263,7 @@ def predictions(model: Path, topo, traffic, requests: int, context: int, profile
         out[row] = {"placement": chosen.placement, "step_ms": pred.step_s * 1e3, "tokens_per_s": pred.tps,
                     "exposed_comm_ms": pred.exposed_comm_s * 1e3, "header_ms": pred.parts["header_s"] * 1e3,
                     "max_link_bytes": 2 * float(cost.link_bytes[:, ib].sum(axis=0).max()),
-                    "max_local": int(max(len(chosen.placement.experts_on(r, layer)) for layer in range(SPEC.layers)
+                    "max_local": int(max(len(chosen.placement.experts_on(r, layer)) for layer in chosen.placement.layers
                                          for r in range(G)))}
     return out
 
@@ -277,9 +284,9 @@ def _apply(mesh: Mesh, placement: Placement) -> int:
 def run_cluster(model: Path, nodes: int, per_node: int, s: BenchNodesSettings, tmp: Path, profile) -> tuple:
     """Measure every placement on one emulated cluster; (rows, profile used, topology text)."""
     from moemesh.launch import running
-    from moemesh.planner.search import Problem, plan
-    from moemesh.planner.traffic import synthetic
+    from moemesh.model.config import load_config
 
+    cfg = load_config(model)
     up = UpSettings(model=model, workers=nodes * per_node, port=0, http_port=-1, policy="none", max_model_len=256,
                     max_seqs=s.requests)
     with emulated_cluster(nodes, per_node, s.rate) as cluster:
@@ -290,41 +297,71 @@ def run_cluster(model: Path, nodes: int, per_node: int, s: BenchNodesSettings, t
         with running(on_nodes(spec, cluster)) as mesh:
             members = _world(mesh.coordinator)
             rank_of = device_order(members)
-            gating = gating_factors(0, s.zipf)
-            from moemesh.model.config import load_config
-            from moemesh.planner.cost import ExpertShape
-
-            any_traffic = synthetic(SPEC.experts, range(SPEC.layers), sources=topo.devices, top_k=SPEC.top_k)
-            rr = plan(Problem(topo, any_traffic, ExpertShape.from_config(load_config(model))), "round-robin")
-            _apply(mesh, on_ranks(rr.placement, rank_of, gating))
-            measured = {"round-robin": _measure(mesh, members, cluster, s)}
-            traffic = traffic_per_step(measured["round-robin"]["routed"], rank_of, s)
+            gating = gating_factors(0, _zipf(s), cfg)
+            _apply(mesh, on_ranks(_round_robin(model, topo), rank_of, gating))
+            passes: dict[str, list[dict]] = {"round-robin": [_measure(mesh, members, cluster, s, cfg)]}
+            routed = passes["round-robin"][0]["routed"]
+            traffic = traffic_per_step(routed, rank_of, s, cfg)
             context = s.prompt_len + sum(s.window) // 2
-            if profile is None:  # calibrate on this cluster's round-robin row (module docstring)
-                from moemesh.simulate.hardware import FIELD_NOTES_CPU
-
-                first = predictions(model, topo, traffic, s.requests, context, FIELD_NOTES_CPU)["round-robin"]
-                m = measured["round-robin"]
-                compute_ms = first["step_ms"] - first["exposed_comm_ms"] - first["header_ms"]
-                profile = replace(FIELD_NOTES_CPU, serving_overhead_s=max(0.0, m["step_ms"] - m["collective_ms"]
-                                                                          - compute_ms) / 1e3)
+            if profile is None:
+                profile = _calibrated(model, topo, traffic, s, context, passes["round-robin"][0])
             predicted = predictions(model, topo, traffic, s.requests, context, profile)
-            for row, _, _ in METHODS[1:]:
-                _apply(mesh, on_ranks(predicted[row]["placement"], rank_of, gating))
-                measured[row] = _measure(mesh, members, cluster, s)
+            order = [row for row, _, _ in METHODS]
+            for k in range(s.passes):  # forward, reverse, forward, ...: drift of the machine's load averages out
+                for row in (order if k % 2 == 0 else order[::-1])[1 if k == 0 else 0:]:
+                    _apply(mesh, on_ranks(predicted[row]["placement"], rank_of, gating))
+                    passes.setdefault(row, []).append(_measure(mesh, members, cluster, s, cfg))
     rows = []
-    for row, _, _ in METHODS:
-        p, m = predicted[row], measured[row]
-        padded = padded_link_bytes(nodes, per_node, s.requests, p["max_local"])
+    for row in order:
+        p, m = predicted[row], _mean(passes[row])
+        padded = padded_link_bytes(nodes, per_node, s.requests, p["max_local"], cfg)
         # the simulator's step with its exchanges priced as the transport sends them (padded blocks)
-        padded_comm_ms = 1e3 * (padded / topo.inter.bandwidth_bytes_per_s + 2 * SPEC.layers * topo.inter.latency_s)
-        rows.append({"cluster": f"{nodes}x{per_node}", "placement": row, **{k: v for k, v in m.items()
-                                                                          if k != "routed"},
+        layers = len(cfg.moe_layer_ids)
+        padded_comm_ms = 1e3 * (padded / topo.inter.bandwidth_bytes_per_s + 2 * layers * topo.inter.latency_s)
+        rows.append({"cluster": f"{nodes}x{per_node}", "placement": row, **m,
+                     "step_ms_passes": [x["step_ms"] for x in passes[row]],
                      "pred_step_ms": p["step_ms"], "pred_tokens_per_s": p["tokens_per_s"],
                      "pred_max_link_bytes": p["max_link_bytes"], "padded_link_bytes": padded,
                      "pred_padded_step_ms": p["step_ms"] - p["exposed_comm_ms"] + padded_comm_ms,
-                     "skew": _skew(measured["round-robin"]["routed"])})
+                     "skew": _skew(routed)})
     return rows, profile, text
+
+
+def _zipf(s: BenchNodesSettings) -> float:
+    return s.zipf if s.zipf is not None else (0.0 if s.model else 1.2)
+
+
+def _round_robin(model: Path, topo) -> Placement:
+    """The paper's starting point over the cluster's devices (routing plays no part in it)."""
+    from moemesh.model.config import load_config
+    from moemesh.planner.cost import ExpertShape
+    from moemesh.planner.search import Problem, plan
+    from moemesh.planner.traffic import synthetic
+
+    cfg = load_config(model)
+    any_traffic = synthetic(cfg.num_experts, cfg.moe_layer_ids, sources=topo.devices, top_k=cfg.top_k)
+    return plan(Problem(topo, any_traffic, ExpertShape.from_config(cfg)), "round-robin").placement
+
+
+def _calibrated(model: Path, topo, traffic, s: BenchNodesSettings, context: int, m: dict):
+    """The field notes' CPU with the per-step serving overhead that makes the simulator's compute
+    (step less exposed exchanges and header) equal the measured step less time in collectives."""
+    from moemesh.simulate.hardware import FIELD_NOTES_CPU
+
+    first = predictions(model, topo, traffic, s.requests, context, FIELD_NOTES_CPU)["round-robin"]
+    compute_ms = first["step_ms"] - first["exposed_comm_ms"] - first["header_ms"]
+    return replace(FIELD_NOTES_CPU, serving_overhead_s=max(0.0, m["step_ms"] - m["collective_ms"] - compute_ms) / 1e3)
+
+
+def _mean(runs: list[dict]) -> dict:
+    """The passes of one placement: means of the numbers (the node-pair matrix of the last pass)."""
+    out = {k: v for k, v in runs[-1].items() if k != "routed"}
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)):
+            out[k] = statistics.fmean(r[k] for r in runs)
+        elif k == "kernel_out_bytes":
+            out[k] = [statistics.fmean(r[k][i] for r in runs) for i in range(len(v))]
+    return out
 
 
 def _skew(routed: list) -> float:
@@ -405,21 +442,30 @@ def main(argv: list[str] | None = None) -> int:
     profile = None
     with tempfile.TemporaryDirectory(prefix="bench-nodes-") as tmp_dir:
         tmp = Path(tmp_dir)
-        model = write_tiny_model(tmp / "model", SPEC)
+        model_used = s.model.resolve() if s.model else write_tiny_model(tmp / "tiny-mixtral", SPEC)
         topologies = []
         for nodes, per_node in CLUSTERS:
-            got, profile, topo_text = run_cluster(model, nodes, per_node, s, tmp, profile)
+            got, profile, topo_text = run_cluster(model_used, nodes, per_node, s, tmp, profile)
             rows += got
             topologies.append(topo_text)
+        from moemesh.model.config import load_config
+
+        cfg = load_config(model_used)
     assert profile is not None
-    lines = [f"bench-nodes: Mixtral layout D={SPEC.hidden} F={SPEC.intermediate} E={SPEC.experts} top-{SPEC.top_k} "
-             f"L={SPEC.layers}, fp32, gloo; node links {s.rate} each way (tc tbf); {s.requests} concurrent requests, "
-             f"prompt {s.prompt_len}, decode window tokens {s.window[0]}..{s.window[1]}",
-             f"routing: gating factors 1/rank^{s.zipf} (Zipf) per layer; measured max/mean expert load "
-             f"{rows[0]['skew']:.2f} (worst layer); the planner and the simulator get the measured routing",
+    routing = (f"gating factors 1/rank^{_zipf(s)} (Zipf) per layer" if _zipf(s)
+               else f"the model's own router ({s.model})")
+    lines = [f"bench-nodes: {model_used.name}: D={cfg.hidden_size} F={cfg.expert_intermediate_size} "
+             f"E={cfg.num_experts} "
+             f"top-{cfg.top_k} MoE layers={len(cfg.moe_layer_ids)}, fp32, gloo; node links {s.rate} each way (tc tbf); "
+             f"{s.requests} concurrent requests, prompt {s.prompt_len}, decode window tokens {s.window[0]}.."
+             f"{s.window[1]}; {s.passes} passes per placement (alternating order), means",
+             f"routing: {routing}; measured max/mean expert load {rows[0]['skew']:.2f} (worst layer); the planner "
+             f"and the simulator get the measured routing",
              f"simulator calibration: serving overhead {profile.serving_overhead_s * 1e3:.1f} ms per step "
              f"(from 2x2 round-robin); links: the shaped rate, loopback {LOCAL_NOTE}",
              "", table(rows), "", *verdict(rows),
+             "step ms per pass: " + "; ".join(f"{r['cluster']} {r['placement']} "
+                                                + "/".join(f"{x:.0f}" for x in r["step_ms_passes"]) for r in rows),
              "link KB/step: busiest node port (out or in), bytes the workers' collectives sent per decode step; "
              "pred KB: the planner's busiest inter-node port (payload rows, dispatch + combine); padded KB: the "
              "transport's fixed-capacity blocks priced as sent; padded ms: the simulator's step with its exchanges "
