@@ -421,16 +421,16 @@ def picture(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-BEGIN, END = "<!-- bench-nodes:begin -->", "<!-- bench-nodes:end -->"
-
-
-def write_doc(path: Path, s: BenchNodesSettings, text: str) -> None:
-    """Replace the generated part of `path` (between the markers), keeping the prose around it."""
-    picture_name = path.with_suffix(".png").name
-    body = f"{BEGIN}\n```\n{text}\n```\n\n![placements on emulated nodes]({picture_name})\n{END}"
-    old = path.read_text() if path.exists() else f"# Topology-aware placement on emulated nodes\n\n{BEGIN}\n{END}\n"
-    head, _, rest = old.partition(BEGIN)
-    _, _, tail = rest.partition(END)
+def write_doc(path: Path, picture_path: Path, tag: str, text: str) -> None:
+    """Replace the generated part of `path` between the markers of `tag` (one block per kind of
+    routing: "zipf", "trained"), keeping the prose around it; a missing block is appended."""
+    begin, end = f"<!-- bench-nodes:{tag}:begin -->", f"<!-- bench-nodes:{tag}:end -->"
+    body = f"{begin}\n```\n{text}\n```\n\n![placements on emulated nodes]({picture_path.name})\n{end}"
+    old = path.read_text() if path.exists() else "# Topology-aware placement on emulated nodes\n"
+    if begin not in old:
+        old = f"{old.rstrip()}\n\n{begin}\n{end}\n"
+    head, _, rest = old.partition(begin)
+    _, _, tail = rest.partition(end)
     path.write_text(head + body + tail)
 
 
@@ -474,9 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if s.write:
-        write_doc(s.write, s, text)
-        picture(rows, s.write.with_suffix(".png"))
-        print(f"wrote {s.write} and {s.write.with_suffix('.png')}")
+        tag = "zipf" if _zipf(s) else "trained"
+        png = s.write.with_name(f"{s.write.stem}{'' if tag == 'zipf' else '-' + tag}.png")
+        write_doc(s.write, png, tag, text)
+        picture(rows, png)
+        print(f"wrote {s.write} and {png}")
     if s.json_path:
         s.json_path.write_text(json.dumps(rows, indent=2))
     return 0
