@@ -407,7 +407,7 @@ def picture(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.6))
     x = np.arange(len(rows))
     ax.bar(x - 0.27, [r["step_ms"] for r in rows], 0.27, label="measured")
     ax.bar(x, [r["pred_step_ms"] for r in rows], 0.27, label="moemesh simulate")
@@ -415,7 +415,7 @@ def picture(rows: list[dict], path: Path) -> None:
     ax.set_xticks(x, [f"{r['cluster']}\n{r['placement']}" for r in rows], fontsize=7)
     ax.set_ylabel("decode step, ms")
     ax.set_title("Placements on emulated nodes (tbf-shaped links): measured vs predicted step")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
