@@ -128,6 +128,25 @@ async def _generate(gateway: str, prompts: list[list[int]], new_tokens: int, mar
         await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
 
+TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and "
+        "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. "
+        "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. All the "
+        "world's a stage, and all the men and women merely players; they have their exits and their entrances.")
+
+
+def _prompts(s: BenchNodesSettings, cfg, model: Path) -> list[list[int]]:
+    """A trained model (--model) reads English (its router sees the text it was trained on);
+    the random tiny model reads random ids."""
+    if s.model is None:
+        rng = random.Random(0)
+        return [[0, *(rng.randrange(3, cfg.vocab_size) for _ in range(s.prompt_len - 1))] for _ in range(s.requests)]
+    from moemesh.text import TextCodec
+
+    ids = TextCodec(model, cfg).encode(TEXT)
+    step = max(1, (len(ids) - s.prompt_len) // s.requests)
+    return [ids[i * step: i * step + s.prompt_len] for i in range(s.requests)]
+
+
 def _scrape(members: list) -> dict[tuple[int, int], float]:
     """Every worker's moemesh:collective_bytes_total by (src rank, dst rank)."""
     out: dict[tuple[int, int], float] = {}
@@ -159,8 +178,7 @@ def _snapshot(coordinator: str, members: list, cluster: ClusterPlan) -> Snapshot
 
 def _measure(mesh: Mesh, members: list, cluster: ClusterPlan, s: BenchNodesSettings, cfg) -> dict:
     """One decode window: step time, tokens/s, bytes per node pair and link, kernel link bytes."""
-    rng = random.Random(0)
-    prompts = [[0, *(rng.randrange(3, cfg.vocab_size) for _ in range(s.prompt_len - 1))] for _ in range(s.requests)]
+    prompts = _prompts(s, cfg, mesh.model_dir)
     first, last = s.window
     streamed = [0] * s.requests
     snaps: dict[int, Snapshot] = {}
