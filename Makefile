@@ -72,8 +72,9 @@ bench-balance: setup
 	$(PY) scripts/bench_balance.py
 
 # As root: 2 nodes x 2 workers and 4 x 1 on shaped links, four placements, measured vs `moemesh simulate`.
+# MODEL=DIR: a trained checkpoint's own routing (`make train` writes one), else the tiny model with Zipf gating.
 bench-nodes: setup
-	$(PY) scripts/bench_nodes.py --write docs/topology.md
+	$(PY) scripts/bench_nodes.py --write docs/topology.md $(if $(MODEL),--model $(MODEL))
 
 bench-chaos: setup
 	$(PY) scripts/bench_chaos.py --write docs/reliability.md
