@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -20,7 +21,7 @@ def test_windows_cover_the_text_at_character_boundaries(size):
     windows = split_text(TEXT, size)
     assert "".join(windows) == TEXT
     assert all(0 < len(w.encode()) <= size for w in windows)
-    assert all(len(a.encode()) + len(b[0].encode()) > size for a, b in zip(windows, windows[1:]))  # each is full
+    assert all(len(a.encode()) + len(b[0].encode()) > size for a, b in itertools.pairwise(windows))  # each is full
 
 
 def test_window_sizes_are_checked():
