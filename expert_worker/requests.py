@@ -23,6 +23,7 @@ from expert_worker.errors import DuplicateRequestError, NotReadyError
 from expert_worker.runner import Cancel, Event, Submit
 from expert_worker.runner import Rejected as EngineRejected
 from moemesh.engine.engine import FinishReason, TokenEvent
+from moemesh.engine.logprobs import TokenLogprob
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import MoemeshError, UnavailableError
 
@@ -33,6 +34,8 @@ class Tokens:
 
     request_id: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with its first tokens, when the request asked
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class RequestTable:
                        completion_tokens=len(item.generated))
         prompt = list(item.prompt) + list(item.generated)  # a resubmitted request resumes
         params = replace(item.params, max_new_tokens=item.params.max_new_tokens - len(item.generated))
+        if item.generated:  # the prompt's log-probabilities went out with the first tokens already
+            params = replace(params, prompt_logprobs=False)
         try:
             self._admit(item.request_id, prompt, params)
         except MoemeshError as exc:
@@ -168,7 +173,8 @@ def _outcomes(event: Event, route: _Route) -> tuple[list[Outcome], bool]:
     outcomes: list[Outcome] = []
     if event.token_id is not None:
         route.completion_tokens += 1
-        outcomes.append(Tokens(event.request_id, (event.token_id,)))
+        logprobs = (event.logprob,) if event.logprob is not None else ()
+        outcomes.append(Tokens(event.request_id, (event.token_id,), logprobs, event.prompt_logprobs))
     if event.finish is not None:
         outcomes.append(Finished(event.request_id, event.finish, route.prompt_tokens, route.completion_tokens))
     return outcomes, event.finish is not None

@@ -20,7 +20,7 @@ from expert_worker.requests import (
 )
 from expert_worker.runner import MeshRunner
 from moemesh.engine.engine import Engine, FinishReason
-from moemesh.engine.sampling_wire import sampling_from_proto
+from moemesh.engine.sampling_wire import logprob_to_proto, sampling_from_proto
 from moemesh.status import status_for
 from moemesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -124,7 +124,9 @@ def _message(outcomes: list[Outcome]) -> worker_pb2.WorkerEvent:
 def _event(outcome: Outcome) -> worker_pb2.WorkerEvent:
     match outcome:
         case Tokens(request_id=rid, token_ids=ids):
-            return worker_pb2.WorkerEvent(tokens=worker_pb2.WorkerEvent.Tokens(request_id=rid, token_ids=ids))
+            return worker_pb2.WorkerEvent(tokens=worker_pb2.WorkerEvent.Tokens(
+                request_id=rid, token_ids=ids, logprobs=[logprob_to_proto(lp) for lp in outcome.logprobs],
+                prompt_logprobs=[logprob_to_proto(lp) for lp in outcome.prompt_logprobs]))
         case Finished():
             return worker_pb2.WorkerEvent(finished=worker_pb2.WorkerEvent.Finished(
                 request_id=outcome.request_id, reason=_REASON[outcome.reason], prompt_tokens=outcome.prompt_tokens,

@@ -3,7 +3,8 @@
 `WorkerPool` turns every WorkerEvent message (or a broken stream) into these at its edge; the
 rest of the gateway never sees a worker proto.
 
-- `Tokens(ids, offset)`: new tokens; `offset` is how many tokens of this request came before.
+- `Tokens(ids, offset, logprobs, prompt_logprobs)`: new tokens; `offset` is how many tokens of this
+  request came before; their log-probabilities when the request asked (the prompt's on the first).
 - `Finished(reason, error)`: the worker ended the request (error set only for FINISH_REASON_ERROR).
 - `Failed(code, message)`: the request ended abnormally: the worker rejected it (its own status
   code), or its worker let go of it and it could not be migrated (UNAVAILABLE). A Failed with
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from moemesh.engine.logprobs import TokenLogprob
+from moemesh.engine.sampling_wire import logprob_from_proto
 from moemesh.status import status_code_of
 from moemesh.v1 import common_pb2, worker_pb2
 
@@ -31,6 +34,8 @@ class Tokens:
 
     ids: tuple[int, ...]
     offset: int  # tokens of this request received before ids[0]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per id, when the request asked
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # on the request's first Tokens, when it asked
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,10 @@ def from_worker(message: worker_pb2.WorkerEvent, received: int, worker: str) -> 
     `worker`: the worker's name for messages."""
     kind = message.WhichOneof("kind")
     if kind == "tokens":
-        return Tokens(tuple(message.tokens.token_ids), offset=received)
+        tokens = message.tokens
+        return Tokens(tuple(tokens.token_ids), offset=received,
+                      logprobs=tuple(logprob_from_proto(lp) for lp in tokens.logprobs),
+                      prompt_logprobs=tuple(logprob_from_proto(lp) for lp in tokens.prompt_logprobs))
     if kind == "finished":
         reason = message.finished.reason or common_pb2.FINISH_REASON_ERROR
         failed = reason == common_pb2.FINISH_REASON_ERROR

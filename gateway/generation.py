@@ -24,6 +24,7 @@ from gateway.events import Event, Failed, Finished, Tokens
 from gateway.metrics import GatewayMetrics, finished_reason
 from gateway.served_model import Prepared, ServedModel
 from gateway.workers import Handle, WorkerPool
+from moemesh.engine.sampling_wire import logprob_to_proto
 from moemesh.v1 import common_pb2, gateway_pb2
 
 Response = gateway_pb2.GenerateResponse
@@ -68,7 +69,10 @@ class Progress:
         self.last_chunk_at = now
         if self.first_token_at is None:
             self.first_token_at = now
-        return Response(chunk=Response.TokenChunk(token_ids=tokens.ids, text=text, offset=tokens.offset))
+        return Response(chunk=Response.TokenChunk(
+            token_ids=tokens.ids, text=text, offset=tokens.offset,
+            logprobs=[logprob_to_proto(lp) for lp in tokens.logprobs],
+            prompt_logprobs=[logprob_to_proto(lp) for lp in tokens.prompt_logprobs]))
 
     def undecodable(self, tokens: Tokens, exc: Exception) -> Response:
         """Finished{ERROR} for a chunk whose text could not be decoded (its tokens are not sent)."""
@@ -113,21 +117,23 @@ def coalesce(items: Sequence[tuple[int, Event]]) -> list[tuple[int, Event]]:
     events and the order per tag are kept. Pure."""
     out: list[tuple[int, Event]] = []
     open_at: dict[int, int] = {}  # tag -> index in `out` of its Tokens that takes more ids
-    more: dict[int, list[int]] = {}  # index in `out` -> ids merged into that Tokens
+    more: dict[int, list[Tokens]] = {}  # index in `out` -> Tokens merged into that one
     for tag, event in items:
         at = open_at.get(tag)
         if isinstance(event, Tokens) and at is not None:
-            more.setdefault(at, []).extend(event.ids)
+            more.setdefault(at, []).append(event)
             continue
         if isinstance(event, Tokens):
             open_at[tag] = len(out)
         else:
             open_at.pop(tag, None)
         out.append((tag, event))
-    for at, ids in more.items():
+    for at, rest in more.items():
         tag, first = out[at]
         assert isinstance(first, Tokens)
-        out[at] = (tag, Tokens(first.ids + tuple(ids), first.offset))
+        out[at] = (tag, Tokens(first.ids + tuple(i for t in rest for i in t.ids), first.offset,
+                               first.logprobs + tuple(lp for t in rest for lp in t.logprobs),
+                               first.prompt_logprobs + tuple(lp for t in rest for lp in t.prompt_logprobs)))
     return out
 
 

@@ -207,6 +207,7 @@ def _commands(argv: list[str] | None = None) -> tuple:
     from gateway.cli import add_gateway_command
     from moemesh.bench_cli import add_bench_command
     from moemesh.compose_gpu import add_compose_gpu_command
+    from moemesh.eval_cli import add_eval_command
     from moemesh.launcher import add_up_command
     from moemesh.planner.cli import add_plan_command
     from moemesh.simulate.cli import add_simulate_command
@@ -214,7 +215,7 @@ def _commands(argv: list[str] | None = None) -> tuple:
 
     return (_add_tiny_model, _add_train, _add_generate, add_up_command, add_coordinator_command, add_worker_command,
             add_gateway_command, add_placement_command, add_plan_command, add_bench_command, add_simulate_command,
-            _add_certs, _add_api_key, add_top_command, add_probe_command, add_compose_gpu_command)
+            _add_certs, _add_api_key, add_top_command, add_probe_command, add_compose_gpu_command, add_eval_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import rpc
+from moemesh.engine.logprobs import TokenLogprob
 from moemesh.engine.sampling import SamplingParams
-from moemesh.engine.sampling_wire import sampling_to_proto
+from moemesh.engine.sampling_wire import logprob_from_proto, sampling_to_proto
 from moemesh.errors import InvalidRequestError, MoemeshError, UnavailableError
 from moemesh.retry import Backoff, retry
 from moemesh.status import error_for
@@ -63,6 +64,8 @@ class TokenChunk:
     token_ids: tuple[int, ...]
     text: str
     offset: int  # tokens of the completion streamed before this chunk
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when SamplingParams.logprobs is set
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 1.., in the first chunk, when asked
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Completion:
     token_ids: tuple[int, ...]
     text: str
     finished: Finished
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when SamplingParams.logprobs is set
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 1.., when asked
 
 
 Event = TokenChunk | Finished
@@ -115,7 +120,9 @@ def event_from_proto(msg: gateway_pb2.GenerateResponse) -> Event:
     """TokenChunk or Finished for one GenerateResponse."""
     if msg.WhichOneof("event") == "chunk":
         c = msg.chunk
-        return TokenChunk(tuple(c.token_ids), c.text, c.offset)
+        return TokenChunk(tuple(c.token_ids), c.text, c.offset,
+                          tuple(logprob_from_proto(lp) for lp in c.logprobs),
+                          tuple(logprob_from_proto(lp) for lp in c.prompt_logprobs))
     f = msg.finished
     return Finished(REASONS.get(f.reason, "unspecified"), f.prompt_tokens, f.completion_tokens,
                     f.ttft_seconds, f.latency_seconds, f.request_id, f.error)
@@ -194,15 +201,19 @@ class Client:
         """A whole generation; GenerationError if it ended with an error."""
         ids: list[int] = []
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        scored: tuple[TokenLogprob, ...] = ()  # the prompt's, from the first chunk
         async for event in self.generate(prompt, token_ids=token_ids, params=params, include_text=True,
                                          request_id=request_id, timeout=timeout):
             if isinstance(event, TokenChunk):
                 ids.extend(event.token_ids)
                 parts.append(event.text)
+                logprobs.extend(event.logprobs)
+                scored = scored or event.prompt_logprobs
             else:
                 if event.reason == "error":
                     raise GenerationError(event.error or "generation failed")
-                return Completion(tuple(ids), "".join(parts), event)
+                return Completion(tuple(ids), "".join(parts), event, tuple(logprobs), scored)
         raise UnavailableError(f"gateway {self.target} ended the stream without a Finished message")
 
     async def generate_batch(

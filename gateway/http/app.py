@@ -133,7 +133,7 @@ class OpenAIApi:
 
     async def completions(self, request: Request) -> Response:
         params = completion_params(await self._json(request), self.model.default_max_new_tokens)
-        return await self._generate(request, params.prompt, params.common, chat=False)
+        return await self._generate(request, params.prompt, params.common, chat=False, echo=params.echo)
 
     async def chat_completions(self, request: Request) -> Response:
         params = chat_params(await self._json(request), self.model.default_max_new_tokens)
@@ -189,25 +189,30 @@ class OpenAIApi:
     # --- one generation --------------------------------------------------------------------------
 
     async def _generate(self, request: Request, prompt: str | tuple[int, ...], common: Sampled,
-                        chat: bool) -> Response:
+                        chat: bool, echo: bool = False) -> Response:
         self._check_model(common.model)
         if self.keys is not None:
             self.keys.admit(request.headers.get("authorization"), time.monotonic(), requests=1,
                             max_tokens=common.sampling.max_new_tokens)
         request_id = uuid.uuid4().hex[:16]
         prepared = await self.model.prepare_off_loop(generate_request(prompt, common.sampling), request_id)
-        outputs = run_completion(self.pool, self.model, prepared, common.stop, self.metrics)
+        echo_text = (prompt if isinstance(prompt, str) else self.model.codec.decode(list(prompt))) if echo else None
+        outputs = run_completion(self.pool, self.model, prepared, common.stop, self.metrics, echo_text)
         reply = Reply.new(request_id, self.name, chat)
         if not common.stream:
-            text, end = await _unless_disconnected(request, collect(outputs))
-            return JSONResponse(reply.full(text, end))
+            whole, end = await _unless_disconnected(request, collect(outputs))
+            return JSONResponse(reply.full(whole.text, end, reply.logprobs(whole, self._token_text)))
         try:  # failures before the first token are HTTP statuses
             first = await _unless_disconnected(request, anext(outputs))
         except BaseException:
             await outputs.aclose()
             raise
-        return _Stream(_events(reply, first, outputs, common.include_usage),
+        return _Stream(_events(reply, first, outputs, common.include_usage, self._token_text),
                        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _token_text(self, token: int) -> str:
+        """One token's text, as OpenAI's logprobs name it (a lone byte of a longer character: U+FFFD)."""
+        return self.model.codec.decode([token])
 
     def _authenticate(self, request: Request) -> None:
         if self.keys is not None:
@@ -244,16 +249,18 @@ class OpenAIApi:
 
 
 async def _events(reply: Reply, first: Delta | End, outputs: AsyncGenerator[Delta | End, None],
-                  include_usage: bool) -> AsyncIterator[bytes]:
+                  include_usage: bool, token_text: Callable[[int], str]) -> AsyncIterator[bytes]:
     """The SSE stream of a completion whose first item is `first`; a failure after the response
     started is an error event; `data: [DONE]` last. A disconnect cancels this (and so the request)."""
     async with contextlib.aclosing(outputs):
         try:
             if reply.chat:
                 yield sse.event(reply.chunk("", role=True, include_usage=include_usage))
-            item = first
+            item, offset = first, 0
             while isinstance(item, Delta):
-                yield sse.event(reply.chunk(item.text, include_usage=include_usage))
+                logprobs = reply.logprobs(item, token_text, offset)
+                yield sse.event(reply.chunk(item.text, include_usage=include_usage, logprobs=logprobs))
+                offset += len(item.text)
                 item = await anext(outputs)
             yield sse.event(reply.chunk(None, item.finish_reason, include_usage=include_usage))
             if include_usage:

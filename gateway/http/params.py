@@ -3,10 +3,12 @@
 `completion_params` / `chat_params` read a decoded JSON body; every field has its type checked
 here (BadParamError names it), ranges are the domain's (`SamplingParams.validate`, run by
 `ServedModel.prepare`), and `generate_request` builds the one `gateway_pb2.GenerateRequest` the
-gRPC API takes too. Fields OpenAI defines that the gateway cannot honour (n > 1, logprobs, echo,
-best_of > 1, penalties, logit_bias, tools, a response_format other than text, a batch of
-prompts) are a 400 saying so, never silently dropped; fields it does not know (user, metadata,
-...) are ignored, as OpenAI does.
+gRPC API takes too. Fields OpenAI defines that the gateway cannot honour (n > 1, best_of > 1,
+penalties, logit_bias, tools, a response_format other than text, a batch of prompts) are a 400
+saying so, never silently dropped; fields it does not know (user, metadata, ...) are ignored, as
+OpenAI does. Completions take `logprobs` (0..20 alternatives per token) and `echo` (the prompt in
+front of the completion; with logprobs, the prompt tokens' too: how a text is scored); chat takes
+`logprobs` (a boolean) and `top_logprobs` (0..20).
 
 Defaults: temperature 1 (OpenAI's; 0 = greedy), max_tokens the gateway's
 --default-max-new-tokens (OpenAI's completions default is 16, which is also the gateway's).
@@ -17,10 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.http.errors import BadParamError
+from moemesh.engine.logprobs import MAX_TOP_LOGPROBS
 from moemesh.engine.sampling import SamplingParams
 from moemesh.engine.sampling_wire import sampling_to_proto
 from moemesh.errors import InvalidRequestError
@@ -60,6 +63,7 @@ class Sampled:
 class CompletionParams:
     prompt: str | tuple[int, ...]
     common: Sampled
+    echo: bool = False  # the prompt in front of the completion (and its logprobs, when asked)
 
 
 @dataclass(frozen=True)
@@ -71,21 +75,41 @@ class ChatParams:
 
 def completion_params(body: Any, default_max_tokens: int) -> CompletionParams:
     """A /v1/completions body."""
-    body = _object(body)
-    return CompletionParams(_prompt(body.get("prompt")), _sampled(body, default_max_tokens, "max_tokens"))
+    body = _object(body, allowed=("logprobs", "echo"))
+    echo = body.get("echo") or False
+    _check(isinstance(echo, bool), "echo", "must be a boolean")
+    logprobs = body.get("logprobs")
+    _check(logprobs is None or (_is_int(logprobs) and logprobs >= 0), "logprobs",
+           f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token)")
+    common = _sampled(body, default_max_tokens, "max_tokens")
+    sampling = replace(common.sampling, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+    return CompletionParams(_prompt(body.get("prompt")), replace(common, sampling=sampling), echo)
 
 
 def chat_params(body: Any, default_max_tokens: int) -> ChatParams:
     """A /v1/chat/completions body (max_completion_tokens wins over the older max_tokens)."""
-    body = _object(body)
+    body = _object(body, allowed=("logprobs", "top_logprobs"))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadParamError("messages", "messages must be a non-empty list of {role, content} objects")
     add_generation_prompt = body.get("add_generation_prompt", True)
     _check(isinstance(add_generation_prompt, bool), "add_generation_prompt", "must be a boolean")
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    common = _sampled(body, default_max_tokens, limit)
     return ChatParams(tuple(_message(m, i) for i, m in enumerate(messages)), add_generation_prompt,
-                      _sampled(body, default_max_tokens, limit))
+                      replace(common, sampling=replace(common.sampling, logprobs=_chat_logprobs(body))))
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """Chat's logprobs (a boolean) and top_logprobs (alternatives; only with logprobs) -> the
+    alternatives per token, None when not asked."""
+    logprobs = body.get("logprobs") or False
+    _check(isinstance(logprobs, bool), "logprobs", "must be a boolean (top_logprobs says how many alternatives)")
+    top = body.get("top_logprobs")
+    _check(top is None or (_is_int(top) and top >= 0), "top_logprobs",
+           f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    _check(top is None or logprobs, "top_logprobs", "needs logprobs: true")
+    return (top or 0) if logprobs else None
 
 
 def generate_request(prompt: str | tuple[int, ...], sampling: SamplingParams, request_id: str = "",
@@ -113,11 +137,11 @@ def tokens_param(value: Any, name: str) -> tuple[int, ...]:
 # --- fields -------------------------------------------------------------------------------------
 
 
-def _object(body: Any) -> Mapping[str, Any]:
+def _object(body: Any, allowed: tuple[str, ...] = ()) -> Mapping[str, Any]:
     if not isinstance(body, dict):
         raise BadParamError("body", "the request body must be a JSON object")
     for name, unset in UNSUPPORTED.items():
-        if body.get(name) not in unset:
+        if name not in allowed and body.get(name) not in unset:
             raise BadParamError(name, f"{name}={body[name]!r} is not supported by this server "
                                       f"(leave it out or send {unset[1]!r})")
     return body

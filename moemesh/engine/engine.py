@@ -10,7 +10,12 @@ probabilities, an exception in its sampling) ends that request alone with a
 `TokenEvent(finish=ERROR, error=...)` and frees its KV slot; every other row of the step gets its
 token. Bad inputs never get that far: `validate_request` refuses them at every front door.
 
-Shape legend: T tokens in the step, B decoding sequences, R rows sampled, V vocab.
+Log-probabilities: a request with `logprobs` gets each new token's (TokenEvent.logprob); one with
+`prompt_logprobs` also gets its prompt's (TokenEvent.prompt_logprobs, on its first event), for which
+its prefill projects every prompt row through the lm head, not only the last.
+
+Shape legend: T tokens in the step, B decoding sequences, R rows sampled, L rows projected
+(R, plus the prompt rows of requests that asked for prompt log-probabilities), V vocab.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from enum import StrEnum
 
 import torch
 
+from moemesh.engine.logprobs import TokenLogprob, token_logprobs
 from moemesh.engine.sampling import RowFailure, SamplingParams, new_seed, sample
 from moemesh.errors import CapacityError, InvalidRequestError
 from moemesh.model.decoder import MoEModel
@@ -70,6 +76,8 @@ class TokenEvent:
     token_id: int | None  # None only for a cancelled or failed request's closing event
     finish: FinishReason | None = None
     error: str = ""  # why, when finish is ERROR
+    logprob: TokenLogprob | None = None  # the token's, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 1.., on the first event when asked
 
 
 @dataclass
@@ -94,8 +102,10 @@ class MicroBatch:
 
     token_ids: torch.Tensor  # (T,) int64
     plan: AttentionPlan
-    logit_rows: torch.Tensor  # (R,) int64: the row of T whose logits sample each sequence
+    logit_rows: torch.Tensor  # (L,) int64: the rows of T projected to logits
     seqs: tuple[_Sequence, ...]  # (R,) the sequence of each sampled row
+    sample_at: tuple[int, ...] = ()  # (R,) each sequence's row in this micro-batch's logits; () = 0..R-1
+    prompt_at: tuple[int, ...] = ()  # (R,) where the rows scoring its prompt start in the logits; -1 none
 
     @property
     def num_tokens(self) -> int:
@@ -213,13 +223,15 @@ class Engine:
             sliding_window=self.model.cfg.sliding_window,
             device=self.model.runtime.device,
         )
-        rows = list(range(len(decode))) + [seg.offset + seg.length - 1 for seg in segments]
+        rows, sample_at, prompt_at = _logit_rows(len(decode), prefill, segments)
         device = self.model.runtime.device
         return MicroBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
             plan=plan,
             logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
             seqs=tuple(decode + prefill),
+            sample_at=sample_at,
+            prompt_at=prompt_at,
         )
 
     def execute(self, batch: StepBatch, max_tokens: tuple[int, ...] | None = None) -> list[TokenEvent]:
@@ -229,15 +241,18 @@ class Engine:
         if len(batch.micro) == 1:
             m = batch.micro[0]
             t_max = max_tokens[0] if max_tokens is not None else None
-            logits = self.model.forward(m.token_ids, m.plan, m.logit_rows, t_max)  # (R, V)
+            logits = self.model.forward(m.token_ids, m.plan, m.logit_rows, t_max)  # (L, V)
         else:
             parts = self.model.forward_overlapped([(m.token_ids, m.plan, m.logit_rows) for m in batch.micro],
                                                   max_tokens)
-            logits = torch.cat(parts)  # (R, V) in batch.seqs order
+            logits = torch.cat(parts)  # (L, V) in micro-batch order
         seqs = batch.seqs
         if not seqs:
             return []
-        drawn = sample(logits, [s.params for s in seqs], [s.position for s in seqs])
+        sample_at, prompt_at = _step_rows(batch)
+        rows = logits if sample_at is None else logits[torch.tensor(sample_at, device=logits.device)]  # (R, V)
+        drawn = sample(rows, [s.params for s in seqs], [s.position for s in seqs])
+        scored = _score(logits, seqs, drawn, sample_at, prompt_at)
         events = []
         for seq, token in zip(seqs, drawn):
             if isinstance(token, RowFailure):  # this request alone ends; the step goes on
@@ -247,7 +262,8 @@ class Engine:
             seq.cached = seq.position
             seq.output.append(token)
             finish = self._finish_reason(seq, token)
-            events.append(TokenEvent(seq.request_id, token, finish))
+            logprob, prompt = scored.get(id(seq), (None, ()))
+            events.append(TokenEvent(seq.request_id, token, finish, logprob=logprob, prompt_logprobs=prompt))
             if finish is not None:
                 self._retire(seq)
         return events
@@ -280,6 +296,65 @@ class Engine:
     def _release(self, seq: _Sequence) -> None:
         self._free_slots.append(seq.slot)
         seq.slot = -1
+
+
+def _logit_rows(decoding: int, prefill: list[_Sequence], segments: list[Segment]
+                ) -> tuple[list[int], tuple[int, ...], tuple[int, ...]]:
+    """The rows of a micro-batch's T to project -> (rows (L,), sample_at (R,), prompt_at (R,)).
+    Decoding rows and prompts' last rows are sampled; a prompt that asked for its log-probabilities
+    projects every row (row j predicts prompt token j + 1). sample_at is () when L = R."""
+    rows, sample_at, prompt_at = list(range(decoding)), list(range(decoding)), [-1] * decoding
+    for seq, seg in zip(prefill, segments):
+        if seq.params.prompt_logprobs:
+            prompt_at.append(len(rows))
+            rows.extend(range(seg.offset, seg.offset + seg.length))
+        else:
+            prompt_at.append(-1)
+            rows.append(seg.offset + seg.length - 1)
+        sample_at.append(len(rows) - 1)
+    if len(rows) == len(sample_at):
+        return rows, (), ()
+    return rows, tuple(sample_at), tuple(prompt_at)
+
+
+def _step_rows(batch: StepBatch) -> tuple[list[int] | None, list[int]]:
+    """Across micro-batches: each sequence's sampled row and prompt-rows start in the step's
+    concatenated logits (L, V); (None, []) when every projected row is a sampled one."""
+    if all(not m.sample_at for m in batch.micro):
+        return None, []
+    sample_at: list[int] = []
+    prompt_at: list[int] = []
+    base = 0
+    for m in batch.micro:
+        if m.sample_at:
+            sample_at += [base + i for i in m.sample_at]
+            prompt_at += [base + i if i >= 0 else -1 for i in m.prompt_at]
+        else:
+            sample_at += [base + i for i in range(len(m.seqs))]
+            prompt_at += [-1] * len(m.seqs)
+        base += int(m.logit_rows.shape[0])
+    return sample_at, prompt_at
+
+
+def _score(logits: torch.Tensor, seqs: tuple[_Sequence, ...], drawn: list, sample_at: list[int] | None,
+           prompt_at: list[int]) -> dict[int, tuple[TokenLogprob | None, tuple[TokenLogprob, ...]]]:
+    """logits: (L, V) -> id(sequence) -> (its new token's log-probability, its prompt's), for the
+    sequences that asked (the rest pay nothing)."""
+    out: dict[int, tuple[TokenLogprob | None, tuple[TokenLogprob, ...]]] = {}
+    for i, (seq, token) in enumerate(zip(seqs, drawn)):
+        if isinstance(token, RowFailure) or (seq.params.logprobs is None and not seq.params.prompt_logprobs):
+            continue
+        row = i if sample_at is None else sample_at[i]
+        new = None
+        if seq.params.logprobs is not None:
+            new = token_logprobs(logits[row : row + 1], torch.tensor([token]), seq.params.top_logprobs)[0]
+        prompt: tuple[TokenLogprob, ...] = ()
+        if prompt_at and prompt_at[i] >= 0:
+            start, n = prompt_at[i], len(seq.prompt) - 1
+            prompt = tuple(token_logprobs(logits[start : start + n], torch.tensor(seq.prompt[1:]),  # (n, V)
+                                          seq.params.top_logprobs))
+        out[id(seq)] = (new, prompt)
+    return out
 
 
 def _split(

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from moemesh.engine.logprobs import MAX_TOP_LOGPROBS
 from moemesh.errors import InvalidRequestError
 
 MIN_TEMPERATURE = 1e-2  # below it (other than 0 = greedy), logits / temperature overflows float32
@@ -58,6 +59,8 @@ class SamplingParams:
     seed: int | None = None  # None = the engine picks one when the request is added
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; K = each new token's log-probability and K alternatives
+    prompt_logprobs: bool = False  # also every prompt token's (from the second), with the same K
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +91,18 @@ class SamplingParams:
             _check_int("stop_token_ids", t)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), "
+                                          f"got {self.logprobs}")
+        if not isinstance(self.prompt_logprobs, bool):
+            raise InvalidRequestError(f"prompt_logprobs must be a bool, got {self.prompt_logprobs!r}")
+
+    @property
+    def top_logprobs(self) -> int:
+        """Alternatives per scored token (0 when only the tokens' own log-probabilities are asked)."""
+        return self.logprobs or 0
 
 
 def _is_real(x: Any) -> bool:

@@ -1,4 +1,5 @@
-"""SamplingParams <-> moemesh.v1.SamplingParams (proto3 zeros mean "off", see common.proto).
+"""SamplingParams <-> moemesh.v1.SamplingParams (proto3 zeros mean "off", see common.proto), and
+TokenLogprob <-> moemesh.v1.TokenLogprob.
 
 Only an exact 0 means "unset" (top_p 0 -> 1 = off); every other value, NaN, inf or negative
 included, reaches `SamplingParams.validate` as it was sent. float32 fields come back as the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moemesh.engine.logprobs import TokenLogprob
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import InvalidRequestError
 from moemesh.v1 import common_pb2
@@ -25,6 +27,8 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs,
     )
 
 
@@ -37,6 +41,7 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         if value != 0.0 and _to_f32(value) == 0.0:
             raise InvalidRequestError(f"{name}={value!r} is 0 in float32 (the wire's type), which means off")
     for name, value in (("max_new_tokens", p.max_new_tokens), ("top_k", p.top_k), ("seed", p.seed),
+                        ("logprobs", p.logprobs),
                         *(("stop_token_ids", t) for t in p.stop_token_ids)):
         if isinstance(value, int) and value < 0:
             raise InvalidRequestError(f"{name} must be >= 0, got {value}")
@@ -44,11 +49,23 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         raise InvalidRequestError("top_p must be in (0, 1] (1 = off), got 0.0 (0 on the wire means off)")
     msg = common_pb2.SamplingParams(
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-        stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, prompt_logprobs=p.prompt_logprobs,
     )
     if p.seed is not None:
         msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
     return msg
+
+
+def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(token_id=lp.token, logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
+                                   top_logprobs=[v for _, v in lp.top])
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
+    """float32 on the wire: values come back rounded to float32."""
+    return TokenLogprob(msg.token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
 
 
 def _to_f32(x: float) -> float:

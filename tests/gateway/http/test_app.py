@@ -130,6 +130,59 @@ def test_a_stream_is_server_sent_events_ending_in_done(mesh):
     assert payloads[-1]["usage"]["completion_tokens"] == payloads[-1]["usage"]["total_tokens"] - 3
 
 
+def grpc_scores(address: str, text: str, max_new_tokens: int, top: int) -> list[gateway_pb2.GenerateResponse]:
+    """The gRPC API's greedy completion of `text` with its prompt's and tokens' log-probabilities."""
+    async def run():
+        sampling = sampling_to_proto(SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, logprobs=top,
+                                                    prompt_logprobs=True))
+        request = gateway_pb2.GenerateRequest(text=text, include_text=True, sampling=sampling)
+        async with channel(address) as ch:
+            return [m async for m in gateway_pb2_grpc.GatewayStub(ch).Generate(request, timeout=DEADLINE_S)]
+
+    return asyncio.run(run())[:-1]
+
+
+def test_echo_and_logprobs_score_the_prompt_as_the_grpc_api_does(mesh):
+    """OpenAI's completion logprobs object, streamed or not: the prompt's tokens (the first without a
+    score) then the completion's, each with its top alternatives, equal to the gRPC API's values."""
+    c = client(mesh.http)
+    reply = c.completions.create(model=MODEL, prompt="To be, or", max_tokens=4, logprobs=2, echo=True, **GREEDY)
+    choice = reply.choices[0]
+    chunks = grpc_scores(mesh.gateway, "To be, or", 4, 2)
+    completion = "".join(m.chunk.text for m in chunks)
+    assert choice.text == "To be, or" + completion
+    lp = choice.logprobs
+    prompt_ids = http(mesh.http, "/tokenize", {"prompt": "To be, or"})[1]["tokens"]
+    assert len(lp.tokens) == len(prompt_ids) + 4 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert "".join(lp.tokens) == choice.text  # the first is BOS, whose text is empty
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = [s.logprob for s in chunks[0].chunk.prompt_logprobs] + [s.logprob for m in chunks for s in m.chunk.logprobs]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-6)
+    # two alternatives each (fewer keys where two tokens have the same text, as in OpenAI's dict form)
+    assert all(1 <= len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs[1:],
+                                                                                       lp.token_logprobs[1:]))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed = list(c.completions.create(model=MODEL, prompt="To be, or", max_tokens=4, logprobs=2, echo=True,
+                                         stream=True, **GREEDY))
+    parts = [ch.choices[0].logprobs for ch in streamed if ch.choices[0].logprobs is not None]
+    assert [v for p in parts for v in p.token_logprobs] == lp.token_logprobs
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
+
+
+def test_chat_logprobs_are_the_completions_of_the_same_prompt(mesh):
+    c = client(mesh.http)
+    reply = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, logprobs=True, top_logprobs=3,
+                                      **GREEDY)
+    reference = AutoTokenizer.from_pretrained(str(mesh.model_dir))
+    ids = reference.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]
+    plain = c.completions.create(model=MODEL, prompt=ids, max_tokens=5, logprobs=3, **GREEDY).choices[0].logprobs
+    content = reply.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx(plain.token_logprobs, abs=1e-6)
+    assert [e.token for e in content] == plain.tokens
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+    assert all(e.bytes == list(e.token.encode()) for e in content)
+
+
 def test_stop_strings_cut_the_text_streamed_or_not(mesh):
     c = client(mesh.http)
     full = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, **GREEDY).choices[0].text
@@ -148,7 +201,8 @@ def test_errors_arrive_as_the_clients_typed_exceptions(mesh):
     c = client(mesh.http)
     cases = [(dict(prompt="x", temperature=-1), "temperature must be 0 (greedy) or in", None),
              (dict(prompt="x", n=2), "n=2 is not supported", "n"),
-             (dict(prompt="x", logprobs=2), "logprobs=2 is not supported", "logprobs"),
+             (dict(prompt="x", logprobs=21), "logprobs must be in [0, 20]", None),
+             (dict(prompt="x", best_of=2), "best_of=2 is not supported", "best_of"),
              (dict(prompt="x", max_tokens=5000), "over this server's limit of 4096", None),
              (dict(prompt=""), "prompt text is empty", None)]
     for kwargs, message, param in cases:

@@ -33,6 +33,23 @@ def test_defaults_token_prompts_and_a_batch_of_one():
     assert completion_params({"prompt": ["x"], "top_k": -1}, 16).common.sampling.top_k == 0  # vLLM's "off"
 
 
+def test_completion_logprobs_and_echo_become_the_requests_scoring():
+    plain = completion_params({"prompt": "x", "logprobs": 3}, 16)
+    assert (plain.echo, plain.common.sampling.logprobs, plain.common.sampling.prompt_logprobs) == (False, 3, False)
+    echoed = completion_params({"prompt": "x", "logprobs": 0, "echo": True}, 16)
+    assert (echoed.echo, echoed.common.sampling.logprobs, echoed.common.sampling.prompt_logprobs) == (True, 0, True)
+    text_only = completion_params({"prompt": "x", "echo": True}, 16)  # echo without logprobs: no scoring
+    assert (text_only.common.sampling.logprobs, text_only.common.sampling.prompt_logprobs) == (None, False)
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    assert chat_params({**chat, "logprobs": True, "top_logprobs": 4}, 16).common.sampling.logprobs == 4
+    assert chat_params({**chat, "logprobs": True}, 16).common.sampling.logprobs == 0
+    assert chat_params({**chat, "logprobs": False}, 16).common.sampling.logprobs is None
+    for field in ({"logprobs": 2}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": -1}):
+        with pytest.raises(BadParamError) as caught:
+            chat_params({**chat, **field}, 16)
+        assert caught.value.param in field
+
+
 def test_chat_takes_max_completion_tokens_and_text_parts():
     params = chat_params({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                     {"type": "text", "text": "b"}]}],
@@ -43,8 +60,9 @@ def test_chat_takes_max_completion_tokens_and_text_parts():
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": ["a", "b"]}, "prompt"),

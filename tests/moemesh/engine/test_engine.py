@@ -147,3 +147,41 @@ def test_a_request_whose_logits_go_nan_ends_alone_and_frees_its_slot(model, vict
     reuse = Engine(model)  # the freed slot serves again: its prefill overwrites the poisoned row
     assert generate(reuse, [PROMPTS[3], PROMPTS[4]], others) == [generate(Engine(model), [p], others)[0]
                                                                  for p in (PROMPTS[3], PROMPTS[4])]
+
+
+def test_logprobs_are_the_reference_models_own_whatever_shares_the_step(hf_model):
+    """Prompt and new-token log-probabilities (and the top alternatives) equal transformers'
+    log-softmax of its logits, for a request prefilled beside one that asked for nothing and one
+    already decoding."""
+    import torch
+
+    ckpt, ref = hf_model("mixtral", experts=8, top_k=2)
+    engine = Engine(build_model(ckpt, RuntimeShape(max_seqs=4, max_model_len=64)))
+    engine.add_request("busy", PROMPTS[0], SamplingParams(max_new_tokens=6))
+    engine.step()  # "busy" decodes while the next two prefill
+    scored = SamplingParams(max_new_tokens=3, logprobs=3, prompt_logprobs=True)
+    engine.add_request("plain", PROMPTS[1], SamplingParams(max_new_tokens=3))
+    engine.add_request("scored", PROMPTS[2], scored)
+    events: dict[str, list] = {}
+    while engine.has_work:
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    assert all(ev.logprob is None and not ev.prompt_logprobs for ev in events["plain"] + events["busy"])
+    got = events["scored"]
+    full = PROMPTS[2] + [ev.token_id for ev in got]
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([full])).logits[0].float(), dim=-1)  # (S, V)
+    prompt = got[0].prompt_logprobs
+    assert len(prompt) == len(PROMPTS[2]) - 1 and all(not ev.prompt_logprobs for ev in got[1:])
+    scores = list(prompt) + [ev.logprob for ev in got]
+    for pos, lp in enumerate(scores):  # position pos predicts full[pos + 1]
+        assert lp.token == full[pos + 1]
+        assert lp.logprob == pytest.approx(want[pos, full[pos + 1]].item(), abs=1e-4)
+        top = torch.topk(want[pos], 3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_logprobs_out_of_range_are_clear_errors(model):
+    with pytest.raises(InvalidRequestError, match="logprobs must be in"):
+        Engine(model).add_request("r", [1, 2], SamplingParams(logprobs=21))
