@@ -77,8 +77,8 @@ def marked_seams(engine: Any, collective: Any | None = None) -> Iterator[None]:
     engine.schedule = _Marked(type(engine).schedule.__get__(engine), "schedule")
     engine.execute = _Marked(type(engine).execute.__get__(engine), EXECUTE)
     engine_module = sys.modules[type(engine).__module__]
-    sample = engine_module.sample
-    engine_module.sample = _Marked(sample, "sampling")  # the engine's module-level sampler, while profiling
+    sample = getattr(engine_module, "sample")  # noqa: B009 - the engine module's sampler, marked while profiling
+    setattr(engine_module, "sample", _Marked(sample, "sampling"))  # noqa: B010
     model.attention, moe.router, moe.experts = (_Marked(saved[0], "attention"), _Marked(saved[1], "router"),
                                                 _Marked(saved[2], "experts"))
     transport.dispatch = _posting(type(transport).dispatch.__get__(transport), "dispatch")
@@ -88,7 +88,7 @@ def marked_seams(engine: Any, collective: Any | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        engine_module.sample = sample
+        setattr(engine_module, "sample", sample)  # noqa: B010
         for obj, names in ((engine, ("schedule", "execute")), (transport, ("dispatch", "combine")),
                            (collective, ("all_gather",))):
             for name in names:

@@ -253,7 +253,7 @@ def test_gpt_oss_router_under_the_drop_policy_renormalises_over_the_copies_kept(
 
 def test_stacked_experts_run_as_grouped_matmuls_equal_to_one_by_one():
     w13, w2, _, _ = _weights()
-    held = LayerExperts(tuple(range(E)), tuple(w13.clone().unbind(0)), tuple(w2.clone().unbind(0)))
+    held = LayerExperts(tuple(range(E)), tuple(t.clone() for t in w13), tuple(t.clone() for t in w2))
     stacked = stack_experts(held)
     assert stacked_view(held.w13) is None  # separate tensors: not a stack
     assert stacked_view(stacked.w13) is not None and torch.equal(stacked_view(stacked.w13), w13)
