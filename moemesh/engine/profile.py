@@ -7,9 +7,10 @@ mesh rank, the step header. `split_steps(events, steps)` turns the profiler's ev
 `StepSplit`: per phase the wall time per step and the part of it inside torch ops (the rest is
 Python between ops); waits on collectives are their own phase.
 
-The profiler itself costs time around every op it records, and that lands between ops: callers
-pass the step time measured without the profiler (`unprofiled_s`), and the split charges the
-difference to nothing (`StepSplit.rows` scales the Python part down by it).
+The profiler itself costs time for every op it records: callers pass the step time measured
+without the profiler (`unprofiled_s`); the difference, spread evenly over the recorded op events,
+is taken out where each event's cost lands (inside its parent op for a nested op, between ops for
+a top-level one), and the phases are then scaled to add up to the unprofiled step.
 """
 
 from __future__ import annotations
@@ -118,16 +119,13 @@ class StepSplit:
         return max(0.0, self.profiled_s - self.unprofiled_s)
 
     def rows(self) -> list[tuple[str, float, float]]:
-        """(phase, ms per step, of which in torch ops ms) in ORDER, the Python between ops scaled so
-        that the phases add up to the unprofiled step, then the extra phases."""
-        python = sum(p.wall_s - p.ops_s for n, p in self.phases.items() if n not in WAITS)
-        keep = max(0.0, 1.0 - self.overhead_s / python) if python > 0 else 1.0
-        out = []
-        for name in ORDER:
-            p = self.phases.get(name)
-            if p is not None:
-                wall = p.wall_s if name in WAITS else p.ops_s + (p.wall_s - p.ops_s) * keep
-                out.append((name, wall * 1e3, p.ops_s * 1e3))
+        """(phase, ms per step, of which in torch ops ms) in ORDER, scaled so that the phases add
+        up to the unprofiled step (the overhead model of `split_steps` is approximate), then the
+        extra phases."""
+        total = sum(p.wall_s for p in self.phases.values())
+        k = self.unprofiled_s / total if total > 0 else 1.0
+        out = [(name, p.wall_s * k * 1e3, p.ops_s * k * 1e3) for name in ORDER
+               if (p := self.phases.get(name)) is not None]
         return out + [(name, s * 1e3, 0.0) for name, s in self.extra.items()]
 
     def summary(self) -> dict[str, float]:
@@ -141,8 +139,8 @@ class StepSplit:
 
     def table(self, title: str) -> str:
         total = sum(w for _, w, _ in self.rows())
-        lines = [f"{title}: {total:.2f} ms per step (profiled {self.profiled_s * 1e3:.2f} ms, profiler overhead "
-                 f"removed from the Python share)", f"  {'phase':20} {'ms/step':>8} {'share':>6} {'in torch ops':>13}"]
+        lines = [f"{title}: {total:.2f} ms per step (profiled {self.profiled_s * 1e3:.2f} ms, the profiler's own "
+                 f"cost taken out)", f"  {'phase':20} {'ms/step':>8} {'share':>6} {'in torch ops':>13}"]
         for name, wall, ops in self.rows():
             lines.append(f"  {name:20} {wall:8.2f} {wall / total:6.1%} {ops:13.2f}")
         parts = ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in self.summary().items())
@@ -169,18 +167,29 @@ def split_steps(events: Sequence[Any], steps: int, wall_s: float, unprofiled_s: 
     own = [e for e in events if e.thread == thread]
     wall: dict[str, float] = {}
     ops: dict[str, float] = {}
+    top: dict[str, int] = {}  # top-level op events: their recording cost lands between ops
+    nested: dict[str, int] = {}  # op events inside another op: their recording cost lands in it
     for e in own:
         label = _phase_of(e)
         if e.name.startswith(PREFIX):
             children = sum(_us(c) for c in e.cpu_children if c.name.startswith(PREFIX))
             wall[label] = wall.get(label, 0.0) + _us(e) - children
-        elif not _inside_op(e):
+        elif _inside_op(e):
+            nested[label] = nested.get(label, 0) + 1
+        else:
             ops[label] = ops.get(label, 0.0) + _us(e)
+            top[label] = top.get(label, 0) + 1
     marked = sum(_us(e) for e in own if e.name.startswith(PREFIX) and _parent_mark(e) is None)
     wall["outside the step"] = max(0.0, wall_s * 1e6 - marked)
+    # The profiler's cost per recorded event, from the profiled and the unprofiled step times.
+    events_per_run = sum(top.values()) + sum(nested.values())
+    cost = max(0.0, wall_s - unprofiled_s * steps) * 1e6 / max(events_per_run, 1)
     scale = 1e-6 / steps
-    phases = {("other model work" if n == EXECUTE else n): Phase(w * scale, min(ops.get(n, 0.0), w) * scale)
-              for n, w in wall.items()}
+    phases = {}
+    for n, w in wall.items():
+        in_ops = max(0.0, ops.get(n, 0.0) - cost * nested.get(n, 0))
+        between = max(0.0, w - ops.get(n, 0.0) - cost * top.get(n, 0))
+        phases["other model work" if n == EXECUTE else n] = Phase((in_ops + between) * scale, in_ops * scale)
     return StepSplit(phases, wall_s / steps, unprofiled_s)
 
 
