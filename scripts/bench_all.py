@@ -143,7 +143,7 @@ def profile_split(model: Path, s: BenchAllSettings, rows: dict[str, dict[str, fl
     mesh = profile_mesh(model, prompts[: s.requests // 2], 2, s.profile_steps)
     served = next((m["step_ms"] for (w, label) in s.meshes if w == 2 for m in [rows[label]]), None)
     if served is not None:  # the served steps include each wave's prefill: an upper bound
-        mesh = replace(mesh, extra={"serving": max(0.0, served / 1e3 - mesh.unprofiled_s)})
+        mesh = replace(mesh, extra={"serving": max(0.0, served / 1e3 - mesh.step_s)})
     return (f"```\n{ours.table(f'single-process engine, {s.requests} sequences')}\n\n"
             f"{mesh.table(f'mesh rank 0 of 2, {s.requests // 2} sequences each')}\n```")
 
@@ -340,14 +340,14 @@ Reproduce one row by hand: `moemesh tiny-model /tmp/m --experts 8 --hidden 256 -
 
 ## Where a decode step's time goes
 
-`torch.profiler` over {profile_steps} decode steps with every seam of the step marked
+{profile_steps} decode steps with every seam of the step marked and timed by the clock, then
+{profile_steps} more under `torch.profiler`, which gives each phase's share inside torch ops (the rest
+is Python between ops; the profiler's own cost per op inflates both sides alike)
 (moemesh.engine.profile; `python scripts/bench_core.py --profile` and `python scripts/bench_mesh.py
---workers 2 --profile` print the same tables for their loads). Per phase: milliseconds per step and
-the part inside torch ops; the rest of a phase is Python between ops (the profiler's own cost per op
-is measured, as the profiled step minus the unprofiled one, and taken out of the Python share).
-"step header", "dispatch wait" and "combine wait" are time blocked in gloo, waiting for the peer
-included. The mesh rank runs the lockstep step alone in its process (no gRPC); "serving" is the
-served 2-worker mesh's step (its Status counters above) minus that bare step.
+--workers 2 --profile` print the same tables for their loads). "step header", "dispatch wait" and
+"combine wait" are time blocked in gloo, waiting for the peer included. The mesh rank runs the
+lockstep step alone in its process (no gRPC); "serving" is the served 2-worker mesh's step (its
+Status counters above) minus that bare step.
 
 {split}
 

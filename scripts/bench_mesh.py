@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             model = write_tiny_model(Path(tmp) / "model", SPEC)
             split = profile_mesh(model, prompts[: s.concurrency // 2], 2)
         if served is not None:  # the served mesh's steps include the prefill of each wave: a bound from above
-            split = replace(split, extra={"serving": max(0.0, served / 1e3 - split.unprofiled_s)})
+            split = replace(split, extra={"serving": max(0.0, served / 1e3 - split.step_s)})
         print(split.table(f"mesh rank 0 of 2, decode step ({s.concurrency // 2} sequences per rank)"))
     if s.json_path:
         s.json_path.write_text(json.dumps(rows, indent=2))

@@ -1,16 +1,16 @@
-"""Where a step's time goes: torch.profiler over some steps, each seam of the step marked.
+"""Where a step's time goes: each seam of the step marked, timed by the clock, and split into
+torch ops and Python between them by torch.profiler.
 
-`marked_seams(engine, collective)` wraps the seams of one engine's step from outside, for as long
-as the context lasts (nothing is added to the unprofiled path): `Engine.schedule`, the attention,
-the router, Dispatch (posting it; waiting for it), Experts, Combine (likewise), sampling and, on a
-mesh rank, the step header. `split_steps(events, steps)` turns the profiler's events into a
-`StepSplit`: per phase the wall time per step and the part of it inside torch ops (the rest is
-Python between ops); waits on collectives are their own phase.
+`marked_seams(engine, clock, collective)` wraps the seams of one engine's step from outside, for
+as long as the context lasts (nothing is added to the unmarked path): `Engine.schedule`, the
+attention, the router, Dispatch (posting it; waiting for it), Experts, Combine (likewise),
+sampling and, on a mesh rank, the step header. Each marked call is timed into `clock` (its own
+time, nested marks taken out) and is a torch.profiler range.
 
-The profiler itself costs time for every op it records: callers pass the step time measured
-without the profiler (`unprofiled_s`); the difference, spread evenly over the recorded op events,
-is taken out where each event's cost lands (inside its parent op for a nested op, between ops for
-a top-level one), and the phases are then scaled to add up to the unprofiled step.
+`decode_split` runs decode steps twice: once timed by the clock alone (a perf_counter pair per
+mark: the phases' wall times, nearly unperturbed), once under torch.profiler, which gives each
+phase's share spent inside torch ops (`split_steps`; the profiler's own cost per recorded op
+inflates both sides alike). Waits on collectives are their own phases.
 """
 
 from __future__ import annotations
@@ -33,14 +33,36 @@ ORDER = ("schedule", "step header", "attention", "router", "dispatch", "dispatch
          "combine wait", "other model work", "sampling", "outside the step")
 
 
-class _Marked:
-    """A callable seam object, each call inside a profiler range; attributes read through."""
+class Clock:
+    """Own seconds per mark label (a mark's time less the marks nested in it)."""
 
-    def __init__(self, inner: Any, label: str):
-        self.__dict__["_inner"], self.__dict__["_label"] = inner, label
+    def __init__(self) -> None:
+        self.own: dict[str, float] = {}
+        self._children: list[float] = []  # per open mark: seconds of the marks nested in it
+
+    @contextmanager
+    def mark(self, label: str) -> Iterator[None]:
+        with record_function(PREFIX + label):
+            self._children.append(0.0)
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                took = time.perf_counter() - start
+                nested = self._children.pop()
+                self.own[label] = self.own.get(label, 0.0) + took - nested
+                if self._children:
+                    self._children[-1] += took
+
+
+class _Marked:
+    """A callable seam object, each call a mark of `clock`; attributes read through."""
+
+    def __init__(self, inner: Any, label: str, clock: Clock):
+        self.__dict__["_inner"], self.__dict__["_label"], self.__dict__["_clock"] = inner, label, clock
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with record_function(PREFIX + self._label):
+        with self._clock.mark(self._label):
             return self._inner(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -53,39 +75,39 @@ class _Marked:
 class _MarkedPending:
     """An exchange in flight whose wait() is its own range."""
 
-    def __init__(self, inner: Any, label: str):
-        self.inner, self.label = inner, label
+    def __init__(self, inner: Any, label: str, clock: Clock):
+        self.inner, self.label, self.clock = inner, label, clock
 
     def wait(self) -> Any:
-        with record_function(PREFIX + self.label):
+        with self.clock.mark(self.label):
             return self.inner.wait()
 
 
-def _posting(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+def _posting(fn: Callable[..., Any], label: str, clock: Clock) -> Callable[..., Any]:
     def posted(*args: Any, **kwargs: Any) -> Any:
-        with record_function(PREFIX + label):
+        with clock.mark(label):
             pending = fn(*args, **kwargs)
-        return pending if isinstance(pending, Done) else _MarkedPending(pending, label + " wait")
+        return pending if isinstance(pending, Done) else _MarkedPending(pending, label + " wait", clock)
     return posted
 
 
 @contextmanager
-def marked_seams(engine: Any, collective: Any | None = None) -> Iterator[None]:
+def marked_seams(engine: Any, clock: Clock, collective: Any | None = None) -> Iterator[None]:
     """Mark the seams of `engine`'s steps (and `collective`'s step header) while the context lasts."""
     model, moe = engine.model, engine.model.moe
     saved = (model.attention, moe.router, moe.experts)
     transport = moe.transport
-    engine.schedule = _Marked(type(engine).schedule.__get__(engine), "schedule")
-    engine.execute = _Marked(type(engine).execute.__get__(engine), EXECUTE)
+    engine.schedule = _Marked(type(engine).schedule.__get__(engine), "schedule", clock)
+    engine.execute = _Marked(type(engine).execute.__get__(engine), EXECUTE, clock)
     engine_module = sys.modules[type(engine).__module__]
     sample = getattr(engine_module, "sample")  # noqa: B009 - the engine module's sampler, marked while profiling
-    setattr(engine_module, "sample", _Marked(sample, "sampling"))  # noqa: B010
-    model.attention, moe.router, moe.experts = (_Marked(saved[0], "attention"), _Marked(saved[1], "router"),
-                                                _Marked(saved[2], "experts"))
-    transport.dispatch = _posting(type(transport).dispatch.__get__(transport), "dispatch")
-    transport.combine = _posting(type(transport).combine.__get__(transport), "combine")
+    setattr(engine_module, "sample", _Marked(sample, "sampling", clock))  # noqa: B010
+    model.attention, moe.router, moe.experts = (_Marked(saved[0], "attention", clock),
+                                                _Marked(saved[1], "router", clock), _Marked(saved[2], "experts", clock))
+    transport.dispatch = _posting(type(transport).dispatch.__get__(transport), "dispatch", clock)
+    transport.combine = _posting(type(transport).combine.__get__(transport), "combine", clock)
     if collective is not None:
-        collective.all_gather = _Marked(type(collective).all_gather.__get__(collective), "step header")
+        collective.all_gather = _Marked(type(collective).all_gather.__get__(collective), "step header", clock)
     try:
         yield
     finally:
@@ -100,8 +122,8 @@ def marked_seams(engine: Any, collective: Any | None = None) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Phase:
-    wall_s: float  # per step
-    ops_s: float  # per step, inside torch ops (top-level ops only: nested ones are inside them)
+    wall_s: float  # per step, by the clock
+    ops_s: float  # per step, inside torch ops (the profiled run's share of the phase, times wall_s)
 
 
 @dataclass(frozen=True)
@@ -109,23 +131,13 @@ class StepSplit:
     """Where one step's time went, per phase (seconds per step)."""
 
     phases: dict[str, Phase]
-    profiled_s: float  # step time under the profiler
-    unprofiled_s: float  # step time without it (what the caller measured)
+    step_s: float  # the marked run's step time
+    profiled_s: float  # the profiled run's step time (the profiler costs time for every op)
     extra: dict[str, float] = field(default_factory=dict)  # phases measured outside (e.g. serving)
 
-    @property
-    def overhead_s(self) -> float:
-        """The profiler's own cost per step, charged to the Python between ops."""
-        return max(0.0, self.profiled_s - self.unprofiled_s)
-
     def rows(self) -> list[tuple[str, float, float]]:
-        """(phase, ms per step, of which in torch ops ms) in ORDER, scaled so that the phases add
-        up to the unprofiled step (the overhead model of `split_steps` is approximate), then the
-        extra phases."""
-        total = sum(p.wall_s for p in self.phases.values())
-        k = self.unprofiled_s / total if total > 0 else 1.0
-        out = [(name, p.wall_s * k * 1e3, p.ops_s * k * 1e3) for name in ORDER
-               if (p := self.phases.get(name)) is not None]
+        """(phase, ms per step, of which in torch ops ms) in ORDER, then the extra phases."""
+        out = [(name, p.wall_s * 1e3, p.ops_s * 1e3) for name in ORDER if (p := self.phases.get(name)) is not None]
         return out + [(name, s * 1e3, 0.0) for name, s in self.extra.items()]
 
     def summary(self) -> dict[str, float]:
@@ -139,8 +151,8 @@ class StepSplit:
 
     def table(self, title: str) -> str:
         total = sum(w for _, w, _ in self.rows())
-        lines = [f"{title}: {total:.2f} ms per step (profiled {self.profiled_s * 1e3:.2f} ms, the profiler's own "
-                 f"cost taken out)", f"  {'phase':20} {'ms/step':>8} {'share':>6} {'in torch ops':>13}"]
+        lines = [f"{title}: {total:.2f} ms per step (under torch.profiler {self.profiled_s * 1e3:.2f} ms)",
+                 f"  {'phase':20} {'ms/step':>8} {'share':>6} {'in torch ops':>13}"]
         for name, wall, ops in self.rows():
             lines.append(f"  {name:20} {wall:8.2f} {wall / total:6.1%} {ops:13.2f}")
         parts = ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in self.summary().items())
@@ -148,49 +160,22 @@ class StepSplit:
         return "\n".join(lines)
 
 
-def profile_steps(run_step: Callable[[], object], steps: int) -> tuple[list[Any], float]:
-    """Run `run_step` `steps` times under torch.profiler (CPU) -> (its events, wall seconds)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            run_step()
-        wall = time.perf_counter() - start
-    return list(prof.events()), wall
-
-
-def split_steps(events: Sequence[Any], steps: int, wall_s: float, unprofiled_s: float) -> StepSplit:
-    """The profiler's events of `steps` steps that took `wall_s` -> per phase seconds per step.
-    Only the thread that ran `execute` counts (gloo's and the server's threads are not the step)."""
+def op_shares(events: Sequence[Any]) -> dict[str, float]:
+    """The profiler's events -> per phase the share of its own time spent inside torch ops
+    (top-level ops only: nested ones are inside them). Only the thread that ran `execute` counts
+    (gloo's and the server's threads are not the step)."""
     execs = [e for e in events if e.name == PREFIX + EXECUTE]
     assert execs, "no marked step in the profile (run it inside marked_seams)"
     thread = execs[0].thread
-    own = [e for e in events if e.thread == thread]
-    wall: dict[str, float] = {}
+    own: dict[str, float] = {}
     ops: dict[str, float] = {}
-    top: dict[str, int] = {}  # top-level op events: their recording cost lands between ops
-    nested: dict[str, int] = {}  # op events inside another op: their recording cost lands in it
-    for e in own:
+    for e in (e for e in events if e.thread == thread):
         label = _phase_of(e)
         if e.name.startswith(PREFIX):
-            children = sum(_us(c) for c in e.cpu_children if c.name.startswith(PREFIX))
-            wall[label] = wall.get(label, 0.0) + _us(e) - children
-        elif _inside_op(e):
-            nested[label] = nested.get(label, 0) + 1
-        else:
+            own[label] = own.get(label, 0.0) + _us(e) - sum(_us(c) for c in e.cpu_children if c.name.startswith(PREFIX))
+        elif not _inside_op(e):
             ops[label] = ops.get(label, 0.0) + _us(e)
-            top[label] = top.get(label, 0) + 1
-    marked = sum(_us(e) for e in own if e.name.startswith(PREFIX) and _parent_mark(e) is None)
-    wall["outside the step"] = max(0.0, wall_s * 1e6 - marked)
-    # The profiler's cost per recorded event, from the profiled and the unprofiled step times.
-    events_per_run = sum(top.values()) + sum(nested.values())
-    cost = max(0.0, wall_s - unprofiled_s * steps) * 1e6 / max(events_per_run, 1)
-    scale = 1e-6 / steps
-    phases = {}
-    for n, w in wall.items():
-        in_ops = max(0.0, ops.get(n, 0.0) - cost * nested.get(n, 0))
-        between = max(0.0, w - ops.get(n, 0.0) - cost * top.get(n, 0))
-        phases["other model work" if n == EXECUTE else n] = Phase((in_ops + between) * scale, in_ops * scale)
-    return StepSplit(phases, wall_s / steps, unprofiled_s)
+    return {n: min(1.0, ops.get(n, 0.0) / w) if w > 0 else 0.0 for n, w in own.items()}
 
 
 def _us(e: Any) -> float:
@@ -219,26 +204,29 @@ def _inside_op(e: Any) -> bool:
     return False
 
 
-def profile_engine(engine: Any, steps: int, unprofiled_s: float, step: Callable[[], object] | None = None,
-                   collective: Any | None = None) -> StepSplit:
-    """Profile `steps` calls of `step` (default engine.step) with the seams marked."""
-    with marked_seams(engine, collective):
-        events, wall = profile_steps(step or engine.step, steps)
-    return split_steps(events, steps, wall, unprofiled_s)
-
-
-
 def decode_split(engine: Any, prompts: Sequence[Sequence[int]], params: Any, steps: int = 16,
                  step: Callable[[], object] | None = None, collective: Any | None = None) -> StepSplit:
-    """Admit `prompts`, prefill them, warm up, then time `steps` decode steps without the profiler
-    and `steps` with it. `params.max_new_tokens` must cover 2 * steps + 4 tokens."""
+    """Admit `prompts`, prefill them, warm up, then run `steps` decode steps timed by the marks and
+    `steps` more under torch.profiler. `params.max_new_tokens` must cover 2 * steps + 4 tokens."""
     run = step or engine.step
     for i, prompt in enumerate(prompts):
         engine.add_request(f"profile-{i}", list(prompt), params)
     for _ in range(4):  # the prefill, then warm-up
         run()
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    unprofiled = (time.perf_counter() - start) / steps
-    return profile_engine(engine, steps, unprofiled, run, collective)
+    clock = Clock()
+    with marked_seams(engine, clock, collective):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        wall = time.perf_counter() - start
+        own = dict(clock.own)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            profiled = time.perf_counter() - start
+    shares = op_shares(list(prof.events()))
+    own["outside the step"] = max(0.0, wall - sum(own.values()))
+    phases = {("other model work" if n == EXECUTE else n): Phase(w / steps, w / steps * shares.get(n, 0.0))
+              for n, w in own.items()}
+    return StepSplit(phases, wall / steps, profiled / steps)
