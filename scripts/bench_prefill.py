@@ -41,11 +41,11 @@ class BenchPrefillSettings:
 
     decoders: int = option("--decoders", "short requests decoding at all times", int, default=16)
     short_prompt: int = option("--short-prompt", "tokens per short prompt", int, default=32)
-    short_output: int = option("--short-output", "tokens generated per short request", int, default=64)
+    short_output: int = option("--short-output", "tokens generated per short request", int, default=32)
     long_requests: int = option("--long-requests", "long requests in the run", int, default=8)
     long_prompt: int = option("--long-prompt", "tokens per long prompt", int, default=1024)
     long_output: int = option("--long-output", "tokens generated per long request", int, default=16)
-    rate: float = option("--rate", "long requests per second (Poisson)", float, default=1.0)
+    rate: float = option("--rate", "long requests per second (Poisson)", float, default=0.5)
     budget: int = option("--budget", "tokens per step with chunked prefill (decode + prefill chunks)", int,
                          default=256)
     threads: int = option("--threads", "torch threads", int, default=1)
@@ -106,9 +106,11 @@ def run(model: Path, s: BenchPrefillSettings, chunked: bool) -> dict[str, float]
     short = summarize([t for rid, t in r.timings.items() if rid in r.short], wall)
     long = summarize([t for rid, t in r.timings.items() if rid not in r.short], wall)
     every = summarize(list(r.timings.values()), wall)
-    return {"output_tokens_per_s": every["output_tokens_per_s"], "tpot_mean_s": short["tpot_mean_s"],
-            "tpot_p99_s": short["tpot_p99_s"], "itl_mean_s": short["itl_mean_s"], "itl_p99_s": short["itl_p99_s"],
-            "long_ttft_mean_s": long["ttft_mean_s"], "long_ttft_p99_s": long["ttft_p99_s"], "wall_s": wall}
+    nan = float("nan")  # no short request finished (a run too short for the load)
+    return {"output_tokens_per_s": every["output_tokens_per_s"], "short_done": short["requests"],
+            **{k: short.get(k, nan) for k in ("tpot_mean_s", "tpot_p99_s", "itl_mean_s", "itl_p99_s")},
+            "long_ttft_mean_s": long.get("ttft_mean_s", nan), "long_ttft_p99_s": long.get("ttft_p99_s", nan),
+            "wall_s": wall}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{s.decoders} short requests ({s.short_prompt} -> {s.short_output} tokens) always decoding, "
           f"{s.long_requests} long ({s.long_prompt} -> {s.long_output}) arriving at {s.rate:g}/s (Poisson); "
           f"{s.threads} torch thread(s), fp32")
-    print(f"{'':36} {'out tok/s':>9} {'TPOT ms':>8} {'p99':>7} {'ITL ms':>7} {'p99':>7} "
+    print(f"{'':36} {'out tok/s':>9} {'short done':>10} {'TPOT ms':>8} {'p99':>7} {'ITL ms':>7} {'p99':>7} "
           f"{'long TTFT ms':>12} {'p99':>7}")
     for name, m in rows.items():
-        print(f"{name:36} {m['output_tokens_per_s']:9.0f} {m['tpot_mean_s'] * 1e3:8.1f} {m['tpot_p99_s'] * 1e3:7.1f} "
+        print(f"{name:36} {m['output_tokens_per_s']:9.0f} {m['short_done']:10.0f} "
+              f"{m['tpot_mean_s'] * 1e3:8.1f} {m['tpot_p99_s'] * 1e3:7.1f} "
               f"{m['itl_mean_s'] * 1e3:7.1f} {m['itl_p99_s'] * 1e3:7.1f} {m['long_ttft_mean_s'] * 1e3:12.0f} "
               f"{m['long_ttft_p99_s'] * 1e3:7.0f}")
     off, on = rows.values()
