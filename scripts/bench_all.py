@@ -370,6 +370,9 @@ Status counters above) minus that bare step.
   rows and the mesh rows changes from run to run; within a row family (mesh 2 / 4 / 8 workers) the
   ordering is stable.
 - Expert tensor parallelism does not exist in moemesh yet, so there is no row for it.
+- Chunked prefill (`EngineSettings.chunked_prefill`) is not in these rows (every prompt here is 32
+  tokens); `python scripts/bench_prefill.py` measures it: 1024-token prompts arriving as a Poisson
+  process into 16 running decodes, with and without it, p99 TPOT and ITL of the running requests.
 - Nothing here measures GPUs; the simulator below predicts them from datasheet rates. {gpu}
 
 ## The cost model against this machine
