@@ -32,9 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moemesh.engine.engine import Engine
+from moemesh.engine.profile import decode_split
 from moemesh.engine.sampling import SamplingParams
 from moemesh.launcher import UpProcess
 from moemesh.loadgen import BenchRequest, LoadPlan, engine_timings, run_load, summarize
+from moemesh.mesh.profile import profile_mesh
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.settings import option, parse_settings
@@ -69,6 +71,8 @@ class BenchAllSettings:
     new_tokens: int = option("--new-tokens", "tokens generated per request", int, default=32)
     check_rounds: int = option("--check-rounds", "rounds of the prediction-vs-measurement check (0 = skip)", int,
                                default=4)
+    profile_steps: int = option("--profile-steps", "decode steps profiled for the step split (0 = skip)", int,
+                                default=12)
     out: Path = option("--out", "the markdown file; the chart goes next to it", Path,
                        default=ROOT / "docs" / "benchmarks.md")
     json_path: Path | None = option("--json", "also write the rows and the check's error here", Path, default=None,
@@ -124,6 +128,24 @@ def run_engine(model: Path, s: BenchAllSettings, threads: int) -> dict[str, floa
         engine = Engine(build_model(model, RuntimeShape(max_seqs=s.requests, max_model_len=256)))
         timings, wall = engine_timings(engine, _prompts(s), params)
     return summarize(timings, wall)
+
+
+def profile_split(model: Path, s: BenchAllSettings, rows: dict[str, dict[str, float]]) -> str:
+    """Where a decode step goes (moemesh.engine.profile): the engine at the load's batch with the
+    threads it ran with, and rank 0 of a bare 2-rank lockstep mesh at half the batch each, its
+    serving cost = the served 2-worker mesh's step minus the bare one."""
+    prompts = _prompts(s)
+    torch.set_num_threads(int(rows[ENGINE].get("threads", 1)))
+    runtime = RuntimeShape(max_seqs=s.requests, max_model_len=s.prompt_len + 2 * s.profile_steps + 8)
+    engine = Engine(build_model(model, runtime))
+    params = SamplingParams(max_new_tokens=2 * s.profile_steps + 6, ignore_eos=True)
+    ours = decode_split(engine, prompts, params, s.profile_steps)
+    mesh = profile_mesh(model, prompts[: s.requests // 2], 2, s.profile_steps)
+    served = next((m["step_ms"] for (w, label) in s.meshes if w == 2 for m in [rows[label]]), None)
+    if served is not None:  # the served steps include each wave's prefill: an upper bound
+        mesh = replace(mesh, extra={"serving": max(0.0, served / 1e3 - mesh.step_s)})
+    return (f"```\n{ours.table(f'single-process engine, {s.requests} sequences')}\n\n"
+            f"{mesh.table(f'mesh rank 0 of 2, {s.requests // 2} sequences each')}\n```")
 
 
 def run_mesh(model: Path, workers: int, s: BenchAllSettings) -> dict[str, float]:
@@ -200,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[ENGINE] = _step("engine", lambda: best_threads(run_engine, model, s))
         for workers, label in s.meshes:
             rows[label] = _step(label, functools.partial(run_mesh, model, workers, s))
+        split = _step("step split", lambda: profile_split(model, s, rows)) if s.profile_steps else ""
         check = _step("prediction check", lambda: check_cpu_mesh(model, CheckSettings(rounds=s.check_rounds))) \
             if s.check_rounds else None
     paper = _step("simulate --model paper", lambda: simulate_paper(s.gpu_check))
@@ -208,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     table = rows_table(rows)
     print(table)
     chart = plot(rows, s.out.with_suffix(".png"))
-    s.out.write_text(render(s, rows, table, check, paper, chart, took) + DEEPSEEK_TEMPLATE.format(deepseek=deepseek))
+    text = render(s, rows, table, check, paper, chart, took).replace("{split}", split or "(skipped: --profile-steps 0)")
+    s.out.write_text(text + DEEPSEEK_TEMPLATE.format(deepseek=deepseek))
     print(f"wrote {s.out} and {chart} in {took / 60:.1f} min")
     if s.json_path:
         s.json_path.write_text(json.dumps({"rows": rows, "check_error": check.error if check else None}, indent=2))
@@ -278,7 +302,7 @@ def render(s: BenchAllSettings, rows, table: str, check, paper: str, chart: Path
         machine=machine(), took=took / 60, table=table, chart=chart.name, check=check_text, paper=paper.rstrip(),
         layers=spec.layers, experts=spec.experts, top_k=spec.top_k, hidden=spec.hidden, intermediate=spec.intermediate,
         heads=spec.heads, kv_heads=spec.kv_heads, vocab=spec.vocab, requests=s.requests, prompt=s.prompt_len,
-        new=s.new_tokens, threads=s.threads,
+        new=s.new_tokens, threads=s.threads, profile_steps=s.profile_steps, split="{split}",
         gpu=(f"The GPU check's measured rates ({s.gpu_check}) were used for the second simulator run below."
              if s.gpu_check else "No GPU check results were found (docs/gpu-check/gpu-check.json); the simulator "
              "used the datasheet rates only."),
@@ -314,6 +338,19 @@ Reproduce one row by hand: `moemesh tiny-model /tmp/m --experts 8 --hidden 256 -
 `moemesh up --model /tmp/m --workers 2 --port 0 --max-model-len 256`, then
 `moemesh bench --target HOST:PORT --requests 32 --concurrency 32 --prompt-len 32 --output-len 32`.
 
+## Where a decode step's time goes
+
+{profile_steps} decode steps with every seam of the step marked and timed by the clock, then
+{profile_steps} more under `torch.profiler`, which gives each phase's share inside torch ops (the rest
+is Python between ops; the profiler's own cost per op inflates both sides alike)
+(moemesh.engine.profile; `python scripts/bench_core.py --profile` and `python scripts/bench_mesh.py
+--workers 2 --profile` print the same tables for their loads). "step header", "dispatch wait" and
+"combine wait" are time blocked in gloo, waiting for the peer included. The mesh rank runs the
+lockstep step alone in its process (no gRPC); "serving" is the served 2-worker mesh's step (its
+Status counters above) minus that bare step.
+
+{split}
+
 ## What these figures show, and what they do not
 
 - Two CPU cores cannot show the paper's effect. The paper's claim is about GPUs whose experts contend
@@ -333,6 +370,9 @@ Reproduce one row by hand: `moemesh tiny-model /tmp/m --experts 8 --hidden 256 -
   rows and the mesh rows changes from run to run; within a row family (mesh 2 / 4 / 8 workers) the
   ordering is stable.
 - Expert tensor parallelism does not exist in moemesh yet, so there is no row for it.
+- Chunked prefill (`EngineSettings.chunked_prefill`) is not in these rows (every prompt here is 32
+  tokens); `python scripts/bench_prefill.py` measures it: 1024-token prompts arriving as a Poisson
+  process into 16 running decodes, with and without it, p99 TPOT and ITL of the running requests.
 - Nothing here measures GPUs; the simulator below predicts them from datasheet rates. {gpu}
 
 ## The cost model against this machine

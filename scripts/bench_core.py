@@ -22,10 +22,11 @@ from typing import ClassVar
 import torch
 
 from moemesh.engine.engine import Engine
+from moemesh.engine.profile import decode_split
 from moemesh.engine.sampling import SamplingParams
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.settings import option, parse_settings
+from moemesh.settings import option, parse_bool, parse_settings
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=16, top_k=2, hidden=512, intermediate=1024, heads=8,
                 kv_heads=8, vocab=512, seed=0)
@@ -44,6 +45,8 @@ class BenchCoreSettings:
     new_tokens: int = option("--new-tokens", "tokens generated per sequence", int, default=64)
     threads: int = option("--threads", "torch threads for both engines", int, default=torch.get_num_threads())
     json_path: Path | None = option("--json", "also write the results here", Path, default=None, metavar="JSON")
+    profile: bool = option("--profile", "also print where a decode step's time goes (torch.profiler)", parse_bool,
+                           default=False)
 
 
 def measure_machine(threads: int) -> dict[str, float]:
@@ -151,11 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     context = s.prompt_len + s.new_tokens // 2  # the mean context over the decode steps
     roof = roofline(ours.pop("model"), s.batch, context, ours["experts_hit_per_layer"], machine)
     report(s, machine, ours, theirs, roof, ds_ours, ds_theirs)
+    if s.profile:
+        print(profile_table(s))
     if s.json_path:
         report_json = {"machine": machine, "engine": ours, "transformers": theirs, "roofline": roof,
                        "deepseek_v3": {"engine": ds_ours, "transformers": ds_theirs}}
         s.json_path.write_text(json.dumps(report_json, indent=2))
     return 0
+
+
+def profile_table(s: BenchCoreSettings) -> str:
+    """The split of the engine's decode step at the benchmark's batch and prompt length."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_tiny_model(Path(tmp) / "model", SPEC)
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, SPEC.vocab, (s.batch, s.prompt_len), generator=g).tolist()
+        steps = max(4, (s.new_tokens - 8) // 2)
+        runtime = RuntimeShape(max_seqs=s.batch, max_model_len=s.prompt_len + 2 * steps + 8)
+        engine = Engine(build_model(model_dir, runtime))
+        split = decode_split(engine, prompts, SamplingParams(max_new_tokens=2 * steps + 6, ignore_eos=True), steps)
+    return split.table(f"engine decode step (batch {s.batch}, context {s.prompt_len}+)")
 
 
 def report(s: BenchCoreSettings, machine, ours, theirs, roof, ds_ours, ds_theirs) -> None:

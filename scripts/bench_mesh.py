@@ -14,7 +14,7 @@ import asyncio
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,9 +24,10 @@ from moemesh.engine.engine import Engine
 from moemesh.engine.sampling import SamplingParams
 from moemesh.launcher import UpProcess
 from moemesh.loadgen import engine_timings, run_closed_loop, summarize
+from moemesh.mesh.profile import profile_mesh
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.tiny import TinySpec, write_tiny_model
-from moemesh.settings import option, parse_settings
+from moemesh.settings import option, parse_bool, parse_settings
 from moemesh.simulate.measure import step_counters, worker_statuses
 
 SPEC = TinySpec(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8, kv_heads=4,
@@ -51,6 +52,9 @@ class BenchMeshSettings:
     expert_shards: tuple[int, ...] = option("--expert-shards", "ways every expert is split (tensor parallelism "
                                             "inside an expert); one row per value", int, default=(1,), many=True)
     json_path: Path | None = option("--json", "also write the rows here", Path, default=None, metavar="JSON")
+    profile: bool = option("--profile", "also print where a 2-worker mesh rank's decode step goes (torch.profiler "
+                           "on a bare lockstep mesh; serving = the served mesh's step minus the bare one)", parse_bool,
+                           default=False)
 
 
 def run_local(model: Path, prompts: list[list[int]], params: SamplingParams, threads: int) -> dict[str, float]:
@@ -92,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                             + (f", experts split {shards} ways" if shards > 1 else ""))
                     rows[name] = run_mesh(model, n, prompts, params, s.concurrency, m, shards)
     print_table(s, rows)
+    if s.profile:
+        served = rows.get("mesh, 2 workers", {}).get("step_ms")
+        with tempfile.TemporaryDirectory() as tmp:
+            model = write_tiny_model(Path(tmp) / "model", SPEC)
+            split = profile_mesh(model, prompts[: s.concurrency // 2], 2)
+        if served is not None:  # the served mesh's steps include the prefill of each wave: a bound from above
+            split = replace(split, extra={"serving": max(0.0, served / 1e3 - split.step_s)})
+        print(split.table(f"mesh rank 0 of 2, decode step ({s.concurrency // 2} sequences per rank)"))
     if s.json_path:
         s.json_path.write_text(json.dumps(rows, indent=2))
     return 0

@@ -55,7 +55,10 @@ def validate_request(
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_batched_tokens: int = 4096  # prompt tokens admitted per step (at least one prompt always)
+    # Without chunked prefill: prompt tokens admitted per step (at least one whole prompt always).
+    # With it: every token of a step, one per decoding sequence first, then prefill chunks.
+    max_batched_tokens: int = 4096
+    chunked_prefill: bool = False
     max_new_tokens_limit: int = 4096
     max_waiting: int = 1024  # queued requests beyond the running ones; more is CapacityError
     micro_batches: int = 1  # >1: split each step so exchanges overlap compute (mesh only)
@@ -89,11 +92,27 @@ class _Sequence:
     output: list[int] = field(default_factory=list)
     slot: int = -1  # -1 = not admitted yet
     cached: int = 0  # tokens whose K/V are in the cache
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # prompt log-probabilities so far (chunks)
 
     @property
     def position(self) -> int:
         """The absolute position of the next token to draw (its seeded draw depends on it)."""
         return len(self.prompt) + len(self.output)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens [start, start + length) of one sequence, prefilled in one step (the whole
+    prompt without chunked prefill)."""
+
+    seq: _Sequence
+    start: int
+    length: int
+
+    @property
+    def last(self) -> bool:
+        """This chunk ends the prompt: its last row's logits draw the sequence's first new token."""
+        return self.start + self.length == len(self.seq.prompt)
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,8 @@ class MicroBatch:
     logit_rows: torch.Tensor  # (L,) int64: the rows of T projected to logits
     seqs: tuple[_Sequence, ...]  # (R,) the sequence of each sampled row
     sample_at: tuple[int, ...] = ()  # (R,) each sequence's row in this micro-batch's logits; () = 0..R-1
-    prompt_at: tuple[int, ...] = ()  # (R,) where the rows scoring its prompt start in the logits; -1 none
+    chunks: tuple[Chunk, ...] = ()  # (P,) the prompt chunks prefilled here
+    prompt_at: tuple[int, ...] = ()  # (P,) where the rows scoring each chunk's prompt tokens start; -1 none
 
     @property
     def num_tokens(self) -> int:
@@ -205,17 +225,38 @@ class Engine:
         off, on a mesh that lost a peer, committed nothing and is simply run again)."""
         running = list(self._running.values())
         decode = [s for s in running if s.output]
-        prefill = [s for s in running if not s.output] + self._admit()
-        groups = _split(decode, prefill, self.settings.micro_batches)
-        return StepBatch(micro=tuple(self._micro_batch(d, p) for d, p in groups))
+        prefilling = [s for s in running if not s.output]
+        if self.settings.chunked_prefill:
+            chunks = self._chunks(prefilling, self.settings.max_batched_tokens - len(decode))
+        else:
+            chunks = [Chunk(s, 0, len(s.prompt)) for s in prefilling + self._admit()]
+        groups = _split(decode, chunks, self.settings.micro_batches)
+        return StepBatch(micro=tuple(self._micro_batch(d, c) for d, c in groups))
 
-    def _micro_batch(self, decode: list[_Sequence], prefill: list[_Sequence]) -> MicroBatch:
+    def _chunks(self, prefilling: list[_Sequence], budget: int) -> list[Chunk]:
+        """Chunked prefill: the step's tokens left after the decodes (`budget`) go to the prompts
+        being prefilled, oldest first, each from its first token not cached, then to new ones."""
+        chunks = []
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            n = min(len(seq.prompt) - seq.cached, budget)
+            chunks.append(Chunk(seq, seq.cached, n))
+            budget -= n
+        while budget > 0 and self._waiting and self._free_slots:
+            seq = self._take_waiting()
+            n = min(len(seq.prompt), budget)
+            chunks.append(Chunk(seq, 0, n))
+            budget -= n
+        return chunks
+
+    def _micro_batch(self, decode: list[_Sequence], chunks: list[Chunk]) -> MicroBatch:
         tokens = [s.output[-1] for s in decode]
         segments, offset = [], len(decode)
-        for seq in prefill:
-            segments.append(Segment(slot=seq.slot, offset=offset, length=len(seq.prompt), start_pos=0))
-            tokens.extend(seq.prompt)
-            offset += len(seq.prompt)
+        for c in chunks:
+            segments.append(Segment(slot=c.seq.slot, offset=offset, length=c.length, start_pos=c.start))
+            tokens.extend(c.seq.prompt[c.start : c.start + c.length])
+            offset += c.length
         plan = build_attention_plan(
             decode_slots=[s.slot for s in decode],
             decode_positions=[s.cached for s in decode],
@@ -223,14 +264,15 @@ class Engine:
             sliding_window=self.model.cfg.sliding_window,
             device=self.model.runtime.device,
         )
-        rows, sample_at, prompt_at = _logit_rows(len(decode), prefill, segments)
+        rows, sample_at, prompt_at = _logit_rows(len(decode), chunks, segments)
         device = self.model.runtime.device
         return MicroBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
             plan=plan,
             logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
-            seqs=tuple(decode + prefill),
+            seqs=tuple(decode + [c.seq for c in chunks if c.last]),
             sample_at=sample_at,
+            chunks=tuple(chunks),
             prompt_at=prompt_at,
         )
 
@@ -246,13 +288,17 @@ class Engine:
             parts = self.model.forward_overlapped([(m.token_ids, m.plan, m.logit_rows) for m in batch.micro],
                                                   max_tokens)
             logits = torch.cat(parts)  # (L, V) in micro-batch order
+        sample_at, prompt_at = _step_rows(batch)
+        chunks = [c for m in batch.micro for c in m.chunks]
+        _score_prompts(logits, chunks, prompt_at)
+        for c in chunks:  # committed: the next chunk starts after it (a last chunk's sequence is set below)
+            c.seq.cached = c.start + c.length
         seqs = batch.seqs
         if not seqs:
             return []
-        sample_at, prompt_at = _step_rows(batch)
         rows = logits if sample_at is None else logits[torch.tensor(sample_at, device=logits.device)]  # (R, V)
         drawn = sample(rows, [s.params for s in seqs], [s.position for s in seqs])
-        scored = _score(logits, seqs, drawn, sample_at, prompt_at)
+        scored = _score(logits, seqs, drawn, sample_at)
         events = []
         for seq, token in zip(seqs, drawn):
             if isinstance(token, RowFailure):  # this request alone ends; the step goes on
@@ -262,25 +308,32 @@ class Engine:
             seq.cached = seq.position
             seq.output.append(token)
             finish = self._finish_reason(seq, token)
-            logprob, prompt = scored.get(id(seq), (None, ()))
-            events.append(TokenEvent(seq.request_id, token, finish, logprob=logprob, prompt_logprobs=prompt))
+            prompt = tuple(seq.prompt_scores) if len(seq.output) == 1 else ()  # on the first event
+            events.append(TokenEvent(seq.request_id, token, finish, logprob=scored.get(id(seq)),
+                                     prompt_logprobs=prompt))
             if finish is not None:
                 self._retire(seq)
         return events
 
     def _admit(self) -> list[_Sequence]:
+        """Whole prompts: admit waiting requests while slots and the prompt-token budget last."""
         admitted: list[_Sequence] = []
         budget = self.settings.max_batched_tokens
         while self._waiting and self._free_slots:
-            seq = self._waiting[0]
-            if admitted and len(seq.prompt) > budget:
+            if admitted and len(self._waiting[0].prompt) > budget:
                 break
-            self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
-            self._running[seq.request_id] = seq
+            seq = self._take_waiting()
             admitted.append(seq)
             budget -= len(seq.prompt)
         return admitted
+
+    def _take_waiting(self) -> _Sequence:
+        seq = self._waiting.popleft()
+        seq.slot = self._free_slots.pop()
+        seq.cached = 0
+        seq.prompt_scores = []
+        self._running[seq.request_id] = seq
+        return seq
 
     def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
         if token in seq.stop_ids:
@@ -298,78 +351,87 @@ class Engine:
         seq.slot = -1
 
 
-def _logit_rows(decoding: int, prefill: list[_Sequence], segments: list[Segment]
+def _logit_rows(decoding: int, chunks: list[Chunk], segments: list[Segment]
                 ) -> tuple[list[int], tuple[int, ...], tuple[int, ...]]:
-    """The rows of a micro-batch's T to project -> (rows (L,), sample_at (R,), prompt_at (R,)).
-    Decoding rows and prompts' last rows are sampled; a prompt that asked for its log-probabilities
-    projects every row (row j predicts prompt token j + 1). sample_at is () when L = R."""
-    rows, sample_at, prompt_at = list(range(decoding)), list(range(decoding)), [-1] * decoding
-    for seq, seg in zip(prefill, segments):
-        if seq.params.prompt_logprobs:
+    """The rows of a micro-batch's T to project -> (rows (L,), sample_at (R,), prompt_at (P,)).
+    Decoding rows and the last rows of prompts' last chunks are sampled; a chunk of a prompt that
+    asked for its log-probabilities projects every row (row j predicts prompt token j + 1).
+    sample_at and prompt_at are () when the rows are exactly the sampled ones, in order (then no
+    chunk scores its prompt); otherwise prompt_at is explicit and sample_at may be empty."""
+    rows, sample_at, prompt_at = list(range(decoding)), list(range(decoding)), []
+    for c, seg in zip(chunks, segments):
+        if c.seq.params.prompt_logprobs:
             prompt_at.append(len(rows))
             rows.extend(range(seg.offset, seg.offset + seg.length))
         else:
             prompt_at.append(-1)
-            rows.append(seg.offset + seg.length - 1)
-        sample_at.append(len(rows) - 1)
+            if c.last:
+                rows.append(seg.offset + seg.length - 1)
+        if c.last:
+            sample_at.append(len(rows) - 1)
     if len(rows) == len(sample_at):
         return rows, (), ()
     return rows, tuple(sample_at), tuple(prompt_at)
 
 
 def _step_rows(batch: StepBatch) -> tuple[list[int] | None, list[int]]:
-    """Across micro-batches: each sequence's sampled row and prompt-rows start in the step's
-    concatenated logits (L, V); (None, []) when every projected row is a sampled one."""
-    if all(not m.sample_at for m in batch.micro):
+    """Across micro-batches: each sampled sequence's row, and where each chunk's prompt-scoring
+    rows start (-1: none), in the step's concatenated logits (L, V); (None, []) when every
+    projected row is a sampled one."""
+    if all(not m.sample_at and not m.prompt_at for m in batch.micro):
         return None, []
     sample_at: list[int] = []
     prompt_at: list[int] = []
     base = 0
     for m in batch.micro:
-        if m.sample_at:
+        if m.sample_at or m.prompt_at:  # explicit rows (sample_at may be empty: no chunk ends here)
             sample_at += [base + i for i in m.sample_at]
             prompt_at += [base + i if i >= 0 else -1 for i in m.prompt_at]
         else:
             sample_at += [base + i for i in range(len(m.seqs))]
-            prompt_at += [-1] * len(m.seqs)
+            prompt_at += [-1] * len(m.chunks)
         base += int(m.logit_rows.shape[0])
     return sample_at, prompt_at
 
 
-def _score(logits: torch.Tensor, seqs: tuple[_Sequence, ...], drawn: list, sample_at: list[int] | None,
-           prompt_at: list[int]) -> dict[int, tuple[TokenLogprob | None, tuple[TokenLogprob, ...]]]:
-    """logits: (L, V) -> id(sequence) -> (its new token's log-probability, its prompt's), for the
-    sequences that asked (the rest pay nothing)."""
-    out: dict[int, tuple[TokenLogprob | None, tuple[TokenLogprob, ...]]] = {}
+def _score_prompts(logits: torch.Tensor, chunks: list[Chunk], prompt_at: list[int]) -> None:
+    """logits: (L, V) -> each chunk that asked adds its prompt tokens' log-probabilities to its
+    sequence (rows start..start+n-1 predict prompt tokens start+1..; the prompt's last row predicts
+    the first new token, scored with it)."""
+    for c, at in zip(chunks, prompt_at):
+        if at < 0:
+            continue
+        n = min(c.length, len(c.seq.prompt) - 1 - c.start)  # (n,) rows whose next token is a prompt token
+        targets = torch.tensor(c.seq.prompt[c.start + 1 : c.start + 1 + n])  # (n,)
+        c.seq.prompt_scores.extend(token_logprobs(logits[at : at + n], targets, c.seq.params.top_logprobs))
+
+
+def _score(logits: torch.Tensor, seqs: tuple[_Sequence, ...], drawn: list, sample_at: list[int] | None
+           ) -> dict[int, TokenLogprob]:
+    """logits: (L, V) -> id(sequence) -> its new token's log-probability, for the sequences that
+    asked (the rest pay nothing)."""
+    out: dict[int, TokenLogprob] = {}
     for i, (seq, token) in enumerate(zip(seqs, drawn)):
-        if isinstance(token, RowFailure) or (seq.params.logprobs is None and not seq.params.prompt_logprobs):
+        if isinstance(token, RowFailure) or seq.params.logprobs is None:
             continue
         row = i if sample_at is None else sample_at[i]
-        new = None
-        if seq.params.logprobs is not None:
-            new = token_logprobs(logits[row : row + 1], torch.tensor([token]), seq.params.top_logprobs)[0]
-        prompt: tuple[TokenLogprob, ...] = ()
-        if prompt_at and prompt_at[i] >= 0:
-            start, n = prompt_at[i], len(seq.prompt) - 1
-            prompt = tuple(token_logprobs(logits[start : start + n], torch.tensor(seq.prompt[1:]),  # (n, V)
-                                          seq.params.top_logprobs))
-        out[id(seq)] = (new, prompt)
+        out[id(seq)] = token_logprobs(logits[row : row + 1], torch.tensor([token]), seq.params.top_logprobs)[0]
     return out
 
 
 def _split(
-    decode: list[_Sequence], prefill: list[_Sequence], parts: int
-) -> list[tuple[list[_Sequence], list[_Sequence]]]:
-    """Sequences -> `parts` groups of about equal tokens (decode split evenly, each prompt to
-    the lightest group). Always exactly `parts` groups, some possibly empty."""
-    groups: list[tuple[list[_Sequence], list[_Sequence]]] = [([], []) for _ in range(parts)]
+    decode: list[_Sequence], chunks: list[Chunk], parts: int
+) -> list[tuple[list[_Sequence], list[Chunk]]]:
+    """Sequences -> `parts` groups of about equal tokens (decode split evenly, each prompt chunk
+    to the lightest group). Always exactly `parts` groups, some possibly empty."""
+    groups: list[tuple[list[_Sequence], list[Chunk]]] = [([], []) for _ in range(parts)]
     for i, seq in enumerate(decode):
         groups[i * parts // max(len(decode), 1)][0].append(seq)
     load = [len(d) for d, _ in groups]
-    for seq in prefill:
+    for c in chunks:
         lightest = load.index(min(load))
-        groups[lightest][1].append(seq)
-        load[lightest] += len(seq.prompt)
+        groups[lightest][1].append(c)
+        load[lightest] += c.length
     return groups
 
 

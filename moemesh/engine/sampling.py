@@ -165,6 +165,12 @@ def _sample_alone(logits: torch.Tensor, params: SamplingParams, position: int) -
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[Drawn]:
     greedy = torch.argmax(logits, dim=-1)  # (R,) greedy for every row first
     finite = torch.isfinite(logits).all(dim=-1)  # (R,) checked on the device, read with the tokens
+    if all(p.greedy for p in params):  # the common case: no per-row work at all
+        n = len(params)
+        both = torch.cat([greedy, finite.long()]).tolist()  # (2R,) the step's one device -> host copy
+        if all(both[n:]):
+            return both[:n]
+        return [token if ok else RowFailure(_NOT_FINITE) for token, ok in zip(both[:n], both[n:])]
     rows = [row for row, p in enumerate(params) if not p.greedy]
     parts = [greedy, finite.long()]
     if rows:
@@ -178,13 +184,16 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], positions: 
     out: list[Drawn] = []
     for row, p in enumerate(params):
         if not logits_ok[row]:
-            out.append(RowFailure("the model's logits for this request are not finite (NaN or inf)"))
+            out.append(RowFailure(_NOT_FINITE))
         elif row in bad_probs:
             out.append(RowFailure(f"sampling probabilities are not finite after temperature={p.temperature!r}, "
                                   f"top_k={p.top_k}, top_p={p.top_p!r}"))
         else:
             out.append(sampled.get(row, both[row]))
     return out
+
+
+_NOT_FINITE = "the model's logits for this request are not finite (NaN or inf)"
 
 
 def _seed(p: SamplingParams) -> int:

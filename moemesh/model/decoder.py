@@ -34,6 +34,7 @@ from moemesh.model.moe import (
     Transport,
     run_interleaved,
     run_to_end,
+    stack_experts,
 )
 from moemesh.model.shard import Shard
 from moemesh.model.weights import (
@@ -118,10 +119,12 @@ def load_experts(
     shards: dict[int, tuple[Shard, ...]] | None = None,
 ) -> dict[int, LayerExperts]:
     """assignment: MoE layer -> global expert ids this process holds (in local order);
-    shards: MoE layer -> the part of each it holds (default: whole experts)."""
+    shards: MoE layer -> the part of each it holds (default: whole experts). Each layer's experts
+    are stacked (`stack_experts`) so they run as grouped matmuls."""
     shards = shards or {}
     return {
-        layer: load_layer_experts(reader, cfg, layer, ids, runtime.dtype, runtime.device, shards.get(layer))
+        layer: stack_experts(load_layer_experts(reader, cfg, layer, ids, runtime.dtype, runtime.device,
+                                                shards.get(layer)))
         for layer, ids in assignment.items()
     }
 

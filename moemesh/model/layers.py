@@ -239,31 +239,41 @@ def attention(
     H, G, Dh = shape
     T = x.shape[0]
     qkv = F.linear(x, w.wqkv, w.bqkv)  # (T, (H + 2G) * Dh)
-    q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
-    full_norm = w.q_norm is not None and w.q_norm.shape[0] == H * Dh != Dh
-    if full_norm:  # OLMoE: over the whole projection, before the split into heads
-        assert w.q_norm is not None and w.k_norm is not None, "q_norm and k_norm come together"
-        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
-    q = q.view(T, H, Dh)  # (T, H, Dh)
-    k = k.view(T, G, Dh)  # (T, G, Dh)
-    v = v.view(T, G, Dh)  # (T, G, Dh)
-    if w.q_norm is not None and not full_norm:
-        assert w.k_norm is not None, "q_norm and k_norm come together (Qwen3)"
-        q = rms_norm(q, w.q_norm, eps)
-        k = rms_norm(k, w.k_norm, eps)
-    q = rope.apply(q, plan.positions)
-    k = rope.apply(k, plan.positions)
+    if w.q_norm is None:  # no norm between projection and rope: q and k heads rotate together
+        qk = rope.apply(qkv[:, : (H + G) * Dh].view(T, H + G, Dh), plan.positions)  # (T, H + G, Dh)
+        q, k = qk[:, :H], qk[:, H:]  # (T, H, Dh), (T, G, Dh)
+    else:
+        q, k = _normed_heads(qkv, w, shape, eps)
+        q = rope.apply(q, plan.positions)
+        k = rope.apply(k, plan.positions)
+    v = qkv[:, (H + G) * Dh :].view(T, G, Dh)  # (T, G, Dh)
     kc, vc = cache.k[layer], cache.v[layer]
     kc[plan.slots, :, plan.positions] = k  # scatter (T, G, Dh) into (S, G, L, Dh)
     vc[plan.slots, :, plan.positions] = v
-    out = torch.empty(T, H, Dh, dtype=x.dtype, device=x.device)  # (T, H, Dh)
     B = plan.num_decode
-    if B:
-        out[:B] = _decode_attention(q[:B], kc, vc, plan, plan.decode_mask_for(sliding_window), w.sinks)
-    for seg in plan.segments:
-        rows = slice(seg.offset, seg.offset + seg.length)
-        out[rows] = _prefill_attention(q[rows], kc, vc, seg, sliding_window, w.sinks)
-    return F.linear(out.view(T, H * Dh), w.wo, w.bo)  # (T, D)
+    if B == T:  # decode only: its result is the whole output
+        out = _decode_attention(q, kc, vc, plan, plan.decode_mask_for(sliding_window), w.sinks)  # (T, H, Dh)
+    else:
+        out = torch.empty(T, H, Dh, dtype=x.dtype, device=x.device)  # (T, H, Dh)
+        if B:
+            out[:B] = _decode_attention(q[:B], kc, vc, plan, plan.decode_mask_for(sliding_window), w.sinks)
+        for seg in plan.segments:
+            rows = slice(seg.offset, seg.offset + seg.length)
+            out[rows] = _prefill_attention(q[rows], kc, vc, seg, sliding_window, w.sinks)
+    return F.linear(out.reshape(T, H * Dh), w.wo, w.bo)  # (T, D)
+
+
+def _normed_heads(qkv: torch.Tensor, w: AttentionWeights, shape: tuple[int, int, int], eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv: (T, (H + 2G) * Dh) -> q (T, H, Dh), k (T, G, Dh) after q_norm / k_norm: over the whole
+    projection (OLMoE) or per head (Qwen3)."""
+    H, G, Dh = shape
+    T = qkv.shape[0]
+    q, k = qkv[:, : H * Dh], qkv[:, H * Dh : (H + G) * Dh]
+    assert w.q_norm is not None and w.k_norm is not None, "q_norm and k_norm come together"
+    if w.q_norm.shape[0] == H * Dh != Dh:  # OLMoE: over the whole projection, before the split into heads
+        return rms_norm(q, w.q_norm, eps).view(T, H, Dh), rms_norm(k, w.k_norm, eps).view(T, G, Dh)
+    return rms_norm(q.reshape(T, H, Dh), w.q_norm, eps), rms_norm(k.reshape(T, G, Dh), w.k_norm, eps)
 
 
 def _decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, plan: AttentionPlan,

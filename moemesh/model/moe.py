@@ -22,6 +22,8 @@ micro-batch's compute meanwhile (two-batch overlap). Run to completion it is the
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
@@ -240,12 +242,21 @@ def shared_experts(x: torch.Tensor, w: SharedExpertWeights) -> torch.Tensor:
 
 
 class GroupedExperts:
-    """Gated experts of every MoE layer on this rank, one matmul pair per expert with tokens;
-    biased experts (GPT-OSS) add their biases, the down bias once per expert (its shard 0)."""
+    """Gated experts of every MoE layer on this rank; biased experts (GPT-OSS) add their biases, the
+    down bias once per expert (its shard 0).
+
+    A layer whose experts are unbiased views of one stack (`stack_experts`, which the loader and
+    `MoELayer.apply_epoch` apply) runs as two grouped matmuls over all its experts at once
+    (`torch._grouped_mm`: one launch each instead of a Python loop of matmul pairs). Anything else
+    (biased experts, mixed widths), or a device where the grouped matmul refuses the shapes, runs
+    one matmul pair per expert with tokens.
+    """
 
     def __init__(self, layers: dict[int, LayerExperts], activation: Activation = swiglu):
         self.layers = layers
         self.activation = activation
+        self.grouped = True  # False once the device refused a grouped matmul
+        self._stacks: dict[int, tuple[LayerExperts, tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
     def replace(self, layer: int, experts: LayerExperts) -> None:
         self.layers[layer] = experts
@@ -256,6 +267,31 @@ class GroupedExperts:
 
     def __call__(self, layer: int, batch: ExpertBatch) -> torch.Tensor:
         experts = self.layers[layer]
+        stack = self._stack(layer, experts) if self.grouped and batch.x.shape[0] else None
+        if stack is None:
+            return self._one_by_one(experts, batch)
+        w13, w2 = stack  # (E_loc, D, 2F), (E_loc, D, F)
+        ends = torch.tensor(list(itertools.accumulate(batch.counts)), dtype=torch.int32).to(batch.x.device)  # (E_loc,)
+        try:
+            h = torch._grouped_mm(batch.x, w13, offs=ends)  # (N, 2F)
+            gate, up = h.chunk(2, dim=-1)  # (N, F) each
+            return torch._grouped_mm(self.activation(gate, up), w2.transpose(1, 2), offs=ends)  # (N, D)
+        except RuntimeError:  # no grouped matmul for this device or dtype: never ask again
+            self.grouped = False
+            return self._one_by_one(experts, batch)
+
+    def _stack(self, layer: int, experts: LayerExperts) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's (E_loc, D, 2F), (E_loc, D, F) stacks when its tensors are views of them; looked
+        at once per LayerExperts (an epoch switch brings new ones)."""
+        cached = self._stacks.get(layer)
+        if cached is not None and cached[0] is experts:
+            return cached[1]
+        w13, w2 = stacked_view(experts.w13), stacked_view(experts.w2)
+        stack = (w13, w2) if w13 is not None and w2 is not None and not experts.biased else None
+        self._stacks[layer] = (experts, stack)
+        return stack
+
+    def _one_by_one(self, experts: LayerExperts, batch: ExpertBatch) -> torch.Tensor:
         out = torch.empty_like(batch.x)  # (N, D)
         start = 0
         for i, n in enumerate(batch.counts):
@@ -271,6 +307,33 @@ class GroupedExperts:
                     torch.addmm(b2, self.activation(gate, up), experts.w2[i].t(), out=out[start : start + n])
                 start += n
         return out
+
+
+def stack_experts(experts: LayerExperts) -> LayerExperts:
+    """The same experts with w13 and w2 as views of one (E_loc, D, 2F) and one (E_loc, D, F) stack
+    (one copy at load time; the per-expert tensors are freed), so GroupedExperts can run them as
+    grouped matmuls. Biased or mixed-width experts come back unchanged."""
+    shapes = {(t.shape, t.dtype) for t in experts.w13} | {(t.shape, t.dtype, 2) for t in experts.w2}
+    if experts.biased or len(shapes) != 2:
+        return experts
+    w13, w2 = torch.stack(experts.w13), torch.stack(experts.w2)  # (E_loc, D, 2F), (E_loc, D, F)
+    return dataclasses.replace(experts, w13=tuple(w13.unbind(0)), w2=tuple(w2.unbind(0)))
+
+
+def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """(E_loc, ...) the stack `tensors` are consecutive equal views of, without a copy; None if they are not."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    step = tensors[1].storage_offset() - first.storage_offset() if len(tensors) > 1 else first.numel()
+    ptr = first.untyped_storage().data_ptr()
+    for i, t in enumerate(tensors):
+        if (t.shape != first.shape or t.stride() != first.stride() or t.untyped_storage().data_ptr() != ptr
+                or t.storage_offset() != first.storage_offset() + i * step):
+            return None
+    if step < first.numel() or not first.is_contiguous():
+        return None
+    return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
 
 
 def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,8 +398,12 @@ class MoELayer(Generic[H]):
 
     def apply_epoch(self, placement: Placement, layers: Mapping[int, LayerExperts]) -> None:
         """Switch to a placement epoch, between steps: the experts held, the routing tables and
-        the gating factors change together (a half-switched layer would route to the old ranks)."""
-        self.experts.layers = dict(layers)
+        the gating factors change together (a half-switched layer would route to the old ranks).
+        A layer assembled from pieces is restacked (`stack_experts`: one copy of that layer's experts
+        during the switch), so it keeps running as grouped matmuls and no reused view keeps a whole
+        old stack alive."""
+        self.experts.layers = {layer: e if stacked_view(e.w13) is not None and stacked_view(e.w2) is not None
+                               else stack_experts(e) for layer, e in layers.items()}
         self.transport.set_placement(placement)
         self.router.factors = {layer: torch.tensor(f, dtype=torch.float32, device=self.device)
                                for layer, f in placement.gating.items()}

@@ -102,8 +102,10 @@ class Mesh:
         assert not any(t.is_alive() for t in self.threads), "a rank did not stop"
 
 
-def start_mesh(checkpoint: Path, placement: Placement, micro_batches: int | list[int] = 1) -> Mesh:
-    """One engine thread per rank; `micro_batches` per rank when a list (a misconfiguration)."""
+def start_mesh(checkpoint: Path, placement: Placement, micro_batches: int | list[int] = 1, chunk_budget: int = 0
+               ) -> Mesh:
+    """One engine thread per rank; `micro_batches` per rank when a list (a misconfiguration);
+    `chunk_budget` > 0: chunked prefill with that many tokens per step."""
     world, waker = LoopbackWorld(placement.world_size, timeout_s=HANG_S), LoopbackWaker(timeout_s=HANG_S)
     runners, events, samples = [], [], []
     for rank in range(placement.world_size):
@@ -114,7 +116,8 @@ def start_mesh(checkpoint: Path, placement: Placement, micro_batches: int | list
         model = build_model(checkpoint, RUNTIME, transport=transport, assignment=placement.assignment(rank),
                             shards=pieces, recorder=recorder)
         m = micro_batches[rank] if isinstance(micro_batches, list) else micro_batches
-        engine = Engine(model, EngineSettings(micro_batches=m))
+        engine = Engine(model, EngineSettings(micro_batches=m, chunked_prefill=chunk_budget > 0,
+                                              max_batched_tokens=chunk_budget or 4096))
         events.append(Events())
         samples.append([])
         runners.append(MeshRunner(engine, collective, waker, placement.epoch, on_events=events[-1],
@@ -142,10 +145,12 @@ def assert_same_tokens(mesh: Mesh, sent, local_tokens) -> None:
         assert mesh.events[rank].tokens(rid) == local_tokens[tuple(prompt)], rid
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_tokens_equal_the_local_engine_and_ranks_stay_in_lockstep(checkpoint, local_tokens, micro_batches):
+@pytest.mark.parametrize(("micro_batches", "chunk_budget"), [(1, 0), (2, 0), (1, 3), (2, 3)])
+def test_tokens_equal_the_local_engine_and_ranks_stay_in_lockstep(checkpoint, local_tokens, micro_batches,
+                                                                  chunk_budget):
+    """Also with chunked prefill (3 tokens per step: prompts of 5 and 8 tokens go in chunks)."""
     placement = initial_placement(SPEC.experts, [0, 1], world_size=3)
-    mesh = start_mesh(checkpoint, placement, micro_batches)
+    mesh = start_mesh(checkpoint, placement, micro_batches, chunk_budget)
     try:
         assert_same_tokens(mesh, submit_all(mesh), local_tokens)
     finally:

@@ -185,3 +185,47 @@ def test_logprobs_are_the_reference_models_own_whatever_shares_the_step(hf_model
 def test_logprobs_out_of_range_are_clear_errors(model):
     with pytest.raises(InvalidRequestError, match="logprobs must be in"):
         Engine(model).add_request("r", [1, 2], SamplingParams(logprobs=21))
+
+
+def test_chunked_prefill_keeps_tokens_and_prompt_logprobs_and_decodes_every_step(model):
+    """A budget of 4 tokens per step: the 8-token prompt goes in chunks while the others decode;
+    tokens and prompt log-probabilities equal whole-prompt prefill's."""
+    params = SamplingParams(max_new_tokens=6, logprobs=2, prompt_logprobs=True)
+    whole = Engine(model)
+    chunked = Engine(model, EngineSettings(max_batched_tokens=4, chunked_prefill=True))
+    runs: list[dict[str, list]] = []
+    for engine in (whole, chunked):
+        engine.add_request("short", PROMPTS[0], params)
+        events: dict[str, list] = {"short": engine.step()}  # "short" decodes from here on
+        engine.add_request("long", PROMPTS[2], params)
+        while engine.has_work:
+            batch = engine.schedule()
+            if engine is chunked:
+                assert batch.num_tokens <= 4
+            for ev in engine.execute(batch):
+                events.setdefault(ev.request_id, []).append(ev)
+        runs.append(events)
+    for rid in ("short", "long"):
+        a, b = runs[0][rid], runs[1][rid]
+        assert [e.token_id for e in a] == [e.token_id for e in b]
+        assert [lp.token for lp in a[0].prompt_logprobs] == [lp.token for lp in b[0].prompt_logprobs]
+        assert len(b[0].prompt_logprobs) == len(PROMPTS[0] if rid == "short" else PROMPTS[2]) - 1
+        for x, y in zip(a[0].prompt_logprobs + tuple(e.logprob for e in a),
+                        b[0].prompt_logprobs + tuple(e.logprob for e in b)):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+    assert len(runs[1]["long"]) == 6 and len(runs[1]["short"]) == 6
+
+
+def test_chunked_prefill_gives_a_running_request_a_token_every_step(model):
+    engine = Engine(model, EngineSettings(max_batched_tokens=3, chunked_prefill=True))
+    engine.add_request("running", PROMPTS[3], SamplingParams(max_new_tokens=12))
+    engine.step()
+    engine.add_request("long", PROMPTS[2], SamplingParams(max_new_tokens=2))
+    first_long = None
+    for step in range(1, 5):
+        events = {ev.request_id: ev for ev in engine.step()}
+        assert "running" in events  # never stalled by the 8-token prompt
+        if "long" in events and first_long is None:
+            first_long = step
+    assert first_long == 4  # 8 prompt tokens at 2 per step (one of 3 goes to the decode)

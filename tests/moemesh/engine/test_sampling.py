@@ -116,6 +116,16 @@ def test_a_row_with_nan_logits_fails_alone_greedy_or_sampled(row):
     assert [out[r] for r in range(4) if r != row] == [alone(r) for r in range(4) if r != row]
 
 
+def test_an_all_greedy_batch_takes_one_argmax_and_still_fails_a_broken_row_alone():
+    greedy = [SamplingParams()] * 4
+    assert sample(LOGITS, greedy, POSITIONS) == LOGITS.argmax(dim=-1).tolist()
+    logits = LOGITS.clone()
+    logits[2, 0] = float("inf")
+    out = sample(logits, greedy, POSITIONS)
+    assert isinstance(out[2], RowFailure) and "not finite" in out[2].message
+    assert [out[0], out[1], out[3]] == [int(LOGITS[r].argmax()) for r in (0, 1, 3)]
+
+
 def test_a_temperature_that_overflows_fails_its_row_alone():
     """What `--temperature 1e-40` did to a whole mesh: logits / 1e-40 is inf, softmax NaN.
     (Constructed directly: validation refuses it at every front door.)"""

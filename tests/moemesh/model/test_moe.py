@@ -16,12 +16,15 @@ from moemesh.mesh.placement import (
 from moemesh.mesh.routing_counts import LoadRecorder
 from moemesh.mesh.transport import AllToAllTransport, destinations, layer_routes
 from moemesh.model.moe import (
+    ExpertBatch,
     GroupedExperts,
     LocalTransport,
     MoELayer,
     Routing,
     SoftmaxTopKRouter,
     run_interleaved,
+    stack_experts,
+    stacked_view,
 )
 from moemesh.model.weights import LayerExperts, shard_weights
 
@@ -246,3 +249,18 @@ def test_gpt_oss_router_under_the_drop_policy_renormalises_over_the_copies_kept(
     assert torch.bincount(kept, minlength=E).max() <= expert_capacity(40, K, E, 1.0)
     sums = routing.weights.sum(dim=-1)  # (T,)
     assert torch.allclose(sums[~dropped.all(-1)], torch.ones(1), atol=1e-6)
+
+
+def test_stacked_experts_run_as_grouped_matmuls_equal_to_one_by_one():
+    w13, w2, _, _ = _weights()
+    held = LayerExperts(tuple(range(E)), tuple(t.clone() for t in w13), tuple(t.clone() for t in w2))
+    stacked = stack_experts(held)
+    assert stacked_view(held.w13) is None  # separate tensors: not a stack
+    assert stacked_view(stacked.w13) is not None and torch.equal(stacked_view(stacked.w13), w13)
+    counts = [3, 0, 1, 5, 0, 2]  # an expert without tokens in the middle and at the end
+    batch = ExpertBatch(x=torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(1)), counts=counts)
+    loop, grouped = GroupedExperts({0: held}), GroupedExperts({0: stacked})
+    assert torch.allclose(grouped(0, batch), loop(0, batch), rtol=1e-5, atol=1e-5)
+    assert grouped._stacks[0][1] is not None and loop._stacks[0][1] is None  # which path each took
+    empty = ExpertBatch(x=torch.empty(0, D), counts=[0] * E)
+    assert grouped(0, empty).shape == (0, D)
