@@ -7,7 +7,7 @@ expert per worker (8 workers: the paper's deployment). Each row: output tokens/s
 (vLLM's definitions, moemesh.loadgen), ratio to the single-process engine; mesh rows also the step
 time and the share of it spent in collectives (worker Status counters). Then the cost model's
 prediction of the 2-worker mesh against its measurement (moemesh.simulate.cpu_check) and the
-simulator's paper-table comparison. Expert tensor parallelism does not exist in moemesh yet: no row.
+simulator's paper-table comparison. Expert tensor parallelism: `make bench-mesh --expert-shards`.
 Takes about 6 minutes on a 2-core machine (< 15).
 """
 
@@ -369,7 +369,7 @@ Status counters above) minus that bare step.
   script), while one-thread processes degrade gracefully. So the ratio between the single-process
   rows and the mesh rows changes from run to run; within a row family (mesh 2 / 4 / 8 workers) the
   ordering is stable.
-- Expert tensor parallelism does not exist in moemesh yet, so there is no row for it.
+- Expert tensor parallelism (`--expert-shards`) has its rows in `make bench-mesh`, not here.
 - Chunked prefill (`EngineSettings.chunked_prefill`) is not in these rows (every prompt here is 32
   tokens); `python scripts/bench_prefill.py` measures it: 1024-token prompts arriving as a Poisson
   process into 16 running decodes, with and without it, p99 TPOT and ITL of the running requests.
