@@ -194,7 +194,9 @@ def _build_node(settings: WorkerSettings, reader: CheckpointReader, world, place
                         shards=pieces, overflow=settings.overflow, capacity_factor=settings.capacity_factor,
                         recorder=recorder)
     engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
-                                          micro_batches=settings.micro_batches))
+                                          micro_batches=settings.micro_batches,
+                                          chunked_prefill=settings.chunked_prefill,
+                                          max_batched_tokens=settings.max_batched_tokens))
     runner = MeshRunner(engine, collective, waker, placement.epoch, on_events=lambda ev: None, recorder=recorder,
                         report_every_tokens=settings.report_every_tokens, generation=world.generation)
     return MeshMember(runner=runner, engine=engine, device=settings.device), reader

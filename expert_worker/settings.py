@@ -60,6 +60,11 @@ class WorkerSettings:
     leave_timeout_s: float = 2.0  # deadline of the LeaveWorld call on SIGTERM; it stops either way (no flag)
     report_every_tokens: int = option("--report-every-tokens", "routed tokens between load reports", int,
                                       default=100)
+    chunked_prefill: bool = option("--chunked-prefill", "prefill long prompts in chunks mixed into decode steps, "
+                                   "so running requests keep their pace (--max-batched-tokens per step)", parse_bool,
+                                   default=False)
+    max_batched_tokens: int = option("--max-batched-tokens", "tokens per step: with --chunked-prefill every token "
+                                     "of a step, else prompt tokens admitted per step", int, default=4096)
     micro_batches: int = option("--micro-batches", "split each step so exchanges overlap compute (same on every "
                                 "worker)", int, default=1, choices=(1, 2, 3, 4))
     dtype: str = option("--dtype", "compute dtype (auto: fp32 on CPU, bf16 on CUDA)", default="auto",
@@ -86,6 +91,8 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if not self.advertise_host:  # peers dial the bind address unless told otherwise
             object.__setattr__(self, "advertise_host", self.host)
+        if self.max_batched_tokens < 1:
+            raise ConfigError(f"--max-batched-tokens must be at least 1, got {self.max_batched_tokens}")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"--max-concurrent-rpcs must be at least 1, got {self.max_concurrent_rpcs}")
         tls_of(self)  # all three TLS files or none

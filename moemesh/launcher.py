@@ -45,7 +45,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shakespeare-moe"
 
 POLICIES = ("auto", "none", "gating", "replicate", "split")
 _WORKER = {f.name: opt for f, opt in options(WorkerSettings)}
-_TO_WORKERS = ("overflow", "capacity_factor", "dtype")  # worker flags `up` passes on when given
+# worker flags `up` passes on when given
+_TO_WORKERS = ("overflow", "capacity_factor", "dtype", "max_batched_tokens")
 
 
 def _absolute(text: str) -> Path:
@@ -94,6 +95,9 @@ class UpSettings:
     overflow: str | None = _worker_option("overflow")
     capacity_factor: float | None = _worker_option("capacity_factor")
     dtype: str | None = _worker_option("dtype")
+    chunked_prefill: bool = option("--chunked-prefill", "workers prefill long prompts in chunks mixed into decode "
+                                   "steps (passed to every worker)", parse_bool, default=False)
+    max_batched_tokens: int | None = _worker_option("max_batched_tokens")
     emulate_nodes: int = option("--emulate-nodes", "emulate this many nodes here (root): one network namespace "
                                 "each, shaped links between them (moemesh.launch.netns); 0 = no emulation", int,
                                 default=0)
@@ -171,6 +175,7 @@ def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
     common = ("--max-model-len", str(s.max_model_len))
     to_workers = tuple(arg for name in _TO_WORKERS if getattr(s, name) is not None
                        for arg in (_WORKER[name].flag, str(getattr(s, name))))
+    to_workers += ("--chunked-prefill",) if s.chunked_prefill else ()
     return MeshSpec(
         model=s.model, workers=s.workers, state_dir=state_dir, gateway_host=s.host, gateway_port=s.port,
         gateway_http_port=s.http_port,

@@ -7,7 +7,7 @@ expert per worker (8 workers: the paper's deployment). Each row: output tokens/s
 (vLLM's definitions, moemesh.loadgen), ratio to the single-process engine; mesh rows also the step
 time and the share of it spent in collectives (worker Status counters). Then the cost model's
 prediction of the 2-worker mesh against its measurement (moemesh.simulate.cpu_check) and the
-simulator's paper-table comparison. Expert tensor parallelism: `make bench-mesh --expert-shards`.
+simulator's paper-table comparison. Expert tensor parallelism: `python scripts/bench_mesh.py --expert-shards 1 2`.
 Takes about 6 minutes on a 2-core machine (< 15).
 """
 

@@ -200,9 +200,10 @@ class LayerExperts:
 
     Local expert i is global expert `expert_ids[i]`, of which this process holds `shards[i]`
     (WHOLE, or columns F_i = F / count of its hidden dimension; see moemesh.model.shard).
-    Per-expert tensors rather than one stacked tensor: one rank may hold a whole expert and a
-    shard of another (different widths), and an epoch switch reuses held tensors as they are
-    (no restacking copy, no transient second copy of the weights).
+    Per-expert tensors are the record: one rank may hold a whole expert and a shard of another
+    (different widths), and an epoch switch reuses held tensors as they are. Where a layer's
+    experts share one shape, the compute stacks them once for grouped matmuls (moemesh.model.moe);
+    an epoch switch restacks only the layers it changes (one transient extra copy of that layer).
 
     Biased experts (GPT-OSS) carry their biases here, so whatever loads or moves an expert moves
     them with it: b13 per local expert (2*F_i,) in w13's column order; b2 (D,) is added once per

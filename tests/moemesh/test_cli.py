@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from expert_worker.settings import WorkerSettings
 from moemesh.cli import GenerateSettings
 from moemesh.cli import main as cli_main
 from moemesh.engine.engine import Engine, generate
@@ -171,12 +172,18 @@ def test_up_resolves_its_workers_from_the_model(tiny):
 def test_up_passes_worker_flags_on_only_when_given(tmp_path):
     """Unset, a worker keeps its own default (or its MOEMESH_WORKER_* variable): no flag is passed."""
     given = up_settings("--model", str(tmp_path), "--workers", "2", "--overflow", "drop", "--dtype", "float32",
+                        "--chunked-prefill", "--max-batched-tokens", "256",
                         env={"MOEMESH_UP_CAPACITY_FACTOR": "1.5"})
     flags = mesh_spec(given, tmp_path, cpus=8).worker_flags
     pairs = set(pairwise(flags))
-    assert {("--overflow", "drop"), ("--capacity-factor", "1.5"), ("--dtype", "float32"), ("--threads", "4")} <= pairs
+    assert {("--overflow", "drop"), ("--capacity-factor", "1.5"), ("--dtype", "float32"), ("--threads", "4"),
+            ("--max-batched-tokens", "256")} <= pairs and "--chunked-prefill" in flags
+    parser = argparse.ArgumentParser()
+    add_options(parser, WorkerSettings)
+    worker = settings_from(WorkerSettings, parser.parse_args(["--coordinator", "x:1", *flags]), {})
+    assert (worker.chunked_prefill, worker.max_batched_tokens, worker.overflow) == (True, 256, "drop")
     plain = mesh_spec(up_settings("--model", str(tmp_path), "--workers", "2"), tmp_path, cpus=8).worker_flags
-    assert not {"--overflow", "--capacity-factor", "--dtype"} & set(plain)
+    assert not {"--overflow", "--capacity-factor", "--dtype", "--chunked-prefill", "--max-batched-tokens"} & set(plain)
 
 
 def test_up_without_a_model_serves_the_default_and_stops_on_ctrl_c(tmp_path):
