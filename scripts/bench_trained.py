@@ -329,7 +329,8 @@ def attribution(local: Local, text: str, rows: list[dict]) -> list[dict]:
     largest = max(r["workers"] for r in rows)
     out = []
     for row in rows:
-        if not row["label"].startswith("gating") or row["overflow"] != "dropless" or row["workers"] != largest:
+        if (not row["label"].startswith("gating") or row["overflow"] != "dropless" or row["workers"] != largest
+                or "error" in row):
             continue
         factors = {int(layer): tuple(f) for layer, f in row["factors"].items()}
         all_log = RoutingLog()
@@ -377,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         trace = Path(tmp) / "trace.json"
         for d in deployments(s):
             traced = d == Deployment(max(s.workers), "none")
-            rows.append(run_deployment(s.model, d, s, texts, ref, trace if traced else None))
+            try:
+                rows.append(run_deployment(s.model, d, s, texts, ref, trace if traced else None))
+            except Exception as exc:  # one broken deployment is a row saying so, not a lost run
+                rows.append(asdict(d) | {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+                print(f"{d}: failed: {rows[-1]['error']}", flush=True)
+                continue
             r = rows[-1]
             print(f"{d.workers} workers, {d.label}, {d.overflow}: {r['bits_per_byte']:.4f} bits/byte, agreement "
                   f"{r['agreement']['matching']}/{sum(r['agreement']['lengths'])}, device max/mean "
