@@ -290,6 +290,8 @@ async def measure(gateway: str, coordinator: str, s: BenchTrainedSettings, texts
             "epochs": after.placement.epoch - first, "step_ms": counters["step_ms"],
             "tokens_per_s": sum(len(o.token_ids) for o in outs) / wall, **device_load(before, after),
             "factors": {str(layer): list(f) for layer, f in placement.gating.items()},
+            "factors_before": {str(layer): list(f)
+                               for layer, f in placement_from_proto(before.placement).gating.items()},
             "replicas": {str(layer): [list(map(list, g)) for g in t] for layer, t in placement.replicas.items()}}
 
 
@@ -310,12 +312,18 @@ def device_load(before, after) -> dict[str, float]:
 
 
 def plan_trace(model: Path, trace: Path, devices: int) -> list[str]:
-    """Part 2: `moemesh plan` on the measured trace; its summary and device balance lines."""
-    cmd = [sys.executable, "-m", "moemesh.cli", "plan", "--topology", "local", "--devices", str(devices),
-           "--model", str(model), "--trace", str(trace)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
-    summary = out.split("== summary\n", 1)[-1].strip().splitlines()
-    return [line for line in out.splitlines() if line.startswith("max/mean device load")] + summary
+    """Part 2: `moemesh plan` on the measured trace, one expert slot per device and two (room for
+    replicas of hot experts); the command and its summary and device balance lines."""
+    out_lines = []
+    for slots in (1, 2):
+        cmd = ["moemesh", "plan", "--topology", "local", "--devices", str(devices), "--model", str(model),
+               "--trace", str(trace), "--slots", str(slots)]
+        out = subprocess.run([sys.executable, "-m", "moemesh.cli", *cmd[1:]], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+        summary = out.split("== summary\n", 1)[-1].strip().splitlines()
+        out_lines += ["$ " + " ".join([*cmd[:7], "MODEL", "--trace", "TRACE", "--slots", str(slots)]),
+                      *(line for line in out.splitlines() if line.startswith("max/mean device load")), *summary, ""]
+    return out_lines[:-1]
 
 
 # ---- part 4: where gating's cost comes from -----------------------------------------------------
@@ -333,6 +341,7 @@ def attribution(local: Local, text: str, rows: list[dict]) -> list[dict]:
                 or "error" in row):
             continue
         factors = {int(layer): tuple(f) for layer, f in row["factors"].items()}
+        start = local.score(text, {int(layer): tuple(f) for layer, f in row["factors_before"].items()})
         all_log = RoutingLog()
         gated = local.score(text, factors, all_log)
         all_ids = all_log.ids(local.layers)
@@ -348,7 +357,9 @@ def attribution(local: Local, text: str, rows: list[dict]) -> list[dict]:
                            "bpb_alone": alone.bits_per_byte - exact.bits_per_byte,
                            "damped": [(e, f[e], float(share[0][e]), float(share[1][e]))
                                       for e in sorted(range(len(f)), key=lambda e: f[e]) if f[e] < 0.95]})
-        out.append({"label": row["label"], "bpb_all": gated.bits_per_byte - exact.bits_per_byte, "layers": layers})
+        out.append({"label": row["label"], "bpb_all": gated.bits_per_byte - exact.bits_per_byte, "layers": layers,
+                    "bpb_start": start.bits_per_byte - exact.bits_per_byte,
+                    "bpb_mesh": row["bits_per_byte"] - exact.bits_per_byte, "epochs": row["epochs"]})
     return out
 
 

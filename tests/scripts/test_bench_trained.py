@@ -74,7 +74,7 @@ def test_the_document_has_every_part_and_compares_gating_with_no_policy():
            "reference": {"bits_per_byte": 2.0, "token_accuracy": 0.5, "prompts": 2, "new_tokens": 32},
            "rows": [_row(8, "none", 2.0, 1.5), _row(8, "gating (ours)", 2.1, 1.1),
                     _row(8, "gating (ours)", 2.2, 1.0, "drop")],
-           "causes": [{"label": "gating (ours)", "bpb_all": 0.1,
+           "causes": [{"label": "gating (ours)", "bpb_all": 0.1, "bpb_start": 0.05, "bpb_mesh": 0.1, "epochs": 3,
                        "layers": [{"layer": 0, "min_factor": 0.5, "changed_alone": 0.1, "changed_all": 0.1,
                                    "bpb_alone": 0.08, "damped": [[0, 0.5, 0.4, 0.3]]},
                                   {"layer": 1, "min_factor": 1.0, "changed_alone": 0.0, "changed_all": 0.02,
