@@ -13,6 +13,11 @@ in combine (dst = this rank, one row of hidden state per copy), labelled by worl
 fixed-capacity all-to-all buffers also carry padding rows, not counted here, and a copy to this
 rank's own replica (src == dst) never leaves the process. Link totals of earlier world
 generations are kept under the ranks they were counted with.
+
+Collective bytes are what this rank's collectives actually sent to each peer (src = this rank):
+every block of the fixed-capacity dispatch and combine buffers, padding rows included, and the
+step header's share; this is what crosses the network (moemesh.launch.netns compares it with the
+kernel's interface counters), where link bytes are the payload the planner's cost model prices.
 """
 
 from __future__ import annotations
@@ -150,6 +155,12 @@ class WorkerMetrics(Collector):
         for (src, dst), n in sorted(links.items()):
             sent.add_metric([self.model, str(src), str(dst)], n)
         yield sent
+        wire = CounterMetricFamily(f"{PREFIX}collective_bytes", "Bytes this rank's collectives sent to each peer "
+                                   "rank: dispatch/combine blocks with their padding rows, and step headers.",
+                                   labels=[MODEL_LABEL, "src_rank", "dst_rank"])
+        for (src, dst), n in sorted(dict(node.runner.bytes_sent).items()):
+            wire.add_metric([self.model, str(src), str(dst)], n)
+        yield wire
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(f"{PREFIX}{name}", doc, labels=[MODEL_LABEL])

@@ -76,6 +76,7 @@ class StepCollective(HeaderCollective, Collective, Protocol):
     seconds: float  # wall time blocked on collectives
     exchange_seconds: float  # all_to_all exchanges in flight, summed
     hidden_seconds: float  # the part of exchange_seconds overlapped with compute
+    bytes_to: list[int]  # bytes sent to each rank (index), padding included: what crosses the network
 
     def close(self) -> None: ...
 
@@ -137,6 +138,8 @@ class MeshRunner:
         self.exchange_seconds = 0.0  # dispatch/combine exchanges in flight, summed over exchanges
         self.hidden_seconds = 0.0  # the part of exchange_seconds overlapped with compute (not in wait())
         self._exchanges_seen = (0.0, 0.0)  # the collective's (exchange, hidden) counters when last read
+        self.bytes_sent: dict[tuple[int, int], int] = {}  # (src rank, dst rank) of their world -> bytes, all worlds
+        self._bytes_seen = list(collective.bytes_to)  # the collective's bytes_to when last read
         self.tokens = 0
         self.load_totals: LoadTotals | None = None  # the recorder's totals after the last executed step (metrics)
         self.failure: BaseException | None = None
@@ -240,6 +243,7 @@ class MeshRunner:
                     break
                 self._maybe_switch(header)
                 if header.idle:
+                    self._count_exchanges()  # the header's bytes
                     self._idle(reported)
                     continue
                 self._step(header, batch)
@@ -281,6 +285,7 @@ class MeshRunner:
             self._loaded_epoch = first.placement.epoch
         self.collective, self.waker, self.idle_round = world.collective, world.waker, 0
         self._exchanges_seen = (world.collective.exchange_seconds, world.collective.hidden_seconds)
+        self._bytes_seen = list(world.collective.bytes_to)
         moe = self.engine.model.moe
         assert isinstance(moe.transport, AllToAllTransport), "a mesh rank runs the all-to-all transport"
         moe.transport.rejoin(world.collective)
@@ -302,6 +307,11 @@ class MeshRunner:
         self.exchange_seconds += now[0] - seen_exchange
         self.hidden_seconds += now[1] - seen_hidden
         self._exchanges_seen = now
+        rank = self.collective.rank
+        for dst, (n, seen) in enumerate(zip(self.collective.bytes_to, self._bytes_seen)):
+            if n != seen:
+                self.bytes_sent[(rank, dst)] = self.bytes_sent.get((rank, dst), 0) + n - seen
+        self._bytes_seen = list(self.collective.bytes_to)
 
     def _idle(self, reported_epoch: int) -> None:
         """Sleep until some rank has something to do (see Waker); never poll."""

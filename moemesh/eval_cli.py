@@ -119,8 +119,8 @@ def summary(score: TextScore, text: str) -> dict[str, float | int]:
 def render(r: dict[str, float | int], path: Path, where: str) -> str:
     return "\n".join([
         f"{path}: {r['bytes']:,} bytes in {r['windows']} windows, scored by {where}",
-        f"  bits per byte   {r['bits_per_byte']:.4f}   (unigram of this text: {r['unigram_bits_per_byte']:.4f}, "
-        f"{r['unigram_bits_per_byte'] - r['bits_per_byte']:.3f} bits/byte more)",
+        f"  bits per byte   {r['bits_per_byte']:.4f}   (the text's unigram entropy: {r['unigram_bits_per_byte']:.4f}; "
+        f"the model needs {r['unigram_bits_per_byte'] - r['bits_per_byte']:.3f} bits/byte less)",
         f"  token accuracy  {100 * r['token_accuracy']:.2f}%   ({r['tokens']:,} tokens)",
         f"  took {r['seconds']:.1f} s ({r['bytes'] / max(r['seconds'], 1e-9):,.0f} bytes/s)",
     ])

@@ -35,10 +35,12 @@ from typing import Any, ClassVar
 from expert_worker.settings import WorkerSettings
 from moemesh.errors import ConfigError, MoemeshError
 from moemesh.launch import Mesh, MeshSpec
+from moemesh.launch.netns import ClusterPlan
 from moemesh.settings import add_options, option, options, parse_bool, settings_from
 
-DEFAULT_MODEL_SPEC: dict[str, Any] = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512,
-                          heads=8, kv_heads=4, vocab=512, seed=0)
+# The shipped default: a small Mixtral-layout MoE (8 experts top-2) trained on Shakespeare by `make train`
+# (moemesh/train; its recipe and metrics in training.json, a held-out excerpt in held-out.txt).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "shakespeare-moe"
 
 
 POLICIES = ("auto", "none", "gating", "replicate", "split")
@@ -65,7 +67,8 @@ class UpSettings:
 
     ENV_PREFIX: ClassVar[str] = "MOEMESH_UP_"
 
-    model: Path | None = option("--model", "checkpoint folder (unset: the tiny default model, in --cache-dir)",
+    model: Path | None = option("--model", "checkpoint folder (unset: the shipped default, a small MoE trained on "
+                                "Shakespeare)",
                                 _absolute, default=None)
     workers: int | None = option("--workers", "worker processes (unset: enough for --experts-per-worker, "
                                  "else one per expert)", int, default=None)
@@ -86,13 +89,19 @@ class UpSettings:
                                 "inside an expert)", int, default=1)
     redundant_experts: int = option("--redundant-experts", "extra replicas of every expert on distinct workers, so "
                                     "a lost worker orphans none (passed to the coordinator)", int, default=0)
-    cache_dir: Path = option("--cache-dir", "where the default model is written", Path,
-                             default=Path.home() / ".cache" / "moemesh")
     max_restarts: int = option("--max-restarts", "times a crashed worker is restarted before up gives up "
                                "(0 = stop everything at the first crash)", int, default=10)
     overflow: str | None = _worker_option("overflow")
     capacity_factor: float | None = _worker_option("capacity_factor")
     dtype: str | None = _worker_option("dtype")
+    emulate_nodes: int = option("--emulate-nodes", "emulate this many nodes here (root): one network namespace "
+                                "each, shaped links between them (moemesh.launch.netns); 0 = no emulation", int,
+                                default=0)
+    workers_per_node: int = option("--workers-per-node", "workers in each emulated node", int, default=1)
+    inter_node_rate: str = option("--inter-node-rate", "rate of each emulated node's link, each direction (tc "
+                                  "units: 200mbit, 1gbit)", default="1gbit")
+    topology_file: Path | None = option("--topology-file", "where an emulated cluster's planner topology is written "
+                                        "(unset: emulated-topology.yaml here)", _absolute, default=None)
     tls: bool = option("--tls", "mTLS between every service and for clients: certificates are written to the run "
                        "folder, the ready line names them", parse_bool, default=False)
     start_timeout_s: float = 180.0  # no flag
@@ -111,17 +120,23 @@ class UpSettings:
             raise ConfigError(f"--http-port must be in 0..65535, or -1 for no HTTP API, got {self.http_port}")
         if self.redundant_experts < 0:
             raise ConfigError(f"--redundant-experts must not be negative, got {self.redundant_experts}")
+        if self.emulate_nodes < 0 or self.workers_per_node < 1:
+            raise ConfigError(f"--emulate-nodes must be >= 0 and --workers-per-node >= 1, got {self.emulate_nodes}, "
+                              f"{self.workers_per_node}")
+        slots = self.emulate_nodes * self.workers_per_node
+        if self.emulate_nodes and self.workers is not None and self.workers != slots:
+            raise ConfigError(f"--workers {self.workers} but --emulate-nodes {self.emulate_nodes} x --workers-per-node "
+                              f"{self.workers_per_node} = {slots}")
+        if self.emulate_nodes and self.tls:
+            raise ConfigError("--tls with --emulate-nodes: certificates name loopback only, not the nodes' addresses")
 
 
-def default_model_dir(cache: Path) -> Path:
-    """The embedded default: a tiny random Mixtral-layout checkpoint, written once."""
-    from moemesh.model.tiny import TinySpec, write_tiny_model
-
-    out = cache / "tiny-mixtral-8x"
-    if not (out / "config.json").is_file():
-        print(f"moemesh up: writing the default tiny model to {out}", file=sys.stderr)
-        write_tiny_model(out, TinySpec(**DEFAULT_MODEL_SPEC))
-    return out
+def default_model_dir() -> Path:
+    """The shipped default model's folder (inside the installed package)."""
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise ConfigError(f"the default model is missing from this installation ({DEFAULT_MODEL}); "
+                          f"give --model DIR, or write it with `make train OUT={DEFAULT_MODEL}`")
+    return DEFAULT_MODEL
 
 
 def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: int | None, shards: int = 1) -> int:
@@ -138,11 +153,13 @@ def resolve_workers(num_experts: int, workers: int | None, experts_per_worker: i
 
 
 def resolved(s: UpSettings) -> UpSettings:
-    """`s` with the defaults that need the disk filled in: the model (the tiny default, written
-    once) and the worker count (from the model's experts)."""
+    """`s` with the defaults that need the disk filled in: the model (the shipped default) and the
+    worker count (from the model's experts)."""
     from moemesh.model.config import load_config
 
-    model = s.model or default_model_dir(s.cache_dir).resolve()
+    model = s.model or default_model_dir()
+    if s.emulate_nodes:
+        return replace(s, model=model, workers=s.emulate_nodes * s.workers_per_node)
     workers = resolve_workers(load_config(model).num_experts, s.workers, s.experts_per_worker, s.expert_shards)
     return replace(s, model=model, workers=workers)
 
@@ -168,12 +185,37 @@ def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
     )
 
 
+def on_nodes(spec: MeshSpec, cluster: ClusterPlan) -> MeshSpec:
+    """`spec` on an emulated cluster: the coordinator on the bridge's address, worker i inside
+    node i // W's namespace, bound to and advertising its address, `--node` its node's name."""
+    assert spec.workers == cluster.workers, "one worker per slot of the cluster"
+    nodes = [cluster.node_of_worker(i) for i in range(spec.workers)]
+    own = [spec.per_worker_flags[i] if i < len(spec.per_worker_flags) else () for i in range(spec.workers)]
+    return replace(spec, coordinator_host=cluster.bridge_address, worker_hosts=tuple(n.address for n in nodes),
+                   worker_prefix=tuple(cluster.worker_prefix(i) for i in range(spec.workers)),
+                   per_worker_flags=tuple(("--node", n.name, *flags) for n, flags in zip(nodes, own)))
+
+
 def run_up(s: UpSettings, state_dir: Path) -> int:
-    """Start the mesh (`s` resolved), print the ready line, watch it until Ctrl-C / SIGTERM, stop it."""
+    """Start the mesh (`s` resolved), print the ready line, watch it until Ctrl-C / SIGTERM, stop it.
+    With --emulate-nodes, inside an emulated cluster made first and torn down last."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     spec = mesh_spec(s, state_dir, os.cpu_count() or 1)
+    if not s.emulate_nodes:
+        return _serve(s, spec, stop)
+    from moemesh.launch.netns import emulated_cluster, topology_yaml
+
+    with emulated_cluster(s.emulate_nodes, s.workers_per_node, s.inter_node_rate) as cluster:
+        topology = s.topology_file or Path("emulated-topology.yaml").resolve()
+        topology.write_text(topology_yaml(cluster.topology()))
+        note = (f"; emulated cluster {cluster.run_id}: {len(cluster.nodes)} nodes x {cluster.workers_per_node} "
+                f"workers at {cluster.rate_bits / 1e6:g} Mbit/s per node link, each way; topology file {topology}")
+        return _serve(s, on_nodes(spec, cluster), stop, note)
+
+
+def _serve(s: UpSettings, spec: MeshSpec, stop: threading.Event, note: str = "") -> int:
     if spec.certs is not None:
         from moemesh.certs import write_certs
 
@@ -183,7 +225,7 @@ def run_up(s: UpSettings, state_dir: Path) -> int:
         mesh.start(progress=lambda line: print(line, file=sys.stderr, flush=True))
         http = f"; OpenAI API at http://{mesh.http}/v1" if mesh.http_gateways else ""
         print(f"moemesh ready: gateway at {mesh.gateway}; coordinator at {mesh.coordinator}; {s.workers} workers; "
-              f"model {s.model}{http}{_tls_note(spec.certs)}", flush=True)
+              f"model {s.model}{http}{_tls_note(spec.certs)}{note}", flush=True)
         print("moemesh metrics: " + ", ".join(f"{name} http://{address}/metrics"
                                                for name, address in mesh.metrics().items())
               + f"; watch them with `moemesh top --coordinator {mesh.coordinator}`", flush=True)
@@ -210,7 +252,14 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
     add_options(p, UpSettings)
 
     def run(args: argparse.Namespace) -> int:
-        settings = resolved(settings_from(UpSettings, args, os.environ))
+        given = settings_from(UpSettings, args, os.environ)
+        if given.emulate_nodes:  # before anything is written: a clear error when not root
+            from moemesh.launch.netns import unavailable_reason
+
+            reason = unavailable_reason()
+            if reason is not None:
+                raise ConfigError(f"cannot emulate nodes: {reason}")
+        settings = resolved(given)
         with tempfile.TemporaryDirectory(prefix="moemesh-up-") as state:
             return run_up(settings, Path(state))
 
@@ -220,6 +269,7 @@ def add_up_command(sub: argparse._SubParsersAction) -> Callable[[argparse.Namesp
 READY = re.compile(r"gateway at (\S+); coordinator at (\S+);")
 READY_HTTP = re.compile(r"; OpenAI API at http://(\S+)/v1")
 READY_CERTS = re.compile(r"mTLS certificates in (\S+) ")
+READY_CLUSTER = re.compile(r"; emulated cluster ([0-9a-f]{8}):")
 
 
 class UpProcess:
@@ -248,6 +298,8 @@ class UpProcess:
         self.http = http.group(1) if http else ""  # HOST:PORT of the OpenAI-compatible API ("" = none)
         certs = READY_CERTS.search(line)
         self.certs = Path(certs.group(1)) if certs else None  # `up --tls`: the certificates' folder
+        cluster = READY_CLUSTER.search(line)
+        self.cluster_run_id = cluster.group(1) if cluster else ""  # `up --emulate-nodes`: moemesh.launch.netns
         self.workers = workers
 
     def processes(self) -> list:

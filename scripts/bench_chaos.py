@@ -21,9 +21,13 @@ from pathlib import Path
 
 from moemesh.chaos import Outcome, make_requests, reference, run_load, worker_processes
 from moemesh.client import Client
-from moemesh.launcher import DEFAULT_MODEL_SPEC, UpProcess
+from moemesh.launcher import UpProcess
 from moemesh.loadgen import percentile
 from moemesh.model.tiny import TinySpec, write_tiny_model
+
+# A random Mixtral-layout model (the chaos run measures recovery, not text)
+MODEL_SPEC: dict = dict(arch="mixtral", layers=4, experts=8, top_k=2, hidden=256, intermediate=512, heads=8,
+                        kv_heads=4, vocab=512, seed=0)
 
 WORKERS = 4
 MAX_MODEL_LEN = 512
@@ -38,8 +42,8 @@ def main() -> int:
     ap.add_argument("--write", type=Path, default=None, help="write the table to this markdown file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
-        model = write_tiny_model(Path(tmp) / "model", TinySpec(**DEFAULT_MODEL_SPEC))
-        requests = make_requests(args.requests, DEFAULT_MODEL_SPEC["vocab"], args.tokens, seed=7)
+        model = write_tiny_model(Path(tmp) / "model", TinySpec(**MODEL_SPEC))
+        requests = make_requests(args.requests, MODEL_SPEC["vocab"], args.tokens, seed=7)
         print(f"reference: {len(requests)} requests through the engine in this process ...", flush=True)
         expected = reference(model, requests, MAX_MODEL_LEN)
         print(f"moemesh up --workers {WORKERS} --redundant-experts 1 ...", flush=True)

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.http import sse
 from gateway.http.chat import ChatTemplate
-from gateway.http.completion import Delta, End, Reply, collect, logprobs_json, run_completion
+from gateway.http.completion import Delta, End, Reply, collect, run_completion
 from gateway.http.errors import BadParamError, UnknownModelError, error_body, http_error
 from gateway.http.params import Sampled, chat_params, completion_params, generate_request, tokens_param
 from gateway.metrics import GatewayMetrics
@@ -201,7 +201,7 @@ class OpenAIApi:
         reply = Reply.new(request_id, self.name, chat)
         if not common.stream:
             whole, end = await _unless_disconnected(request, collect(outputs))
-            return JSONResponse(reply.full(whole.text, end, logprobs_json(whole, self._token_text)))
+            return JSONResponse(reply.full(whole.text, end, reply.logprobs(whole, self._token_text)))
         try:  # failures before the first token are HTTP statuses
             first = await _unless_disconnected(request, anext(outputs))
         except BaseException:
@@ -258,7 +258,7 @@ async def _events(reply: Reply, first: Delta | End, outputs: AsyncGenerator[Delt
                 yield sse.event(reply.chunk("", role=True, include_usage=include_usage))
             item, offset = first, 0
             while isinstance(item, Delta):
-                logprobs = logprobs_json(item, token_text, offset)
+                logprobs = reply.logprobs(item, token_text, offset)
                 yield sse.event(reply.chunk(item.text, include_usage=include_usage, logprobs=logprobs))
                 offset += len(item.text)
                 item = await anext(outputs)

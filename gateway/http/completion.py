@@ -162,6 +162,10 @@ class Reply:
             choice["text"] = text or ""
         return {**self._head(True), "choices": [choice], **({"usage": None} if include_usage else {})}
 
+    def logprobs(self, delta: Delta, token_text: Callable[[int], str], offset: int = 0) -> dict[str, Any] | None:
+        """The logprobs object of `delta` in this reply's form (`offset`: a completion's text before it)."""
+        return chat_logprobs_json(delta, token_text) if self.chat else logprobs_json(delta, token_text, offset)
+
     def usage_chunk(self, end: End) -> dict[str, Any]:
         """The last chunk when stream_options.include_usage: no choices, the usage."""
         return {**self._head(True), "choices": [], "usage": end.usage()}
@@ -169,6 +173,20 @@ class Reply:
     def _head(self, streamed: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if streamed and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+
+def chat_logprobs_json(delta: Delta, token_text: Callable[[int], str]) -> dict[str, Any] | None:
+    """OpenAI's chat logprobs object for `delta`'s tokens (None when none were asked): per token its
+    text, log-probability, UTF-8 bytes and top alternatives."""
+    if not delta.logprobs:
+        return None
+
+    def entry(token: int, value: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for token, lp in zip(delta.tokens, delta.logprobs) if lp is not None]}
 
 
 def _top(lp: TokenLogprob, token_text: Callable[[int], str]) -> dict[str, float]:

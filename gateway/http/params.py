@@ -4,11 +4,11 @@
 here (BadParamError names it), ranges are the domain's (`SamplingParams.validate`, run by
 `ServedModel.prepare`), and `generate_request` builds the one `gateway_pb2.GenerateRequest` the
 gRPC API takes too. Fields OpenAI defines that the gateway cannot honour (n > 1, best_of > 1,
-penalties, logit_bias, tools, a response_format other than text, a batch of prompts, and chat's
-logprobs) are a 400 saying so, never silently dropped; fields it does not know (user, metadata,
-...) are ignored, as OpenAI does. Completions take `logprobs` (0..20 alternatives per token) and
-`echo` (the prompt in front of the completion; with logprobs, the prompt tokens' too: how a text
-is scored).
+penalties, logit_bias, tools, a response_format other than text, a batch of prompts) are a 400
+saying so, never silently dropped; fields it does not know (user, metadata, ...) are ignored, as
+OpenAI does. Completions take `logprobs` (0..20 alternatives per token) and `echo` (the prompt in
+front of the completion; with logprobs, the prompt tokens' too: how a text is scored); chat takes
+`logprobs` (a boolean) and `top_logprobs` (0..20).
 
 Defaults: temperature 1 (OpenAI's; 0 = greedy), max_tokens the gateway's
 --default-max-new-tokens (OpenAI's completions default is 16, which is also the gateway's).
@@ -88,15 +88,28 @@ def completion_params(body: Any, default_max_tokens: int) -> CompletionParams:
 
 def chat_params(body: Any, default_max_tokens: int) -> ChatParams:
     """A /v1/chat/completions body (max_completion_tokens wins over the older max_tokens)."""
-    body = _object(body)
+    body = _object(body, allowed=("logprobs", "top_logprobs"))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadParamError("messages", "messages must be a non-empty list of {role, content} objects")
     add_generation_prompt = body.get("add_generation_prompt", True)
     _check(isinstance(add_generation_prompt, bool), "add_generation_prompt", "must be a boolean")
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    common = _sampled(body, default_max_tokens, limit)
     return ChatParams(tuple(_message(m, i) for i, m in enumerate(messages)), add_generation_prompt,
-                      _sampled(body, default_max_tokens, limit))
+                      replace(common, sampling=replace(common.sampling, logprobs=_chat_logprobs(body))))
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """Chat's logprobs (a boolean) and top_logprobs (alternatives; only with logprobs) -> the
+    alternatives per token, None when not asked."""
+    logprobs = body.get("logprobs") or False
+    _check(isinstance(logprobs, bool), "logprobs", "must be a boolean (top_logprobs says how many alternatives)")
+    top = body.get("top_logprobs")
+    _check(top is None or (_is_int(top) and top >= 0), "top_logprobs",
+           f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    _check(top is None or logprobs, "top_logprobs", "needs logprobs: true")
+    return (top or 0) if logprobs else None
 
 
 def generate_request(prompt: str | tuple[int, ...], sampling: SamplingParams, request_id: str = "",

@@ -9,7 +9,9 @@ Every service binds port 0 and publishes its port in `state_dir/NAME.port` (a ga
 in `NAME.http.port`; `mesh.http` is the first gateway's HTTP address); `start()` returns once
 every gateway reports SERVING (a gateway started before the workers waits for the world itself).
 Processes are named "coordinator", "worker0".."workerN-1", "gateway" (then "gateway1", ...).
-Every process binds loopback (gateways: `gateway_host`). With `certs` (a folder `moemesh certs`
+Every process binds loopback (gateways: `gateway_host`), unless the spec places the coordinator and
+the workers elsewhere (`coordinator_host`, `worker_hosts`, `worker_prefix`: emulated nodes,
+moemesh.launch.netns). With `certs` (a folder `moemesh certs`
 wrote) every process runs mTLS with its role's certificate and the launcher itself checks health
 with the admin one (`Mesh.tls(role)` gives any role's files to a caller).
 """
@@ -55,6 +57,11 @@ class MeshSpec:
     coordinator_flags: tuple[str, ...] = ()
     worker_flags: tuple[str, ...] = ()
     per_worker_flags: tuple[tuple[str, ...], ...] = ()
+    # Emulated nodes (moemesh.launch.netns): where the coordinator binds (every worker must reach it),
+    # worker i's bind and advertised address and what runs its command (`ip netns exec NS`).
+    coordinator_host: str = "127.0.0.1"
+    worker_hosts: tuple[str, ...] = ()  # empty: every worker on 127.0.0.1
+    worker_prefix: tuple[tuple[str, ...], ...] = ()
     gateway_flags: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # added to every child's environment
     certs: Path | None = None  # mTLS: a folder written by `moemesh certs` (moemesh.certs); None = plaintext
@@ -64,9 +71,12 @@ class MeshSpec:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.gateways < 0:
             raise MoemeshError(f"a mesh needs >= 1 worker and >= 0 gateways, got {self.workers}, {self.gateways}")
-        if len(self.per_worker_flags) > self.workers:
-            raise MoemeshError(f"per_worker_flags names {len(self.per_worker_flags)} workers; the mesh has "
-                               f"{self.workers}")
+        for what in ("per_worker_flags", "worker_hosts", "worker_prefix"):
+            if len(getattr(self, what)) > self.workers:
+                raise MoemeshError(f"{what} names {len(getattr(self, what))} workers; the mesh has {self.workers}")
+
+    def worker_host(self, i: int) -> str:
+        return self.worker_hosts[i] if i < len(self.worker_hosts) else "127.0.0.1"
 
 
 class Mesh:
@@ -114,18 +124,19 @@ class Mesh:
         s = self.spec
         s.state_dir.mkdir(parents=True, exist_ok=True)
         port = self._start_and_wait("coordinator", ["coordinator", "--model", str(s.model), "--workers",
-                                                    str(s.workers), "--host", "127.0.0.1", "--port", "0",
+                                                    str(s.workers), "--host", s.coordinator_host, "--port", "0",
                                                    *self._tls_flags("coordinator"), *self._metrics_flags("coordinator"),
                                                    *s.coordinator_flags])
-        self.coordinator = f"127.0.0.1:{port}"
+        self.coordinator = f"{s.coordinator_host}:{port}"
         if s.gateway_first:
             self._start_gateways()
         for i in range(s.workers):
             own = s.per_worker_flags[i] if i < len(s.per_worker_flags) else ()
             self.processes.start(f"worker{i}", ["worker", "--coordinator", self.coordinator, "--port", "0",
-                                                "--host", "127.0.0.1", "--worker-id", f"worker-{i}",
+                                                "--host", s.worker_host(i), "--worker-id", f"worker-{i}",
                                                 *self._tls_flags("worker"), *self._metrics_flags(f"worker{i}"),
-                                                *s.worker_flags, *own])
+                                                *s.worker_flags, *own],
+                                 prefix=s.worker_prefix[i] if i < len(s.worker_prefix) else ())
         if not s.gateway_first:
             self._start_gateways()
         watch = None
@@ -217,7 +228,8 @@ class Mesh:
         for name in self.procs:
             port_file = self.spec.state_dir / f"{name}.metrics.port"
             if port_file.exists():
-                host = self.spec.gateway_host if name.startswith("gateway") else "127.0.0.1"
+                host = (self.spec.gateway_host if name.startswith("gateway") else self.spec.coordinator_host
+                        if name == "coordinator" else self.spec.worker_host(int(name.removeprefix("worker"))))
                 out[name] = f"{host}:{port_file.read_text().strip()}"
         return out
 

@@ -32,6 +32,7 @@ class Child:
     proc: subprocess.Popen
     argv: tuple[str, ...]  # what it was started with (a restart runs the same)
     restarts: int = 0  # how many times it was started again after exiting
+    prefix: tuple[str, ...] = ()  # what runs the command, e.g. `ip netns exec NS` (moemesh.launch.netns)
 
 
 class Processes:
@@ -46,12 +47,13 @@ class Processes:
     def procs(self) -> dict[str, subprocess.Popen]:
         return {name: child.proc for name, child in self.children.items()}
 
-    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen:
-        """Start `moemesh <argv...> --exit-with-parent` as `name`; argv[0] is the service (its role)."""
+    def start(self, name: str, argv: Sequence[str], prefix: Sequence[str] = ()) -> subprocess.Popen:
+        """Start `moemesh <argv...> --exit-with-parent` as `name`; argv[0] is the service (its role).
+        `prefix` runs the command (`ip netns exec NS`: it execs, so the child keeps its pid); restarts keep it."""
         if name in self.children:
             raise MoemeshError(f"a process named {name!r} is already running")
-        proc = self._spawn(name, argv)
-        self.children[name] = Child(name, argv[0], proc, tuple(argv))
+        proc = self._spawn(name, argv, prefix=tuple(prefix))
+        self.children[name] = Child(name, argv[0], proc, tuple(argv), prefix=tuple(prefix))
         return proc
 
     def restart(self, name: str, argv: Sequence[str] | None = None) -> subprocess.Popen:
@@ -63,16 +65,17 @@ class Processes:
         argv = old.argv if argv is None else tuple(argv)
         if argv[0] != old.role:
             raise MoemeshError(f"{name} runs {old.role!r}; it cannot be restarted as {argv[0]!r}")
-        proc = self._spawn(name, argv, append=True)
-        self.children[name] = Child(name, old.role, proc, argv, old.restarts + 1)
+        proc = self._spawn(name, argv, append=True, prefix=old.prefix)
+        self.children[name] = Child(name, old.role, proc, argv, old.restarts + 1, old.prefix)
         return proc
 
     def exited(self, role: str | None = None) -> list[Child]:
         """The children (of `role`, or any) that are no longer running."""
         return [c for c in self.children.values() if c.proc.poll() is not None and role in (None, c.role)]
 
-    def _spawn(self, name: str, argv: Sequence[str], append: bool = False) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "moemesh.cli", *argv, "--exit-with-parent"]
+    def _spawn(self, name: str, argv: Sequence[str], append: bool = False,
+               prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        cmd = [*prefix, sys.executable, "-m", "moemesh.cli", *argv, "--exit-with-parent"]
         if self.log_dir is None:  # stdout stays free for the launcher's own output
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=STDERR_FD, env=self.env,
                                     start_new_session=True)

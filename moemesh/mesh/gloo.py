@@ -90,6 +90,11 @@ class GlooCollective:
         self._flying: dict[int, float] = {}  # id of each exchange posted, not yet counted -> posted
         self._works: list = []  # gloo works posted and not seen completed (an abandoned one stays)
         self._blocked: list[tuple[float, float]] = []  # engine blocked since the oldest flying posting
+        # Bytes this rank's collectives handed gloo for each peer (index: destination rank): every
+        # block of an all_to_all as sent, padding rows included (gloo's alltoall sends block r to
+        # rank r), and the header's all_gather (gloo's ring: R - 1 blocks to rank + 1). Its own
+        # block never leaves the process.
+        self.bytes_to = [0] * world_size
 
     def posted(self, x: _GlooPending) -> None:
         """An exchange's posting call (start -> posted) returned: the engine was blocked in it."""
@@ -128,6 +133,9 @@ class GlooCollective:
         except RuntimeError as exc:
             raise CollectiveError(f"rank {self.rank}: all_to_all could not start: {exc}") from exc
         self._track(work)
+        block = send.numel() // self.world_size * send.element_size()
+        for peer in range(self.world_size):
+            self.bytes_to[peer] += block if peer != self.rank else 0
         return _GlooPending(self, work, recv, start)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
@@ -142,6 +150,8 @@ class GlooCollective:
         except RuntimeError as exc:
             raise CollectiveError(f"rank {self.rank}: step header could not start: {exc}") from exc
         self._track(work)
+        ring_next = (self.rank + 1) % self.world_size  # gloo's allgather is a ring
+        self.bytes_to[ring_next] += (self.world_size - 1) * values.numel() * values.element_size()
         self.wait(work, "step header")
         end = time.perf_counter()
         self.seconds += end - start

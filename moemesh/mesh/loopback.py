@@ -118,6 +118,7 @@ class LoopbackCollective:
         self.hidden_seconds = 0.0
         self.exchanges = 0  # all_to_all calls so far
         self.gathers = 0  # all_gather calls so far
+        self.bytes_to = [0] * self.world_size  # per destination rank, as gloo would send them (moemesh.mesh.gloo)
 
     def _next(self) -> int:
         self._seq += 1
@@ -128,6 +129,8 @@ class LoopbackCollective:
         assert send.shape[0] % self.world_size == 0, "blocks must tile the buffer"
         seq = self._next()
         self.exchanges += 1
+        block = send.numel() // self.world_size * send.element_size()
+        self.bytes_to = [n + (block if r != self.rank else 0) for r, n in enumerate(self.bytes_to)]
         self.world.post(seq, f"all_to_all{tuple(send.shape)}", self.rank, send)
         return _LoopbackPending(self.world, seq, self.rank)
 
@@ -135,6 +138,8 @@ class LoopbackCollective:
         """values: (n,) -> (R, n): every rank's values, by rank."""
         seq = self._next()
         self.gathers += 1
+        ring_next = (self.rank + 1) % self.world_size  # gloo's allgather is a ring
+        self.bytes_to[ring_next] += (self.world_size - 1) * values.numel() * values.element_size()
         self.world.post(seq, f"all_gather{tuple(values.shape)}", self.rank, values)
         sends = self.world.collect(seq, self.rank)
         return torch.stack([sends[r] for r in range(self.world_size)])  # (R, n)

@@ -207,6 +207,9 @@ class NcclCollective:
         self.exchange_seconds = 0.0  # in flight on the send / receive streams
         self.exposed_seconds = 0.0  # the compute stream stalled in wait()
         self.hidden_seconds = 0.0  # in flight before the compute stream reached wait()
+        # bytes handed NCCL per destination rank: all_to_all blocks (padding included), the header's
+        # ring all_gather (R - 1 blocks to the next rank of NCCL's ring, counted as rank + 1)
+        self.bytes_to = [0] * world_size
 
     def compute_stream(self):
         """This device's current torch stream (the engine's compute stream) as a CuPy stream."""
@@ -244,6 +247,7 @@ class NcclCollective:
                 self.comm.send(send.data_ptr() + peer * step, block, kind, peer, self.send_stream.ptr)
                 self.comm.recv(recv.data_ptr() + peer * step, block, kind, peer, self.recv_stream.ptr)
             self._nccl.groupEnd()
+            self.bytes_to = [n + (step if peer != self.rank else 0) for peer, n in enumerate(self.bytes_to)]
             sent, received = cupy.cuda.Event(), cupy.cuda.Event()
             sent.record(self.send_stream)
             received.record(self.recv_stream)
@@ -260,6 +264,7 @@ class NcclCollective:
         with cupy.cuda.Device(self.device_index):
             stream = self.compute_stream()
             self.comm.allGather(dev.data_ptr(), out.data_ptr(), dev.numel(), self._nccl.NCCL_FLOAT64, stream.ptr)
+            self.bytes_to[(self.rank + 1) % self.world_size] += (self.world_size - 1) * dev.numel() * 8
             gathered = cupy.cuda.Event(disable_timing=True)
             gathered.record(stream)
         self.await_events([gathered], "header all_gather")  # the host sync below cannot hang now

@@ -42,7 +42,7 @@ from moemesh.errors import ConfigError
 from moemesh.planner.cost import CostOptions
 from moemesh.planner.search import Problem, plan
 from moemesh.planner.topology import LinkSpec, Topology
-from moemesh.planner.traffic import Skew, synthetic
+from moemesh.planner.traffic import Skew, Traffic, synthetic
 from moemesh.simulate.hardware import DeviceProfile
 from moemesh.simulate.shapes import ModelShape, Workload
 from moemesh.simulate.timeline import StageTimes, Timeline, schedule
@@ -134,16 +134,30 @@ def sub_topology(topo: Topology, devices: int) -> Topology:
                    nodes=math.ceil(devices / topo.devices_per_node))
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Measured routing instead of the synthetic one (ep only): `traffic` is one micro-batch's
+    copies per (source device, expert), `slots` the planner's experts per device per layer (more
+    than ceil(E / G) leaves room for replicas), `options` its pricing (dedupe_per_node=False: every
+    cross-node copy travels on its own, as moemesh's transport sends them)."""
+
+    traffic: Traffic
+    slots: int | None = None
+    options: CostOptions = CostOptions()
+
+
 def predict(shape: ModelShape, dep: Deployment, work: Workload, topo: Topology, profile: DeviceProfile,
-            method: str = "ours", skew: Skew = Skew(zipf=0.0), seed: int = 0) -> Prediction:
+            method: str = "ours", skew: Skew = Skew(zipf=0.0), seed: int = 0,
+            routing: Routing | None = None) -> Prediction:
     """The step time, TPOT and TPS of `dep` serving `work` (module docstring).
     work.micro_batches == 0: try 1 and 2 and keep the faster step."""
     if work.micro_batches == 0:
-        tries = [predict(shape, dep, replace(work, micro_batches=m), topo, profile, method, skew, seed) for m in (1, 2)]
+        tries = [predict(shape, dep, replace(work, micro_batches=m), topo, profile, method, skew, seed, routing)
+                 for m in (1, 2)]
         return min(tries, key=lambda p: p.step_s)
     if dep.kind == "tp":
         return _predict_tp(shape, dep, work, sub_topology(topo, dep.devices), profile)
-    return _predict_ep(shape, dep, work, sub_topology(topo, dep.devices), profile, method, skew, seed)
+    return _predict_ep(shape, dep, work, sub_topology(topo, dep.devices), profile, method, skew, seed, routing)
 
 
 # ---- pieces shared by both kinds ------------------------------------------------------------
@@ -180,12 +194,13 @@ def _rows(tl: Timeline, layer_ids: list[int]) -> tuple[LayerRow, ...]:
 
 # ---- expert parallel ------------------------------------------------------------------------
 def _predict_ep(shape: ModelShape, dep: Deployment, work: Workload, topo: Topology, profile: DeviceProfile,
-                method: str, skew: Skew, seed: int) -> Prediction:
+                method: str, skew: Skew, seed: int, routing: Routing | None = None) -> Prediction:
     G, m = dep.group, work.micro_batches
     seqs_dev = work.batch / dep.devices  # sequences whose attention each device runs
     tokens_mb = work.tokens / dep.devices / m  # tokens per device per micro-batch
     group_topo = sub_topology(topo, G)
-    layers, placement = _ep_layers(shape, work, group_topo, profile, seqs_dev / m, tokens_mb, method, skew, seed)
+    layers, placement = _ep_layers(shape, work, group_topo, profile, seqs_dev / m, tokens_mb, method, skew, seed,
+                                   routing)
     tl = schedule(layers, m)
     head = _head_s(shape, profile, seqs_dev)
     header = profile.header_s if G > 1 else 0.0
@@ -201,15 +216,18 @@ def _predict_ep(shape: ModelShape, dep: Deployment, work: Workload, topo: Topolo
 
 
 def _ep_layers(shape: ModelShape, work: Workload, topo: Topology, profile: DeviceProfile, seqs_mb: float,
-               tokens_mb: float, method: str, skew: Skew, seed: int) -> tuple[list[StageTimes], str]:
+               tokens_mb: float, method: str, skew: Skew, seed: int, routing: Routing | None = None
+               ) -> tuple[list[StageTimes], str]:
     """Stage times of one micro-batch in every layer, from the planner's placement and costs."""
     G = topo.devices
     moe = list(shape.moe_layer_ids)
     limit = (shape.grouped.n_group, shape.grouped.topk_group) if shape.grouped else None
-    traffic = synthetic(shape.experts, moe, sources=G, top_k=shape.top_k, skew=skew,
-                        tokens_per_source=max(tokens_mb, 1e-9), seed=seed, group_limit=limit)
+    if routing is None:
+        routing = Routing(synthetic(shape.experts, moe, sources=G, top_k=shape.top_k, skew=skew,
+                                    tokens_per_source=max(tokens_mb, 1e-9), seed=seed, group_limit=limit))
+    traffic = routing.traffic.with_sources(G)
     # memory is the prediction's own column (memory_ok), so the planner prices any placement here
-    problem = Problem(topo, traffic, shape.expert, CostOptions(), memory_fraction=math.inf)
+    problem = Problem(topo, traffic, shape.expert, routing.options, memory_fraction=math.inf, slots=routing.slots)
     chosen = plan(problem, method)
     cost = problem.model.evaluate(chosen.placement, traffic)  # the planner's per-link and per-device loads
     attention = _attention_s(shape, profile, seqs_mb, work)

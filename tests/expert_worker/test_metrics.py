@@ -84,6 +84,22 @@ def test_routed_counts_equal_the_load_times_top_k(mesh):
                      for r in after)
     assert link_bytes == copies * (2 * cfg.hidden_size + 1) * 4
 
+    # What the collectives sent: each rank counts only what it sent (src = its rank), never to
+    # itself, and all of them at least the payload that crossed between ranks (plus padding rows
+    # and step headers).
+    def crossing(samples) -> float:
+        return sum(n for (src, dst), n in by_label(samples, "moemesh:link_bytes_total", "src_rank", "dst_rank").items()
+                   if src != dst)
+
+    crossed = sum(crossing(after[r]) - crossing(before[r]) for r in after)
+    sent = 0.0
+    for rank, samples in after.items():
+        rows = by_label(samples, "moemesh:collective_bytes_total", "src_rank", "dst_rank")
+        was = by_label(before[rank], "moemesh:collective_bytes_total", "src_rank", "dst_rank")
+        assert rows and {src for src, _ in rows} == {str(rank)} and all(dst != src for src, dst in rows)
+        sent += sum(rows.values()) - sum(was.values())
+    assert crossed > 0 and sent >= crossed
+
 
 def test_idle_gauges_and_generation_match_the_coordinator(mesh):
     world = asyncio.run(world_of(mesh.coordinator))

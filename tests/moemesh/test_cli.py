@@ -23,7 +23,7 @@ from moemesh.cli import main as cli_main
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import ConfigError
-from moemesh.launcher import UpSettings, add_up_command, mesh_spec, resolved
+from moemesh.launcher import DEFAULT_MODEL, UpSettings, add_up_command, mesh_spec, resolved
 from moemesh.model.config import load_config
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.settings import add_options, settings_from
@@ -180,7 +180,7 @@ def test_up_passes_worker_flags_on_only_when_given(tmp_path):
 
 
 def test_up_without_a_model_serves_the_default_and_stops_on_ctrl_c(tmp_path):
-    """`up` with no --model writes the default tiny model into --cache-dir and serves it; its workers
+    """`up` with no --model serves the shipped default model (the trained one); its workers
     run with the worker flags given to `up`; a token stream through its gateway equals the in-process
     engine's; SIGINT stops every process."""
     from moemesh.client import generate_remote
@@ -188,7 +188,7 @@ def test_up_without_a_model_serves_the_default_and_stops_on_ctrl_c(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     log = tmp_path / "up.log"  # a file, not a pipe: the mesh's logs must never block on a full pipe
     with log.open("w") as err:
-        up = subprocess.Popen([sys.executable, "-m", "moemesh.cli", "up", "--cache-dir", str(tmp_path), "--port", "0",
+        up = subprocess.Popen([sys.executable, "-m", "moemesh.cli", "up", "--port", "0",
                                "--http-port", "0", "--workers", "2", "--max-model-len", "256", "--overflow",
                                "dropless", "--dtype", "float32", "--capacity-factor", "1.5"],
                               stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
@@ -204,7 +204,7 @@ def test_up_without_a_model_serves_the_default_and_stops_on_ctrl_c(tmp_path):
         assert len(workers) == 2 and all(
             {("--overflow", "dropless"), ("--dtype", "float32"), ("--capacity-factor", "1.5")} <= set(pairwise(w))
             for w in workers)
-        model_dir = tmp_path / "tiny-mixtral-8x"
+        model_dir = DEFAULT_MODEL
         assert load_config(model_dir).num_experts == 8
         params = SamplingParams(max_new_tokens=5)
         ids, _ = generate_remote(match.group(1), None, [3, 4, 5], params, timeout_s=120)

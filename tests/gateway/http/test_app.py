@@ -169,6 +169,20 @@ def test_echo_and_logprobs_score_the_prompt_as_the_grpc_api_does(mesh):
     assert [o for p in parts for o in p.text_offset] == lp.text_offset
 
 
+def test_chat_logprobs_are_the_completions_of_the_same_prompt(mesh):
+    c = client(mesh.http)
+    reply = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, logprobs=True, top_logprobs=3,
+                                      **GREEDY)
+    reference = AutoTokenizer.from_pretrained(str(mesh.model_dir))
+    ids = reference.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]
+    plain = c.completions.create(model=MODEL, prompt=ids, max_tokens=5, logprobs=3, **GREEDY).choices[0].logprobs
+    content = reply.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx(plain.token_logprobs, abs=1e-6)
+    assert [e.token for e in content] == plain.tokens
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+    assert all(e.bytes == list(e.token.encode()) for e in content)
+
+
 def test_stop_strings_cut_the_text_streamed_or_not(mesh):
     c = client(mesh.http)
     full = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, **GREEDY).choices[0].text

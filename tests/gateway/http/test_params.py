@@ -40,9 +40,13 @@ def test_completion_logprobs_and_echo_become_the_requests_scoring():
     assert (echoed.echo, echoed.common.sampling.logprobs, echoed.common.sampling.prompt_logprobs) == (True, 0, True)
     text_only = completion_params({"prompt": "x", "echo": True}, 16)  # echo without logprobs: no scoring
     assert (text_only.common.sampling.logprobs, text_only.common.sampling.prompt_logprobs) == (None, False)
-    for field in ({"logprobs": True}, {"top_logprobs": 2}):  # chat's logprobs stay a clear 400
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    assert chat_params({**chat, "logprobs": True, "top_logprobs": 4}, 16).common.sampling.logprobs == 4
+    assert chat_params({**chat, "logprobs": True}, 16).common.sampling.logprobs == 0
+    assert chat_params({**chat, "logprobs": False}, 16).common.sampling.logprobs is None
+    for field in ({"logprobs": 2}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": -1}):
         with pytest.raises(BadParamError) as caught:
-            chat_params({"messages": [{"role": "user", "content": "a"}], **field}, 16)
+            chat_params({**chat, **field}, 16)
         assert caught.value.param in field
 
 

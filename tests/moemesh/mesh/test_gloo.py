@@ -270,6 +270,20 @@ def test_ranks_leave_one_generation_and_form_the_next_in_the_same_process():
     assert _gather_both(second, 20) == [[20, 21], [20, 21]]
 
 
+def test_bytes_to_counts_every_block_sent_to_a_peer_padding_included_and_the_header():
+    store = _store()
+    both = _join_both(store.port, "bytes/")
+    sends = [torch.zeros(WORLD * 3, 5) for _ in range(WORLD)]  # (R*C, W): blocks of 3 rows, all padding
+    threads = [threading.Thread(target=lambda r=rank: both[r].all_to_all(sends[r]).wait()) for rank in range(WORLD)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(EVENT_TIMEOUT_S)
+    assert [c.bytes_to for c in both] == [[0, 60], [60, 0]]  # 3 rows x 5 fp32 to the peer; its own stays
+    _gather_both(both, 1)
+    assert [c.bytes_to for c in both] == [[0, 68], [68, 0]]  # header: (R - 1) x one int64 to the next rank
+
+
 def test_a_wait_on_a_peer_that_never_comes_is_given_up_once_a_newer_world_exists():
     store = _store()
     newer = threading.Event()

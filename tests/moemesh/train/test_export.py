@@ -11,7 +11,7 @@ from safetensors import safe_open
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.model.decoder import RuntimeShape, build_model
-from moemesh.train.export import TRAINING_FILE, export
+from moemesh.train.export import HELD_OUT_FILE, TRAINING_FILE, export, held_out_sample
 from moemesh.train.recipe import train
 from tests.moemesh.model.test_decoder import _all_logits
 from tests.moemesh.train.test_recipe import fast_settings
@@ -61,3 +61,14 @@ def test_checkpoint_records_its_recipe_data_and_metrics(trained, archive):
         assert f.metadata()["moemesh.train.data_sha256"] == record["data"]["sha256"]
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == s.seq_len + 1
+    sample = record["data"]["held_out_sample"]
+    text = (out / HELD_OUT_FILE).read_bytes()
+    assert sample["file"] == HELD_OUT_FILE and sample["bytes"] == len(text) > 0
+
+
+def test_the_held_out_sample_is_whole_lines_from_a_third_of_the_way_in():
+    text = b"".join(b"line %03d of the play\n" % i for i in range(300))  # 21 bytes a line
+    offset, sample = held_out_sample(text, size=200)
+    assert text[offset - 1 : offset] == b"\n" and offset >= len(text) // 3
+    assert sample.endswith(b"\n") and len(sample) == 189 and text[offset : offset + len(sample)] == sample
+    assert held_out_sample(b"no line end at all", size=5) == (0, b"no li")
