@@ -312,18 +312,15 @@ def device_load(before, after) -> dict[str, float]:
 
 
 def plan_trace(model: Path, trace: Path, devices: int) -> list[str]:
-    """Part 2: `moemesh plan` on the measured trace, one expert slot per device and two (room for
-    replicas of hot experts); the command and its summary and device balance lines."""
-    out_lines = []
-    for slots in (1, 2):
-        cmd = ["moemesh", "plan", "--topology", "local", "--devices", str(devices), "--model", str(model),
-               "--trace", str(trace), "--slots", str(slots)]
-        out = subprocess.run([sys.executable, "-m", "moemesh.cli", *cmd[1:]], capture_output=True, text=True,
-                             timeout=300, check=True).stdout
-        summary = out.split("== summary\n", 1)[-1].strip().splitlines()
-        out_lines += ["$ " + " ".join([*cmd[:7], "MODEL", "--trace", "TRACE", "--slots", str(slots)]),
-                      *(line for line in out.splitlines() if line.startswith("max/mean device load")), *summary, ""]
-    return out_lines[:-1]
+    """Part 2: `moemesh plan` on the measured trace; the command, its device balance and summary
+    lines (or its error: the planner allows no replica slot when experts = devices)."""
+    args = ["plan", "--topology", "local", "--devices", str(devices), "--model", str(model), "--trace", str(trace)]
+    done = subprocess.run([sys.executable, "-m", "moemesh.cli", *args], capture_output=True, text=True, timeout=300)
+    shown = "$ moemesh " + " ".join(args[:5]) + " --model MODEL --trace TRACE"
+    if done.returncode != 0:
+        return [shown, *done.stderr.strip().splitlines()[-1:]]
+    summary = done.stdout.split("== summary\n", 1)[-1].strip().splitlines()
+    return [shown, *(line for line in done.stdout.splitlines() if line.startswith("max/mean device load")), *summary]
 
 
 # ---- part 4: where gating's cost comes from -----------------------------------------------------
