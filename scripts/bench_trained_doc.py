@@ -99,10 +99,11 @@ def cause_section(causes: list[dict]) -> list[str]:
              "changed inputs), and the bits per byte lost with that layer gated alone. Damped experts: factor "
              "(share of the layer's copies exact -> all layers gated).", ""]
     for c in causes:
+        start = (f" ({c['bpb_start']:+.4f} with the factors in force when the mesh began scoring); the mesh, whose "
+                 f"factors moved while it scored ({c['epochs']} epochs in the run), lost {c['bpb_mesh']:+.4f}"
+                 if "bpb_start" in c else "")  # records written before these were kept lack them
         lines += [f"**{c['label']}**: every layer gated with the final factors costs {c['bpb_all']:+.4f} bits per "
-                  f"byte here ({c['bpb_start']:+.4f} with the factors in force when the mesh began scoring); the mesh, "
-                  f"whose factors moved while it scored ({c['epochs']} epochs in the run), lost "
-                  f"{c['bpb_mesh']:+.4f}.", "",
+                  f"byte here{start}.", "",
                   "| MoE layer | smallest factor | copies changed (alone) | copies changed (all) | bits/byte (alone) "
                   "| damped experts |", "|---|---|---|---|---|---|"]
         for x in c["layers"]:
