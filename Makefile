@@ -11,8 +11,8 @@ export PYTHONUNBUFFERED := 1
 # protoc finds its mypy plugin in the virtualenv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup stubs lint test run train bench bench-core bench-mesh bench-balance bench-chaos bench-nodes clean gpu-check \
-	compose-test nodes-test
+.PHONY: setup stubs lint test run train bench bench-core bench-mesh bench-balance bench-chaos bench-nodes bench-trained \
+	clean gpu-check compose-test nodes-test
 
 setup: $(STAMP) stubs
 
@@ -78,6 +78,11 @@ bench-nodes: setup
 
 bench-chaos: setup
 	$(PY) scripts/bench_chaos.py --write docs/reliability.md
+
+# The balancing policies, the paper's gating and the overflow modes on the trained model, accuracy and
+# speed as served (docs/balancing.md); about 15 minutes on 2 cores. MODEL=folder: another checkpoint.
+bench-trained: setup $(DATA)
+	$(PY) scripts/bench_trained.py --data $(DATA) $(if $(MODEL),--model $(MODEL))
 
 # Runs on a GPU machine's own Python (torch + CuPy preinstalled there; no network, no venv).
 # Where there is no make, run the command itself: PYTHONPATH=. python3 scripts/gpu_check.py OUT

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh.errors import ConfigError
+
+GATING_RULES = ("ours", "paper")  # gating_update, paper_literal_update
+
 
 @dataclass(frozen=True)
 class GatingSettings:
@@ -23,6 +27,18 @@ class GatingSettings:
     slope: float = 0.5  # target factor = max(floor, 1 - slope * load)
     floor: float = 0.1
     max_step: float = 0.1  # at most +-10% per update cycle
+    rule: str = "ours"  # "ours": gating_update; "paper": the literal rule (paper_literal_update), to compare
+
+    def __post_init__(self) -> None:
+        if self.rule not in GATING_RULES:
+            raise ConfigError(f"--gating-rule must be one of {', '.join(GATING_RULES)}, got {self.rule!r}")
+
+
+def update_factors(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings = GatingSettings()) -> torch.Tensor:
+    """factors: (L, E), counts: (L, E) -> new factors (L, E) by the rule `s.rule` names."""
+    if s.rule == "paper":
+        return paper_literal_update(factors, counts, s)
+    return gating_update(factors, counts, s)
 
 
 def gating_update(factors: torch.Tensor, counts: torch.Tensor, s: GatingSettings = GatingSettings()) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from coordinator.gating import GatingSettings, gating_update
+from coordinator.gating import GatingSettings, update_factors
 from coordinator.splitting import Memory, SplitSettings, split_hot_experts
 from moemesh.errors import ConfigError
 from moemesh.mesh.placement import Placement
@@ -117,7 +117,7 @@ class Rebalancer:
                                       self.s.split, self.memory)
             return replace(split, origin="split") if split is not None else None
         factors = torch.tensor([current.gating.get(layer, (1.0,) * self.num_experts) for layer in self.layers])
-        new = gating_update(factors, self._window(), self.s.gating)  # (L, E)
+        new = update_factors(factors, self._window(), self.s.gating)  # (L, E)
         if torch.allclose(new, factors):
             return None
         gating = {layer: tuple(float(f) for f in new[i]) for i, layer in enumerate(self.layers)}

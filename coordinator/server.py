@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from coordinator import durable
+from coordinator.gating import GatingSettings
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policies import ModelFacts, RebalanceSettings, resolve_policy
 from coordinator.probe import HealthProbe
@@ -97,7 +98,7 @@ class CoordinatorServer:
                 rebalance=RebalanceSettings(policy=resolve_policy(s.policy, s.workers, cfg.num_experts,
                                                                   s.expert_shards),
                                             update_every_tokens=s.rebalance_every_tokens,
-                                            topology=s.topology),
+                                            gating=GatingSettings(rule=s.gating_rule), topology=s.topology),
                 facts=ModelFacts(cfg.top_k, cfg.hidden_size, cfg.expert_intermediate_size, dtype_bytes=4),
                 expert_shards=s.expert_shards, redundancy=s.redundant_experts,
             )

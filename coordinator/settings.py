@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from coordinator.gating import GATING_RULES
 from moemesh.errors import ConfigError
 from moemesh.metrics import METRICS_PORT_HELP, check_metrics_port
 from moemesh.settings import option, parse_bool
@@ -60,6 +61,9 @@ class CoordinatorSettings:
                                       default=1024)
     policy: str = option("--policy", "balancing policy: auto (replicate when workers > experts, else none), none, "
                          "gating, replicate, split (hot experts split over two workers)", default="auto")
+    gating_rule: str = option("--gating-rule", "policy gating's update rule: ours (corrections multiply the factors) "
+                              "or paper (the paper's rule as written, to compare; coordinator/gating.py)",
+                              default="ours", choices=GATING_RULES)
     rebalance_every_tokens: int = option("--rebalance-every", "routed tokens between balancing updates "
                                          "(the paper: 100)", int, default=100)
     topology: str = option("--topology", "planner topology (preset or YAML) for policy replicate", default="local")

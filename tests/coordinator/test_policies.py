@@ -20,6 +20,30 @@ def test_gating_publishes_new_factors_every_100_tokens_and_keeps_the_placement()
     assert proposal.gating[1] == (1.0, 1.0, 1.0, 1.0)  # the balanced layer is left alone
 
 
+def test_gating_rule_paper_publishes_the_literal_rules_factors():
+    from coordinator.gating import GatingSettings, gating_update, paper_literal_update
+
+    current = initial_placement(4, [0, 1], world_size=2)
+    skewed = torch.tensor([[150, 20, 20, 10], [50, 50, 50, 50]])  # (L, E)
+    for rule, update in (("paper", paper_literal_update), ("ours", gating_update)):
+        reb = Rebalancer(RebalanceSettings(policy="gating", gating=GatingSettings(rule=rule)), (0, 1), 4)
+        proposal = reb.observe(100, skewed, current)
+        assert proposal is not None
+        expected = update(torch.ones(2, 4), skewed)  # (L, E) one cycle from factors of 1
+        assert torch.allclose(torch.tensor([proposal.gating[0], proposal.gating[1]]), expected)
+    assert not torch.allclose(paper_literal_update(torch.ones(2, 4), skewed), gating_update(torch.ones(2, 4), skewed))
+
+
+def test_an_unknown_gating_rule_is_a_config_error():
+    import pytest
+
+    from coordinator.gating import GatingSettings
+    from moemesh.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--gating-rule"):
+        GatingSettings(rule="literal")
+
+
 def test_policy_none_never_moves_anything():
     current = initial_placement(4, [0], world_size=2)
     reb = Rebalancer(RebalanceSettings(policy="none"), (0,), 4)
