@@ -193,6 +193,7 @@ def _build_node(settings: WorkerSettings, reader: CheckpointReader, world, place
     model = build_model(model_dir, runtime, transport=transport, assignment=placement.assignment(rank), reader=reader,
                         shards=pieces, overflow=settings.overflow, capacity_factor=settings.capacity_factor,
                         recorder=recorder)
+    model.moe.set_gating(placement)  # the first placement's factors (later epochs: MeshRunner)
     engine = Engine(model, EngineSettings(max_new_tokens_limit=settings.max_new_tokens_limit,
                                           micro_batches=settings.micro_batches,
                                           chunked_prefill=settings.chunked_prefill,

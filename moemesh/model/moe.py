@@ -405,6 +405,12 @@ class MoELayer(Generic[H]):
         self.experts.layers = {layer: e if stacked_view(e.w13) is not None and stacked_view(e.w2) is not None
                                else stack_experts(e) for layer, e in layers.items()}
         self.transport.set_placement(placement)
+        self.set_gating(placement)
+
+    def set_gating(self, placement: Placement) -> None:
+        """The placement's load-aware gating factors on the router (none: the model's own routing).
+        Set between steps only: at the first placement (the model is built with its experts, not
+        its factors) and at every epoch switch."""
         self.router.factors = {layer: torch.tensor(f, dtype=torch.float32, device=self.device)
                                for layer, f in placement.gating.items()}
 

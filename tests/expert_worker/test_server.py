@@ -224,6 +224,33 @@ def test_replicate_policy_rebalances_during_live_generation_without_changing_a_t
     assert watch.switched_mid_stream(), f"no epoch switch seen while generating: {watch.seen}"
 
 
+def test_the_first_placements_gating_factors_route_from_the_first_token(mesh_factory, tmp_path):
+    """A mesh started from a placement file with gating factors (policy none: nothing changes them)
+    routes with those factors from its first step, as a single process whose router has them."""
+    import dataclasses
+
+    import torch
+    import yaml
+
+    model = write_tiny_model(tmp_path / "model", dataclasses.replace(SPEC, experts=4, hidden=64, intermediate=128))
+    factors = [1.0, 0.1, 0.1, 1.0]  # damp experts 1 and 2 in every MoE layer
+    placement = tmp_path / "gated.yaml"
+    placement.write_text(yaml.safe_dump({"experts": [[0], [1], [0], [1]], "gating": factors}))
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    alone = build_model(model, RuntimeShape(max_seqs=4, max_model_len=256))
+    exact = generate(Engine(alone), PROMPTS, params)
+    alone.moe.router.factors = {layer: torch.tensor(factors) for layer in range(SPEC.layers)}
+    gated = generate(Engine(alone), PROMPTS, params)
+    assert gated != exact  # the factors change this model's routing
+    mesh = mesh_factory(model, 2, "--policy", "none", "--placement", str(placement))
+
+    async def served():
+        async with Client(mesh.gateway, timeout=120) as client:
+            return [list((await client.generate_text(token_ids=p, params=params)).token_ids) for p in PROMPTS]
+
+    assert asyncio.run(served()) == gated
+
+
 def test_split_policy_splits_hot_experts_live_without_changing_a_token(mesh_factory, tmp_path):
     """4 experts on 4 workers, policy "split": a straggling worker's hot expert is split with the
     least busy worker (tensor parallelism inside an expert) while requests run."""
