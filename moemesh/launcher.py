@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from coordinator.gating import GATING_RULES
 from expert_worker.settings import WorkerSettings
 from moemesh.errors import ConfigError, MoemeshError
 from moemesh.launch import Mesh, MeshSpec
@@ -85,6 +86,8 @@ class UpSettings:
                                 int, default=1, choices=_WORKER["micro_batches"].choices)
     policy: str = option("--policy", "balancing policy (gating changes outputs; see docs/architecture.md)",
                          default="auto", choices=POLICIES)
+    gating_rule: str = option("--gating-rule", "policy gating's update rule (ours, or the paper's literal one; "
+                              "docs/balancing.md measures both)", default="ours", choices=GATING_RULES)
     placement: Path | None = option("--placement", "initial placement file (YAML or JSON)", _absolute, default=None)
     expert_shards: int = option("--expert-shards", "split every expert over this many workers (tensor parallelism "
                                 "inside an expert)", int, default=1)
@@ -179,8 +182,8 @@ def mesh_spec(s: UpSettings, state_dir: Path, cpus: int) -> MeshSpec:
     return MeshSpec(
         model=s.model, workers=s.workers, state_dir=state_dir, gateway_host=s.host, gateway_port=s.port,
         gateway_http_port=s.http_port,
-        coordinator_flags=("--policy", s.policy, "--expert-shards", str(s.expert_shards),
-                           "--redundant-experts", str(s.redundant_experts),
+        coordinator_flags=("--policy", s.policy, "--gating-rule", s.gating_rule,
+                           "--expert-shards", str(s.expert_shards), "--redundant-experts", str(s.redundant_experts),
                            "--state-file", str(state_dir / "coordinator.state"),
                            *(("--placement", str(s.placement)) if s.placement else ())),
         worker_flags=("--threads", str(max(1, cpus // s.workers)), "--max-seqs", str(s.max_seqs),

@@ -182,6 +182,9 @@ def test_up_passes_worker_flags_on_only_when_given(tmp_path):
     add_options(parser, WorkerSettings)
     worker = settings_from(WorkerSettings, parser.parse_args(["--coordinator", "x:1", *flags]), {})
     assert (worker.chunked_prefill, worker.max_batched_tokens, worker.overflow) == (True, 256, "drop")
+    assert ("--gating-rule", "ours") in set(pairwise(mesh_spec(given, tmp_path, cpus=8).coordinator_flags))
+    paper = up_settings("--model", str(tmp_path), "--workers", "2", "--policy", "gating", "--gating-rule", "paper")
+    assert ("--gating-rule", "paper") in set(pairwise(mesh_spec(paper, tmp_path, cpus=8).coordinator_flags))
     plain = mesh_spec(up_settings("--model", str(tmp_path), "--workers", "2"), tmp_path, cpus=8).worker_flags
     assert not {"--overflow", "--capacity-factor", "--dtype", "--chunked-prefill", "--max-batched-tokens"} & set(plain)
 
