@@ -105,13 +105,19 @@ def score_local(model_dir: Path, text: str, window: int | None = None, batch: in
     from moemesh.text import TextCodec
 
     cfg = load_config(model_dir)
-    codec = TextCodec(model_dir, cfg)
     max_len = min(cfg.max_position_embeddings, 4096)
-    windows = split_text(text, window_bytes(max_len, window))
     engine = Engine(build_model(model_dir, RuntimeShape(max_seqs=batch, max_model_len=max_len)))
+    return score_engine(engine, TextCodec(model_dir, cfg).encode, text, window, progress)
+
+
+def score_engine(engine, encode: Callable[[str], list[int]], text: str, window: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> TextScore:
+    """Score `text` on an idle moemesh.engine.engine.Engine (its model as it is: a benchmark may set
+    gating factors on its router first); `encode`: the model's text -> ids (BOS included)."""
+    windows = split_text(text, window_bytes(engine.max_len, window))
     start, scored = time.monotonic(), {}  # window -> its prompt's scores
     for i, piece in enumerate(windows):
-        engine.add_request(str(i), codec.encode(piece), SCORING)
+        engine.add_request(str(i), encode(piece), SCORING)
     while engine.has_work:
         for ev in engine.step():  # one event per window: SCORING makes one token
             if ev.token_id is None:

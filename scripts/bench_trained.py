@@ -44,7 +44,7 @@ from moemesh.mesh.placement_wire import placement_from_proto
 from moemesh.model.config import load_config
 from moemesh.model.decoder import RuntimeShape, build_model
 from moemesh.model.moe import Routing
-from moemesh.scoring import SCORING, TextScore, largest_difference, score_remote, split_text, window_bytes
+from moemesh.scoring import TextScore, largest_difference, score_engine, score_remote
 from moemesh.settings import option, parse_bool, parse_settings
 from moemesh.simulate.load_stats import (
     changed_copies,
@@ -164,17 +164,9 @@ class Local:
 
     def score(self, text: str, factors: dict[int, tuple[float, ...]] | None = None,
               log: RoutingLog | None = None) -> TextScore:
-        """moemesh.scoring.score_local's windows and requests, on a model with these factors."""
-        windows = split_text(text, window_bytes(self.max_len, None))
-        engine = Engine(self.model(8, factors, log))
-        for i, piece in enumerate(windows):
-            engine.add_request(str(i), self.codec.encode(piece), SCORING)
-        scored = {}
-        while engine.has_work:
-            for ev in engine.step():
-                assert ev.token_id is not None, f"window {ev.request_id} failed: {ev.error}"
-                scored[ev.request_id] = ev.prompt_logprobs
-        return TextScore(len(text.encode()), tuple(tuple(scored[str(i)]) for i in range(len(windows))))
+        """moemesh.scoring's windows and requests (what `moemesh eval --local` runs), on a model
+        with these factors."""
+        return score_engine(Engine(self.model(8, factors, log)), self.codec.encode, text)
 
     def greedy(self, prompts: tuple[str, ...], params: SamplingParams = GREEDY,
                log: RoutingLog | None = None) -> list[list[int]]:
