@@ -27,7 +27,8 @@ from typing import Protocol
 
 import torch
 
-from moemesh.engine.engine import Engine, FinishReason, StepBatch, TokenEvent
+from moemesh.engine.batch import StepBatch
+from moemesh.engine.engine import Engine, FinishReason, TokenEvent
 from moemesh.engine.sampling import SamplingParams
 from moemesh.errors import CollectiveError, MoemeshError, UnavailableError
 from moemesh.mesh.lockstep import HeaderCollective, StepHeader, Waker, exchange_header

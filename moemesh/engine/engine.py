@@ -21,16 +21,27 @@ Shape legend: T tokens in the step, B decoding sequences, R rows sampled, L rows
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import torch
 
-from moemesh.engine.logprobs import TokenLogprob, token_logprobs
+from moemesh.engine.batch import (
+    Chunk,
+    MicroBatch,
+    SequenceState,
+    StepBatch,
+    logit_rows,
+    score_new_tokens,
+    score_prompts,
+    split,
+    step_rows,
+)
+from moemesh.engine.logprobs import TokenLogprob
 from moemesh.engine.sampling import RowFailure, SamplingParams, new_seed, sample
 from moemesh.errors import CapacityError, InvalidRequestError
 from moemesh.model.decoder import MoEModel
-from moemesh.model.layers import AttentionPlan, Segment, build_attention_plan
+from moemesh.model.layers import Segment, build_attention_plan
 
 
 def validate_request(
@@ -83,83 +94,14 @@ class TokenEvent:
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 1.., on the first event when asked
 
 
-@dataclass
-class _Sequence:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    output: list[int] = field(default_factory=list)
-    slot: int = -1  # -1 = not admitted yet
-    cached: int = 0  # tokens whose K/V are in the cache
-    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # prompt log-probabilities so far (chunks)
-
-    @property
-    def position(self) -> int:
-        """The absolute position of the next token to draw (its seeded draw depends on it)."""
-        return len(self.prompt) + len(self.output)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Prompt tokens [start, start + length) of one sequence, prefilled in one step (the whole
-    prompt without chunked prefill)."""
-
-    seq: _Sequence
-    start: int
-    length: int
-
-    @property
-    def last(self) -> bool:
-        """This chunk ends the prompt: its last row's logits draw the sequence's first new token."""
-        return self.start + self.length == len(self.seq.prompt)
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """Part of a step's sequences, run as one unit through the model."""
-
-    token_ids: torch.Tensor  # (T,) int64
-    plan: AttentionPlan
-    logit_rows: torch.Tensor  # (L,) int64: the rows of T projected to logits
-    seqs: tuple[_Sequence, ...]  # (R,) the sequence of each sampled row
-    sample_at: tuple[int, ...] = ()  # (R,) each sequence's row in this micro-batch's logits; () = 0..R-1
-    chunks: tuple[Chunk, ...] = ()  # (P,) the prompt chunks prefilled here
-    prompt_at: tuple[int, ...] = ()  # (P,) where the rows scoring each chunk's prompt tokens start; -1 none
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_ids.shape[0])
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    """What one step runs on this rank; empty (T = 0) when the rank only joins its peers.
-    Always `micro_batches` micro-batches, some possibly empty: every rank runs the same number."""
-
-    micro: tuple[MicroBatch, ...]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(m.num_tokens for m in self.micro)
-
-    @property
-    def tokens_per_micro(self) -> tuple[int, ...]:
-        return tuple(m.num_tokens for m in self.micro)
-
-    @property
-    def seqs(self) -> tuple[_Sequence, ...]:
-        return tuple(s for m in self.micro for s in m.seqs)
-
-
 class Engine:
     def __init__(self, model: MoEModel, settings: EngineSettings = EngineSettings()):
         self.model = model
         self.settings = settings
         self.max_len = model.max_len
         self._free_slots = list(range(model.runtime.max_seqs - 1, -1, -1))
-        self._waiting: deque[_Sequence] = deque()
-        self._running: dict[str, _Sequence] = {}
+        self._waiting: deque[SequenceState] = deque()
+        self._running: dict[str, SequenceState] = {}
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -178,7 +120,7 @@ class Engine:
             stop.update(self.model.cfg.eos_token_ids)
         if params.seed is None and not params.greedy:  # seeded once: draws follow (seed, position)
             params = replace(params, seed=new_seed())
-        self._waiting.append(_Sequence(request_id, list(prompt), params, frozenset(stop)))
+        self._waiting.append(SequenceState(request_id, list(prompt), params, frozenset(stop)))
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request; its slot is free before the next step. False if unknown/finished."""
@@ -230,10 +172,10 @@ class Engine:
             chunks = self._chunks(prefilling, self.settings.max_batched_tokens - len(decode))
         else:
             chunks = [Chunk(s, 0, len(s.prompt)) for s in prefilling + self._admit()]
-        groups = _split(decode, chunks, self.settings.micro_batches)
+        groups = split(decode, chunks, self.settings.micro_batches)
         return StepBatch(micro=tuple(self._micro_batch(d, c) for d, c in groups))
 
-    def _chunks(self, prefilling: list[_Sequence], budget: int) -> list[Chunk]:
+    def _chunks(self, prefilling: list[SequenceState], budget: int) -> list[Chunk]:
         """Chunked prefill: the step's tokens left after the decodes (`budget`) go to the prompts
         being prefilled, oldest first, each from its first token not cached, then to new ones."""
         chunks = []
@@ -250,7 +192,7 @@ class Engine:
             budget -= n
         return chunks
 
-    def _micro_batch(self, decode: list[_Sequence], chunks: list[Chunk]) -> MicroBatch:
+    def _micro_batch(self, decode: list[SequenceState], chunks: list[Chunk]) -> MicroBatch:
         tokens = [s.output[-1] for s in decode]
         segments, offset = [], len(decode)
         for c in chunks:
@@ -264,7 +206,7 @@ class Engine:
             sliding_window=self.model.cfg.sliding_window,
             device=self.model.runtime.device,
         )
-        rows, sample_at, prompt_at = _logit_rows(len(decode), chunks, segments)
+        rows, sample_at, prompt_at = logit_rows(len(decode), chunks, segments)
         device = self.model.runtime.device
         return MicroBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
@@ -288,9 +230,9 @@ class Engine:
             parts = self.model.forward_overlapped([(m.token_ids, m.plan, m.logit_rows) for m in batch.micro],
                                                   max_tokens)
             logits = torch.cat(parts)  # (L, V) in micro-batch order
-        sample_at, prompt_at = _step_rows(batch)
+        sample_at, prompt_at = step_rows(batch)
         chunks = [c for m in batch.micro for c in m.chunks]
-        _score_prompts(logits, chunks, prompt_at)
+        score_prompts(logits, chunks, prompt_at)
         for c in chunks:  # committed: the next chunk starts after it (a last chunk's sequence is set below)
             c.seq.cached = c.start + c.length
         seqs = batch.seqs
@@ -298,7 +240,7 @@ class Engine:
             return []
         rows = logits if sample_at is None else logits[torch.tensor(sample_at, device=logits.device)]  # (R, V)
         drawn = sample(rows, [s.params for s in seqs], [s.position for s in seqs])
-        scored = _score(logits, seqs, drawn, sample_at)
+        scored = score_new_tokens(logits, seqs, drawn, sample_at)
         events = []
         for seq, token in zip(seqs, drawn):
             if isinstance(token, RowFailure):  # this request alone ends; the step goes on
@@ -315,9 +257,9 @@ class Engine:
                 self._retire(seq)
         return events
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> list[SequenceState]:
         """Whole prompts: admit waiting requests while slots and the prompt-token budget last."""
-        admitted: list[_Sequence] = []
+        admitted: list[SequenceState] = []
         budget = self.settings.max_batched_tokens
         while self._waiting and self._free_slots:
             if admitted and len(self._waiting[0].prompt) > budget:
@@ -327,7 +269,7 @@ class Engine:
             budget -= len(seq.prompt)
         return admitted
 
-    def _take_waiting(self) -> _Sequence:
+    def _take_waiting(self) -> SequenceState:
         seq = self._waiting.popleft()
         seq.slot = self._free_slots.pop()
         seq.cached = 0
@@ -335,104 +277,20 @@ class Engine:
         self._running[seq.request_id] = seq
         return seq
 
-    def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
+    def _finish_reason(self, seq: SequenceState, token: int) -> FinishReason | None:
         if token in seq.stop_ids:
             return FinishReason.STOP
         if len(seq.output) >= seq.params.max_new_tokens:
             return FinishReason.LENGTH
         return None
 
-    def _retire(self, seq: _Sequence) -> None:
+    def _retire(self, seq: SequenceState) -> None:
         if seq.request_id in self._running:
             self._release(self._running.pop(seq.request_id))
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: SequenceState) -> None:
         self._free_slots.append(seq.slot)
         seq.slot = -1
-
-
-def _logit_rows(decoding: int, chunks: list[Chunk], segments: list[Segment]
-                ) -> tuple[list[int], tuple[int, ...], tuple[int, ...]]:
-    """The rows of a micro-batch's T to project -> (rows (L,), sample_at (R,), prompt_at (P,)).
-    Decoding rows and the last rows of prompts' last chunks are sampled; a chunk of a prompt that
-    asked for its log-probabilities projects every row (row j predicts prompt token j + 1).
-    sample_at and prompt_at are () when the rows are exactly the sampled ones, in order (then no
-    chunk scores its prompt); otherwise prompt_at is explicit and sample_at may be empty."""
-    rows, sample_at, prompt_at = list(range(decoding)), list(range(decoding)), []
-    for c, seg in zip(chunks, segments):
-        if c.seq.params.prompt_logprobs:
-            prompt_at.append(len(rows))
-            rows.extend(range(seg.offset, seg.offset + seg.length))
-        else:
-            prompt_at.append(-1)
-            if c.last:
-                rows.append(seg.offset + seg.length - 1)
-        if c.last:
-            sample_at.append(len(rows) - 1)
-    if len(rows) == len(sample_at):
-        return rows, (), ()
-    return rows, tuple(sample_at), tuple(prompt_at)
-
-
-def _step_rows(batch: StepBatch) -> tuple[list[int] | None, list[int]]:
-    """Across micro-batches: each sampled sequence's row, and where each chunk's prompt-scoring
-    rows start (-1: none), in the step's concatenated logits (L, V); (None, []) when every
-    projected row is a sampled one."""
-    if all(not m.sample_at and not m.prompt_at for m in batch.micro):
-        return None, []
-    sample_at: list[int] = []
-    prompt_at: list[int] = []
-    base = 0
-    for m in batch.micro:
-        if m.sample_at or m.prompt_at:  # explicit rows (sample_at may be empty: no chunk ends here)
-            sample_at += [base + i for i in m.sample_at]
-            prompt_at += [base + i if i >= 0 else -1 for i in m.prompt_at]
-        else:
-            sample_at += [base + i for i in range(len(m.seqs))]
-            prompt_at += [-1] * len(m.chunks)
-        base += int(m.logit_rows.shape[0])
-    return sample_at, prompt_at
-
-
-def _score_prompts(logits: torch.Tensor, chunks: list[Chunk], prompt_at: list[int]) -> None:
-    """logits: (L, V) -> each chunk that asked adds its prompt tokens' log-probabilities to its
-    sequence (rows start..start+n-1 predict prompt tokens start+1..; the prompt's last row predicts
-    the first new token, scored with it)."""
-    for c, at in zip(chunks, prompt_at):
-        if at < 0:
-            continue
-        n = min(c.length, len(c.seq.prompt) - 1 - c.start)  # (n,) rows whose next token is a prompt token
-        targets = torch.tensor(c.seq.prompt[c.start + 1 : c.start + 1 + n])  # (n,)
-        c.seq.prompt_scores.extend(token_logprobs(logits[at : at + n], targets, c.seq.params.top_logprobs))
-
-
-def _score(logits: torch.Tensor, seqs: tuple[_Sequence, ...], drawn: list, sample_at: list[int] | None
-           ) -> dict[int, TokenLogprob]:
-    """logits: (L, V) -> id(sequence) -> its new token's log-probability, for the sequences that
-    asked (the rest pay nothing)."""
-    out: dict[int, TokenLogprob] = {}
-    for i, (seq, token) in enumerate(zip(seqs, drawn)):
-        if isinstance(token, RowFailure) or seq.params.logprobs is None:
-            continue
-        row = i if sample_at is None else sample_at[i]
-        out[id(seq)] = token_logprobs(logits[row : row + 1], torch.tensor([token]), seq.params.top_logprobs)[0]
-    return out
-
-
-def _split(
-    decode: list[_Sequence], chunks: list[Chunk], parts: int
-) -> list[tuple[list[_Sequence], list[Chunk]]]:
-    """Sequences -> `parts` groups of about equal tokens (decode split evenly, each prompt chunk
-    to the lightest group). Always exactly `parts` groups, some possibly empty."""
-    groups: list[tuple[list[_Sequence], list[Chunk]]] = [([], []) for _ in range(parts)]
-    for i, seq in enumerate(decode):
-        groups[i * parts // max(len(decode), 1)][0].append(seq)
-    load = [len(d) for d, _ in groups]
-    for c in chunks:
-        lightest = load.index(min(load))
-        groups[lightest][1].append(c)
-        load[lightest] += c.length
-    return groups
 
 
 def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
