@@ -263,12 +263,8 @@ def nccl_exchange(device: str) -> dict:
     from moemesh.mesh.nccl import NcclCollective, make_unique_id
     from moemesh.mesh.placement import initial_placement
     from moemesh.mesh.transport import AllToAllTransport
-    from moemesh.model.moe import (
-        GroupedExperts,
-        LocalTransport,
-        MoELayer,
-        SoftmaxTopKRouter,
-    )
+    from moemesh.model.moe import GroupedExperts, LocalTransport, MoELayer
+    from moemesh.model.routers import SoftmaxTopKRouter
     from moemesh.model.weights import LayerExperts
 
     E, D, F, T, K = 8, 256, 512, 64, 2

@@ -24,18 +24,16 @@ from moemesh.model.layers import AttentionPlan, GroupedQueryAttention, KVCache, 
 from moemesh.model.mla import LatentAttention, LatentCache
 from moemesh.model.moe import (
     GroupedExperts,
-    GroupedSigmoidRouter,
     LocalTransport,
     MoELayer,
     Router,
     RoutingObserver,
-    SoftmaxTopKRouter,
-    TopKSoftmaxRouter,
     Transport,
     run_interleaved,
     run_to_end,
     stack_experts,
 )
+from moemesh.model.routers import GroupedSigmoidRouter, SoftmaxTopKRouter, TopKSoftmaxRouter
 from moemesh.model.shard import Shard
 from moemesh.model.weights import (
     DenseWeights,

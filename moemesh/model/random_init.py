@@ -15,9 +15,9 @@ from moemesh.model.moe import (
     GroupedExperts,
     LocalTransport,
     MoELayer,
-    SoftmaxTopKRouter,
     Transport,
 )
+from moemesh.model.routers import SoftmaxTopKRouter
 from moemesh.model.weights import (
     AttentionWeights,
     DenseWeights,

@@ -14,7 +14,7 @@ from coordinator.gating import (
 from moemesh.engine.engine import Engine, generate
 from moemesh.engine.sampling import SamplingParams
 from moemesh.model.decoder import RuntimeShape, build_model
-from moemesh.model.moe import SoftmaxTopKRouter
+from moemesh.model.routers import SoftmaxTopKRouter
 from moemesh.model.tiny import TinySpec, write_tiny_model
 
 E, D, K = 8, 64, 2

@@ -20,8 +20,8 @@ from moemesh.model.moe import (
     LocalTransport,
     MoELayer,
     Routing,
-    SoftmaxTopKRouter,
 )
+from moemesh.model.routers import SoftmaxTopKRouter
 from moemesh.model.weights import LayerExperts, shard_weights
 
 E, D, F, K = 6, 16, 24, 2

@@ -21,11 +21,11 @@ from moemesh.model.moe import (
     LocalTransport,
     MoELayer,
     Routing,
-    SoftmaxTopKRouter,
     run_interleaved,
     stack_experts,
     stacked_view,
 )
+from moemesh.model.routers import SoftmaxTopKRouter
 from moemesh.model.weights import LayerExperts, shard_weights
 
 E, D, F, K = 6, 16, 24, 2
@@ -136,7 +136,7 @@ def _grouped(top_k: int, topk_group: int, bias: list[float], normalize: bool = T
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     from moemesh.model.config import GroupedRouting
-    from moemesh.model.moe import GroupedSigmoidRouter
+    from moemesh.model.routers import GroupedSigmoidRouter
 
     cfg = transformers.DeepseekV3Config(n_routed_experts=GE, num_experts_per_tok=top_k, n_group=GROUPS,
                                         topk_group=topk_group, hidden_size=GE, norm_topk_prob=normalize,
@@ -213,7 +213,7 @@ def test_gpt_oss_router_equals_the_reference_and_gating_keeps_its_weights():
     transformers = pytest.importorskip("transformers")
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 
-    from moemesh.model.moe import TopKSoftmaxRouter
+    from moemesh.model.routers import TopKSoftmaxRouter
 
     g = torch.Generator().manual_seed(5)
     ref = GptOssTopKRouter(transformers.GptOssConfig(num_local_experts=E, num_experts_per_tok=K, hidden_size=D))
@@ -237,8 +237,8 @@ def test_gpt_oss_router_equals_the_reference_and_gating_keeps_its_weights():
 
 
 def test_gpt_oss_router_under_the_drop_policy_renormalises_over_the_copies_kept():
-    from moemesh.model.moe import TopKSoftmaxRouter
     from moemesh.model.overflow import expert_capacity
+    from moemesh.model.routers import TopKSoftmaxRouter
 
     g = torch.Generator().manual_seed(6)
     x, weight, bias = torch.randn(40, D, generator=g), torch.randn(E, D, generator=g), torch.randn(E, generator=g)

@@ -13,9 +13,9 @@ from moemesh.model.moe import (
     GroupedExperts,
     LocalTransport,
     MoELayer,
-    SoftmaxTopKRouter,
 )
 from moemesh.model.overflow import OVERFLOW_POLICIES, enforce_capacity, expert_capacity
+from moemesh.model.routers import SoftmaxTopKRouter
 from moemesh.model.tiny import TinySpec, write_tiny_model
 from moemesh.model.weights import LayerExperts
 
