@@ -48,6 +48,14 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "max_new_tokens": (5, "uint32"),
         "stop_token_ids": (6, "repeated uint32"),
         "ignore_eos": (7, "bool"),
+        "logprobs": (8, "optional uint32"),
+        "prompt_logprobs": (9, "bool"),
+    },
+    "TokenLogprob": {
+        "logprob": (1, "float"),
+        "top_token_ids": (2, "repeated uint32"),
+        "top_logprobs": (3, "repeated float"),
+        "token_id": (4, "uint32"),
     },
     "ModelSpec": {
         "architecture": (1, "string"),
@@ -77,6 +85,8 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "token_ids": (1, "repeated uint32"),
         "text": (2, "string"),
         "offset": (3, "uint32"),
+        "logprobs": (4, "repeated TokenLogprob"),
+        "prompt_logprobs": (5, "repeated TokenLogprob"),
     },
     "GenerateResponse.Finished": {
         "reason": (1, "FinishReason"),
@@ -213,7 +223,8 @@ CONTRACT_LOCK: dict[str, dict[str, tuple[int, str]]] = {
         "batch": (4, "WorkerEvent.Batch"),
     },
     "WorkerEvent.Batch": {"events": (1, "repeated WorkerEvent")},
-    "WorkerEvent.Tokens": {"request_id": (1, "string"), "token_ids": (2, "repeated uint32")},
+    "WorkerEvent.Tokens": {"request_id": (1, "string"), "token_ids": (2, "repeated uint32"),
+                           "logprobs": (3, "repeated TokenLogprob"), "prompt_logprobs": (4, "repeated TokenLogprob")},
     "WorkerEvent.Finished": {
         "request_id": (1, "string"),
         "reason": (2, "FinishReason"),
