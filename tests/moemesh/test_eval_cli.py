@@ -36,13 +36,18 @@ def text() -> str:
     return (DEFAULT_MODEL / HELD_OUT_FILE).read_bytes()[:EVAL_BYTES].decode("ascii")
 
 
-def test_the_mesh_scores_held_out_text_as_the_single_process_does(mesh, text):
+@pytest.fixture(scope="module")
+def alone(text):
+    """The single process's score of the same text: the reference."""
+    return score_local(DEFAULT_MODEL, text, batch=4)
+
+
+def test_the_mesh_scores_held_out_text_as_the_single_process_does(mesh, text, alone):
     async def remote():
         async with Client(mesh.gateway, timeout=TIMEOUT_S) as client:
             return await score_remote(client, text, max_context=512, concurrency=4, timeout_s=TIMEOUT_S)
 
     served = asyncio.run(remote())
-    alone = score_local(DEFAULT_MODEL, text, batch=4)
     same_tokens, worst = largest_difference(served, alone)
     print(f"held-out {served.bits_per_byte:.4f} bits/byte through the mesh, {alone.bits_per_byte:.4f} alone "
           f"(largest per-token difference {worst:.2e}); unigram {unigram_bits_per_byte(text.encode()):.4f}; "
@@ -54,14 +59,13 @@ def test_the_mesh_scores_held_out_text_as_the_single_process_does(mesh, text):
     assert served.bits_per_byte < unigram_bits_per_byte(text.encode()) - 1.5
 
 
-def test_the_eval_command_reports_the_same_figures(mesh, tmp_path, text):
+def test_the_eval_command_reports_the_same_figures(mesh, tmp_path, text, alone):
     path = tmp_path / "held-out.txt"
     path.write_text(text)
     run = subprocess.run([sys.executable, "-m", "moemesh.cli", "eval", "--target", mesh.gateway, "--text", str(path),
                           "--json"], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    alone = score_local(DEFAULT_MODEL, text, batch=4)
     assert report["bits_per_byte"] == pytest.approx(alone.bits_per_byte, abs=1e-4)
     assert report["token_accuracy"] == pytest.approx(alone.token_accuracy, abs=1e-3)
     assert (report["bytes"], report["tokens"], report["windows"]) == (len(text), len(text), 9)
